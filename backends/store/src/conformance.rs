@@ -1,0 +1,546 @@
+//! The behaviour every backend must show, run against its real server.
+//!
+//! Each function takes a store and panics on the first deviation. Backend
+//! crates run all of them with one line:
+//!
+//! ```ignore
+//! cachegate_store::conformance_tests!(async { make_store().await });
+//! ```
+//!
+//! Every function works in its own random key namespace, so runs can share
+//! one server (and leftovers of an earlier run never interfere).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::guard::{GuardConfig, GuardedStore};
+use crate::tiered::TieredCache;
+use crate::{now_millis, CacheStore, Entry, PutOptions, Record, StoreError, StoreKey, VaryIndex};
+
+/// Largest value the suite writes, even if a backend advertises more
+/// (memory: bounded by its capacity; a 6 MB Lambda response is the most
+/// the proxy ever stores).
+pub const LARGE_VALUE_CAP: usize = 6 * 1024 * 1024;
+
+fn ns() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+fn key(ns: &str, name: &str) -> StoreKey {
+    StoreKey::hash("conformance", [ns, name])
+}
+
+fn opts(ttl_ms: u64, tags: &[&str]) -> PutOptions {
+    PutOptions {
+        expires_at: now_millis() + ttl_ms,
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+    }
+}
+
+/// A tag unique to this run, so purges never touch another run's data.
+fn tag(ns: &str, name: &str) -> String {
+    format!("{name}-{ns}")
+}
+
+fn entry(body: Bytes, fresh_ms: u64, stale_ms: u64, tags: Vec<String>) -> Entry {
+    let now = now_millis();
+    Entry {
+        status: 200,
+        headers: vec![
+            (
+                "content-type".into(),
+                Bytes::from_static(b"application/octet-stream"),
+            ),
+            (
+                "x-binary".into(),
+                Bytes::from_static(&[0x00, 0xff, 0x7f, 0x80]),
+            ),
+            ("etag".into(), Bytes::from_static(b"\"v1\"")),
+        ],
+        body,
+        born_at: now - 1500,
+        stored_at: now,
+        fresh_until: now + fresh_ms,
+        stale_while_revalidate_until: now + fresh_ms + stale_ms / 2,
+        stale_if_error_until: now + fresh_ms + stale_ms,
+        tags,
+    }
+}
+
+fn binary_body(len: usize) -> Bytes {
+    Bytes::from(
+        (0..len)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// The proxy's record layer over `store`, with no L1, so it reads exactly
+/// what the backend returns.
+fn records<S: CacheStore + Clone>(store: &S) -> TieredCache {
+    let guard = GuardConfig {
+        read_timeout: Duration::from_secs(10),
+        write_timeout: Duration::from_secs(10),
+        ..GuardConfig::default()
+    };
+    TieredCache::new(GuardedStore::new(Arc::new(store.clone()), guard), None)
+}
+
+/// Bytes and records round-trip exactly: binary bodies, binary header
+/// values, times and tags.
+pub async fn round_trip<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    let k = key(&ns, "raw");
+    let value = binary_body(4096);
+    store
+        .put(&k, value.clone(), &opts(60_000, &[]))
+        .await
+        .unwrap();
+    assert_eq!(store.get(&k).await.unwrap(), Some(value));
+
+    let cache = records(store);
+    let rk = key(&ns, "record");
+    let e = entry(binary_body(1000), 60_000, 60_000, vec![tag(&ns, "t")]);
+    cache.put(&rk, &Record::Entry(e.clone())).await.unwrap();
+    let got = cache.get(&rk).await;
+    assert!(got.error.is_none(), "{:?}", got.error);
+    assert_eq!(got.record, Some(Record::Entry(e)));
+
+    let vk = key(&ns, "vary");
+    let v = Record::VaryIndex(VaryIndex {
+        headers: vec!["accept".into(), "accept-language".into()],
+        expires_at: now_millis() + 60_000,
+    });
+    cache.put(&vk, &v).await.unwrap();
+    assert_eq!(cache.get(&vk).await.record, Some(v));
+
+    let empty = key(&ns, "empty");
+    store
+        .put(&empty, Bytes::new(), &opts(60_000, &[]))
+        .await
+        .unwrap();
+    assert_eq!(store.get(&empty).await.unwrap(), Some(Bytes::new()));
+}
+
+pub async fn missing_key_is_none<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    assert_eq!(store.get(&key(&ns, "never-written")).await.unwrap(), None);
+    assert!(!store.delete(&key(&ns, "never-written")).await.unwrap());
+}
+
+/// A value is gone after its expiry; a response is still there, stale,
+/// within its stale window and gone after it.
+pub async fn expiry_and_stale_window<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    let k = key(&ns, "short");
+    store
+        .put(&k, Bytes::from_static(b"x"), &opts(1_200, &[]))
+        .await
+        .unwrap();
+    assert!(store.get(&k).await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_millis(1_400)).await;
+    assert_eq!(
+        store.get(&k).await.unwrap(),
+        None,
+        "value served past its expiry"
+    );
+
+    let cache = records(store);
+    let rk = key(&ns, "stale");
+    cache
+        .put(
+            &rk,
+            &Record::Entry(entry(binary_body(10), 500, 1_600, vec![])),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    match cache.get(&rk).await.record {
+        Some(Record::Entry(e)) => {
+            assert!(!e.is_fresh(now_millis()), "still fresh past fresh_until")
+        }
+        other => panic!("entry within its stale window not returned: {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    assert_eq!(
+        cache.get(&rk).await.record,
+        None,
+        "entry served past its stale window"
+    );
+
+    // Already expired at put time: never readable.
+    let past = key(&ns, "past");
+    let gone = PutOptions {
+        expires_at: now_millis().saturating_sub(1),
+        tags: vec![],
+    };
+    store
+        .put(&past, Bytes::from_static(b"x"), &gone)
+        .await
+        .unwrap();
+    assert_eq!(store.get(&past).await.unwrap(), None);
+}
+
+pub async fn delete_removes<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    let k = key(&ns, "d");
+    let other = key(&ns, "other");
+    store
+        .put(&k, Bytes::from_static(b"1"), &opts(60_000, &[]))
+        .await
+        .unwrap();
+    store
+        .put(&other, Bytes::from_static(b"2"), &opts(60_000, &[]))
+        .await
+        .unwrap();
+    assert!(store.delete(&k).await.unwrap());
+    assert_eq!(store.get(&k).await.unwrap(), None);
+    assert!(
+        !store.delete(&k).await.unwrap(),
+        "second delete reported a value"
+    );
+    assert_eq!(
+        store.get(&other).await.unwrap(),
+        Some(Bytes::from_static(b"2"))
+    );
+}
+
+pub async fn overwrite_replaces<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    let k = key(&ns, "o");
+    store
+        .put(&k, binary_body(3000), &opts(60_000, &[]))
+        .await
+        .unwrap();
+    store
+        .put(&k, Bytes::from_static(b"short"), &opts(60_000, &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get(&k).await.unwrap(),
+        Some(Bytes::from_static(b"short"))
+    );
+    // A shorter expiry on overwrite wins too.
+    store
+        .put(&k, Bytes::from_static(b"brief"), &opts(800, &[]))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(store.get(&k).await.unwrap(), None);
+}
+
+/// Acquire, contend, owner-only release, expiry; locks never touch values.
+pub async fn lock_semantics<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    let k = key(&ns, "lock");
+    let first = store
+        .try_lock(&k, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("free lock not taken");
+    assert_eq!(
+        store.try_lock(&k, Duration::from_secs(30)).await.unwrap(),
+        None,
+        "held lock taken twice"
+    );
+    let stranger = crate::LockToken::generate();
+    assert!(
+        !store.unlock(&k, &stranger).await.unwrap(),
+        "released by a non-owner"
+    );
+    assert_eq!(
+        store.try_lock(&k, Duration::from_secs(30)).await.unwrap(),
+        None
+    );
+    assert!(store.unlock(&k, &first).await.unwrap());
+    assert!(!store.unlock(&k, &first).await.unwrap(), "released twice");
+    let second = store
+        .try_lock(&k, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("released lock not retaken");
+    assert_ne!(first, second);
+    assert!(store.unlock(&k, &second).await.unwrap());
+
+    // Expiry: a holder that dies does not block others for ever, and once
+    // someone else holds it the late holder cannot release it.
+    let e = key(&ns, "expiring");
+    let old = store
+        .try_lock(&e, Duration::from_millis(600))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let new = store
+        .try_lock(&e, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("expired lock not retaken");
+    assert!(
+        !store.unlock(&e, &old).await.unwrap(),
+        "expired holder released the new holder's lock"
+    );
+    assert_eq!(
+        store.try_lock(&e, Duration::from_secs(30)).await.unwrap(),
+        None
+    );
+    assert!(store.unlock(&e, &new).await.unwrap());
+
+    // A lock and a value under the same key are independent.
+    let v = key(&ns, "value-and-lock");
+    store
+        .put(&v, Bytes::from_static(b"kept"), &opts(60_000, &[]))
+        .await
+        .unwrap();
+    let t = store
+        .try_lock(&v, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("lock beside a value");
+    assert_eq!(
+        store.get(&v).await.unwrap(),
+        Some(Bytes::from_static(b"kept"))
+    );
+    assert!(store.unlock(&v, &t).await.unwrap());
+    assert_eq!(
+        store.get(&v).await.unwrap(),
+        Some(Bytes::from_static(b"kept"))
+    );
+}
+
+/// Exactly one of many concurrent contenders gets a free lock.
+pub async fn lock_is_exclusive_under_contention<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    let k = key(&ns, "contended");
+    let mut tasks = Vec::new();
+    for _ in 0..24 {
+        let s = store.clone();
+        let k = k.clone();
+        tasks.push(tokio::spawn(async move {
+            s.try_lock(&k, Duration::from_secs(30)).await.unwrap()
+        }));
+    }
+    let mut winners = 0;
+    for t in tasks {
+        winners += t.await.unwrap().is_some() as usize;
+    }
+    assert_eq!(winners, 1, "{winners} contenders took the same lock");
+}
+
+/// Purge removes exactly the values carrying the tag.
+pub async fn purge_by_tag<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    let (a, b) = (tag(&ns, "a"), tag(&ns, "b"));
+    let only_a = key(&ns, "only-a");
+    let both = key(&ns, "both");
+    let only_b = key(&ns, "only-b");
+    let none = key(&ns, "none");
+    let retagged = key(&ns, "retagged");
+    let v = Bytes::from_static(b"v");
+    store
+        .put(&only_a, v.clone(), &opts(60_000, &[&a]))
+        .await
+        .unwrap();
+    store
+        .put(&both, v.clone(), &opts(60_000, &[&a, &b]))
+        .await
+        .unwrap();
+    store
+        .put(&only_b, v.clone(), &opts(60_000, &[&b]))
+        .await
+        .unwrap();
+    store
+        .put(&none, v.clone(), &opts(60_000, &[]))
+        .await
+        .unwrap();
+    // Stored with tag a, then overwritten without it: a purge of a must spare it.
+    store
+        .put(&retagged, v.clone(), &opts(60_000, &[&a]))
+        .await
+        .unwrap();
+    store
+        .put(&retagged, v.clone(), &opts(60_000, &[&b]))
+        .await
+        .unwrap();
+
+    assert_eq!(
+        store.purge_tag(&a).await.unwrap(),
+        2,
+        "purge count of tag a"
+    );
+    assert_eq!(store.get(&only_a).await.unwrap(), None);
+    assert_eq!(store.get(&both).await.unwrap(), None);
+    assert_eq!(store.get(&only_b).await.unwrap(), Some(v.clone()));
+    assert_eq!(store.get(&none).await.unwrap(), Some(v.clone()));
+    assert_eq!(store.get(&retagged).await.unwrap(), Some(v.clone()));
+    assert_eq!(
+        store.purge_tag(&a).await.unwrap(),
+        0,
+        "second purge found values"
+    );
+    assert_eq!(store.purge_tag(&tag(&ns, "unknown")).await.unwrap(), 0);
+
+    // Values stored under a tag after a purge are purged by the next one.
+    store
+        .put(&only_a, v.clone(), &opts(60_000, &[&a]))
+        .await
+        .unwrap();
+    assert_eq!(store.purge_tag(&a).await.unwrap(), 1);
+    assert_eq!(store.get(&only_a).await.unwrap(), None);
+}
+
+/// Values up to the advertised limit round-trip; larger ones are refused
+/// with `TooLarge`, never truncated or silently dropped.
+pub async fn large_values<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    let limit = store.capabilities().max_value_bytes;
+    let size = limit.min(LARGE_VALUE_CAP);
+    let big = binary_body(size);
+    let k = key(&ns, "big");
+    store
+        .put(&k, big.clone(), &opts(60_000, &[]))
+        .await
+        .unwrap();
+    let got = store.get(&k).await.unwrap().expect("large value missing");
+    assert_eq!(got.len(), big.len());
+    assert!(got == big, "large value came back different");
+
+    if limit < LARGE_VALUE_CAP {
+        let over = key(&ns, "over");
+        match store
+            .put(&over, binary_body(limit + 1), &opts(60_000, &[]))
+            .await
+        {
+            Err(StoreError::TooLarge { .. }) => {}
+            other => panic!("value over the advertised limit: {other:?}"),
+        }
+        assert_eq!(store.get(&over).await.unwrap(), None);
+    }
+}
+
+/// Concurrent writers to one key leave one whole value, never a mix;
+/// concurrent writers to many keys all land.
+pub async fn concurrent_writers<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    let shared = key(&ns, "shared");
+    let values: Vec<Bytes> = (0..16u8).map(|i| Bytes::from(vec![i; 64 * 1024])).collect();
+    let mut tasks = Vec::new();
+    for v in values.clone() {
+        let s = store.clone();
+        let k = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            s.put(&k, v, &opts(60_000, &[])).await.unwrap()
+        }));
+    }
+    for (i, v) in values.iter().enumerate() {
+        let s = store.clone();
+        let k = key(&ns, &format!("k{i}"));
+        let v = v.clone();
+        tasks.push(tokio::spawn(async move {
+            s.put(&k, v, &opts(60_000, &[])).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let got = store
+        .get(&shared)
+        .await
+        .unwrap()
+        .expect("value missing after concurrent writes");
+    assert!(
+        values.contains(&got),
+        "concurrent writes left a mixed value"
+    );
+    for (i, v) in values.iter().enumerate() {
+        assert_eq!(
+            store
+                .get(&key(&ns, &format!("k{i}")))
+                .await
+                .unwrap()
+                .as_ref(),
+            Some(v)
+        );
+    }
+}
+
+/// Foreign, truncated, bit-flipped and older-format values read back as
+/// misses through the record layer, and a later put overwrites them.
+pub async fn corrupt_values_are_misses<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    let cache = records(store);
+    let good = Record::Entry(entry(binary_body(300), 60_000, 0, vec![])).encode();
+    let mut flipped = good.to_vec();
+    flipped[20] ^= 0x55;
+    let mut older = good.to_vec();
+    older[2] = 0;
+    let cases: [(&str, Bytes); 5] = [
+        (
+            "foreign",
+            Bytes::from_static(b"{\"status\":200,\"body\":\"hello\"}"),
+        ),
+        ("empty", Bytes::new()),
+        ("truncated", good.slice(..good.len() / 2)),
+        ("flipped", Bytes::from(flipped)),
+        ("older-format", Bytes::from(older)),
+    ];
+    let before = cache
+        .stats()
+        .corrupt
+        .load(std::sync::atomic::Ordering::Relaxed);
+    for (name, bytes) in cases {
+        let k = key(&ns, name);
+        store.put(&k, bytes, &opts(60_000, &[])).await.unwrap();
+        let got = cache.get(&k).await;
+        assert_eq!(got.record, None, "{name} value decoded as a record");
+        assert!(
+            got.error.is_none(),
+            "{name} value reported as a backend error: {:?}",
+            got.error
+        );
+        let fresh = Record::Entry(entry(binary_body(20), 60_000, 0, vec![]));
+        cache.put(&k, &fresh).await.unwrap();
+        assert_eq!(
+            cache.get(&k).await.record,
+            Some(fresh),
+            "{name} value not overwritten"
+        );
+    }
+    let after = cache
+        .stats()
+        .corrupt
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(after - before, 5, "corrupt values not counted");
+}
+
+/// Runs every conformance function as its own `#[tokio::test]`.
+/// `$make` is an expression evaluating to a future of the store.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@each $make;
+            round_trip,
+            missing_key_is_none,
+            expiry_and_stale_window,
+            delete_removes,
+            overwrite_replaces,
+            lock_semantics,
+            lock_is_exclusive_under_contention,
+            purge_by_tag,
+            large_values,
+            concurrent_writers,
+            corrupt_values_are_misses
+        );
+    };
+    (@each $make:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let store = $make.await;
+                $crate::conformance::$name(&store).await;
+            }
+        )*
+    };
+}

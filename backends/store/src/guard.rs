@@ -1,0 +1,216 @@
+//! Time bounds and a circuit breaker around any backend.
+//!
+//! A cache must never turn a backend outage into an API outage: every
+//! operation is bounded by a timeout, and after `failure_threshold`
+//! consecutive failures the breaker opens and operations fail at once
+//! (no timeout paid) for `open_for`. Then one probe is let through; its
+//! success closes the breaker, its failure opens it again.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::{CacheStore, Capabilities, LockToken, PutOptions, StoreError, StoreKey};
+
+/// Time bounds and breaker settings of one backend.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GuardConfig {
+    /// Longest a read (get) may take before it counts as a miss.
+    /// Default `50ms`: on the hit path a slow cache is worse than none.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Longest a write (put, delete, lock, unlock) may take. Default `500ms`.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Longest a purge by tag may take (it touches many keys). Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub purge_timeout: Duration,
+    /// Consecutive failures that open the breaker. Default `3`.
+    pub failure_threshold: u32,
+    /// How long an open breaker skips the backend before one probe. Default `500ms`.
+    #[serde(with = "humantime_serde")]
+    pub open_for: Duration,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig {
+            read_timeout: Duration::from_millis(50),
+            write_timeout: Duration::from_millis(500),
+            purge_timeout: Duration::from_secs(10),
+            failure_threshold: 3,
+            open_for: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What the breaker is doing, for `Cache-Status`, logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+}
+
+/// A backend with every operation time-bounded and behind a breaker.
+#[derive(Debug, Clone)]
+pub struct GuardedStore {
+    inner: Arc<dyn CacheStore>,
+    config: GuardConfig,
+    breaker: Arc<Breaker>,
+}
+
+#[derive(Debug, Default)]
+struct Breaker {
+    consecutive_failures: AtomicU32,
+    /// Monotonic milliseconds (since [`epoch`]) until which the breaker is
+    /// open; 0 when closed.
+    open_until: AtomicU64,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn mono_millis() -> u64 {
+    // +1 so that a real reading is never the "closed" sentinel 0.
+    epoch().elapsed().as_millis() as u64 + 1
+}
+
+impl GuardedStore {
+    pub fn new(inner: Arc<dyn CacheStore>, config: GuardConfig) -> Self {
+        epoch();
+        GuardedStore {
+            inner,
+            config,
+            breaker: Arc::default(),
+        }
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        let until = self.breaker.open_until.load(Ordering::Relaxed);
+        if until != 0 && mono_millis() < until {
+            BreakerState::Open
+        } else {
+            BreakerState::Closed
+        }
+    }
+
+    /// Whether this call may go to the backend. While open, no; once the
+    /// open period has passed, exactly one caller wins the probe (by moving
+    /// `open_until` forward) and the rest keep failing fast.
+    fn admit(&self) -> Result<(), StoreError> {
+        let until = self.breaker.open_until.load(Ordering::Acquire);
+        if until == 0 {
+            return Ok(());
+        }
+        let now = mono_millis();
+        if now < until {
+            return Err(self.open_error(Duration::from_millis(until - now)));
+        }
+        // Hold the others off for as long as the probe may take.
+        let probe_deadline = now + self.config.write_timeout.as_millis() as u64 + 1;
+        match self.breaker.open_until.compare_exchange(
+            until,
+            probe_deadline,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(self.open_error(self.config.write_timeout)),
+        }
+    }
+
+    fn open_error(&self, retry_in: Duration) -> StoreError {
+        StoreError::CircuitOpen {
+            backend: self.inner.capabilities().name,
+            retry_in,
+        }
+    }
+
+    fn record<T>(&self, result: &Result<T, StoreError>) {
+        match result {
+            Ok(_) | Err(StoreError::TooLarge { .. }) => {
+                self.breaker
+                    .consecutive_failures
+                    .store(0, Ordering::Relaxed);
+                self.breaker.open_until.store(0, Ordering::Release);
+            }
+            Err(StoreError::CircuitOpen { .. }) => {}
+            Err(_) => {
+                let n = self
+                    .breaker
+                    .consecutive_failures
+                    .fetch_add(1, Ordering::AcqRel)
+                    + 1;
+                if n >= self.config.failure_threshold {
+                    let until = mono_millis() + self.config.open_for.as_millis() as u64;
+                    if self.breaker.open_until.swap(until, Ordering::AcqRel) == 0 {
+                        tracing::warn!(
+                            backend = self.inner.capabilities().name,
+                            failures = n,
+                            open_for = ?self.config.open_for,
+                            "cache backend failing; circuit open, serving without it"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run<T, F>(&self, limit: Duration, op: F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        self.admit()?;
+        let result = match tokio::time::timeout(limit, op).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout {
+                backend: self.inner.capabilities().name,
+                after: limit,
+            }),
+        };
+        self.record(&result);
+        result
+    }
+}
+
+#[async_trait]
+impl CacheStore for GuardedStore {
+    fn capabilities(&self) -> &Capabilities {
+        self.inner.capabilities()
+    }
+    async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
+        self.run(self.config.read_timeout, self.inner.get(key))
+            .await
+    }
+    async fn put(&self, key: &StoreKey, value: Bytes, opts: &PutOptions) -> Result<(), StoreError> {
+        self.run(self.config.write_timeout, self.inner.put(key, value, opts))
+            .await
+    }
+    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        self.run(self.config.write_timeout, self.inner.delete(key))
+            .await
+    }
+    async fn try_lock(
+        &self,
+        key: &StoreKey,
+        ttl: Duration,
+    ) -> Result<Option<LockToken>, StoreError> {
+        self.run(self.config.write_timeout, self.inner.try_lock(key, ttl))
+            .await
+    }
+    async fn unlock(&self, key: &StoreKey, token: &LockToken) -> Result<bool, StoreError> {
+        self.run(self.config.write_timeout, self.inner.unlock(key, token))
+            .await
+    }
+    async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError> {
+        self.run(self.config.purge_timeout, self.inner.purge_tag(tag))
+            .await
+    }
+}

@@ -1,0 +1,168 @@
+//! The storage side of cachegate.
+//!
+//! Backends are dumb, shared byte stores: they keep a value under a
+//! [`StoreKey`] until an absolute expiry, remember which tags each value
+//! carries so a purge needs no scan, and offer an owner-checked lock. They
+//! never interpret the bytes. Everything backends would otherwise repeat
+//! lives here once: the record encoding ([`record`]), key hashing ([`key`]),
+//! expiry checks, and the timeout + circuit breaker wrapper ([`guard`]).
+//!
+//! A new backend implements [`CacheStore`] and adds one line to its tests:
+//! `cachegate_store::conformance_tests!(make_store());`.
+
+pub mod guard;
+pub mod key;
+pub mod memory;
+pub mod record;
+pub mod tiered;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use key::StoreKey;
+pub use record::{DecodeError, Entry, Record, VaryIndex};
+
+/// Milliseconds since the Unix epoch: the one time unit every backend stores.
+pub type UnixMillis = u64;
+
+/// The current wall-clock time in [`UnixMillis`].
+pub fn now_millis() -> UnixMillis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Whether a value that lives until `expires_at` is gone at `now`.
+/// One definition, so every backend agrees on the boundary.
+pub fn is_expired(expires_at: UnixMillis, now: UnixMillis) -> bool {
+    now >= expires_at
+}
+
+/// What a backend can and cannot do, so the proxy decides up front instead
+/// of a backend silently dropping work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Short name used in logs, metrics and `Cache-Status` (`memory`, `redis`, ...).
+    pub name: &'static str,
+    /// Largest value (encoded record bytes) the backend accepts. Larger puts
+    /// fail with [`StoreError::TooLarge`]; the proxy checks first and skips them.
+    pub max_value_bytes: usize,
+    /// True when other processes see what this one stores (Redis, DynamoDB).
+    /// A shared store's lock coordinates instances; a local one's only this process.
+    pub shared: bool,
+}
+
+/// Options of one put.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PutOptions {
+    /// Absolute time after which the value must never be returned. For a
+    /// cached response this is the end of its longest stale window.
+    pub expires_at: UnixMillis,
+    /// Tags a later [`CacheStore::purge_tag`] removes this key by.
+    pub tags: Vec<String>,
+}
+
+/// Proof of holding a lock; only its holder can release it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LockToken(String);
+
+impl LockToken {
+    /// A fresh random token (UUID v4): unique across processes and instances.
+    pub fn generate() -> Self {
+        LockToken(uuid::Uuid::new_v4().simple().to_string())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for LockToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LockToken({}…)", &self.0[..8.min(self.0.len())])
+    }
+}
+
+/// Why a store operation failed. The proxy treats every one of them as a
+/// miss (fail open); the kinds exist for logs, metrics and the breaker.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{backend}: operation timed out after {after:?}")]
+    Timeout {
+        backend: &'static str,
+        after: Duration,
+    },
+    #[error(
+        "{backend}: circuit open after repeated failures; not trying until {retry_in:?} from now"
+    )]
+    CircuitOpen {
+        backend: &'static str,
+        retry_in: Duration,
+    },
+    #[error("{backend}: value of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        backend: &'static str,
+        size: usize,
+        limit: usize,
+    },
+    #[error("{backend}: {message}")]
+    Backend {
+        backend: &'static str,
+        message: String,
+    },
+}
+
+impl StoreError {
+    /// A backend failure with its cause flattened into the message.
+    pub fn backend(backend: &'static str, err: impl fmt::Display) -> Self {
+        StoreError::Backend {
+            backend,
+            message: err.to_string(),
+        }
+    }
+}
+
+/// A cache backend: bytes under a key until an absolute expiry, tags for
+/// purging, and a lock for one upstream call per key across instances.
+///
+/// Implementations must be safe to share across tasks and must not block
+/// the runtime. Time bounds and the circuit breaker are added around any
+/// implementation by [`guard::GuardedStore`]; implementations themselves
+/// only need their own connect/operation timeouts to not hang forever.
+#[async_trait]
+pub trait CacheStore: Send + Sync + fmt::Debug + 'static {
+    fn capabilities(&self) -> &Capabilities;
+
+    /// The value under `key`, or `None` when absent or past its expiry.
+    async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError>;
+
+    /// Store `value` under `key` until `opts.expires_at`, replacing any
+    /// previous value, and record it under each of `opts.tags`.
+    async fn put(&self, key: &StoreKey, value: Bytes, opts: &PutOptions) -> Result<(), StoreError>;
+
+    /// Remove `key`. Returns whether a (live) value was there.
+    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError>;
+
+    /// Take the lock named `key` for at most `ttl`, unless another holder
+    /// has it and its ttl has not run out. Lock names live in their own
+    /// namespace: locking a key never touches its value.
+    async fn try_lock(
+        &self,
+        key: &StoreKey,
+        ttl: Duration,
+    ) -> Result<Option<LockToken>, StoreError>;
+
+    /// Release the lock if `token` still holds it. Returns whether it did:
+    /// a lock that expired and was taken by someone else is left alone.
+    async fn unlock(&self, key: &StoreKey, token: &LockToken) -> Result<bool, StoreError>;
+
+    /// Remove every value stored with `tag` (and nothing else). Returns how
+    /// many live values were removed.
+    async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError>;
+}

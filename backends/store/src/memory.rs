@@ -1,0 +1,223 @@
+//! The embedded backend: a moka cache bounded in bytes with per-entry
+//! expiry. The default store, and the L1 in front of the shared ones (a
+//! Lambda execution context outlives one invocation, so it keeps paying off).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use moka::future::Cache;
+use moka::notification::RemovalCause;
+
+use crate::{
+    is_expired, now_millis, CacheStore, Capabilities, LockToken, PutOptions, StoreError, StoreKey,
+    UnixMillis,
+};
+
+/// Fixed per-entry overhead counted against the byte budget besides the
+/// value itself (key, tags, bookkeeping), so many tiny entries cannot
+/// exceed the budget several times over.
+const ENTRY_OVERHEAD: usize = 160;
+
+#[derive(Clone)]
+struct Stored {
+    value: Bytes,
+    expires_at: UnixMillis,
+    tags: Arc<[String]>,
+}
+
+type TagIndex = Arc<Mutex<HashMap<String, HashSet<StoreKey>>>>;
+
+/// In-process store. Cloning shares the same cache.
+#[derive(Clone)]
+pub struct MemoryStore {
+    cache: Cache<StoreKey, Stored>,
+    tags: TagIndex,
+    locks: Arc<Mutex<HashMap<StoreKey, (LockToken, Instant)>>>,
+    caps: Capabilities,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("entries", &self.cache.entry_count())
+            .field("weighted_bytes", &self.cache.weighted_size())
+            .field("max_value_bytes", &self.caps.max_value_bytes)
+            .finish()
+    }
+}
+
+struct ExpiresAt;
+
+impl moka::Expiry<StoreKey, Stored> for ExpiresAt {
+    fn expire_after_create(&self, _: &StoreKey, v: &Stored, _: Instant) -> Option<Duration> {
+        Some(Duration::from_millis(
+            v.expires_at.saturating_sub(now_millis()),
+        ))
+    }
+    fn expire_after_update(
+        &self,
+        _: &StoreKey,
+        v: &Stored,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(Duration::from_millis(
+            v.expires_at.saturating_sub(now_millis()),
+        ))
+    }
+}
+
+impl MemoryStore {
+    /// A store holding at most `capacity_bytes` (values plus a fixed
+    /// overhead each); values over `max_value_bytes` are refused.
+    pub fn new(capacity_bytes: u64, max_value_bytes: usize) -> Self {
+        let tags: TagIndex = Arc::default();
+        let index = tags.clone();
+        let cache = Cache::builder()
+            .max_capacity(capacity_bytes)
+            .weigher(|_: &StoreKey, v: &Stored| {
+                (v.value.len() + ENTRY_OVERHEAD)
+                    .try_into()
+                    .unwrap_or(u32::MAX)
+            })
+            .expire_after(ExpiresAt)
+            .eviction_listener(move |key: Arc<StoreKey>, v: Stored, cause| {
+                // A replaced value re-registers its own tags on put.
+                if cause == RemovalCause::Replaced {
+                    return;
+                }
+                let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
+                for tag in v.tags.iter() {
+                    if let Some(set) = index.get_mut(tag) {
+                        set.remove(&key);
+                        if set.is_empty() {
+                            index.remove(tag);
+                        }
+                    }
+                }
+            })
+            .build();
+        MemoryStore {
+            cache,
+            tags,
+            locks: Arc::default(),
+            caps: Capabilities {
+                name: "memory",
+                max_value_bytes,
+                shared: false,
+            },
+        }
+    }
+
+    /// Entries currently held (approximate until moka runs its housekeeping).
+    pub fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+}
+
+#[async_trait]
+impl CacheStore for MemoryStore {
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
+        Ok(self
+            .cache
+            .get(key)
+            .await
+            .filter(|s| !is_expired(s.expires_at, now_millis()))
+            .map(|s| s.value))
+    }
+
+    async fn put(&self, key: &StoreKey, value: Bytes, opts: &PutOptions) -> Result<(), StoreError> {
+        if value.len() > self.caps.max_value_bytes {
+            return Err(StoreError::TooLarge {
+                backend: "memory",
+                size: value.len(),
+                limit: self.caps.max_value_bytes,
+            });
+        }
+        if is_expired(opts.expires_at, now_millis()) {
+            self.cache.invalidate(key).await;
+            return Ok(());
+        }
+        {
+            let mut index = self.tags.lock().unwrap_or_else(|p| p.into_inner());
+            for tag in &opts.tags {
+                index.entry(tag.clone()).or_default().insert(key.clone());
+            }
+        }
+        let stored = Stored {
+            value,
+            expires_at: opts.expires_at,
+            tags: opts.tags.clone().into(),
+        };
+        self.cache.insert(key.clone(), stored).await;
+        Ok(())
+    }
+
+    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        Ok(self
+            .cache
+            .remove(key)
+            .await
+            .is_some_and(|s| !is_expired(s.expires_at, now_millis())))
+    }
+
+    async fn try_lock(
+        &self,
+        key: &StoreKey,
+        ttl: Duration,
+    ) -> Result<Option<LockToken>, StoreError> {
+        let now = Instant::now();
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if locks.len() > 4096 {
+            // Holders that died never unlock; drop their expired locks.
+            locks.retain(|_, (_, until)| *until > now);
+        }
+        match locks.get(key) {
+            Some((_, until)) if *until > now => Ok(None),
+            _ => {
+                let token = LockToken::generate();
+                locks.insert(key.clone(), (token.clone(), now + ttl));
+                Ok(Some(token))
+            }
+        }
+    }
+
+    async fn unlock(&self, key: &StoreKey, token: &LockToken) -> Result<bool, StoreError> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        match locks.get(key) {
+            Some((held, until)) if held == token && *until > Instant::now() => {
+                locks.remove(key);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError> {
+        let members = {
+            let mut index = self.tags.lock().unwrap_or_else(|p| p.into_inner());
+            index.remove(tag).unwrap_or_default()
+        };
+        let mut removed = 0;
+        for key in members {
+            // The key may have been re-stored since without this tag.
+            let Some(current) = self.cache.get(&key).await else {
+                continue;
+            };
+            if current.tags.iter().any(|t| t == tag) {
+                self.cache.invalidate(&key).await;
+                if !is_expired(current.expires_at, now_millis()) {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
