@@ -1,0 +1,76 @@
+# Shared helpers for scripts/test and scripts/services/*.sh. Sourced, not run.
+# Every service a test needs is started by a file in scripts/services/ that
+# defines a start function and appends its name to SERVICES; scripts/test
+# calls them in order. Each start function installs what it needs (loudly
+# failing when it cannot), starts the service on a free loopback port,
+# registers its PIDs for cleanup and exports the variables the tests read.
+
+SERVICES=()
+STARTED_PIDS=()
+RUN_DIR="${RUN_DIR:-$PWD/.services}"
+APT_UPDATED=""
+
+log() { printf '\033[1m[test]\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1;31m[test] FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
+
+# A TCP port nobody listens on right now, on 127.0.0.1.
+free_port() {
+  python3 - <<'PY'
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+s.close()
+PY
+}
+
+# wait_port PORT [SECONDS]: until something accepts connections there.
+wait_port() {
+  local port=$1 limit=${2:-20} i
+  for ((i = 0; i < limit * 10; i++)); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+register_pid() { STARTED_PIDS+=("$1"); }
+
+stop_services() {
+  local pid
+  for pid in "${STARTED_PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${STARTED_PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  STARTED_PIDS=()
+}
+
+# apt_install PKG...: installs Debian packages not yet present.
+apt_install() {
+  local missing=() p
+  for p in "$@"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  command -v apt-get >/dev/null || die "apt-get not found; install ${missing[*]} by hand"
+  if [ -z "$APT_UPDATED" ]; then
+    log "apt-get update"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null || die "apt-get update failed"
+    APT_UPDATED=1
+  fi
+  log "apt-get install ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed"
+}
+
+# pip_install CMD SPEC: installs the PyPI package SPEC unless CMD is on PATH.
+pip_install() {
+  local cmd=$1 spec=$2
+  command -v "$cmd" >/dev/null 2>&1 && return 0
+  log "pip install $spec"
+  python3 -m pip install -q --disable-pip-version-check "$spec" || die "pip install $spec failed"
+  hash -r
+  command -v "$cmd" >/dev/null 2>&1 || die "$cmd not on PATH after pip install $spec"
+}
