@@ -1,1 +1,51 @@
+//! cachegate: a caching proxy for REST APIs.
+//!
+//! - [`config`]: figment configuration (defaults < TOML < `CACHEGATE_*`).
+//! - [`key`]: request -> upstream URL and cache key.
+//! - [`policy`]: what may be cached and for how long (pure, RFC 9111).
+//! - [`routes`]: per-route rules.
+//! - [`proxy`]: the request flow, top to bottom.
+//! - [`serve`] and [`lambda`]: thin adapters over [`proxy::Proxy::handle`].
 
+pub mod backend;
+pub mod config;
+pub mod key;
+pub mod lambda;
+pub mod policy;
+pub mod proxy;
+pub mod routes;
+pub mod serve;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use config::Config;
+use proxy::{Mode, Proxy};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Backend(#[from] backend::BackendError),
+    #[error("upstream client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// Build the proxy for `config`: routes, cache backend, upstream client.
+pub async fn build_proxy(config: &Config, mode: Mode) -> Result<Arc<Proxy>, StartError> {
+    let base = reqwest::Url::parse(&config.upstream.url)
+        .map_err(|e| config::invalid_key("upstream.url", e.to_string()))?;
+    let routes = routes::RouteTable::build(&config.routes, &config.cache)?;
+    let cache = backend::build_cache(config).await?;
+    let upstream = upstream::Upstream::new(&config.upstream)?;
+    Ok(Arc::new(Proxy::new(
+        base,
+        routes,
+        cache,
+        upstream,
+        mode,
+        config.cache.coalesce_wait,
+    )))
+}

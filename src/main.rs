@@ -1,1 +1,103 @@
-fn main() {}
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use cachegate::config::Config;
+use cachegate::proxy::Mode;
+
+/// A caching proxy for REST APIs: in front of a slow or rate-limited API,
+/// it answers repeated GETs from a cache (memory, Redis or DynamoDB).
+///
+/// Without a subcommand and with AWS_LAMBDA_RUNTIME_API set (inside AWS
+/// Lambda), it runs as the Lambda function.
+#[derive(Parser)]
+#[command(name = "cachegate", version)]
+struct Cli {
+    /// Configuration file (TOML). Default: config/cachegate.toml if it exists.
+    #[arg(long, global = true, env = "CACHEGATE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy as an HTTP server.
+    Serve {
+        /// Address to listen on (overrides serve.listen; default 127.0.0.1:3000).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Prepare the configured backend: create the DynamoDB table with TTL
+    /// if missing; check that Redis answers.
+    Init,
+    /// Check the configuration and print it (secrets redacted).
+    Config,
+}
+
+fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().with_current_span(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let in_lambda = std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some();
+    init_tracing(in_lambda || !std::io::stderr().is_terminal());
+
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cachegate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        let result: Result<(), String> = match cli.command {
+            Some(Command::Config) => {
+                println!("{config:#?}");
+                Ok(())
+            }
+            Some(Command::Init) => cachegate::backend::init(&config).await.map_err(|e| e.to_string()),
+            Some(Command::Serve { listen }) => match cachegate::build_proxy(&config, Mode::Serve).await {
+                Ok(proxy) => {
+                    let listen = listen.unwrap_or(config.serve.listen);
+                    cachegate::serve::run(proxy, listen, config.serve.max_request_bytes.as_u64() as usize)
+                        .await
+                        .map_err(|e| format!("serve: {e}"))
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            None if in_lambda => match cachegate::build_proxy(&config, Mode::Lambda).await {
+                Ok(proxy) => cachegate::lambda::run(proxy).await.map_err(|e| format!("lambda: {e}")),
+                Err(e) => Err(e.to_string()),
+            },
+            None => {
+                eprintln!("cachegate: no subcommand (and not inside AWS Lambda); try `cachegate serve` or `cachegate --help`");
+                return ExitCode::from(2);
+            }
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cachegate: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

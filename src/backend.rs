@@ -1,0 +1,116 @@
+//! Build the configured cache: the backend, its guard, and the L1.
+
+use std::sync::Arc;
+
+use cachegate_store::guard::GuardedStore;
+use cachegate_store::memory::MemoryStore;
+use cachegate_store::tiered::TieredCache;
+use cachegate_store::CacheStore;
+
+use crate::config::{BackendKind, Config};
+
+/// Why the configured backend could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("backend `{0}` is not compiled into this build (enable the cargo feature `{0}`)")]
+    NotBuilt(&'static str),
+    #[error("{0}")]
+    Connect(String),
+}
+
+/// Largest entry the memory store takes: bounded by the entry limit and a
+/// fraction of its capacity, so one entry cannot evict everything.
+fn memory_store(config: &Config) -> MemoryStore {
+    let capacity = config.memory.capacity.as_u64();
+    let max_value = (config.cache.max_entry_bytes.as_u64() + 64 * 1024).min(capacity / 8) as usize;
+    MemoryStore::new(capacity, max_value)
+}
+
+/// The cache the proxy uses, per `config.backend`.
+pub async fn build_cache(config: &Config) -> Result<TieredCache, BackendError> {
+    let main: Arc<dyn CacheStore> = match config.backend {
+        BackendKind::Memory => {
+            let store = Arc::new(memory_store(config));
+            return Ok(TieredCache::new(
+                GuardedStore::new(store, config.store.clone()),
+                None,
+            ));
+        }
+        BackendKind::Redis => connect_redis(config).await?,
+        BackendKind::Dynamodb => connect_dynamodb(config).await?,
+    };
+    let l1 = (!config.cache.l1_ttl.is_zero()).then(|| (memory_store(config), config.cache.l1_ttl));
+    Ok(TieredCache::new(
+        GuardedStore::new(main, config.store.clone()),
+        l1,
+    ))
+}
+
+#[cfg(feature = "redis")]
+async fn connect_redis(config: &Config) -> Result<Arc<dyn CacheStore>, BackendError> {
+    let store = cachegate_redis::connect(&config.redis)
+        .await
+        .map_err(|e| BackendError::Connect(format!("redis: {e}")))?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn connect_redis(_: &Config) -> Result<Arc<dyn CacheStore>, BackendError> {
+    Err(BackendError::NotBuilt("redis"))
+}
+
+#[cfg(feature = "dynamodb")]
+async fn connect_dynamodb(config: &Config) -> Result<Arc<dyn CacheStore>, BackendError> {
+    let store = cachegate_dynamodb::connect(&config.dynamodb)
+        .await
+        .map_err(|e| BackendError::Connect(format!("dynamodb: {e}")))?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "dynamodb"))]
+async fn connect_dynamodb(_: &Config) -> Result<Arc<dyn CacheStore>, BackendError> {
+    Err(BackendError::NotBuilt("dynamodb"))
+}
+
+/// `cachegate init`: make the configured backend ready and say what was done.
+pub async fn init(config: &Config) -> Result<(), BackendError> {
+    match config.backend {
+        BackendKind::Memory => {
+            println!("memory backend: nothing to prepare");
+            Ok(())
+        }
+        BackendKind::Redis => {
+            let cache = build_cache(config).await?;
+            let probe = cachegate_store::StoreKey::hash("init", ["probe"]);
+            cache
+                .get(&probe)
+                .await
+                .error
+                .map_or(Ok(()), |e| Err(BackendError::Connect(e.to_string())))?;
+            println!("redis backend: reachable");
+            Ok(())
+        }
+        BackendKind::Dynamodb => init_dynamodb(config).await,
+    }
+}
+
+#[cfg(feature = "dynamodb")]
+async fn init_dynamodb(config: &Config) -> Result<(), BackendError> {
+    let store = cachegate_dynamodb::connect(&config.dynamodb)
+        .await
+        .map_err(|e| BackendError::Connect(format!("dynamodb: {e}")))?;
+    let status = store
+        .ensure_table()
+        .await
+        .map_err(|e| BackendError::Connect(format!("dynamodb: {e}")))?;
+    println!(
+        "dynamodb backend: table `{}`: {status:?}",
+        config.dynamodb.table
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "dynamodb"))]
+async fn init_dynamodb(_: &Config) -> Result<(), BackendError> {
+    Err(BackendError::NotBuilt("dynamodb"))
+}

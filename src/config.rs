@@ -1,0 +1,389 @@
+//! Configuration: built-in defaults < a TOML file < `CACHEGATE_*` environment
+//! variables (`__` separates nesting levels), layered with figment.
+//!
+//! Every field documents its default. A bad value stops start-up with an
+//! error naming the key (figment reports the path, e.g. `upstream.timeout`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use cachegate_store::guard::GuardConfig;
+
+/// Which store holds the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// In-process moka cache (per process / per Lambda execution context).
+    #[default]
+    Memory,
+    /// Redis or ElastiCache (standalone, TLS, cluster mode).
+    Redis,
+    /// A DynamoDB table with a TTL attribute.
+    Dynamodb,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Memory => "memory",
+            BackendKind::Redis => "redis",
+            BackendKind::Dynamodb => "dynamodb",
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `memory` (default), `redis` or `dynamodb`. Env: `CACHEGATE_BACKEND`.
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// The API in front of which cachegate sits. Required.
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    /// Time bounds and circuit breaker around the shared backend (redis,
+    /// dynamodb; memory is never slow). Defaults: `read_timeout = "50ms"`,
+    /// `write_timeout = "500ms"`, `purge_timeout = "10s"`,
+    /// `failure_threshold = 3`, `open_for = "500ms"`.
+    #[serde(default)]
+    pub store: GuardConfig,
+    #[cfg(feature = "redis")]
+    #[serde(default)]
+    pub redis: cachegate_redis::RedisConfig,
+    #[cfg(feature = "dynamodb")]
+    #[serde(default)]
+    pub dynamodb: cachegate_dynamodb::DynamoConfig,
+    #[serde(default)]
+    pub serve: ServeConfig,
+    /// Per-route rules, matched on the request path; the most specific
+    /// pattern wins (see [`RouteConfig`]).
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL of the upstream API, e.g. `https://api.example.com/v1`.
+    /// Request paths are appended to its path. No default.
+    /// Env: `CACHEGATE_UPSTREAM__URL`.
+    pub url: String,
+    /// Longest an upstream call may take, headers and body. Default `10s`.
+    /// On timeout the client gets 504 (or a stale entry within stale-if-error).
+    #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Longest connecting to the upstream may take. Default `2s`.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Largest upstream response body relayed at all. Default `6MiB`, the
+    /// Lambda response limit; larger answers 502.
+    #[serde(default = "default_max_response")]
+    pub max_response_bytes: bytesize::ByteSize,
+}
+
+fn default_upstream_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_max_response() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(6)
+}
+
+/// How responses are cached when no route says otherwise.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Freshness for storable responses that carry none (no `max-age`,
+    /// `s-maxage` or `Expires`). Default: unset, so such responses are not
+    /// cached (no heuristic freshness). Env: `CACHEGATE_CACHE__DEFAULT_TTL`.
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Option<Duration>,
+    /// Serve stale while one request refreshes, when the upstream names no
+    /// `stale-while-revalidate`. Default `0s`.
+    #[serde(with = "humantime_serde")]
+    pub stale_while_revalidate: Duration,
+    /// Serve stale when the upstream fails (5xx, timeout, refused), when the
+    /// upstream names no `stale-if-error`. Default `5m`. Never for
+    /// responses with `must-revalidate`, `proxy-revalidate` or `no-cache`.
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
+    /// Largest response body stored; larger ones are relayed, not stored.
+    /// Default `5MiB` (the backend's own limit applies too).
+    pub max_entry_bytes: bytesize::ByteSize,
+    /// Query parameters left out of the key and of the upstream request
+    /// (tracking parameters, say). Default: none.
+    pub ignored_query_params: Vec<String>,
+    /// Request headers whose values are part of every key (lower case).
+    /// Default: none (the response's `Vary` adds its own).
+    pub key_headers: Vec<String>,
+    /// Store responses that carry `Set-Cookie` (with the `Set-Cookie`
+    /// header removed; only the client that caused the fetch gets the
+    /// cookie). Default `false`: such responses are not stored.
+    pub store_set_cookie_responses: bool,
+    /// Honour a client's `Cache-Control: no-cache` / `Pragma: no-cache` by
+    /// going to the upstream. Default `false`: any client could otherwise
+    /// make every request reach the upstream.
+    pub honor_client_no_cache: bool,
+    /// Longest the `s-maxage` sent to the edge (CloudFront, browsers) may
+    /// be; it is never more than the entry's freshness left. Default: unset.
+    #[serde(with = "humantime_serde")]
+    pub edge_max_ttl: Option<Duration>,
+    /// With a shared backend, how long this process keeps a copy in its
+    /// in-memory L1. Bounds how long a purge made elsewhere goes unseen
+    /// here. `0s` disables the L1. Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub l1_ttl: Duration,
+    /// Longest a miss waits for another request already fetching the same
+    /// key before fetching itself. Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub coalesce_wait: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            default_ttl: None,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::from_secs(300),
+            max_entry_bytes: bytesize::ByteSize::mib(5),
+            ignored_query_params: Vec::new(),
+            key_headers: Vec::new(),
+            store_set_cookie_responses: false,
+            honor_client_no_cache: false,
+            edge_max_ttl: None,
+            l1_ttl: Duration::from_secs(5),
+            coalesce_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Bytes the in-process cache may hold (the memory backend, or the L1
+    /// in front of a shared one). Default `128MiB`.
+    pub capacity: bytesize::ByteSize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            capacity: bytesize::ByteSize::mib(128),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address `cachegate serve` listens on. Default `127.0.0.1:3000`.
+    pub listen: SocketAddr,
+    /// Largest request body accepted. Default `6MiB`; larger gets 413.
+    pub max_request_bytes: bytesize::ByteSize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            listen: "127.0.0.1:3000".parse().expect("literal address"),
+            max_request_bytes: bytesize::ByteSize::mib(6),
+        }
+    }
+}
+
+/// Rules for the requests whose path matches `path`.
+///
+/// Patterns use `{name}` for one segment and `{*name}` for the rest of the
+/// path: `/items/{id}`, `/static/{*path}`. When several match, the most
+/// specific one wins (a literal segment beats `{id}`, which beats `{*rest}`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The path pattern. Required.
+    pub path: String,
+    /// `false` makes every request on this route bypass the cache. Default `true`.
+    #[serde(default = "yes")]
+    pub cache: bool,
+    /// Freshness for responses that carry none. Default: `cache.default_ttl`.
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+    /// Use `ttl` even when the upstream sends its own freshness, `no-cache`
+    /// or `must-revalidate` (for upstreams that send wrong ones). `no-store`
+    /// and `private` are still obeyed: they protect users. Default `false`.
+    #[serde(default)]
+    pub override_upstream: bool,
+    /// Default: `cache.stale_while_revalidate`.
+    #[serde(default, with = "humantime_serde")]
+    pub stale_while_revalidate: Option<Duration>,
+    /// Default: `cache.stale_if_error`.
+    #[serde(default, with = "humantime_serde")]
+    pub stale_if_error: Option<Duration>,
+    /// Tags stored with every entry of the route, for purging. Default: none.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Added to `cache.ignored_query_params` for this route. Default: none.
+    #[serde(default)]
+    pub ignored_query_params: Vec<String>,
+    /// Added to `cache.key_headers` for this route. Naming `authorization`
+    /// caches per credential: then requests with `Authorization` use the
+    /// cache, each seeing only entries stored for the same value, and the
+    /// edge is told `private`. Default: none.
+    #[serde(default)]
+    pub key_headers: Vec<String>,
+    /// Caps the `s-maxage` sent to the edge for this route; `0s` keeps the
+    /// edge from caching it. Default: `cache.edge_max_ttl`.
+    #[serde(default, with = "humantime_serde")]
+    pub edge_ttl: Option<Duration>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}", describe_figment(.0))]
+    Figment(#[from] Box<figment::Error>),
+    #[error("configuration key `{key}`: {problem}")]
+    Invalid { key: String, problem: String },
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+}
+
+/// One line per problem, each naming the key in config-file form
+/// (`upstream.timeout`) and where the value came from.
+fn describe_figment(e: &figment::Error) -> String {
+    e.clone()
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".").to_ascii_lowercase();
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| m.name.to_string())
+                .unwrap_or_default();
+            let key = if key.is_empty() {
+                "(top level)".to_owned()
+            } else {
+                key
+            };
+            match source.is_empty() {
+                true => format!("configuration key `{key}`: {}", e.kind),
+                false => format!("configuration key `{key}`: {} (from {source})", e.kind),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub(crate) fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+impl Config {
+    /// The layered figment: defaults, then `file` (if given, it must exist;
+    /// otherwise `config/cachegate.toml` if present), then `CACHEGATE_*`.
+    pub fn figment(file: Option<&Path>) -> Result<Figment, ConfigError> {
+        let mut fig = Figment::new();
+        match file {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(ConfigError::MissingFile(path.to_owned()));
+                }
+                fig = fig.merge(Toml::file_exact(path));
+            }
+            None => {
+                let default_file = Path::new("config/cachegate.toml");
+                if default_file.exists() {
+                    fig = fig.merge(Toml::file_exact(default_file));
+                }
+            }
+        }
+        // `CACHEGATE_CONFIG` names the file, it is not a key; `CACHEGATE_TEST_*`
+        // belongs to the test suite (service endpoints).
+        let env = Env::prefixed("CACHEGATE_")
+            .filter(|k| k.as_str() != "config" && !k.as_str().starts_with("test_"))
+            .split("__");
+        Ok(fig.merge(env))
+    }
+
+    /// Load and validate.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::from_figment(Self::figment(file)?)
+    }
+
+    pub fn from_figment(fig: Figment) -> Result<Config, ConfigError> {
+        let config: Config = fig
+            .extract()
+            .map_err(|e| ConfigError::Figment(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let url = reqwest::Url::parse(&self.upstream.url).map_err(|e| {
+            invalid(
+                "upstream.url",
+                format!("`{}` is not a URL: {e}", self.upstream.url),
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid(
+                "upstream.url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if url.host_str().is_none() {
+            return Err(invalid("upstream.url", "has no host"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid("upstream.url", "must not have a query or fragment"));
+        }
+        if self.upstream.timeout.is_zero() {
+            return Err(invalid("upstream.timeout", "must be more than 0s"));
+        }
+        if self.memory.capacity.as_u64() < 1024 * 1024 {
+            return Err(invalid("memory.capacity", "must be at least 1MiB"));
+        }
+        let header_names = |key: &str, names: &[String]| -> Result<(), ConfigError> {
+            for n in names {
+                http::HeaderName::from_bytes(n.as_bytes())
+                    .map_err(|_| invalid(key, format!("`{n}` is not a header name")))?;
+            }
+            Ok(())
+        };
+        header_names("cache.key_headers", &self.cache.key_headers)?;
+        for (i, r) in self.routes.iter().enumerate() {
+            let key = |field: &str| format!("routes[{i}].{field}");
+            if !r.path.starts_with('/') {
+                return Err(invalid(
+                    key("path"),
+                    format!("`{}` must start with /", r.path),
+                ));
+            }
+            header_names(&key("key_headers"), &r.key_headers)?;
+            if r.override_upstream && r.ttl.is_none() {
+                return Err(invalid(key("ttl"), "override_upstream needs a ttl"));
+            }
+        }
+        crate::routes::RouteTable::new(&self.routes)?;
+        Ok(())
+    }
+}
+
+pub(crate) use invalid as invalid_key;

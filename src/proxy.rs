@@ -1,0 +1,798 @@
+//! The request flow, top to bottom. Lambda and `serve` are thin adapters
+//! that turn their requests into `http::Request<Bytes>` and call
+//! [`Proxy::handle`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use reqwest::Url;
+use tokio::sync::watch;
+
+use cachegate_store::tiered::TieredCache;
+use cachegate_store::{now_millis, Entry, Record, StoreKey, VaryIndex};
+
+use crate::key::{self, Target};
+use crate::policy::{self, Bypass, NotStorable, RequestPolicy, ResponseFacts};
+use crate::routes::{RouteTable, Rule};
+use crate::upstream::{strip_hop_by_hop, Upstream, UpstreamError, UpstreamResponse};
+
+/// Where the handler runs; it decides how a stale-while-revalidate refresh
+/// happens (nothing may run after a Lambda response is returned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Serve,
+    Lambda,
+}
+
+/// What a coalesced fetch shares with the requests that waited for it:
+/// the stored entry and the key it went under, or `None` when the response
+/// was not storable (then every waiter fetches for itself: an unstorable
+/// response may be private to the request that caused it).
+type Shared = Option<(Arc<Entry>, Option<Vec<String>>, StoreKey)>;
+
+/// The proxy: one per process, shared by every request.
+pub struct Proxy {
+    base: Url,
+    routes: RouteTable,
+    cache: TieredCache,
+    upstream: Upstream,
+    mode: Mode,
+    coalesce_wait: Duration,
+    /// Fetches in flight in this process, by primary key.
+    inflight: Mutex<HashMap<StoreKey, watch::Receiver<Option<Shared>>>>,
+}
+
+/// The cache outcome of one request, rendered as `X-Cache` and `Cache-Status`.
+#[derive(Debug, Clone)]
+struct Outcome {
+    x_cache: &'static str,
+    /// RFC 9211 parameters after the cache name.
+    status: String,
+}
+
+impl Outcome {
+    fn new(x_cache: &'static str, status: impl Into<String>) -> Self {
+        Outcome {
+            x_cache,
+            status: status.into(),
+        }
+    }
+}
+
+/// What a fetch produced for the client.
+enum Fetched {
+    /// Stored (or refreshed) entry to serve from.
+    Entry(Arc<Entry>, Outcome),
+    /// An upstream response relayed as is (not storable).
+    Relay(UpstreamResponse, Outcome),
+}
+
+impl Proxy {
+    pub fn new(
+        base: Url,
+        routes: RouteTable,
+        cache: TieredCache,
+        upstream: Upstream,
+        mode: Mode,
+        coalesce_wait: Duration,
+    ) -> Self {
+        Proxy {
+            base,
+            routes,
+            cache,
+            upstream,
+            mode,
+            coalesce_wait,
+            inflight: Mutex::default(),
+        }
+    }
+
+    pub fn cache(&self) -> &TieredCache {
+        &self.cache
+    }
+
+    /// Answer one client request. Never fails: every problem becomes a
+    /// response (a JSON error for the client's or the upstream's faults;
+    /// cache problems are misses).
+    pub async fn handle(self: &Arc<Self>, req: Request<Bytes>) -> Response<Bytes> {
+        let (parts, body) = req.into_parts();
+        if parts.method == Method::CONNECT {
+            return json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "CONNECT is not supported: this is not a forward proxy",
+            );
+        }
+        let rule = self.routes.rule_for(parts.uri.path());
+        let target = Target::resolve(
+            &self.base,
+            parts.uri.path(),
+            parts.uri.query(),
+            &rule.ignored_query_params,
+        );
+
+        // 1. May this request use the cache at all?
+        let policy =
+            match policy::request_policy(&parts.method, &parts.headers, !body.is_empty(), &rule) {
+                Ok(p) => p,
+                Err(bypass) => {
+                    return self
+                        .pass_through(parts.method, parts.headers, body, &target, bypass)
+                        .await
+                }
+            };
+        if parts.headers.contains_key(header::RANGE) {
+            // Partial responses are not cached; let the upstream handle ranges.
+            return self
+                .pass_through(parts.method, parts.headers, body, &target, Bypass::Method)
+                .await;
+        }
+
+        // 2. Look up: the primary key, then the variant its Vary names.
+        let primary = target.primary_key(&rule.key_headers, &parts.headers);
+        let mut cache_trouble = None;
+        let mut stored: Option<(StoreKey, Entry)> = None;
+        if policy.lookup {
+            let found = self.cache.get(&primary).await;
+            cache_trouble = found.error.map(|e| e.to_string());
+            match found.record {
+                Some(Record::Entry(e)) => stored = Some((primary.clone(), e)),
+                Some(Record::VaryIndex(v)) => {
+                    let variant = key::variant_key(&primary, &v.headers, &parts.headers);
+                    let found = self.cache.get(&variant).await;
+                    cache_trouble = cache_trouble.or(found.error.map(|e| e.to_string()));
+                    if let Some(Record::Entry(e)) = found.record {
+                        stored = Some((variant, e));
+                    }
+                }
+                None => {}
+            }
+        }
+        if let Some(t) = &cache_trouble {
+            tracing::warn!(backend = self.cache.backend_name(), error = %t, "cache lookup failed; treating as a miss");
+        }
+
+        let now = now_millis();
+        let head = parts.method == Method::HEAD;
+        if let Some((_, entry)) = &stored {
+            // 3. Fresh hit.
+            if entry.is_fresh(now) {
+                let ttl = entry.fresh_secs_left(now);
+                return self.respond_from_entry(
+                    entry,
+                    &rule,
+                    &parts.headers,
+                    head,
+                    Outcome::new("HIT", format!("hit; ttl={ttl}")),
+                );
+            }
+            // 4. Stale, within stale-while-revalidate: answer stale, refresh once.
+            if now < entry.stale_while_revalidate_until {
+                let refresh = self.start_refresh(
+                    &primary,
+                    &target,
+                    &parts.headers,
+                    &rule,
+                    policy,
+                    entry.clone(),
+                );
+                let detail = match (refresh, self.mode) {
+                    (Refresh::Spawned, _) => "stale-while-revalidate; background refresh",
+                    (Refresh::AlreadyRunning, _) => "stale-while-revalidate; refresh in progress",
+                    (Refresh::Inline, _) => "",
+                };
+                if refresh != Refresh::Inline {
+                    let age = (now - entry.fresh_until) / 1000;
+                    return self.respond_from_entry(
+                        entry,
+                        &rule,
+                        &parts.headers,
+                        head,
+                        Outcome::new("STALE", format!("hit; ttl=-{age}; detail=\"{detail}\"")),
+                    );
+                }
+            }
+        }
+
+        // 5. Miss, expired, or the Lambda-mode refresh winner: go upstream
+        // (once per key in this process), revalidating what we have.
+        let fwd = if stored.is_some() {
+            "stale"
+        } else if cache_trouble.is_some() {
+            "miss"
+        } else {
+            "uri-miss"
+        };
+        let fetched = self
+            .fetch_coalesced(
+                &primary,
+                &target,
+                &parts.method,
+                &parts.headers,
+                &rule,
+                policy,
+                stored.map(|(_, e)| e),
+                fwd,
+                cache_trouble.is_some(),
+            )
+            .await;
+        match fetched {
+            Ok(Fetched::Entry(entry, outcome)) => {
+                self.respond_from_entry(&entry, &rule, &parts.headers, head, outcome)
+            }
+            Ok(Fetched::Relay(resp, outcome)) => relay(resp, outcome, head),
+            Err(e) => {
+                tracing::warn!(error = %e, path = %target.path_and_query, "upstream failed");
+                json_error(e.status(), e.code(), &e.to_string())
+            }
+        }
+    }
+
+    /// Requests that do not use the cache: forwarded as they are. A
+    /// successful unsafe method invalidates what is cached for its URL
+    /// (RFC 9111 §4.4).
+    async fn pass_through(
+        self: &Arc<Self>,
+        method: Method,
+        mut headers: HeaderMap,
+        body: Bytes,
+        target: &Target,
+        why: Bypass,
+    ) -> Response<Bytes> {
+        prepare_request_headers(&mut headers);
+        let unsafe_method = !matches!(
+            method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        );
+        let head = method == Method::HEAD;
+        match self
+            .upstream
+            .send(method, target.url.clone(), headers, body)
+            .await
+        {
+            Ok(resp) => {
+                if unsafe_method && (resp.status.is_success() || resp.status.is_redirection()) {
+                    if let Err(e) = self.cache.purge_tag(&target.url_tag()).await {
+                        tracing::warn!(error = %e, "invalidation after {} failed", why.as_str());
+                    }
+                }
+                let outcome = Outcome::new(
+                    "BYPASS",
+                    format!(
+                        "fwd=bypass; fwd-status={}; detail={}",
+                        resp.status.as_u16(),
+                        why.as_str()
+                    ),
+                );
+                relay(resp, outcome, head)
+            }
+            Err(e) => json_error(e.status(), e.code(), &e.to_string()),
+        }
+    }
+
+    /// Kick off a stale-while-revalidate refresh. In serve mode it runs in
+    /// the background; in Lambda mode the caller that wins does it inline.
+    fn start_refresh(
+        self: &Arc<Self>,
+        primary: &StoreKey,
+        target: &Target,
+        headers: &HeaderMap,
+        rule: &Arc<Rule>,
+        policy: RequestPolicy,
+        stale: Entry,
+    ) -> Refresh {
+        if self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(primary)
+        {
+            return Refresh::AlreadyRunning;
+        }
+        if self.mode == Mode::Lambda {
+            return Refresh::Inline;
+        }
+        let (this, primary, target, headers, rule) = (
+            self.clone(),
+            primary.clone(),
+            target.clone(),
+            headers.clone(),
+            rule.clone(),
+        );
+        tokio::spawn(async move {
+            let r = this
+                .fetch_coalesced(
+                    &primary,
+                    &target,
+                    &Method::GET,
+                    &headers,
+                    &rule,
+                    policy,
+                    Some(stale),
+                    "stale",
+                    false,
+                )
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, path = %target.path_and_query, "background refresh failed");
+            }
+        });
+        Refresh::Spawned
+    }
+
+    /// One upstream call per primary key at a time in this process: the
+    /// first caller fetches, later ones wait (bounded) and take its entry
+    /// if it was stored and matches their `Vary` variant.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_coalesced(
+        &self,
+        primary: &StoreKey,
+        target: &Target,
+        method: &Method,
+        headers: &HeaderMap,
+        rule: &Rule,
+        policy: RequestPolicy,
+        stale: Option<Entry>,
+        fwd: &str,
+        cache_down: bool,
+    ) -> Result<Fetched, UpstreamError> {
+        let fallback_stale = stale.clone();
+        let role = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            match inflight.get(primary) {
+                Some(rx) => Err(rx.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(primary.clone(), rx);
+                    Ok(tx)
+                }
+            }
+        };
+        let mut rx = match role {
+            Ok(tx) => {
+                let leader = LeaderGuard {
+                    proxy: self,
+                    key: primary,
+                    tx,
+                };
+                let result = self
+                    .fetch(
+                        primary, target, method, headers, rule, policy, stale, fwd, cache_down,
+                    )
+                    .await;
+                let share = match &result {
+                    Ok(Fetched::Entry(entry, _)) => {
+                        let vary = key::vary_names(&header_map_of(entry));
+                        let stored_under = match &vary {
+                            Some(v) if !v.is_empty() => key::variant_key(primary, v, headers),
+                            _ => primary.clone(),
+                        };
+                        Some((entry.clone(), vary, stored_under))
+                    }
+                    _ => None,
+                };
+                leader.finish(share);
+                return result;
+            }
+            Err(rx) => rx,
+        };
+        let shared = tokio::time::timeout(self.coalesce_wait, async {
+            rx.wait_for(|v| v.is_some()).await.map(|v| v.clone())
+        })
+        .await;
+        if let Ok(Ok(Some(Some((entry, vary, stored_under))))) = shared {
+            let mine = match &vary {
+                Some(v) if !v.is_empty() => key::variant_key(primary, v, headers),
+                _ => primary.clone(),
+            };
+            if mine == stored_under {
+                return Ok(Fetched::Entry(
+                    entry,
+                    Outcome::new("MISS", format!("fwd={fwd}; collapsed")),
+                ));
+            }
+        }
+        // Not shareable, another variant, or the leader took too long.
+        self.fetch(
+            primary,
+            target,
+            method,
+            headers,
+            rule,
+            policy,
+            fallback_stale,
+            fwd,
+            cache_down,
+        )
+        .await
+    }
+
+    /// Call the upstream (conditionally if we hold a stale entry with
+    /// validators) and store what may be stored.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch(
+        &self,
+        primary: &StoreKey,
+        target: &Target,
+        method: &Method,
+        client_headers: &HeaderMap,
+        rule: &Rule,
+        policy: RequestPolicy,
+        stale: Option<Entry>,
+        fwd: &str,
+        cache_down: bool,
+    ) -> Result<Fetched, UpstreamError> {
+        let mut headers = client_headers.clone();
+        prepare_request_headers(&mut headers);
+        // We answer the client's conditionals ourselves; upstream gets ours.
+        for h in [
+            header::IF_NONE_MATCH,
+            header::IF_MODIFIED_SINCE,
+            header::IF_MATCH,
+            header::IF_UNMODIFIED_SINCE,
+            header::IF_RANGE,
+        ] {
+            headers.remove(h);
+        }
+        if let Some(s) = &stale {
+            if let Some(etag) = s
+                .header("etag")
+                .and_then(|v| HeaderValue::from_bytes(v).ok())
+            {
+                headers.insert(header::IF_NONE_MATCH, etag);
+            } else if let Some(lm) = s
+                .header("last-modified")
+                .and_then(|v| HeaderValue::from_bytes(v).ok())
+            {
+                headers.insert(header::IF_MODIFIED_SINCE, lm);
+            }
+        }
+        let request_time = now_millis();
+        let sent = self
+            .upstream
+            .send(method.clone(), target.url.clone(), headers, Bytes::new())
+            .await;
+        let response_time = now_millis();
+        let detail = if cache_down {
+            "; detail=cache-unavailable"
+        } else {
+            ""
+        };
+
+        let resp = match sent {
+            Ok(r) if !r.status.is_server_error() => r,
+            // 6. Upstream failed: a stale entry within stale-if-error answers.
+            failed => {
+                if let Some(s) = stale.filter(|s| response_time < s.stale_if_error_until) {
+                    let what = match &failed {
+                        Ok(r) => format!("fwd-status={}", r.status.as_u16()),
+                        Err(e) => format!("detail=\"{}\"", e.code()),
+                    };
+                    let age = response_time.saturating_sub(s.fresh_until) / 1000;
+                    return Ok(Fetched::Entry(
+                        Arc::new(s),
+                        Outcome::new(
+                            "STALE",
+                            format!("fwd=stale; {what}; ttl=-{age}; detail=stale-if-error"),
+                        ),
+                    ));
+                }
+                let r = failed?;
+                let outcome = Outcome::new(
+                    "MISS",
+                    format!("fwd={fwd}; fwd-status={}{detail}", r.status.as_u16()),
+                );
+                return Ok(Fetched::Relay(r, outcome));
+            }
+        };
+
+        // A 304 to our conditional request refreshes the stale entry (RFC 9111 §4.3.4).
+        let (status, resp_headers, body, revalidated) = match (resp.status, stale) {
+            (StatusCode::NOT_MODIFIED, Some(s)) => {
+                let mut merged = header_map_of(&s);
+                for (name, value) in resp.headers.iter() {
+                    if name != header::CONTENT_LENGTH {
+                        merged.insert(name.clone(), value.clone());
+                    }
+                }
+                (
+                    StatusCode::from_u16(s.status).unwrap_or(StatusCode::OK),
+                    merged,
+                    s.body.clone(),
+                    true,
+                )
+            }
+            _ => (resp.status, resp.headers.clone(), resp.body.clone(), false),
+        };
+
+        let storable = if *method == Method::HEAD {
+            Err(NotStorable::Head)
+        } else if !policy.store {
+            Err(NotStorable::ClientNoStore)
+        } else {
+            policy::response_policy(
+                ResponseFacts {
+                    status,
+                    headers: &resp_headers,
+                    body_len: body.len(),
+                    request_time,
+                    response_time,
+                },
+                rule,
+            )
+        };
+        let fwd_status = resp.status.as_u16();
+        let freshness = match storable {
+            Ok(f) => f,
+            Err(why) => {
+                let outcome = Outcome::new(
+                    "MISS",
+                    format!(
+                        "fwd={fwd}; fwd-status={fwd_status}; detail={}",
+                        why.as_str()
+                    ),
+                );
+                return Ok(Fetched::Relay(
+                    UpstreamResponse {
+                        status,
+                        headers: resp_headers,
+                        body,
+                    },
+                    outcome,
+                ));
+            }
+        };
+
+        let mut tags = rule.tags.clone();
+        tags.push(target.url_tag());
+        let entry = Entry {
+            status: status.as_u16(),
+            headers: stored_headers(&resp_headers, freshness.strip_set_cookie),
+            body,
+            born_at: freshness.born_at,
+            stored_at: response_time,
+            fresh_until: freshness.fresh_until,
+            stale_while_revalidate_until: freshness.stale_while_revalidate_until,
+            stale_if_error_until: freshness.stale_if_error_until,
+            tags,
+        };
+        let vary = key::vary_names(&resp_headers).unwrap_or_default();
+        let stored = self.store(primary, &vary, client_headers, &entry).await;
+        let x_cache = if revalidated { "HIT" } else { "MISS" };
+        let stored_param = if stored { "; stored" } else { "" };
+        let outcome = Outcome::new(
+            x_cache,
+            format!("fwd={fwd}; fwd-status={fwd_status}{stored_param}{detail}"),
+        );
+        Ok(Fetched::Entry(Arc::new(entry), outcome))
+    }
+
+    /// Write the entry (and a Vary index when it varies). Failures are
+    /// logged and counted; the response goes out regardless.
+    async fn store(
+        &self,
+        primary: &StoreKey,
+        vary: &[String],
+        client_headers: &HeaderMap,
+        entry: &Entry,
+    ) -> bool {
+        let key = if vary.is_empty() {
+            primary.clone()
+        } else {
+            let index = Record::VaryIndex(VaryIndex {
+                headers: vary.to_vec(),
+                expires_at: entry.expires_at(),
+            });
+            if let Err(e) = self.cache.put(primary, &index).await {
+                tracing::warn!(error = %e, "storing the Vary index failed");
+                return false;
+            }
+            key::variant_key(primary, vary, client_headers)
+        };
+        match self.cache.put(&key, &Record::Entry(entry.clone())).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "storing the response failed; served without caching");
+                false
+            }
+        }
+    }
+
+    /// Build the client response from an entry: conditional requests
+    /// answered with 304, `Age`, the edge `Cache-Control`, cache status.
+    fn respond_from_entry(
+        &self,
+        entry: &Entry,
+        rule: &Rule,
+        req_headers: &HeaderMap,
+        head: bool,
+        outcome: Outcome,
+    ) -> Response<Bytes> {
+        let now = now_millis();
+        let mut headers = header_map_of(entry);
+        headers.insert(header::AGE, HeaderValue::from(entry.age_secs(now)));
+        let cc = policy::edge_cache_control(entry.fresh_secs_left(now), rule);
+        headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_str(&cc).expect("ASCII"),
+        );
+        let not_modified = entry.status == 200 && not_modified(req_headers, entry);
+        let status = if not_modified {
+            StatusCode::NOT_MODIFIED
+        } else {
+            StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK)
+        };
+        let body = if head || not_modified {
+            Bytes::new()
+        } else {
+            entry.body.clone()
+        };
+        if head || not_modified {
+            // Describe the representation, not the empty body we send.
+            if !not_modified {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
+            }
+        }
+        if not_modified {
+            for h in [
+                header::CONTENT_TYPE,
+                header::CONTENT_LENGTH,
+                header::CONTENT_ENCODING,
+            ] {
+                headers.remove(h);
+            }
+        }
+        build(status, headers, body, &outcome)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refresh {
+    Spawned,
+    AlreadyRunning,
+    Inline,
+}
+
+/// Removes the in-flight marker however the leader ends (even if its
+/// future is dropped), so waiters never wait on a fetch nobody runs.
+struct LeaderGuard<'a> {
+    proxy: &'a Proxy,
+    key: &'a StoreKey,
+    tx: watch::Sender<Option<Shared>>,
+}
+
+impl LeaderGuard<'_> {
+    fn finish(self, share: Shared) {
+        let _ = self.tx.send(Some(share));
+    }
+}
+
+impl Drop for LeaderGuard<'_> {
+    fn drop(&mut self) {
+        self.proxy
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(self.key);
+        // A leader dropped mid-fetch releases waiters with nothing to share.
+        self.tx.send_if_modified(|v| {
+            if v.is_none() {
+                *v = Some(None);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// Headers kept with an entry: not hop-by-hop, not `Age` (recomputed), not
+/// `Set-Cookie` when the response is stored without it, not
+/// `Content-Length` (the body is its own length).
+fn stored_headers(headers: &HeaderMap, strip_set_cookie: bool) -> Vec<(String, Bytes)> {
+    headers
+        .iter()
+        .filter(|(n, _)| {
+            *n != header::AGE
+                && *n != header::CONTENT_LENGTH
+                && !(strip_set_cookie && *n == header::SET_COOKIE)
+        })
+        .map(|(n, v)| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
+        .collect()
+}
+
+fn header_map_of(entry: &Entry) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(entry.headers.len() + 4);
+    for (n, v) in &entry.headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(n.as_bytes()),
+            HeaderValue::from_maybe_shared(v.clone()),
+        ) {
+            h.append(n, v);
+        }
+    }
+    h
+}
+
+/// Headers of a request about to go upstream: no hop-by-hop headers, no
+/// `Host` (the upstream URL sets it), no `Content-Length` (the body does).
+fn prepare_request_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    headers.remove(header::CONTENT_LENGTH);
+}
+
+/// RFC 9110 §13.1.2 / §13.1.3: weak comparison for If-None-Match; If-Modified-Since
+/// only when there is no If-None-Match.
+fn not_modified(req: &HeaderMap, entry: &Entry) -> bool {
+    if let Some(inm) = req.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        let Some(etag) = entry
+            .header("etag")
+            .and_then(|v| std::str::from_utf8(v).ok())
+        else {
+            return false;
+        };
+        let weak = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+        return inm
+            .split(',')
+            .any(|t| t.trim() == "*" || weak(t) == weak(etag));
+    }
+    let ims = req
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok());
+    let lm = entry
+        .header("last-modified")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok());
+    matches!((ims, lm), (Some(ims), Some(lm)) if lm <= ims)
+}
+
+fn relay(resp: UpstreamResponse, outcome: Outcome, head: bool) -> Response<Bytes> {
+    let body = if head { Bytes::new() } else { resp.body };
+    let mut headers = resp.headers;
+    if head {
+        // Keep the upstream's Content-Length for HEAD; the body is empty by definition.
+    } else {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    build(resp.status, headers, body, &outcome)
+}
+
+fn build(
+    status: StatusCode,
+    mut headers: HeaderMap,
+    body: Bytes,
+    outcome: &Outcome,
+) -> Response<Bytes> {
+    headers.insert(
+        HeaderName::from_static("x-cache"),
+        HeaderValue::from_static(outcome.x_cache),
+    );
+    let cache_status = format!("cachegate; {}", outcome.status);
+    if let Ok(v) = HeaderValue::from_str(&cache_status) {
+        headers.insert(HeaderName::from_static("cache-status"), v);
+    }
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
+}
+
+/// A JSON error body: `{"error": {"status": 502, "code": "...", "message": "..."}}`.
+pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Bytes> {
+    let body = serde_json::json!({ "error": { "status": status.as_u16(), "code": code, "message": message } });
+    let mut resp = Response::new(Bytes::from(body.to_string()));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}

@@ -1,0 +1,273 @@
+//! Shared test harness: a real HTTP upstream on loopback whose answers are
+//! steered by the query string, and the built `cachegate serve` binary.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+
+/// What the upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Default)]
+pub struct UpstreamState {
+    pub seen: Mutex<Vec<Seen>>,
+    /// Answer every request with 503 while set.
+    pub failing: AtomicBool,
+    /// Requests answered (not counting those that saw `failing`).
+    pub answered: AtomicUsize,
+    /// Per-path bodies the test can change ("version 2" of a resource).
+    pub versions: Mutex<HashMap<String, String>>,
+}
+
+impl UpstreamState {
+    /// How many requests reached the upstream for `path` (any query).
+    pub fn hits(&self, path: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path_and_query.split('?').next() == Some(path))
+            .count()
+    }
+    pub fn last(&self, path: &str) -> Seen {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|s| s.path_and_query.split('?').next() == Some(path))
+            .cloned()
+            .expect("the upstream saw no request for the path")
+    }
+    pub fn set_version(&self, path: &str, v: &str) {
+        self.versions
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), v.to_owned());
+    }
+}
+
+pub struct TestUpstream {
+    pub url: String,
+    pub state: Arc<UpstreamState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The upstream answers according to its query parameters:
+/// `cc` Cache-Control, `status`, `delay_ms`, `etag` (and 304 on a matching
+/// If-None-Match), `lm` Last-Modified, `vary`, `set_cookie`, `bin` (N
+/// binary bytes), `surrogate` (Surrogate-Key). Otherwise it answers a
+/// ~1 KB JSON body naming the path, the version, the request count and the
+/// Accept-Language it saw.
+pub async fn upstream() -> TestUpstream {
+    let state = Arc::new(UpstreamState::default());
+    let app = axum::Router::new()
+        .fallback(answer)
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    TestUpstream {
+        url: format!("http://{addr}"),
+        state,
+        task,
+    }
+}
+
+async fn answer(State(state): State<Arc<UpstreamState>>, req: Request<Body>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    state.seen.lock().unwrap().push(Seen {
+        method: parts.method.to_string(),
+        path_and_query: pq.clone(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    let q: HashMap<String, String> =
+        form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    if let Some(ms) = q.get("delay_ms") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+    }
+    if state.failing.load(Ordering::SeqCst) {
+        return Response::builder()
+            .status(503)
+            .body(Body::from("upstream is down"))
+            .unwrap();
+    }
+    let n = state.answered.fetch_add(1, Ordering::SeqCst) + 1;
+    let mut resp = Response::builder().status(q.get("status").map_or(200, |s| s.parse().unwrap()));
+    let h = resp.headers_mut().unwrap();
+    let mut set = |name: &'static str, v: &str| {
+        h.append(name, HeaderValue::from_str(v).unwrap());
+    };
+    if let Some(v) = q.get("cc") {
+        set("cache-control", v);
+    }
+    if let Some(v) = q.get("vary") {
+        set("vary", v);
+    }
+    if let Some(v) = q.get("set_cookie") {
+        set("set-cookie", v);
+    }
+    if let Some(v) = q.get("lm") {
+        set("last-modified", v);
+    }
+    if let Some(v) = q.get("surrogate") {
+        set("surrogate-key", v);
+    }
+    set("x-upstream-header", "kept");
+    if let Some(etag) = q.get("etag") {
+        set("etag", etag);
+        if parts
+            .headers
+            .get("if-none-match")
+            .and_then(|v| v.to_str().ok())
+            == Some(etag.as_str())
+        {
+            return resp.status(304).body(Body::empty()).unwrap();
+        }
+    }
+    if let Some(n) = q.get("bin") {
+        let n: usize = n.parse().unwrap();
+        set("content-type", "application/octet-stream");
+        let bytes: Vec<u8> = (0..n).map(|i| (i * 7 % 256) as u8).collect();
+        return resp.body(Body::from(bytes)).unwrap();
+    }
+    let path = parts.uri.path().to_owned();
+    let version = state
+        .versions
+        .lock()
+        .unwrap()
+        .get(&path)
+        .cloned()
+        .unwrap_or_else(|| "1".into());
+    let lang = parts
+        .headers
+        .get("accept-language")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    set("content-type", "application/json");
+    let padding = "x".repeat(800);
+    let json = serde_json::json!({"path": path, "version": version, "n": n, "lang": lang, "method": parts.method.as_str(), "padding": padding});
+    resp.body(Body::from(json.to_string())).unwrap()
+}
+
+/// A running `cachegate serve`; killed on drop.
+pub struct Cachegate {
+    child: Child,
+    pub addr: SocketAddr,
+    pub url: String,
+}
+
+impl Drop for Cachegate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start the built binary in front of `upstream_url` on the memory backend
+/// (unless `env` says otherwise), on a free port.
+pub fn cachegate(upstream_url: &str, env: &[(&str, &str)]) -> Cachegate {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachegate"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .env("CACHEGATE_UPSTREAM__URL", upstream_url)
+        .env("CACHEGATE_BACKEND", "memory")
+        .env("RUST_LOG", "warn")
+        // Run from an empty directory so no config/cachegate.toml is picked up.
+        .current_dir(std::env::temp_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("start cachegate");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("cachegate listening on ")
+        .unwrap_or_else(|| panic!("cachegate did not start: {line:?}"))
+        .to_owned();
+    let addr = url.trim_start_matches("http://").parse().unwrap();
+    Cachegate { child, addr, url }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Response parts tests look at.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn x_cache(&self) -> &str {
+        self.headers
+            .get("x-cache")
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {:?}", self.body))
+    }
+}
+
+pub async fn send(req: reqwest::RequestBuilder) -> Got {
+    let r = req.send().await.expect("request to cachegate");
+    Got {
+        status: r.status(),
+        headers: r.headers().clone(),
+        body: r.bytes().await.unwrap(),
+    }
+}
+
+pub async fn get(url: &str) -> Got {
+    send(client().get(url)).await
+}

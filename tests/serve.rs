@@ -1,0 +1,469 @@
+//! End-to-end: the built `cachegate serve` on the memory backend in front
+//! of a real HTTP upstream on loopback.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{cachegate, client, get, send, upstream};
+
+const CACHEABLE: &str = "cc=max-age%3D60";
+
+#[tokio::test]
+async fn miss_then_hit_with_cache_headers() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[]);
+    let url = format!("{}/items/1?{CACHEABLE}", cg.url);
+    let first = get(&url).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.x_cache(), "MISS");
+    assert!(
+        first.header("cache-status").contains("fwd=uri-miss"),
+        "{}",
+        first.header("cache-status")
+    );
+    assert!(first.header("cache-status").contains("stored"));
+    let second = get(&url).await;
+    assert_eq!(second.x_cache(), "HIT");
+    assert_eq!(second.body, first.body);
+    assert!(second
+        .header("cache-status")
+        .starts_with("cachegate; hit; ttl="));
+    assert_eq!(second.header("x-upstream-header"), "kept");
+    assert_eq!(second.header("content-type"), "application/json");
+    let cc = second.header("cache-control");
+    assert!(cc.starts_with("public, max-age="), "{cc}");
+    let s_maxage: u64 = cc.rsplit("s-maxage=").next().unwrap().parse().unwrap();
+    assert!(s_maxage <= 60, "edge promised {s_maxage}s of a 60s entry");
+    let age: u64 = second.header("age").parse().unwrap();
+    assert!(age <= 2);
+    assert_eq!(up.state.hits("/items/1"), 1);
+}
+
+#[tokio::test]
+async fn unstorable_responses_are_never_served_to_another_request() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[("CACHEGATE_CACHE__DEFAULT_TTL", "60s")]);
+    for (path, query, why) in [
+        ("/no-store", "cc=no-store%2C%20max-age%3D60", "no-store"),
+        ("/private", "cc=private%2C%20max-age%3D60", "private"),
+        (
+            "/cookie",
+            "cc=max-age%3D60&set_cookie=session%3Dalice",
+            "set-cookie",
+        ),
+    ] {
+        let url = format!("{}{path}?{query}", cg.url);
+        let a = get(&url).await;
+        let b = get(&url).await;
+        assert_eq!(a.x_cache(), "MISS", "{path}");
+        assert_eq!(b.x_cache(), "MISS", "{path} was served from cache");
+        assert!(
+            b.header("cache-status").contains(why),
+            "{path}: {}",
+            b.header("cache-status")
+        );
+        assert_ne!(
+            a.json()["n"],
+            b.json()["n"],
+            "{path}: same upstream answer twice"
+        );
+        assert_eq!(up.state.hits(path), 2, "{path}");
+        // The upstream's own Cache-Control goes out unchanged: the edge must not share it either.
+        if path != "/cookie" {
+            assert!(
+                b.header("cache-control").contains(why),
+                "{path}: {}",
+                b.header("cache-control")
+            );
+        }
+    }
+    // The cookie reached each client that caused a fetch.
+    let c = get(&format!(
+        "{}/cookie?cc=max-age%3D60&set_cookie=session%3Dalice",
+        cg.url
+    ))
+    .await;
+    assert_eq!(c.header("set-cookie"), "session=alice");
+}
+
+#[tokio::test]
+async fn authorization_bypasses_unless_the_route_keys_on_it() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[]);
+    let url = format!("{}/me?{CACHEABLE}", cg.url);
+    let alice = send(client().get(&url).header("authorization", "Bearer alice")).await;
+    assert_eq!(alice.x_cache(), "BYPASS");
+    assert!(alice
+        .header("cache-status")
+        .contains("detail=authorization"));
+    assert_eq!(
+        up.state.last("/me").headers["authorization"],
+        "Bearer alice"
+    );
+    // Nothing Alice fetched is served to an anonymous request...
+    let anon = get(&url).await;
+    assert_eq!(anon.x_cache(), "MISS");
+    // ...and what is cached for anonymous requests is not served to Bob.
+    let bob = send(client().get(&url).header("authorization", "Bearer bob")).await;
+    assert_eq!(bob.x_cache(), "BYPASS");
+    assert_eq!(up.state.hits("/me"), 3);
+
+    // A route keyed on Authorization caches per credential, private at the edge.
+    let keyed = cachegate(
+        &up.url,
+        &[(
+            "CACHEGATE_ROUTES",
+            "[{path=\"/mine\", key_headers=[\"authorization\"]}]",
+        )],
+    );
+    let url = format!("{}/mine?{CACHEABLE}", keyed.url);
+    let a1 = send(client().get(&url).header("authorization", "Bearer alice")).await;
+    let b1 = send(client().get(&url).header("authorization", "Bearer bob")).await;
+    let a2 = send(client().get(&url).header("authorization", "Bearer alice")).await;
+    let anon = get(&url).await;
+    assert_eq!(
+        (a1.x_cache(), b1.x_cache(), a2.x_cache(), anon.x_cache()),
+        ("MISS", "MISS", "HIT", "MISS")
+    );
+    assert_eq!(a2.body, a1.body);
+    assert_ne!(b1.json()["n"], a1.json()["n"]);
+    assert!(
+        a2.header("cache-control").starts_with("private"),
+        "{}",
+        a2.header("cache-control")
+    );
+}
+
+#[tokio::test]
+async fn vary_keeps_variants_apart() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[]);
+    let url = format!("{}/greeting?{CACHEABLE}&vary=Accept-Language", cg.url);
+    let c = client();
+    let en = send(c.get(&url).header("accept-language", "en")).await;
+    let fr = send(c.get(&url).header("accept-language", "fr")).await;
+    let en2 = send(c.get(&url).header("accept-language", "en")).await;
+    let fr2 = send(c.get(&url).header("accept-language", "fr")).await;
+    let none = send(c.get(&url)).await;
+    assert_eq!(
+        (
+            en.x_cache(),
+            fr.x_cache(),
+            en2.x_cache(),
+            fr2.x_cache(),
+            none.x_cache()
+        ),
+        ("MISS", "MISS", "HIT", "HIT", "MISS")
+    );
+    assert_eq!(en2.json()["lang"], "en");
+    assert_eq!(fr2.json()["lang"], "fr");
+    assert_eq!(none.json()["lang"], "");
+    assert_eq!(up.state.hits("/greeting"), 3);
+}
+
+#[tokio::test]
+async fn head_is_served_from_the_get_entry_and_not_stored_on_its_own() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[]);
+    let url = format!("{}/h?{CACHEABLE}", cg.url);
+    let cold = send(client().head(&url)).await;
+    assert_eq!(cold.x_cache(), "MISS");
+    assert!(cold.body.is_empty());
+    assert_eq!(up.state.last("/h").method, "HEAD");
+    let get1 = get(&url).await;
+    assert_eq!(
+        get1.x_cache(),
+        "MISS",
+        "a HEAD response was stored as the GET entry"
+    );
+    let head = send(client().head(&url)).await;
+    assert_eq!(head.x_cache(), "HIT");
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-length"), get1.body.len().to_string());
+    assert_eq!(up.state.hits("/h"), 2);
+}
+
+#[tokio::test]
+async fn conditional_requests_get_304_from_a_fresh_entry() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[]);
+    let url = format!("{}/etag?{CACHEABLE}&etag=%22v1%22", cg.url);
+    let first = get(&url).await;
+    assert_eq!(first.header("etag"), "\"v1\"");
+    let nm = send(client().get(&url).header("if-none-match", "\"v1\"")).await;
+    assert_eq!(nm.status, 304);
+    assert_eq!(nm.x_cache(), "HIT");
+    assert!(nm.body.is_empty());
+    let weak = send(
+        client()
+            .get(&url)
+            .header("if-none-match", "W/\"v1\", \"other\""),
+    )
+    .await;
+    assert_eq!(weak.status, 304);
+    let other = send(client().get(&url).header("if-none-match", "\"v0\"")).await;
+    assert_eq!(other.status, 200);
+    assert_eq!(other.body, first.body);
+    assert_eq!(up.state.hits("/etag"), 1);
+    // The client's validators never reached the upstream in place of ours.
+    assert!(up
+        .state
+        .last("/etag")
+        .headers
+        .get("if-none-match")
+        .is_none());
+}
+
+#[tokio::test]
+async fn stale_entries_are_revalidated_with_their_validator() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[]);
+    let url = format!("{}/reval?cc=max-age%3D1&etag=%22r1%22", cg.url);
+    let first = get(&url).await;
+    assert_eq!(first.x_cache(), "MISS");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let second = get(&url).await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.body, first.body, "revalidated entry lost its body");
+    assert!(
+        second
+            .header("cache-status")
+            .contains("fwd=stale; fwd-status=304"),
+        "{}",
+        second.header("cache-status")
+    );
+    assert_eq!(up.state.last("/reval").headers["if-none-match"], "\"r1\"");
+    // The 304 refreshed the entry: fresh again, no upstream call.
+    let third = get(&url).await;
+    assert_eq!(third.x_cache(), "HIT");
+    assert_eq!(up.state.hits("/reval"), 2);
+}
+
+#[tokio::test]
+async fn upstream_failures_are_clear_json_errors() {
+    // Nothing listens on this port: connection refused.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let cg = cachegate(&format!("http://127.0.0.1:{port}"), &[]);
+    let r = get(&format!("{}/x", cg.url)).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("content-type"), "application/json");
+    assert_eq!(r.json()["error"]["code"], "upstream_unreachable");
+
+    let up = upstream().await;
+    let slow = cachegate(&up.url, &[("CACHEGATE_UPSTREAM__TIMEOUT", "300ms")]);
+    let r = get(&format!("{}/slow?delay_ms=2000", slow.url)).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.json()["error"]["code"], "upstream_timeout");
+}
+
+#[tokio::test]
+async fn stale_if_error_answers_when_the_upstream_fails() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[]);
+    let url = format!("{}/sie?cc=max-age%3D1%2C%20stale-if-error%3D60", cg.url);
+    let first = get(&url).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    up.state
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let stale = get(&url).await;
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.x_cache(), "STALE");
+    assert_eq!(stale.body, first.body);
+    assert!(stale.header("cache-status").contains("stale-if-error"));
+    assert!(
+        stale.header("cache-control").contains("s-maxage=0"),
+        "a stale answer promised freshness"
+    );
+
+    // Past the window: the upstream's failure is relayed.
+    let url = format!(
+        "{}/sie-short?cc=max-age%3D1%2C%20stale-if-error%3D1",
+        cg.url
+    );
+    up.state
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    get(&url).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    up.state
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = get(&url).await;
+    assert_eq!(failed.status, 503);
+    assert_eq!(failed.x_cache(), "MISS");
+}
+
+#[tokio::test]
+async fn unsafe_methods_pass_through_and_invalidate() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[]);
+    let url = format!("{}/things/1?{CACHEABLE}", cg.url);
+    assert_eq!(get(&url).await.x_cache(), "MISS");
+    assert_eq!(get(&url).await.x_cache(), "HIT");
+    let post = send(
+        client()
+            .post(&url)
+            .header("content-type", "text/plain")
+            .body("new body"),
+    )
+    .await;
+    assert_eq!(post.x_cache(), "BYPASS");
+    let seen = up.state.last("/things/1");
+    assert_eq!(seen.method, "POST");
+    assert_eq!(&seen.body[..], b"new body");
+    assert_eq!(
+        get(&url).await.x_cache(),
+        "MISS",
+        "POST did not invalidate the cached GET"
+    );
+    for method in ["PUT", "PATCH", "DELETE", "OPTIONS"] {
+        let r = send(client().request(method.parse().unwrap(), &url)).await;
+        assert_eq!(r.x_cache(), "BYPASS", "{method}");
+        assert_eq!(up.state.last("/things/1").method, method);
+    }
+}
+
+#[tokio::test]
+async fn the_proxy_is_faithful() {
+    let up = upstream().await;
+    let cg = cachegate(&format!("{}/base", up.url), &[]);
+    let r = send(
+        client()
+            .get(format!("{}/a/b?z=1&a=2", cg.url))
+            .header("x-custom", "one")
+            .header("connection", "x-hop")
+            .header("x-hop", "dropped")
+            .header("host", "evil.example"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let seen = up.state.last("/base/a/b");
+    assert_eq!(seen.path_and_query, "/base/a/b?a=2&z=1");
+    assert_eq!(seen.headers["x-custom"], "one");
+    assert!(
+        seen.headers.get("x-hop").is_none(),
+        "hop-by-hop header forwarded"
+    );
+    assert_ne!(seen.headers["host"], "evil.example");
+    // Status codes are relayed, redirects not followed.
+    let r = get(&format!("{}/gone?status=410", cg.url)).await;
+    assert_eq!(r.status, 410);
+    let r = get(&format!("{}/moved?status=302", cg.url)).await;
+    assert_eq!(r.status, 302);
+}
+
+#[tokio::test]
+async fn binary_bodies_round_trip() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[]);
+    let url = format!("{}/blob?{CACHEABLE}&bin=300000", cg.url);
+    let a = get(&url).await;
+    let b = get(&url).await;
+    assert_eq!(b.x_cache(), "HIT");
+    assert_eq!(a.body.len(), 300_000);
+    assert_eq!(a.body, b.body);
+    assert!(a
+        .body
+        .iter()
+        .enumerate()
+        .all(|(i, &x)| x == (i * 7 % 256) as u8));
+    // Binary request bodies are forwarded intact.
+    let payload: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    send(
+        client()
+            .put(format!("{}/upload", cg.url))
+            .body(payload.clone()),
+    )
+    .await;
+    assert_eq!(&up.state.last("/upload").body[..], &payload[..]);
+}
+
+#[tokio::test]
+async fn concurrent_misses_share_one_upstream_call() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[]);
+    let url = format!("{}/stampede?{CACHEABLE}&delay_ms=300", cg.url);
+    let c = client();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| tokio::spawn(common::send(c.get(&url))))
+        .collect();
+    let mut bodies = Vec::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200);
+        bodies.push(r.body);
+    }
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(up.state.hits("/stampede"), 1);
+}
+
+#[tokio::test]
+async fn default_ttl_enables_caching_of_responses_without_freshness() {
+    let up = upstream().await;
+    let plain = cachegate(&up.url, &[]);
+    let url = format!("{}/plain", plain.url);
+    assert_eq!(get(&url).await.x_cache(), "MISS");
+    assert_eq!(
+        get(&url).await.x_cache(),
+        "MISS",
+        "cached without freshness information"
+    );
+    let with_ttl = cachegate(&up.url, &[("CACHEGATE_CACHE__DEFAULT_TTL", "30s")]);
+    let url = format!("{}/plain", with_ttl.url);
+    assert_eq!(get(&url).await.x_cache(), "MISS");
+    assert_eq!(get(&url).await.x_cache(), "HIT");
+}
+
+#[tokio::test]
+async fn crafted_targets_cannot_escape_or_redirect() {
+    let up = upstream().await;
+    let cg = cachegate(&format!("{}/api", up.url), &[]);
+    // Absolute-form request target: scheme and authority are ignored.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(cg.addr).await.unwrap();
+    s.write_all(b"GET http://evil.example/steal HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    assert_eq!(up.state.last("/api/steal").path_and_query, "/api/steal");
+    // Dot segments cannot climb out of the base path.
+    let mut s = tokio::net::TcpStream::connect(cg.addr).await.unwrap();
+    s.write_all(b"GET /../../admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    assert_eq!(up.state.last("/api/admin").path_and_query, "/api/admin");
+    assert_eq!(up.state.hits("/admin"), 0);
+    // CONNECT is refused with a JSON error.
+    let mut s = tokio::net::TcpStream::connect(cg.addr).await.unwrap();
+    s.write_all(b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        head.starts_with("HTTP/1.1 405") || head.starts_with("HTTP/1.1 400"),
+        "{head}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_request_bodies_get_413_json() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[("CACHEGATE_SERVE__MAX_REQUEST_BYTES", "1KiB")]);
+    let r = send(
+        client()
+            .post(format!("{}/upload", cg.url))
+            .body(vec![0u8; 4096]),
+    )
+    .await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["error"]["code"], "request_too_large");
+    assert_eq!(up.state.hits("/upload"), 0);
+}
