@@ -214,3 +214,110 @@ impl CacheStore for GuardedStore {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryStore;
+    use std::sync::atomic::AtomicBool;
+
+    /// A memory store that can be made to hang, standing in for a backend
+    /// that accepts connections but never answers. (The real servers are
+    /// stopped and hung in each backend's own fault tests.)
+    #[derive(Debug)]
+    struct Hangable {
+        inner: MemoryStore,
+        hang: AtomicBool,
+        calls: AtomicU32,
+    }
+
+    #[async_trait]
+    impl CacheStore for Hangable {
+        fn capabilities(&self) -> &Capabilities {
+            self.inner.capabilities()
+        }
+        async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.hang.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            self.inner.get(key).await
+        }
+        async fn put(
+            &self,
+            key: &StoreKey,
+            value: Bytes,
+            opts: &PutOptions,
+        ) -> Result<(), StoreError> {
+            self.inner.put(key, value, opts).await
+        }
+        async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
+            self.inner.delete(key).await
+        }
+        async fn try_lock(
+            &self,
+            key: &StoreKey,
+            ttl: Duration,
+        ) -> Result<Option<LockToken>, StoreError> {
+            self.inner.try_lock(key, ttl).await
+        }
+        async fn unlock(&self, key: &StoreKey, token: &LockToken) -> Result<bool, StoreError> {
+            self.inner.unlock(key, token).await
+        }
+        async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError> {
+            self.inner.purge_tag(tag).await
+        }
+    }
+
+    #[tokio::test]
+    async fn breaker_opens_fails_fast_probes_and_closes() {
+        let backend = Arc::new(Hangable {
+            inner: MemoryStore::new(1 << 20, 1 << 16),
+            hang: AtomicBool::new(true),
+            calls: AtomicU32::new(0),
+        });
+        let config = GuardConfig {
+            read_timeout: Duration::from_millis(30),
+            write_timeout: Duration::from_millis(30),
+            failure_threshold: 3,
+            open_for: Duration::from_millis(200),
+            ..GuardConfig::default()
+        };
+        let guarded = GuardedStore::new(backend.clone(), config);
+        let key = StoreKey::hash("t", ["k"]);
+        for _ in 0..3 {
+            assert!(matches!(
+                guarded.get(&key).await,
+                Err(StoreError::Timeout { .. })
+            ));
+        }
+        assert_eq!(guarded.breaker_state(), BreakerState::Open);
+        // Open: no call reaches the backend, and none waits for a timeout.
+        let started = Instant::now();
+        for _ in 0..100 {
+            assert!(matches!(
+                guarded.get(&key).await,
+                Err(StoreError::CircuitOpen { .. })
+            ));
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(30),
+            "open breaker still waited"
+        );
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 3);
+        // After open_for, one probe goes through; it fails, the breaker re-opens.
+        tokio::time::sleep(Duration::from_millis(220)).await;
+        assert!(matches!(
+            guarded.get(&key).await,
+            Err(StoreError::Timeout { .. })
+        ));
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 4);
+        assert_eq!(guarded.breaker_state(), BreakerState::Open);
+        // The backend recovers: the next probe succeeds and closes the breaker.
+        backend.hang.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(220)).await;
+        assert!(guarded.get(&key).await.unwrap().is_none());
+        assert_eq!(guarded.breaker_state(), BreakerState::Closed);
+        assert!(guarded.get(&key).await.is_ok());
+    }
+}

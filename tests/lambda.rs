@@ -1,0 +1,107 @@
+//! The Lambda path: API Gateway HTTP API (v2) events, parsed by lambda_http
+//! exactly as the runtime does, through the same handler as `serve`, with a
+//! real HTTP upstream on loopback. (The runtime API itself is exercised
+//! under cargo-lambda's emulator in the deployment tests.)
+
+mod common;
+
+use std::sync::Arc;
+
+use figment::providers::{Format, Toml};
+use figment::Figment;
+use lambda_http::Body;
+
+use cachegate::config::Config;
+use cachegate::lambda::invoke;
+use cachegate::proxy::{Mode, Proxy};
+
+async fn proxy(upstream: &str) -> Arc<Proxy> {
+    let toml = format!("backend = \"memory\"\n[upstream]\nurl = \"{upstream}\"\n");
+    let config = Config::from_figment(Figment::new().merge(Toml::string(&toml))).unwrap();
+    cachegate::build_proxy(&config, Mode::Lambda).await.unwrap()
+}
+
+fn event(name: &str) -> lambda_http::Request {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    lambda_http::request::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn header<'a>(r: &'a http::Response<Body>, name: &str) -> &'a str {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap())
+        .unwrap_or("")
+}
+
+fn text(r: &http::Response<Body>) -> &str {
+    match r.body() {
+        Body::Text(s) => s,
+        other => panic!("expected a text body, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn v2_events_miss_then_hit_through_the_shared_handler() {
+    let up = common::upstream().await;
+    let p = proxy(&up.url).await;
+    let first = invoke(&p, event("apigw_v2_get.json")).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(header(&first, "x-cache"), "MISS");
+    let seen = up.state.last("/items/1");
+    assert_eq!(seen.path_and_query, "/items/1?a=1&b=2&cc=max-age%3D60");
+    assert_eq!(seen.headers["accept-language"], "en");
+    assert_eq!(seen.headers["cookie"], "theme=dark");
+    // JSON goes back as text, not base64.
+    let body: serde_json::Value = serde_json::from_str(text(&first)).unwrap();
+    assert_eq!(body["path"], "/items/1");
+
+    // Same query in another order: the same entry.
+    let second = invoke(&p, event("apigw_v2_head.json")).await;
+    assert_eq!(header(&second, "x-cache"), "HIT");
+    assert!(matches!(second.body(), Body::Empty));
+    let third = invoke(&p, event("apigw_v2_get.json")).await;
+    assert_eq!(header(&third, "x-cache"), "HIT");
+    assert_eq!(text(&third), text(&first));
+    assert_eq!(up.state.hits("/items/1"), 1);
+
+    // A request with credentials never sees the shared entry.
+    let auth = invoke(&p, event("apigw_v2_get_authorization.json")).await;
+    assert_eq!(header(&auth, "x-cache"), "BYPASS");
+    assert_eq!(up.state.hits("/items/1"), 2);
+}
+
+#[tokio::test]
+async fn binary_bodies_cross_the_lambda_boundary_intact() {
+    let up = common::upstream().await;
+    let p = proxy(&up.url).await;
+    // Request: a base64 event body arrives upstream as the raw bytes.
+    let post = invoke(&p, event("apigw_v2_post_binary.json")).await;
+    assert_eq!(header(&post, "x-cache"), "BYPASS");
+    let expected: Vec<u8> = (0..=255u8).cycle().take(1024).collect();
+    assert_eq!(&up.state.last("/upload").body[..], &expected[..]);
+    // Response: binary content is handed to lambda_http as Binary (it
+    // base64-encodes it for API Gateway), from the upstream and from cache.
+    for want in ["MISS", "HIT"] {
+        let r = invoke(&p, event("apigw_v2_get_binary.json")).await;
+        assert_eq!(header(&r, "x-cache"), want);
+        match r.body() {
+            Body::Binary(b) => {
+                assert_eq!(b.len(), 1000);
+                assert!(b.iter().enumerate().all(|(i, &x)| x == (i * 7 % 256) as u8));
+            }
+            other => panic!("expected a binary body, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn upstream_failure_in_lambda_is_a_json_502() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let p = proxy(&url).await;
+    let r = invoke(&p, event("apigw_v2_get.json")).await;
+    assert_eq!(r.status(), 502);
+    let body: serde_json::Value = serde_json::from_str(text(&r)).unwrap();
+    assert_eq!(body["error"]["code"], "upstream_unreachable");
+}
