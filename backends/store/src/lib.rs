@@ -12,6 +12,7 @@
 
 pub mod guard;
 pub mod key;
+pub mod lazy;
 pub mod memory;
 pub mod record;
 pub mod tiered;

@@ -1,0 +1,173 @@
+//! A backend that connects on first use and keeps retrying.
+//!
+//! If Redis or DynamoDB cannot be reached when the process starts, the
+//! proxy must still start: in Lambda, failing start-up would turn a cache
+//! outage into an API outage on every cold start. Until the connection is
+//! made, every operation fails at once (a miss for the proxy) and a new
+//! attempt is made at most every `retry_every`, by one caller at a time.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::{Mutex, OnceCell};
+
+use crate::{CacheStore, Capabilities, LockToken, PutOptions, StoreError, StoreKey};
+
+/// Makes a connected store, or says why it could not (no secrets in it).
+pub type Connect = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Arc<dyn CacheStore>, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+pub struct LazyStore {
+    caps: Capabilities,
+    connected: OnceCell<Arc<dyn CacheStore>>,
+    connect: Connect,
+    /// Serialises attempts and remembers when the last one failed.
+    last_failure: Mutex<Option<Instant>>,
+    retry_every: Duration,
+}
+
+impl fmt::Debug for LazyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LazyStore")
+            .field("backend", &self.caps.name)
+            .field("connected", &self.connected.initialized())
+            .finish()
+    }
+}
+
+impl LazyStore {
+    /// `caps` must be what the connected store will report.
+    pub fn new(caps: Capabilities, connect: Connect, retry_every: Duration) -> Self {
+        LazyStore {
+            caps,
+            connected: OnceCell::new(),
+            connect,
+            last_failure: Mutex::new(None),
+            retry_every,
+        }
+    }
+
+    async fn store(&self) -> Result<&Arc<dyn CacheStore>, StoreError> {
+        if let Some(s) = self.connected.get() {
+            return Ok(s);
+        }
+        let not_connected = |why: &str| StoreError::Backend {
+            backend: self.caps.name,
+            message: format!("not connected ({why})"),
+        };
+        // Another caller is connecting: do not queue behind it.
+        let Ok(mut last_failure) = self.last_failure.try_lock() else {
+            return Err(not_connected("connecting"));
+        };
+        if let Some(s) = self.connected.get() {
+            return Ok(s);
+        }
+        if last_failure.is_some_and(|t| t.elapsed() < self.retry_every) {
+            return Err(not_connected("waiting to retry"));
+        }
+        match (self.connect)().await {
+            Ok(store) => {
+                tracing::info!(backend = self.caps.name, "cache backend connected");
+                *last_failure = None;
+                let _ = self.connected.set(store);
+                Ok(self.connected.get().expect("just set"))
+            }
+            Err(why) => {
+                tracing::warn!(backend = self.caps.name, error = %why, retry_in = ?self.retry_every, "cache backend connect failed");
+                *last_failure = Some(Instant::now());
+                Err(not_connected(&why))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl CacheStore for LazyStore {
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+    async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
+        self.store().await?.get(key).await
+    }
+    async fn put(&self, key: &StoreKey, value: Bytes, opts: &PutOptions) -> Result<(), StoreError> {
+        self.store().await?.put(key, value, opts).await
+    }
+    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        self.store().await?.delete(key).await
+    }
+    async fn try_lock(
+        &self,
+        key: &StoreKey,
+        ttl: Duration,
+    ) -> Result<Option<LockToken>, StoreError> {
+        self.store().await?.try_lock(key, ttl).await
+    }
+    async fn unlock(&self, key: &StoreKey, token: &LockToken) -> Result<bool, StoreError> {
+        self.store().await?.unlock(key, token).await
+    }
+    async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError> {
+        self.store().await?.purge_tag(tag).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryStore;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+    #[tokio::test]
+    async fn fails_fast_until_connected_then_delegates() {
+        let reachable = Arc::new(AtomicBool::new(false));
+        let attempts = Arc::new(AtomicU32::new(0));
+        let memory = MemoryStore::new(1 << 20, 1 << 16);
+        let caps = memory.capabilities().clone();
+        let connect: Connect = {
+            let (reachable, attempts) = (reachable.clone(), attempts.clone());
+            Arc::new(move || {
+                let (reachable, attempts, memory) =
+                    (reachable.clone(), attempts.clone(), memory.clone());
+                Box::pin(async move {
+                    attempts.fetch_add(1, Ordering::SeqCst);
+                    if reachable.load(Ordering::SeqCst) {
+                        Ok(Arc::new(memory) as Arc<dyn CacheStore>)
+                    } else {
+                        Err("connection refused".to_string())
+                    }
+                })
+            })
+        };
+        let lazy = LazyStore::new(caps, connect, Duration::from_millis(100));
+        let key = StoreKey::hash("t", ["k"]);
+        assert!(lazy.get(&key).await.is_err());
+        // Within retry_every: no new attempt.
+        assert!(lazy.get(&key).await.is_err());
+        assert_eq!(attempts.load(Ordering::SeqCst), 1);
+        reachable.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert_eq!(lazy.get(&key).await.unwrap(), None);
+        lazy.put(
+            &key,
+            Bytes::from_static(b"v"),
+            &PutOptions {
+                expires_at: crate::now_millis() + 60_000,
+                tags: vec![],
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            lazy.get(&key).await.unwrap(),
+            Some(Bytes::from_static(b"v"))
+        );
+        assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    }
+}
