@@ -40,6 +40,8 @@ pub async fn build_proxy(config: &Config, mode: Mode) -> Result<Arc<Proxy>, Star
     let routes = routes::RouteTable::build(&config.routes, &config.cache)?;
     let cache = backend::build_cache(config).await?;
     let upstream = upstream::Upstream::new(&config.upstream)?;
+    // A fetch lock outlives the longest upstream call its holder can make.
+    let lock_ttl = config.upstream.timeout + std::time::Duration::from_secs(1);
     Ok(Arc::new(Proxy::new(
         base,
         routes,
@@ -47,5 +49,6 @@ pub async fn build_proxy(config: &Config, mode: Mode) -> Result<Arc<Proxy>, Star
         upstream,
         mode,
         config.cache.coalesce_wait,
+        lock_ttl,
     )))
 }

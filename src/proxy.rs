@@ -13,7 +13,7 @@ use reqwest::Url;
 use tokio::sync::watch;
 
 use cachegate_store::tiered::TieredCache;
-use cachegate_store::{now_millis, Entry, Record, StoreKey, VaryIndex};
+use cachegate_store::{now_millis, Entry, Record, StoreKey, UnixMillis, VaryIndex};
 
 use crate::key::{self, Target};
 use crate::policy::{self, Bypass, NotStorable, RequestPolicy, ResponseFacts};
@@ -42,6 +42,8 @@ pub struct Proxy {
     upstream: Upstream,
     mode: Mode,
     coalesce_wait: Duration,
+    /// How long a cross-instance fetch lock lives if its holder dies.
+    lock_ttl: Duration,
     /// Fetches in flight in this process, by primary key.
     inflight: Mutex<HashMap<StoreKey, watch::Receiver<Option<Shared>>>>,
 }
@@ -79,6 +81,7 @@ impl Proxy {
         upstream: Upstream,
         mode: Mode,
         coalesce_wait: Duration,
+        lock_ttl: Duration,
     ) -> Self {
         Proxy {
             base,
@@ -87,6 +90,7 @@ impl Proxy {
             upstream,
             mode,
             coalesce_wait,
+            lock_ttl,
             inflight: Mutex::default(),
         }
     }
@@ -134,102 +138,120 @@ impl Proxy {
 
         // 2. Look up: the primary key, then the variant its Vary names.
         let primary = target.primary_key(&rule.key_headers, &parts.headers);
-        let mut cache_trouble = None;
-        let mut stored: Option<(StoreKey, Entry)> = None;
-        if policy.lookup {
-            let found = self.cache.get(&primary).await;
-            cache_trouble = found.error.map(|e| e.to_string());
-            match found.record {
-                Some(Record::Entry(e)) => stored = Some((primary.clone(), e)),
-                Some(Record::VaryIndex(v)) => {
-                    let variant = key::variant_key(&primary, &v.headers, &parts.headers);
-                    let found = self.cache.get(&variant).await;
-                    cache_trouble = cache_trouble.or(found.error.map(|e| e.to_string()));
-                    if let Some(Record::Entry(e)) = found.record {
-                        stored = Some((variant, e));
-                    }
-                }
-                None => {}
-            }
-        }
-        if let Some(t) = &cache_trouble {
-            tracing::warn!(backend = self.cache.backend_name(), error = %t, "cache lookup failed; treating as a miss");
-        }
-
+        let (stored, cache_trouble) = if policy.lookup {
+            self.lookup(&primary, &parts.headers).await
+        } else {
+            (None, None)
+        };
         let now = now_millis();
         let head = parts.method == Method::HEAD;
-        if let Some((_, entry)) = &stored {
+        let miss = MissCtx {
+            fwd: match (&stored, &cache_trouble) {
+                (Some(_), _) => "stale",
+                (None, Some(_)) => "miss",
+                (None, None) => "uri-miss",
+            },
+            cache_down: cache_trouble.is_some(),
+            primary,
+            target,
+            method: parts.method,
+            headers: parts.headers,
+            rule,
+            policy,
+        };
+        let mut on_contention = OnContention::Wait;
+        if let Some(entry) = &stored {
             // 3. Fresh hit.
             if entry.is_fresh(now) {
                 let ttl = entry.fresh_secs_left(now);
-                return self.respond_from_entry(
-                    entry,
-                    &rule,
-                    &parts.headers,
-                    head,
-                    Outcome::new("HIT", format!("hit; ttl={ttl}")),
-                );
+                let outcome = Outcome::new("HIT", format!("hit; ttl={ttl}"));
+                return self.respond_from_entry(entry, &miss.rule, &miss.headers, head, outcome);
             }
-            // 4. Stale, within stale-while-revalidate: answer stale, refresh once.
+            // 4. Stale, within stale-while-revalidate: answer stale and let one
+            // request refresh: in the background in serve mode; inline in
+            // Lambda (nothing may run after the response), by the request
+            // that wins the refresh here and, with a shared store, the lock.
             if now < entry.stale_while_revalidate_until {
-                let refresh = self.start_refresh(
-                    &primary,
-                    &target,
-                    &parts.headers,
-                    &rule,
-                    policy,
-                    entry.clone(),
-                );
-                let detail = match (refresh, self.mode) {
-                    (Refresh::Spawned, _) => "stale-while-revalidate; background refresh",
-                    (Refresh::AlreadyRunning, _) => "stale-while-revalidate; refresh in progress",
-                    (Refresh::Inline, _) => "",
+                let running = self.is_fetching(&miss.primary);
+                let detail = match (running, self.mode) {
+                    (true, _) => Some("refresh in progress"),
+                    (false, Mode::Serve) => {
+                        let (this, miss, stale) = (self.clone(), miss.clone(), entry.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = this
+                                .fetch_coalesced(&miss, Some(stale), OnContention::Wait)
+                                .await
+                            {
+                                tracing::warn!(error = %e, path = %miss.target.path_and_query, "background refresh failed");
+                            }
+                        });
+                        Some("background refresh")
+                    }
+                    (false, Mode::Lambda) => None,
                 };
-                if refresh != Refresh::Inline {
-                    let age = (now - entry.fresh_until) / 1000;
+                if let Some(detail) = detail {
+                    let outcome = stale_while_revalidate_outcome(entry, now, detail);
                     return self.respond_from_entry(
                         entry,
-                        &rule,
-                        &parts.headers,
+                        &miss.rule,
+                        &miss.headers,
                         head,
-                        Outcome::new("STALE", format!("hit; ttl=-{age}; detail=\"{detail}\"")),
+                        outcome,
                     );
                 }
+                on_contention = OnContention::ServeStale;
             }
         }
 
         // 5. Miss, expired, or the Lambda-mode refresh winner: go upstream
-        // (once per key in this process), revalidating what we have.
-        let fwd = if stored.is_some() {
-            "stale"
-        } else if cache_trouble.is_some() {
-            "miss"
-        } else {
-            "uri-miss"
-        };
-        let fetched = self
-            .fetch_coalesced(
-                &primary,
-                &target,
-                &parts.method,
-                &parts.headers,
-                &rule,
-                policy,
-                stored.map(|(_, e)| e),
-                fwd,
-                cache_trouble.is_some(),
-            )
-            .await;
-        match fetched {
+        // (once per key), revalidating what we have.
+        match self.fetch_coalesced(&miss, stored, on_contention).await {
             Ok(Fetched::Entry(entry, outcome)) => {
-                self.respond_from_entry(&entry, &rule, &parts.headers, head, outcome)
+                self.respond_from_entry(&entry, &miss.rule, &miss.headers, head, outcome)
             }
             Ok(Fetched::Relay(resp, outcome)) => relay(resp, outcome, head),
             Err(e) => {
-                tracing::warn!(error = %e, path = %target.path_and_query, "upstream failed");
+                tracing::warn!(error = %e, path = %miss.target.path_and_query, "upstream failed");
                 json_error(e.status(), e.code(), &e.to_string())
             }
         }
+    }
+
+    /// The stored entry for a request: the primary key's, or the variant
+    /// its Vary index names. A cache failure is reported, never raised.
+    async fn lookup(
+        &self,
+        primary: &StoreKey,
+        headers: &HeaderMap,
+    ) -> (Option<Entry>, Option<String>) {
+        let found = self.cache.get(primary).await;
+        let mut trouble = found.error.map(|e| e.to_string());
+        let entry = match found.record {
+            Some(Record::Entry(e)) => Some(e),
+            Some(Record::VaryIndex(v)) => {
+                let found = self
+                    .cache
+                    .get(&key::variant_key(primary, &v.headers, headers))
+                    .await;
+                trouble = trouble.or(found.error.map(|e| e.to_string()));
+                match found.record {
+                    Some(Record::Entry(e)) => Some(e),
+                    _ => None,
+                }
+            }
+            None => None,
+        };
+        if let Some(t) = &trouble {
+            tracing::warn!(backend = self.cache.backend_name(), error = %t, "cache lookup failed; treating as a miss");
+        }
+        (entry, trouble)
+    }
+
+    fn is_fetching(&self, primary: &StoreKey) -> bool {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(primary)
     }
 
     /// Requests that do not use the cache: forwarded as they are. A
@@ -274,80 +296,23 @@ impl Proxy {
         }
     }
 
-    /// Kick off a stale-while-revalidate refresh. In serve mode it runs in
-    /// the background; in Lambda mode the caller that wins does it inline.
-    fn start_refresh(
-        self: &Arc<Self>,
-        primary: &StoreKey,
-        target: &Target,
-        headers: &HeaderMap,
-        rule: &Arc<Rule>,
-        policy: RequestPolicy,
-        stale: Entry,
-    ) -> Refresh {
-        if self
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(primary)
-        {
-            return Refresh::AlreadyRunning;
-        }
-        if self.mode == Mode::Lambda {
-            return Refresh::Inline;
-        }
-        let (this, primary, target, headers, rule) = (
-            self.clone(),
-            primary.clone(),
-            target.clone(),
-            headers.clone(),
-            rule.clone(),
-        );
-        tokio::spawn(async move {
-            let r = this
-                .fetch_coalesced(
-                    &primary,
-                    &target,
-                    &Method::GET,
-                    &headers,
-                    &rule,
-                    policy,
-                    Some(stale),
-                    "stale",
-                    false,
-                )
-                .await;
-            if let Err(e) = r {
-                tracing::warn!(error = %e, path = %target.path_and_query, "background refresh failed");
-            }
-        });
-        Refresh::Spawned
-    }
-
     /// One upstream call per primary key at a time in this process: the
     /// first caller fetches, later ones wait (bounded) and take its entry
     /// if it was stored and matches their `Vary` variant.
-    #[allow(clippy::too_many_arguments)]
     async fn fetch_coalesced(
         &self,
-        primary: &StoreKey,
-        target: &Target,
-        method: &Method,
-        headers: &HeaderMap,
-        rule: &Rule,
-        policy: RequestPolicy,
+        miss: &MissCtx,
         stale: Option<Entry>,
-        fwd: &str,
-        cache_down: bool,
+        on_contention: OnContention,
     ) -> Result<Fetched, UpstreamError> {
         let fallback_stale = stale.clone();
         let role = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            match inflight.get(primary) {
+            match inflight.get(&miss.primary) {
                 Some(rx) => Err(rx.clone()),
                 None => {
                     let (tx, rx) = watch::channel(None);
-                    inflight.insert(primary.clone(), rx);
+                    inflight.insert(miss.primary.clone(), rx);
                     Ok(tx)
                 }
             }
@@ -356,22 +321,20 @@ impl Proxy {
             Ok(tx) => {
                 let leader = LeaderGuard {
                     proxy: self,
-                    key: primary,
+                    key: &miss.primary,
                     tx,
                 };
                 let result = self
-                    .fetch(
-                        primary, target, method, headers, rule, policy, stale, fwd, cache_down,
-                    )
+                    .fetch_once_across_instances(miss, stale, on_contention)
                     .await;
                 let share = match &result {
                     Ok(Fetched::Entry(entry, _)) => {
                         let vary = key::vary_names(&header_map_of(entry));
-                        let stored_under = match &vary {
-                            Some(v) if !v.is_empty() => key::variant_key(primary, v, headers),
-                            _ => primary.clone(),
-                        };
-                        Some((entry.clone(), vary, stored_under))
+                        Some((
+                            entry.clone(),
+                            vary.clone(),
+                            stored_under(&miss.primary, vary.as_deref(), &miss.headers),
+                        ))
                     }
                     _ => None,
                 };
@@ -380,52 +343,119 @@ impl Proxy {
             }
             Err(rx) => rx,
         };
+        if let (OnContention::ServeStale, Some(s)) = (on_contention, &fallback_stale) {
+            let outcome = stale_while_revalidate_outcome(s, now_millis(), "refresh in progress");
+            return Ok(Fetched::Entry(Arc::new(s.clone()), outcome));
+        }
         let shared = tokio::time::timeout(self.coalesce_wait, async {
             rx.wait_for(|v| v.is_some()).await.map(|v| v.clone())
         })
         .await;
-        if let Ok(Ok(Some(Some((entry, vary, stored_under))))) = shared {
-            let mine = match &vary {
-                Some(v) if !v.is_empty() => key::variant_key(primary, v, headers),
-                _ => primary.clone(),
-            };
-            if mine == stored_under {
+        if let Ok(Ok(Some(Some((entry, vary, leader_key))))) = shared {
+            if stored_under(&miss.primary, vary.as_deref(), &miss.headers) == leader_key {
                 return Ok(Fetched::Entry(
                     entry,
-                    Outcome::new("MISS", format!("fwd={fwd}; collapsed")),
+                    Outcome::new("MISS", format!("fwd={}; collapsed", miss.fwd)),
                 ));
             }
         }
         // Not shareable, another variant, or the leader took too long.
-        self.fetch(
-            primary,
-            target,
-            method,
-            headers,
-            rule,
-            policy,
-            fallback_stale,
-            fwd,
-            cache_down,
-        )
-        .await
+        self.fetch(miss, fallback_stale).await
+    }
+
+    /// With a shared store, one instance at a time fetches a key: the
+    /// backend lock decides. The others wait (bounded) for its entry; if the
+    /// holder goes away without storing one, or the wait runs out, they
+    /// fetch themselves rather than fail. A lock the store cannot give (it
+    /// is down) is no reason to wait.
+    async fn fetch_once_across_instances(
+        &self,
+        miss: &MissCtx,
+        stale: Option<Entry>,
+        on_contention: OnContention,
+    ) -> Result<Fetched, UpstreamError> {
+        if !self.cache.is_shared() {
+            return self.fetch(miss, stale).await;
+        }
+        let lock = StoreKey::hash("lock", [miss.primary.as_str()]);
+        match self.cache.try_lock(&lock, self.lock_ttl).await {
+            Ok(Some(token)) => {
+                let result = self.fetch(miss, stale).await;
+                if let Err(e) = self.cache.unlock(&lock, &token).await {
+                    tracing::debug!(error = %e, "unlock failed; the lock expires by itself");
+                }
+                result
+            }
+            Ok(None) => {
+                if let (OnContention::ServeStale, Some(s)) = (on_contention, &stale) {
+                    let outcome =
+                        stale_while_revalidate_outcome(s, now_millis(), "refresh in progress");
+                    return Ok(Fetched::Entry(Arc::new(stale.expect("matched")), outcome));
+                }
+                match self
+                    .wait_for_other_instance(miss, &lock, stale.as_ref())
+                    .await
+                {
+                    Some(entry) => Ok(Fetched::Entry(
+                        Arc::new(entry),
+                        Outcome::new(
+                            "MISS",
+                            format!("fwd={}; collapsed; detail=other-instance", miss.fwd),
+                        ),
+                    )),
+                    None => self.fetch(miss, stale).await,
+                }
+            }
+            Err(_) => self.fetch(miss, stale).await,
+        }
+    }
+
+    /// Poll for the entry another instance is fetching. `None` when it does
+    /// not come: the lock was released or expired without a new entry, the
+    /// store failed, or `coalesce_wait` ran out.
+    async fn wait_for_other_instance(
+        &self,
+        miss: &MissCtx,
+        lock: &StoreKey,
+        stale: Option<&Entry>,
+    ) -> Option<Entry> {
+        let deadline = tokio::time::Instant::now() + self.coalesce_wait;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(LOCK_POLL).await;
+            let (found, trouble) = self.lookup(&miss.primary, &miss.headers).await;
+            if trouble.is_some() {
+                return None;
+            }
+            if let Some(e) = found.filter(|e| stale.is_none_or(|s| e.stored_at > s.stored_at)) {
+                return Some(e);
+            }
+            match self.cache.try_lock(lock, LOCK_POLL * 4).await {
+                Ok(Some(token)) => {
+                    // Free again and still no entry: the fetch was not storable.
+                    let _ = self.cache.unlock(lock, &token).await;
+                    return None;
+                }
+                Ok(None) => {}
+                Err(_) => return None,
+            }
+        }
+        None
     }
 
     /// Call the upstream (conditionally if we hold a stale entry with
     /// validators) and store what may be stored.
-    #[allow(clippy::too_many_arguments)]
-    async fn fetch(
-        &self,
-        primary: &StoreKey,
-        target: &Target,
-        method: &Method,
-        client_headers: &HeaderMap,
-        rule: &Rule,
-        policy: RequestPolicy,
-        stale: Option<Entry>,
-        fwd: &str,
-        cache_down: bool,
-    ) -> Result<Fetched, UpstreamError> {
+    async fn fetch(&self, miss: &MissCtx, stale: Option<Entry>) -> Result<Fetched, UpstreamError> {
+        let MissCtx {
+            primary,
+            target,
+            method,
+            headers: client_headers,
+            rule,
+            policy,
+            fwd,
+            cache_down,
+        } = miss;
+        let (policy, cache_down) = (*policy, *cache_down);
         let mut headers = client_headers.clone();
         prepare_request_headers(&mut headers);
         // We answer the client's conditionals ourselves; upstream gets ours.
@@ -650,11 +680,46 @@ impl Proxy {
     }
 }
 
+/// What a request needs to know when another instance holds the fetch lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refresh {
-    Spawned,
-    AlreadyRunning,
-    Inline,
+enum OnContention {
+    /// Wait for the other instance's entry.
+    Wait,
+    /// Answer the stale entry at once (Lambda stale-while-revalidate).
+    ServeStale,
+}
+
+/// How often a request waiting on another instance's fetch looks for its entry.
+const LOCK_POLL: Duration = Duration::from_millis(25);
+
+/// Everything a fetch needs to know about the request it serves.
+#[derive(Debug, Clone)]
+struct MissCtx {
+    primary: StoreKey,
+    target: Target,
+    method: Method,
+    headers: HeaderMap,
+    rule: Arc<Rule>,
+    policy: RequestPolicy,
+    /// RFC 9211 `fwd` value: why the upstream is asked.
+    fwd: &'static str,
+    cache_down: bool,
+}
+
+/// The key an entry for these request headers is stored under.
+fn stored_under(primary: &StoreKey, vary: Option<&[String]>, headers: &HeaderMap) -> StoreKey {
+    match vary {
+        Some(v) if !v.is_empty() => key::variant_key(primary, v, headers),
+        _ => primary.clone(),
+    }
+}
+
+fn stale_while_revalidate_outcome(entry: &Entry, now: UnixMillis, detail: &str) -> Outcome {
+    let age = now.saturating_sub(entry.fresh_until) / 1000;
+    Outcome::new(
+        "STALE",
+        format!("hit; ttl=-{age}; detail=\"stale-while-revalidate; {detail}\""),
+    )
 }
 
 /// Removes the in-flight marker however the leader ends (even if its

@@ -105,3 +105,51 @@ async fn upstream_failure_in_lambda_is_a_json_502() {
     let body: serde_json::Value = serde_json::from_str(text(&r)).unwrap();
     assert_eq!(body["error"]["code"], "upstream_unreachable");
 }
+
+#[tokio::test]
+async fn stale_while_revalidate_in_lambda_refreshes_inline_exactly_once() {
+    let up = common::upstream().await;
+    let p = proxy(&up.url).await;
+    let ev = || {
+        let mut e = event("apigw_v2_get.json");
+        *e.uri_mut() = "/swr?cc=max-age%3D1%2C%20stale-while-revalidate%3D30"
+            .parse()
+            .unwrap();
+        e
+    };
+    let first = invoke(&p, ev()).await;
+    assert_eq!(header(&first, "x-cache"), "MISS");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    up.state.set_version("/swr", "2");
+    // The same execution environment gets concurrent invocations only with
+    // the runtime's concurrency mode; the proxy must hold up either way.
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (p, e) = (p.clone(), ev());
+            tokio::spawn(async move { invoke(&p, e).await })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(text(&r)).unwrap();
+        outcomes.push((
+            header(&r, "x-cache").to_owned(),
+            v["version"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let refreshed: Vec<_> = outcomes.iter().filter(|(x, _)| x != "STALE").collect();
+    assert_eq!(
+        refreshed.len(),
+        1,
+        "exactly one request refreshes inline: {outcomes:?}"
+    );
+    assert_eq!(refreshed[0].1, "2");
+    assert!(outcomes
+        .iter()
+        .filter(|(x, _)| x == "STALE")
+        .all(|(_, v)| v == "1"));
+    assert_eq!(up.state.hits("/swr"), 2);
+    let after = invoke(&p, ev()).await;
+    assert_eq!(header(&after, "x-cache"), "HIT");
+}

@@ -467,3 +467,41 @@ async fn oversized_request_bodies_get_413_json() {
     assert_eq!(r.json()["error"]["code"], "request_too_large");
     assert_eq!(up.state.hits("/upload"), 0);
 }
+
+#[tokio::test]
+async fn stale_while_revalidate_refreshes_in_the_background() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[]);
+    let url = format!(
+        "{}/swr?cc=max-age%3D1%2C%20stale-while-revalidate%3D30",
+        cg.url
+    );
+    let first = get(&url).await;
+    assert_eq!(first.json()["version"], "1");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    up.state.set_version("/swr", "2");
+    let stale = get(&url).await;
+    assert_eq!(stale.x_cache(), "STALE");
+    assert_eq!(
+        stale.json()["version"],
+        "1",
+        "stale answer must not wait for the refresh"
+    );
+    assert!(
+        stale.header("cache-status").contains("background refresh"),
+        "{}",
+        stale.header("cache-status")
+    );
+    // The background refresh lands; the next request is a fresh hit on the new body.
+    let mut next = get(&url).await;
+    for _ in 0..20 {
+        if next.x_cache() == "HIT" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        next = get(&url).await;
+    }
+    assert_eq!(next.x_cache(), "HIT");
+    assert_eq!(next.json()["version"], "2");
+    assert_eq!(up.state.hits("/swr"), 2);
+}

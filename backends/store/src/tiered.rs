@@ -96,13 +96,20 @@ impl TieredCache {
 
     pub async fn get(&self, key: &StoreKey) -> Lookup {
         if let Some((l1, _)) = &self.l1 {
-            // The L1 is in-process memory: it cannot fail.
-            if let Some((record, _)) = self.live(l1.get(key).await.ok().flatten()) {
-                return Lookup {
-                    record: Some(record),
-                    tier: Some(Tier::L1),
-                    error: None,
-                };
+            // The L1 is in-process memory: it cannot fail. Its copy of a
+            // stale entry is not used: the shared store may hold a fresher
+            // one another instance stored.
+            let now = now_millis();
+            match self.live(l1.get(key).await.ok().flatten()) {
+                Some((Record::Entry(e), _)) if !e.is_fresh(now) => {}
+                Some((record, _)) => {
+                    return Lookup {
+                        record: Some(record),
+                        tier: Some(Tier::L1),
+                        error: None,
+                    }
+                }
+                None => {}
             }
         }
         match self.main.get(key).await {
