@@ -112,7 +112,7 @@ async fn stale_while_revalidate_in_lambda_refreshes_inline_exactly_once() {
     let p = proxy(&up.url).await;
     let ev = || {
         let mut e = event("apigw_v2_get.json");
-        *e.uri_mut() = "/swr?cc=max-age%3D1%2C%20stale-while-revalidate%3D30"
+        *e.uri_mut() = "/swr?cc=max-age%3D1%2C%20stale-while-revalidate%3D30&cc_v2=max-age%3D60"
             .parse()
             .unwrap();
         e

@@ -473,7 +473,7 @@ async fn stale_while_revalidate_refreshes_in_the_background() {
     let up = upstream().await;
     let cg = cachegate(&up.url, &[]);
     let url = format!(
-        "{}/swr?cc=max-age%3D1%2C%20stale-while-revalidate%3D30",
+        "{}/swr?cc=max-age%3D1%2C%20stale-while-revalidate%3D30&cc_v2=max-age%3D60",
         cg.url
     );
     let first = get(&url).await;

@@ -131,8 +131,19 @@ async fn answer(State(state): State<Arc<UpstreamState>>, req: Request<Body>) -> 
     let mut set = |name: &'static str, v: &str| {
         h.append(name, HeaderValue::from_str(v).unwrap());
     };
-    if let Some(v) = q.get("cc") {
-        set("cache-control", v);
+    let path = parts.uri.path().to_owned();
+    let version = state
+        .versions
+        .lock()
+        .unwrap()
+        .get(&path)
+        .cloned()
+        .unwrap_or_else(|| "1".into());
+    // `cc_v2`: the Cache-Control once the test has moved the path past version 1.
+    match (q.get("cc"), q.get("cc_v2")) {
+        (_, Some(v2)) if version != "1" => set("cache-control", v2),
+        (Some(v), _) => set("cache-control", v),
+        _ => {}
     }
     if let Some(v) = q.get("vary") {
         set("vary", v);
@@ -164,14 +175,6 @@ async fn answer(State(state): State<Arc<UpstreamState>>, req: Request<Body>) -> 
         let bytes: Vec<u8> = (0..n).map(|i| (i * 7 % 256) as u8).collect();
         return resp.body(Body::from(bytes)).unwrap();
     }
-    let path = parts.uri.path().to_owned();
-    let version = state
-        .versions
-        .lock()
-        .unwrap()
-        .get(&path)
-        .cloned()
-        .unwrap_or_else(|| "1".into());
     let lang = parts
         .headers
         .get("accept-language")
