@@ -54,6 +54,8 @@ struct Outcome {
     x_cache: &'static str,
     /// RFC 9211 parameters after the cache name.
     status: String,
+    /// Time spent waiting for the upstream, for `Server-Timing`.
+    upstream: Option<Duration>,
 }
 
 impl Outcome {
@@ -61,6 +63,13 @@ impl Outcome {
         Outcome {
             x_cache,
             status: status.into(),
+            upstream: None,
+        }
+    }
+    fn timed(upstream: Duration, x_cache: &'static str, status: impl Into<String>) -> Self {
+        Outcome {
+            upstream: Some(upstream),
+            ..Outcome::new(x_cache, status)
         }
     }
 }
@@ -103,6 +112,27 @@ impl Proxy {
     /// response (a JSON error for the client's or the upstream's faults;
     /// cache problems are misses).
     pub async fn handle(self: &Arc<Self>, req: Request<Bytes>) -> Response<Bytes> {
+        let mut lookup_time = None;
+        let mut resp = self.handle_request(req, &mut lookup_time).await;
+        if let Some(d) = lookup_time {
+            let timing = format!(
+                "cache;dur={:.3};desc=\"{}\"",
+                ms(d),
+                self.cache.backend_name()
+            );
+            resp.headers_mut().append(
+                SERVER_TIMING,
+                HeaderValue::from_str(&timing).expect("ASCII"),
+            );
+        }
+        resp
+    }
+
+    async fn handle_request(
+        self: &Arc<Self>,
+        req: Request<Bytes>,
+        lookup_time: &mut Option<Duration>,
+    ) -> Response<Bytes> {
         let (parts, body) = req.into_parts();
         if parts.method == Method::CONNECT {
             return json_error(
@@ -139,7 +169,10 @@ impl Proxy {
         // 2. Look up: the primary key, then the variant its Vary names.
         let primary = target.primary_key(&rule.key_headers, &parts.headers);
         let (stored, cache_trouble) = if policy.lookup {
-            self.lookup(&primary, &parts.headers).await
+            let started = std::time::Instant::now();
+            let found = self.lookup(&primary, &parts.headers).await;
+            *lookup_time = Some(started.elapsed());
+            found
         } else {
             (None, None)
         };
@@ -271,18 +304,21 @@ impl Proxy {
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
         );
         let head = method == Method::HEAD;
+        let sent_at = std::time::Instant::now();
         match self
             .upstream
             .send(method, target.url.clone(), headers, body)
             .await
         {
             Ok(resp) => {
+                let upstream_time = sent_at.elapsed();
                 if unsafe_method && (resp.status.is_success() || resp.status.is_redirection()) {
                     if let Err(e) = self.cache.purge_tag(&target.url_tag()).await {
                         tracing::warn!(error = %e, "invalidation after {} failed", why.as_str());
                     }
                 }
-                let outcome = Outcome::new(
+                let outcome = Outcome::timed(
+                    upstream_time,
                     "BYPASS",
                     format!(
                         "fwd=bypass; fwd-status={}; detail={}",
@@ -458,6 +494,7 @@ impl Proxy {
         let (policy, cache_down) = (*policy, *cache_down);
         let mut headers = client_headers.clone();
         prepare_request_headers(&mut headers);
+        strip_unkeyed_routing_headers(&mut headers, &rule.key_headers);
         // We answer the client's conditionals ourselves; upstream gets ours.
         for h in [
             header::IF_NONE_MATCH,
@@ -482,11 +519,13 @@ impl Proxy {
             }
         }
         let request_time = now_millis();
+        let sent_at = std::time::Instant::now();
         let sent = self
             .upstream
             .send(method.clone(), target.url.clone(), headers, Bytes::new())
             .await;
         let response_time = now_millis();
+        let upstream_time = sent_at.elapsed();
         let detail = if cache_down {
             "; detail=cache-unavailable"
         } else {
@@ -505,14 +544,16 @@ impl Proxy {
                     let age = response_time.saturating_sub(s.fresh_until) / 1000;
                     return Ok(Fetched::Entry(
                         Arc::new(s),
-                        Outcome::new(
+                        Outcome::timed(
+                            upstream_time,
                             "STALE",
                             format!("fwd=stale; {what}; ttl=-{age}; detail=stale-if-error"),
                         ),
                     ));
                 }
                 let r = failed?;
-                let outcome = Outcome::new(
+                let outcome = Outcome::timed(
+                    upstream_time,
                     "MISS",
                     format!("fwd={fwd}; fwd-status={}{detail}", r.status.as_u16()),
                 );
@@ -559,7 +600,8 @@ impl Proxy {
         let freshness = match storable {
             Ok(f) => f,
             Err(why) => {
-                let outcome = Outcome::new(
+                let outcome = Outcome::timed(
+                    upstream_time,
                     "MISS",
                     format!(
                         "fwd={fwd}; fwd-status={fwd_status}; detail={}",
@@ -594,7 +636,8 @@ impl Proxy {
         let stored = self.store(primary, &vary, client_headers, &entry).await;
         let x_cache = if revalidated { "HIT" } else { "MISS" };
         let stored_param = if stored { "; stored" } else { "" };
-        let outcome = Outcome::new(
+        let outcome = Outcome::timed(
+            upstream_time,
             x_cache,
             format!("fwd={fwd}; fwd-status={fwd_status}{stored_param}{detail}"),
         );
@@ -791,6 +834,36 @@ fn prepare_request_headers(headers: &mut HeaderMap) {
     headers.remove(header::CONTENT_LENGTH);
 }
 
+/// Request headers that upstream frameworks commonly use to build absolute
+/// URLs, rewrite the path or change the method. On a request whose response
+/// may be stored they would let one client shape what every other client is
+/// served (cache poisoning), so they are not forwarded unless the route
+/// makes them part of the key. Bypassed requests forward them unchanged.
+const UNKEYED_ROUTING_HEADERS: &[&str] = &[
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-server",
+    "x-forwarded-scheme",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-host",
+    "x-original-url",
+    "x-original-host",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+fn strip_unkeyed_routing_headers(headers: &mut HeaderMap, key_headers: &[String]) {
+    for name in UNKEYED_ROUTING_HEADERS {
+        if !key_headers.iter().any(|k| k == name) {
+            headers.remove(*name);
+        }
+    }
+}
+
 /// RFC 9110 §13.1.2 / §13.1.3: weak comparison for If-None-Match; If-Modified-Since
 /// only when there is no If-None-Match.
 fn not_modified(req: &HeaderMap, entry: &Entry) -> bool {
@@ -834,6 +907,13 @@ fn build(
     body: Bytes,
     outcome: &Outcome,
 ) -> Response<Bytes> {
+    if let Some(d) = outcome.upstream {
+        let timing = format!("upstream;dur={:.3}", ms(d));
+        headers.append(
+            SERVER_TIMING,
+            HeaderValue::from_str(&timing).expect("ASCII"),
+        );
+    }
     headers.insert(
         HeaderName::from_static("x-cache"),
         HeaderValue::from_static(outcome.x_cache),
@@ -846,6 +926,12 @@ fn build(
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     resp
+}
+
+const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 /// A JSON error body: `{"error": {"status": 502, "code": "...", "message": "..."}}`.

@@ -35,6 +35,25 @@ async fn miss_then_hit_with_cache_headers() {
     assert!(cc.starts_with("public, max-age="), "{cc}");
     let s_maxage: u64 = cc.rsplit("s-maxage=").next().unwrap().parse().unwrap();
     assert!(s_maxage <= 60, "edge promised {s_maxage}s of a 60s entry");
+    // Server-Timing: the lookup always, the upstream call when there was one.
+    let timing = |g: &common::Got| {
+        g.headers
+            .get_all("server-timing")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    assert!(
+        timing(&first).contains("cache;dur=") && timing(&first).contains("upstream;dur="),
+        "{}",
+        timing(&first)
+    );
+    assert!(
+        timing(&second).contains("cache;dur=") && !timing(&second).contains("upstream"),
+        "{}",
+        timing(&second)
+    );
     let age: u64 = second.header("age").parse().unwrap();
     assert!(age <= 2);
     assert_eq!(up.state.hits("/items/1"), 1);
@@ -504,4 +523,66 @@ async fn stale_while_revalidate_refreshes_in_the_background() {
     assert_eq!(next.x_cache(), "HIT");
     assert_eq!(next.json()["version"], "2");
     assert_eq!(up.state.hits("/swr"), 2);
+}
+
+#[tokio::test]
+async fn unkeyed_routing_headers_cannot_poison_the_cache() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[]);
+    let url = format!("{}/poison?{CACHEABLE}", cg.url);
+    let attack = send(
+        client()
+            .get(&url)
+            .header("X-Forwarded-Host", "evil.example")
+            .header("x-forwarded-host", "evil2.example")
+            .header("X-Forwarded-Proto", "http")
+            .header("X-Original-URL", "/admin")
+            .header("X-Rewrite-URL", "/admin")
+            .header("X-HTTP-Method-Override", "DELETE")
+            .header("Forwarded", "host=evil.example;proto=http"),
+    )
+    .await;
+    assert_eq!(attack.x_cache(), "MISS");
+    let seen = up.state.last("/poison");
+    for h in [
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method-override",
+        "forwarded",
+    ] {
+        assert!(
+            seen.headers.get(h).is_none(),
+            "{h} reached the upstream on a cacheable request"
+        );
+    }
+    assert_eq!(seen.method, "GET");
+    // The victim gets the entry the attacker caused, built without the attacker's headers.
+    let victim = get(&url).await;
+    assert_eq!(victim.x_cache(), "HIT");
+    // On a bypassed request the proxy stays faithful.
+    send(
+        client()
+            .post(&url)
+            .header("x-forwarded-host", "app.example"),
+    )
+    .await;
+    assert_eq!(
+        up.state.last("/poison").headers["x-forwarded-host"],
+        "app.example"
+    );
+    // A route that keys on such a header forwards it and keeps variants apart.
+    let keyed = cachegate(
+        &up.url,
+        &[("CACHEGATE_CACHE__KEY_HEADERS", "[\"x-forwarded-host\"]")],
+    );
+    let url = format!("{}/keyed?{CACHEABLE}", keyed.url);
+    let a = send(client().get(&url).header("x-forwarded-host", "a.example")).await;
+    let b = send(client().get(&url).header("x-forwarded-host", "b.example")).await;
+    assert_eq!((a.x_cache(), b.x_cache()), ("MISS", "MISS"));
+    assert_eq!(
+        up.state.last("/keyed").headers["x-forwarded-host"],
+        "b.example"
+    );
 }
