@@ -1,1 +1,820 @@
-//! placeholder until the backend lands
+//! The Redis backend of cachegate: [`CacheStore`] on a standalone Redis or
+//! Valkey (plain or TLS, AUTH token or ACL user) or on a Redis Cluster
+//! (ElastiCache cluster mode).
+//!
+//! One [`RedisStore`] per process, made at start-up by [`connect`]; clones
+//! share one multiplexed connection (a `ConnectionManager`, or the cluster
+//! client's connections), which reconnects by itself after a drop. Every
+//! command is bounded by [`RedisConfig::response_timeout`] and every
+//! connection attempt by [`RedisConfig::connect_timeout`]; the proxy's
+//! breaker (`cachegate_store::guard`) sits on top.
+//!
+//! # Key layout
+//!
+//! With `P` the configured `key_prefix` and `K` a [`StoreKey`]
+//! (`cg1:<64 hex>`):
+//!
+//! | key           | type | holds |
+//! |---------------|------|-------|
+//! | `P` `v:{K}`   | hash | `b`: the value bytes; `e`: `expires_at` (decimal unix ms); one field `t:<tag>` per tag the value carries |
+//! | `P` `l:{K}`   | string | a lock: the owner's token, `SET NX PX` |
+//! | `P` `t:{T}`   | sorted set | one tag's members: the `K`s stored with it, scored by their `expires_at`; `T` = [`StoreKey::for_tag`] |
+//!
+//! Every command touches exactly one key (multi-key work is done as several
+//! single-key commands or single-key scripts), so it all works in cluster
+//! mode without cross-slot errors. The `{…}` hash tags still pin a value and
+//! its lock to the same slot, and keep a prefix from deciding the slot.
+//!
+//! # Why the tags live inside the value's hash
+//!
+//! A purge must remove exactly the keys whose *current* value carries the
+//! tag: a key stored with tag `a` and later overwritten without it must
+//! survive a purge of `a`. Keeping the value and its tag list in one hash,
+//! written by one script, makes "which tags does the current value carry"
+//! exact and atomic: an overwrite replaces both at once, and there is no
+//! second per-key record that could drift from the value or outlive it
+//! (it expires with the value, by Redis's own TTL). The tag's sorted set is
+//! only a candidate list; the purge checks each candidate's `t:<tag>` field
+//! and deletes it in the same single-key script. Candidates that were
+//! overwritten, deleted or expired cost one cheap script call and are
+//! dropped from the set.
+//!
+//! Write order: a put adds the key to its tags' sets first and writes the
+//! value second. If it dies in between, the set has a stale candidate
+//! (harmless); the other order could leave a tagged value no purge finds.
+//! Each tag set expires no earlier than the longest-lived value in it
+//! (its TTL only grows) and drops members whose values have expired on each
+//! put, so sets of long-lived busy tags do not grow without bound.
+//!
+//! # Expiry
+//!
+//! Values get a relative Redis TTL (`PEXPIRE expires_at - now`), so Redis
+//! evicts them by itself whatever its own clock says, and reads also check
+//! the stored `expires_at` against the local clock, so a value is never
+//! returned past its `expires_at` even in the milliseconds before Redis
+//! drops it.
+
+mod config;
+
+use std::fmt;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cachegate_store::{
+    is_expired, now_millis, CacheStore, Capabilities, LockToken, PutOptions, StoreError, StoreKey,
+    UnixMillis,
+};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{
+    Client, Cmd, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture,
+    Script, ServerErrorKind, TlsCertificates, Value,
+};
+
+pub use config::{redact_url, RedisConfig};
+
+const BACKEND: &str = "redis";
+
+/// Tag-set members whose values expired longer ago than this are dropped
+/// on the next put to the set. The slack covers clock differences between
+/// the instances that write (scores are their clocks' `expires_at`).
+const TAG_TRIM_SLACK_MS: u64 = 60_000;
+/// Extra lifetime of a tag set beyond its longest-lived member.
+const TAG_TTL_SLACK_MS: u64 = 60_000;
+/// Members taken from a tag set per round trip while purging.
+const PURGE_BATCH: usize = 256;
+
+/// Why [`connect`] failed. Messages name what failed (which setting, which
+/// server) and never contain the password.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("redis.{field}: {message}")]
+    Config {
+        field: &'static str,
+        message: String,
+    },
+    #[error("redis.ca_file: cannot read {path}: {source}")]
+    CaFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("redis at {target}: authentication failed{user}: {message}")]
+    Auth {
+        target: String,
+        user: String,
+        message: String,
+    },
+    #[error("redis at {target}: no answer within {after:?} (connect_timeout); is it reachable, and is TLS (rediss://) right for it?")]
+    Timeout { target: String, after: Duration },
+    #[error("redis at {target}: {message}")]
+    Connect { target: String, message: String },
+}
+
+/// The connection every clone of a [`RedisStore`] shares.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A [`CacheStore`] on Redis. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: Conn,
+    prefix: Arc<str>,
+    target: Arc<str>,
+    response_timeout: Duration,
+    caps: Capabilities,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("target", &self.target)
+            .field(
+                "mode",
+                &match self.conn {
+                    Conn::Single(_) => "standalone",
+                    Conn::Cluster(_) => "cluster",
+                },
+            )
+            .field("key_prefix", &self.prefix)
+            .field("response_timeout", &self.response_timeout)
+            .field("max_value_bytes", &self.caps.max_value_bytes)
+            .finish()
+    }
+}
+
+// --- scripts (each touches exactly one key: KEYS[1]) ---
+
+/// Replace a value: its bytes, expiry and tag fields, with a relative TTL.
+/// ARGV: bytes, expires_at, ttl_ms, then one `t:<tag>` field name per tag.
+static PUT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'b', ARGV[1], 'e', ARGV[2])
+for i = 4, #ARGV do
+  redis.call('HSET', KEYS[1], ARGV[i], '1')
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+",
+    )
+});
+
+/// Delete a value; 1 if it was there and live at ARGV[1] (now).
+static DELETE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local e = redis.call('HGET', KEYS[1], 'e')
+if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+if e and tonumber(e) > tonumber(ARGV[1]) then return 1 end
+return 0
+",
+    )
+});
+
+/// Add a member to a tag's set. ARGV: member, its expires_at, now - trim
+/// slack (members expired before it are dropped), the set's minimum TTL.
+/// A member's score only grows, and so does the set's TTL: the set outlives
+/// every value recorded in it.
+static TAG_ADD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if (not old) or tonumber(old) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < tonumber(ARGV[4]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+return 1
+",
+    )
+});
+
+/// Delete a value if its current version carries the tag field ARGV[1];
+/// 1 if a live (expires_at > ARGV[2]) value was removed.
+static PURGE_ONE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+local e = redis.call('HGET', KEYS[1], 'e')
+redis.call('DEL', KEYS[1])
+if e and tonumber(e) > tonumber(ARGV[2]) then return 1 end
+return 0
+",
+    )
+});
+
+/// Release a lock only if ARGV[1] (the token) still holds it.
+static UNLOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+",
+    )
+});
+
+fn tag_field(tag: &str) -> Vec<u8> {
+    let mut f = Vec::with_capacity(2 + tag.len());
+    f.extend_from_slice(b"t:");
+    f.extend_from_slice(tag.as_bytes());
+    f
+}
+
+/// A Redis error as a store error. Redis error texts name the command and
+/// the server's reply, never credentials.
+fn backend_err(err: RedisError) -> StoreError {
+    if err.is_timeout() {
+        return StoreError::Backend {
+            backend: BACKEND,
+            message: format!("timed out: {err}"),
+        };
+    }
+    StoreError::backend(BACKEND, err)
+}
+
+impl RedisStore {
+    fn value_key(&self, key: &StoreKey) -> String {
+        format!("{}v:{{{}}}", self.prefix, key.as_str())
+    }
+
+    fn lock_key(&self, key: &StoreKey) -> String {
+        format!("{}l:{{{}}}", self.prefix, key.as_str())
+    }
+
+    fn tag_key(&self, tag: &str) -> String {
+        format!("{}t:{{{}}}", self.prefix, StoreKey::for_tag(tag).as_str())
+    }
+
+    /// One command (or script call), bounded by the response timeout, which
+    /// also covers waiting for a reconnect in progress.
+    async fn run<T, F>(&self, what: &'static str, op: F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        match tokio::time::timeout(self.response_timeout, op).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(backend_err(e)),
+            Err(_) => Err(StoreError::Backend {
+                backend: BACKEND,
+                message: format!(
+                    "{what}: no reply within {:?} (response_timeout)",
+                    self.response_timeout
+                ),
+            }),
+        }
+    }
+
+    /// A round trip to the server (for `cachegate init` and health checks).
+    /// In cluster mode, PING goes to every primary.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let reply: String = self
+            .run("PING", redis::cmd("PING").query_async(&mut conn))
+            .await?;
+        if reply == "PONG" {
+            Ok(())
+        } else {
+            Err(StoreError::backend(
+                BACKEND,
+                format!("PING answered {reply:?}"),
+            ))
+        }
+    }
+
+    /// Where this store points (URLs with any password redacted).
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    async fn pop_members(&self, set: &str) -> Result<Vec<(String, f64)>, StoreError> {
+        let mut conn = self.conn.clone();
+        self.run(
+            "ZPOPMIN",
+            redis::cmd("ZPOPMIN")
+                .arg(set)
+                .arg(PURGE_BATCH)
+                .query_async(&mut conn),
+        )
+        .await
+    }
+
+    /// Best effort: put back candidates a failed purge had taken out, so a
+    /// retry of the purge still finds them.
+    async fn restore_members(&self, set: &str, members: &[(String, f64)]) {
+        if members.is_empty() {
+            return;
+        }
+        let mut cmd = redis::cmd("ZADD");
+        cmd.arg(set);
+        for (m, score) in members {
+            cmd.arg(*score).arg(m);
+        }
+        let mut conn = self.conn.clone();
+        if let Err(e) = self.run("ZADD", cmd.query_async::<i64>(&mut conn)).await {
+            tracing::warn!(
+                backend = BACKEND,
+                error = %e,
+                lost = members.len(),
+                "purge failed and could not put its remaining candidates back; those values expire by TTL"
+            );
+        }
+    }
+
+    async fn purge_batch(
+        &self,
+        field: &[u8],
+        members: &[(String, f64)],
+        now: UnixMillis,
+    ) -> Result<u64, StoreError> {
+        let calls = members.iter().map(|(member, _)| {
+            let mut conn = self.conn.clone();
+            async move {
+                // Members are our own StoreKeys; anything else is not ours.
+                let Some(key) = StoreKey::parse(member) else {
+                    return Ok(0);
+                };
+                let vkey = self.value_key(&key);
+                self.run(
+                    "purge",
+                    PURGE_ONE
+                        .key(vkey)
+                        .arg(field)
+                        .arg(now)
+                        .invoke_async::<u64>(&mut conn),
+                )
+                .await
+            }
+        });
+        let results = futures_util::future::join_all(calls).await;
+        let mut removed = 0;
+        for r in results {
+            removed += r?;
+        }
+        Ok(removed)
+    }
+}
+
+#[async_trait]
+impl CacheStore for RedisStore {
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
+        let mut conn = self.conn.clone();
+        let (value, expires_at): (Option<Bytes>, Option<UnixMillis>) = self
+            .run(
+                "HMGET",
+                redis::cmd("HMGET")
+                    .arg(self.value_key(key))
+                    .arg("b")
+                    .arg("e")
+                    .query_async(&mut conn),
+            )
+            .await?;
+        match (value, expires_at) {
+            (Some(v), Some(e)) if !is_expired(e, now_millis()) => Ok(Some(v)),
+            _ => Ok(None),
+        }
+    }
+
+    async fn put(&self, key: &StoreKey, value: Bytes, opts: &PutOptions) -> Result<(), StoreError> {
+        if value.len() > self.caps.max_value_bytes {
+            return Err(StoreError::TooLarge {
+                backend: BACKEND,
+                size: value.len(),
+                limit: self.caps.max_value_bytes,
+            });
+        }
+        let now = now_millis();
+        let vkey = self.value_key(key);
+        if is_expired(opts.expires_at, now) {
+            // Dead on arrival: whatever was there is replaced by nothing.
+            let mut conn = self.conn.clone();
+            self.run(
+                "DEL",
+                redis::cmd("DEL").arg(&vkey).query_async::<i64>(&mut conn),
+            )
+            .await?;
+            return Ok(());
+        }
+        let ttl_ms = opts.expires_at - now;
+
+        // Tags first (see the crate docs for why this order).
+        let mut tags: Vec<&str> = opts.tags.iter().map(String::as_str).collect();
+        tags.sort_unstable();
+        tags.dedup();
+        for tag in &tags {
+            let mut conn = self.conn.clone();
+            self.run(
+                "tag add",
+                TAG_ADD
+                    .key(self.tag_key(tag))
+                    .arg(key.as_str())
+                    .arg(opts.expires_at)
+                    .arg(now.saturating_sub(TAG_TRIM_SLACK_MS))
+                    .arg(ttl_ms + TAG_TTL_SLACK_MS)
+                    .invoke_async::<i64>(&mut conn),
+            )
+            .await?;
+        }
+
+        let mut put = PUT.key(vkey);
+        put.arg(value.as_ref()).arg(opts.expires_at).arg(ttl_ms);
+        for tag in &tags {
+            put.arg(tag_field(tag));
+        }
+        let mut conn = self.conn.clone();
+        self.run("put", put.invoke_async::<i64>(&mut conn)).await?;
+        Ok(())
+    }
+
+    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let removed: i64 = self
+            .run(
+                "delete",
+                DELETE
+                    .key(self.value_key(key))
+                    .arg(now_millis())
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        Ok(removed == 1)
+    }
+
+    async fn try_lock(
+        &self,
+        key: &StoreKey,
+        ttl: Duration,
+    ) -> Result<Option<LockToken>, StoreError> {
+        let token = LockToken::generate();
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut conn = self.conn.clone();
+        let set: Option<String> = self
+            .run(
+                "SET NX",
+                redis::cmd("SET")
+                    .arg(self.lock_key(key))
+                    .arg(token.as_str())
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(set.map(|_| token))
+    }
+
+    async fn unlock(&self, key: &StoreKey, token: &LockToken) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let released: i64 = self
+            .run(
+                "unlock",
+                UNLOCK
+                    .key(self.lock_key(key))
+                    .arg(token.as_str())
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        Ok(released == 1)
+    }
+
+    /// Takes the tag's candidates out of its set in batches (ZPOPMIN, so
+    /// values tagged while the purge runs are purged too, or by the next
+    /// purge) and deletes each candidate whose current value still carries
+    /// the tag. On an error the untreated candidates of the batch are put
+    /// back before the error is returned.
+    async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError> {
+        let set = self.tag_key(tag);
+        let field = tag_field(tag);
+        let mut removed = 0;
+        loop {
+            let members = self.pop_members(&set).await?;
+            if members.is_empty() {
+                return Ok(removed);
+            }
+            match self.purge_batch(&field, &members, now_millis()).await {
+                Ok(n) => removed += n,
+                Err(e) => {
+                    // Putting back the whole batch is safe: re-checking a
+                    // candidate that was already purged finds nothing.
+                    self.restore_members(&set, &members).await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+// --- connecting ---
+
+/// The URL(s) of `cfg` with passwords redacted, for messages.
+fn describe_target(cfg: &RedisConfig) -> String {
+    redact_url(cfg.url.trim())
+}
+
+fn node_urls(cfg: &RedisConfig) -> Result<Vec<String>, ConnectError> {
+    let urls: Vec<String> = cfg
+        .url
+        .split(',')
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err(ConnectError::Config {
+            field: "url",
+            message: "is empty".into(),
+        });
+    }
+    if urls.len() > 1 && !cfg.cluster {
+        return Err(ConnectError::Config {
+            field: "url",
+            message: "a list of several URLs needs redis.cluster = true".into(),
+        });
+    }
+    Ok(urls)
+}
+
+fn connection_info(url: &str, cfg: &RedisConfig) -> Result<ConnectionInfo, ConnectError> {
+    let info = url
+        .into_connection_info()
+        .map_err(|e| ConnectError::Config {
+            field: "url",
+            // The parser's messages never echo the URL; neither do we (it may
+            // hold a password), only its redacted form.
+            message: format!("{}: {}", redact_url(url), e),
+        })?;
+    let mut settings = info.redis_settings().clone();
+    if let Some(user) = &cfg.username {
+        settings = settings.set_username(user);
+    }
+    if let Some(password) = &cfg.password {
+        settings = settings.set_password(password);
+    }
+    Ok(info.set_redis_settings(settings))
+}
+
+fn tls_certificates(
+    cfg: &RedisConfig,
+    urls: &[String],
+) -> Result<Option<TlsCertificates>, ConnectError> {
+    let tls = urls
+        .iter()
+        .any(|u| u.starts_with("rediss://") || u.starts_with("valkeys://"));
+    if tls {
+        // rustls needs a process-wide crypto provider when more than one is
+        // compiled in; install ours unless someone already did.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
+    let Some(path) = &cfg.ca_file else {
+        return Ok(None);
+    };
+    if !tls {
+        return Err(ConnectError::Config {
+            field: "ca_file",
+            message: "is set but redis.url is not rediss://".into(),
+        });
+    }
+    let pem = std::fs::read(path).map_err(|source| ConnectError::CaFile {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(Some(TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    }))
+}
+
+/// A failed connection attempt as a [`ConnectError`] naming what failed.
+fn connect_error(err: RedisError, cfg: &RedisConfig, target: &str) -> ConnectError {
+    let auth = err.kind() == ErrorKind::AuthenticationFailed
+        || matches!(err.kind(), ErrorKind::Server(ServerErrorKind::NoPerm))
+        || err
+            .code()
+            .is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH");
+    if auth {
+        return ConnectError::Auth {
+            target: target.to_owned(),
+            user: cfg
+                .username
+                .as_ref()
+                .map(|u| format!(" as user {u:?}"))
+                .unwrap_or_default(),
+            message: if cfg.password.is_none() {
+                format!("{err} (no redis.password configured)")
+            } else {
+                err.to_string()
+            },
+        };
+    }
+    // The cluster client wraps the node's I/O error in its own message.
+    if err.is_timeout() || err.to_string().contains("timed out") {
+        return ConnectError::Timeout {
+            target: target.to_owned(),
+            after: cfg.connect_timeout,
+        };
+    }
+    let mut message = err.to_string();
+    if message.contains("certificate") && cfg.ca_file.is_none() {
+        message.push_str(" (for a private CA, set redis.ca_file)");
+    }
+    ConnectError::Connect {
+        target: target.to_owned(),
+        message,
+    }
+}
+
+/// Connects to the Redis (or Redis Cluster) of `cfg` and checks it answers,
+/// within `connect_timeout` (a few attempts' worth at most). Call it once at
+/// start-up and share the store: it reconnects by itself later.
+pub async fn connect(cfg: &RedisConfig) -> Result<RedisStore, ConnectError> {
+    if cfg.key_prefix.contains(['{', '}']) {
+        return Err(ConnectError::Config {
+            field: "key_prefix",
+            message: "must not contain '{' or '}' (keys use Redis hash tags)".into(),
+        });
+    }
+    if cfg.connect_timeout.is_zero() || cfg.response_timeout.is_zero() {
+        return Err(ConnectError::Config {
+            field: if cfg.connect_timeout.is_zero() {
+                "connect_timeout"
+            } else {
+                "response_timeout"
+            },
+            message: "must be more than 0".into(),
+        });
+    }
+    let max_value_bytes =
+        usize::try_from(cfg.max_value_bytes.as_u64()).map_err(|_| ConnectError::Config {
+            field: "max_value_bytes",
+            message: "too large for this platform".into(),
+        })?;
+    if max_value_bytes == 0 {
+        return Err(ConnectError::Config {
+            field: "max_value_bytes",
+            message: "must be more than 0".into(),
+        });
+    }
+    let urls = node_urls(cfg)?;
+    let target = describe_target(cfg);
+    let certs = tls_certificates(cfg, &urls)?;
+    let infos = urls
+        .iter()
+        .map(|u| connection_info(u, cfg))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    // The whole start-up is bounded too: the libraries' own retries could
+    // otherwise add up to several connect timeouts.
+    let overall = cfg.connect_timeout * 2 + cfg.response_timeout;
+    let conn = tokio::time::timeout(overall, open(cfg, infos, certs, &target))
+        .await
+        .map_err(|_| ConnectError::Timeout {
+            target: target.clone(),
+            after: cfg.connect_timeout,
+        })??;
+
+    let store = RedisStore {
+        conn,
+        prefix: cfg.key_prefix.as_str().into(),
+        target: target.as_str().into(),
+        response_timeout: cfg.response_timeout,
+        caps: Capabilities {
+            name: BACKEND,
+            max_value_bytes,
+            shared: true,
+        },
+    };
+    // One real command, so a server that accepts connections but refuses
+    // our commands (NOAUTH, ACL, not a cluster) fails start-up clearly.
+    let mut conn = store.conn.clone();
+    match tokio::time::timeout(
+        cfg.connect_timeout + cfg.response_timeout,
+        redis::cmd("PING").query_async::<String>(&mut conn),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(connect_error(e, cfg, &target)),
+        Err(_) => {
+            return Err(ConnectError::Timeout {
+                target,
+                after: cfg.connect_timeout,
+            })
+        }
+    }
+    tracing::info!(backend = BACKEND, target = %target, cluster = cfg.cluster, "connected to redis");
+    Ok(store)
+}
+
+async fn open(
+    cfg: &RedisConfig,
+    infos: Vec<ConnectionInfo>,
+    certs: Option<TlsCertificates>,
+    target: &str,
+) -> Result<Conn, ConnectError> {
+    if cfg.cluster {
+        let mut builder = ClusterClientBuilder::new(infos)
+            .connection_timeout(cfg.connect_timeout)
+            .response_timeout(cfg.response_timeout)
+            .retries(2)
+            .min_retry_wait(10)
+            .max_retry_wait(200);
+        if let Some(user) = &cfg.username {
+            builder = builder.username(user);
+        }
+        if let Some(password) = &cfg.password {
+            builder = builder.password(password);
+        }
+        if let Some(certs) = certs {
+            builder = builder.certs(certs);
+        }
+        let client = builder.build().map_err(|e| ConnectError::Config {
+            field: "url",
+            message: e.to_string(),
+        })?;
+        let conn = client
+            .get_async_connection()
+            .await
+            .map_err(|e| connect_error(e, cfg, target))?;
+        return Ok(Conn::Cluster(conn));
+    }
+
+    let info = infos
+        .into_iter()
+        .next()
+        .expect("node_urls returns at least one");
+    let client = match certs {
+        Some(certs) => Client::build_with_tls(info, certs),
+        None => Client::open(info),
+    }
+    .map_err(|e| ConnectError::Config {
+        field: "url",
+        message: e.to_string(),
+    })?;
+
+    // One plain attempt first, for a clear error: the connection manager
+    // retries every failure (a wrong password too) with backoff.
+    let probe_config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(cfg.connect_timeout))
+        .set_response_timeout(Some(cfg.connect_timeout));
+    let probe = client
+        .get_multiplexed_async_connection_with_config(&probe_config)
+        .await
+        .map_err(|e| connect_error(e, cfg, target))?;
+    drop(probe);
+
+    let manager_config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(cfg.connect_timeout))
+        .set_response_timeout(Some(cfg.response_timeout))
+        // Reconnects happen in the background while requests fail fast on
+        // their own timeout; keep each reconnect round short so the next
+        // request after an outage starts a fresh one soon.
+        .set_number_of_retries(3)
+        .set_min_delay(Duration::from_millis(20))
+        .set_max_delay(Duration::from_millis(500));
+    let manager = ConnectionManager::new_with_config(client, manager_config)
+        .await
+        .map_err(|e| connect_error(e, cfg, target))?;
+    Ok(Conn::Single(manager))
+}

@@ -1,0 +1,150 @@
+# Redis for the tests: a standalone server, one with a password (AUTH), one
+# with TLS only (a private CA + server certificate made here with openssl),
+# and a 3-node Redis Cluster. Sourced by scripts/test after scripts/lib.sh.
+#
+# Exports:
+#   CACHEGATE_TEST_REDIS_URL           redis://127.0.0.1:PORT (standalone)
+#   CACHEGATE_TEST_REDIS_AUTH_URL      redis://127.0.0.1:PORT (requirepass; no password in it)
+#   CACHEGATE_TEST_REDIS_PASSWORD      that server's password (random per run)
+#   CACHEGATE_TEST_REDIS_TLS_URL       rediss://127.0.0.1:PORT (TLS only, no plain port)
+#   CACHEGATE_TEST_REDIS_TLS_CA        PEM file of the CA that signed the server certificate
+#   CACHEGATE_TEST_REDIS_CLUSTER_URL   redis://127.0.0.1:P1,redis://127.0.0.1:P2,redis://127.0.0.1:P3
+#
+# Every server runs in the foreground of a background job (never daemonized)
+# with persistence off, on free loopback ports; the PIDs are registered so
+# stop_services kills them. Data and logs live under "$RUN_DIR/redis".
+
+SERVICES+=(start_redis)
+
+# redis_install: redis-server, redis-cli and openssl from Debian. Debian's
+# redis-server package would start a system redis on 6379 (systemd or
+# init.d) unless /usr/sbin/policy-rc.d forbids it (Docker images ship one
+# that does); when there is none, one is put in place for the install only,
+# so no system server appears. The tests never use 6379 either way.
+redis_install() {
+  local missing=0 p
+  for p in redis-server redis-tools openssl; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing=1
+  done
+  [ "$missing" = 0 ] && return 0
+  if [ -e /usr/sbin/policy-rc.d ] || [ "$(id -u)" != 0 ]; then
+    apt_install redis-server redis-tools openssl
+    return 0
+  fi
+  log "installing redis-server with service start-up disabled (temporary /usr/sbin/policy-rc.d)"
+  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+  chmod 755 /usr/sbin/policy-rc.d
+  local rc=0
+  (apt_install redis-server redis-tools openssl) || rc=$?
+  rm -f /usr/sbin/policy-rc.d
+  [ "$rc" = 0 ] || die "apt-get install redis-server redis-tools openssl failed"
+  # shellcheck disable=SC2034 # read by apt_install in scripts/lib.sh
+  APT_UPDATED=1
+}
+
+# redis_spawn NAME PORT ARGS...: one redis-server in the background, logging
+# to $RUN_DIR/redis/NAME.log (what it prints before the log is open goes
+# to NAME.out), working directory $RUN_DIR/redis/NAME.
+redis_spawn() {
+  local name=$1 port=$2
+  shift 2
+  local dir="$RUN_DIR/redis/$name"
+  mkdir -p "$dir"
+  redis-server --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
+    --dir "$dir" --logfile "$RUN_DIR/redis/$name.log" "$@" \
+    >>"$RUN_DIR/redis/$name.out" 2>&1 &
+  register_pid $!
+  wait_port "$port" 20 || {
+    tail -n 20 "$RUN_DIR/redis/$name.out" "$RUN_DIR/redis/$name.log" >&2 2>/dev/null || true
+    die "redis-server $name did not listen on 127.0.0.1:$port (log: $RUN_DIR/redis/$name.log)"
+  }
+}
+
+# redis_make_certs DIR: a private CA and a server certificate for
+# 127.0.0.1/localhost signed by it (rustls rejects a lone self-signed
+# certificate used as the server's own: CaUsedAsEndEntity).
+redis_make_certs() {
+  local d=$1
+  mkdir -p "$d"
+  openssl req -x509 -new -nodes -days 3 -subj "/CN=cachegate test CA" \
+    -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
+    -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -keyout "$d/ca.key" -out "$d/ca.crt" >/dev/null 2>&1 || die "openssl: cannot make the test CA"
+  openssl req -new -nodes -subj "/CN=localhost" \
+    -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
+    -keyout "$d/server.key" -out "$d/server.csr" >/dev/null 2>&1 || die "openssl: cannot make the server key"
+  printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "basicConstraints=critical,CA:FALSE" \
+    "keyUsage=critical,digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth" >"$d/server.ext"
+  openssl x509 -req -days 3 -in "$d/server.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" \
+    -CAcreateserial -extfile "$d/server.ext" -out "$d/server.crt" >/dev/null 2>&1 \
+    || die "openssl: cannot sign the server certificate"
+  chmod 644 "$d/server.key"
+}
+
+start_redis() {
+  redis_install
+  command -v redis-server >/dev/null || die "redis-server not on PATH after install"
+  command -v redis-cli >/dev/null || die "redis-cli not on PATH after install"
+  redis-server --version | grep -q 'v=[67]\.\|v=[89]\.' || log "note: untested $(redis-server --version)"
+  rm -rf "$RUN_DIR/redis"
+  mkdir -p "$RUN_DIR/redis"
+
+  # Standalone.
+  local port
+  port=$(free_port)
+  redis_spawn standalone "$port" --port "$port"
+  export CACHEGATE_TEST_REDIS_URL="redis://127.0.0.1:$port"
+
+  # AUTH: the default user with a random password.
+  local pass
+  pass=$(openssl rand -hex 16)
+  port=$(free_port)
+  redis_spawn auth "$port" --port "$port" --requirepass "$pass"
+  export CACHEGATE_TEST_REDIS_AUTH_URL="redis://127.0.0.1:$port"
+  export CACHEGATE_TEST_REDIS_PASSWORD="$pass"
+
+  # TLS only (no plain-text port).
+  local certs="$RUN_DIR/redis/certs"
+  redis_make_certs "$certs"
+  port=$(free_port)
+  redis_spawn tls "$port" --port 0 --tls-port "$port" \
+    --tls-cert-file "$certs/server.crt" --tls-key-file "$certs/server.key" \
+    --tls-ca-cert-file "$certs/ca.crt" --tls-auth-clients no
+  redis-cli --tls --cacert "$certs/ca.crt" -h 127.0.0.1 -p "$port" ping 2>/dev/null | grep -q PONG \
+    || die "redis-server TLS on 127.0.0.1:$port does not answer PING over TLS (log: $RUN_DIR/redis/tls.log)"
+  export CACHEGATE_TEST_REDIS_TLS_URL="rediss://127.0.0.1:$port"
+  export CACHEGATE_TEST_REDIS_TLS_CA="$certs/ca.crt"
+
+  # A 3-node cluster, masters only. The bus ports are chosen explicitly
+  # (the default port+10000 may be taken or above 65535).
+  local nodes=() urls=() i bus
+  for i in 1 2 3; do
+    port=$(free_port)
+    bus=$(free_port)
+    redis_spawn "cluster-$i" "$port" --port "$port" --cluster-enabled yes \
+      --cluster-port "$bus" --cluster-config-file "$RUN_DIR/redis/cluster-$i/nodes.conf" \
+      --cluster-node-timeout 5000
+    nodes+=("127.0.0.1:$port")
+    urls+=("redis://127.0.0.1:$port")
+  done
+  redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes \
+    >"$RUN_DIR/redis/cluster-create.log" 2>&1 \
+    || { tail -n 20 "$RUN_DIR/redis/cluster-create.log" >&2; die "redis-cli --cluster create failed"; }
+  local node ok
+  for node in "${nodes[@]}"; do
+    ok=""
+    for ((i = 0; i < 100; i++)); do
+      if redis-cli -h 127.0.0.1 -p "${node##*:}" cluster info 2>/dev/null | grep -q 'cluster_state:ok'; then
+        ok=1
+        break
+      fi
+      sleep 0.1
+    done
+    [ -n "$ok" ] || die "redis cluster node $node never reached cluster_state:ok"
+  done
+  export CACHEGATE_TEST_REDIS_CLUSTER_URL
+  CACHEGATE_TEST_REDIS_CLUSTER_URL=$(IFS=,; echo "${urls[*]}")
+
+  log "redis: standalone $CACHEGATE_TEST_REDIS_URL, auth $CACHEGATE_TEST_REDIS_AUTH_URL, tls $CACHEGATE_TEST_REDIS_TLS_URL, cluster $CACHEGATE_TEST_REDIS_CLUSTER_URL"
+}
