@@ -2,10 +2,17 @@
 
 use std::sync::Arc;
 
+#[cfg(any(feature = "redis", feature = "dynamodb"))]
+use std::time::Duration;
+
 use cachegate_store::guard::GuardedStore;
+#[cfg(any(feature = "redis", feature = "dynamodb"))]
+use cachegate_store::lazy::{Connect, LazyStore};
 use cachegate_store::memory::MemoryStore;
 use cachegate_store::tiered::TieredCache;
 use cachegate_store::CacheStore;
+#[cfg(any(feature = "redis", feature = "dynamodb"))]
+use cachegate_store::Capabilities;
 
 use crate::config::{BackendKind, Config};
 
@@ -46,12 +53,47 @@ pub async fn build_cache(config: &Config) -> Result<TieredCache, BackendError> {
     ))
 }
 
+/// How often a backend that was unreachable at start-up is tried again.
+#[cfg(any(feature = "redis", feature = "dynamodb"))]
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+
+/// Connect now if possible; otherwise start without the cache (every
+/// operation a miss) and keep trying in the background of requests. A cache
+/// that is down when a Lambda instance starts must not fail the instance.
+#[cfg(any(feature = "redis", feature = "dynamodb"))]
+async fn connect_or_defer(caps: Capabilities, connect: Connect) -> Arc<dyn CacheStore> {
+    match connect().await {
+        Ok(store) => store,
+        Err(e) => {
+            tracing::error!(
+                backend = caps.name,
+                error = %e,
+                retry_every = ?RECONNECT_EVERY,
+                "cache backend unreachable at start-up; serving without it until it connects"
+            );
+            Arc::new(LazyStore::new(caps, connect, RECONNECT_EVERY))
+        }
+    }
+}
+
 #[cfg(feature = "redis")]
 async fn connect_redis(config: &Config) -> Result<Arc<dyn CacheStore>, BackendError> {
-    let store = cachegate_redis::connect(&config.redis)
-        .await
-        .map_err(|e| BackendError::Connect(format!("redis: {e}")))?;
-    Ok(Arc::new(store))
+    let cfg = config.redis.clone();
+    let caps = Capabilities {
+        name: "redis",
+        max_value_bytes: cfg.max_value_bytes.as_u64() as usize,
+        shared: true,
+    };
+    let connect: Connect = Arc::new(move || {
+        let cfg = cfg.clone();
+        Box::pin(async move {
+            let store = cachegate_redis::connect(&cfg)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Arc::new(store) as Arc<dyn CacheStore>)
+        })
+    });
+    Ok(connect_or_defer(caps, connect).await)
 }
 
 #[cfg(not(feature = "redis"))]
@@ -79,19 +121,27 @@ pub async fn init(config: &Config) -> Result<(), BackendError> {
             println!("memory backend: nothing to prepare");
             Ok(())
         }
-        BackendKind::Redis => {
-            let cache = build_cache(config).await?;
-            let probe = cachegate_store::StoreKey::hash("init", ["probe"]);
-            cache
-                .get(&probe)
-                .await
-                .error
-                .map_or(Ok(()), |e| Err(BackendError::Connect(e.to_string())))?;
-            println!("redis backend: reachable");
-            Ok(())
-        }
+        BackendKind::Redis => init_redis(config).await,
         BackendKind::Dynamodb => init_dynamodb(config).await,
     }
+}
+
+#[cfg(feature = "redis")]
+async fn init_redis(config: &Config) -> Result<(), BackendError> {
+    let store = cachegate_redis::connect(&config.redis)
+        .await
+        .map_err(|e| BackendError::Connect(format!("redis: {e}")))?;
+    store
+        .ping()
+        .await
+        .map_err(|e| BackendError::Connect(format!("redis: {e}")))?;
+    println!("redis backend: {} answers", store.target());
+    Ok(())
+}
+
+#[cfg(not(feature = "redis"))]
+async fn init_redis(_: &Config) -> Result<(), BackendError> {
+    Err(BackendError::NotBuilt("redis"))
 }
 
 #[cfg(feature = "dynamodb")]

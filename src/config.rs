@@ -317,7 +317,10 @@ impl Config {
         // `CACHEGATE_CONFIG` names the file, it is not a key; `CACHEGATE_TEST_*`
         // belongs to the test suite (service endpoints).
         let env = Env::prefixed("CACHEGATE_")
-            .filter(|k| k.as_str() != "config" && !k.as_str().starts_with("test_"))
+            .filter(|k| {
+                let k = k.as_str().to_ascii_lowercase();
+                k != "config" && !k.starts_with("test_")
+            })
             .split("__");
         Ok(fig.merge(env))
     }

@@ -13,7 +13,7 @@ use reqwest::Url;
 use tokio::sync::watch;
 
 use cachegate_store::tiered::TieredCache;
-use cachegate_store::{now_millis, Entry, Record, StoreKey, UnixMillis, VaryIndex};
+use cachegate_store::{now_millis, Entry, Record, StoreError, StoreKey, UnixMillis, VaryIndex};
 
 use crate::key::{self, Target};
 use crate::policy::{self, Bypass, NotStorable, RequestPolicy, ResponseFacts};
@@ -258,7 +258,7 @@ impl Proxy {
         headers: &HeaderMap,
     ) -> (Option<Entry>, Option<String>) {
         let found = self.cache.get(primary).await;
-        let mut trouble = found.error.map(|e| e.to_string());
+        let mut trouble = found.error;
         let entry = match found.record {
             Some(Record::Entry(e)) => Some(e),
             Some(Record::VaryIndex(v)) => {
@@ -266,7 +266,7 @@ impl Proxy {
                     .cache
                     .get(&key::variant_key(primary, &v.headers, headers))
                     .await;
-                trouble = trouble.or(found.error.map(|e| e.to_string()));
+                trouble = trouble.or(found.error);
                 match found.record {
                     Some(Record::Entry(e)) => Some(e),
                     _ => None,
@@ -274,9 +274,17 @@ impl Proxy {
             }
             None => None,
         };
-        if let Some(t) = &trouble {
-            tracing::warn!(backend = self.cache.backend_name(), error = %t, "cache lookup failed; treating as a miss");
+        match &trouble {
+            // The breaker logged when it opened; once per request is noise.
+            Some(e @ StoreError::CircuitOpen { .. }) => {
+                tracing::debug!(error = %e, "cache skipped; treating as a miss")
+            }
+            Some(e) => {
+                tracing::warn!(backend = self.cache.backend_name(), error = %e, "cache lookup failed; treating as a miss")
+            }
+            None => {}
         }
+        let trouble = trouble.map(|e| e.to_string());
         (entry, trouble)
     }
 

@@ -1,0 +1,224 @@
+//! Two `cachegate serve` processes on one shared backend (a real Redis and a
+//! real DynamoDB-compatible server started by scripts/test): entries are
+//! shared, and a stampede on a cold key reaches the upstream once.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{cachegate, client, get, upstream, Cachegate};
+
+/// The environment that points a cachegate process at `backend`, from the
+/// services scripts/test started. Missing services fail loudly.
+fn backend_env(backend: &str, test: &str) -> Vec<(String, String)> {
+    let need = |var: &str| {
+        std::env::var(var).unwrap_or_else(|_| {
+            panic!(
+                "{var} is not set: run the tests through scripts/test, which starts the services"
+            )
+        })
+    };
+    match backend {
+        "redis" => vec![
+            ("CACHEGATE_BACKEND".into(), "redis".into()),
+            (
+                "CACHEGATE_REDIS__URL".into(),
+                need("CACHEGATE_TEST_REDIS_URL"),
+            ),
+            // Each test in its own namespace of the shared server.
+            (
+                "CACHEGATE_REDIS__KEY_PREFIX".into(),
+                format!("t-{test}-{}:", std::process::id()),
+            ),
+        ],
+        "dynamodb" => vec![
+            ("CACHEGATE_BACKEND".into(), "dynamodb".into()),
+            (
+                "AWS_ENDPOINT_URL_DYNAMODB".into(),
+                need("CACHEGATE_TEST_DYNAMODB_ENDPOINT"),
+            ),
+            ("AWS_REGION".into(), "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID".into(), "test".into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
+            (
+                "CACHEGATE_DYNAMODB__TABLE".into(),
+                format!("cachegate-{test}"),
+            ),
+        ],
+        other => panic!("unknown backend {other}"),
+    }
+}
+
+fn start(upstream_url: &str, env: &[(String, String)], extra: &[(&str, &str)]) -> Cachegate {
+    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    all.extend_from_slice(extra);
+    cachegate(upstream_url, &all)
+}
+
+/// `cachegate init` prepares the backend (creates the DynamoDB table).
+fn init(env: &[(String, String)]) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cachegate"))
+        .arg("init")
+        .env("CACHEGATE_UPSTREAM__URL", "http://127.0.0.1:9")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cachegate init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn two_processes_share_entries(backend: &str) {
+    let env = backend_env(backend, "share");
+    init(&env);
+    let up = upstream().await;
+    let a = start(&up.url, &env, &[]);
+    let b = start(&up.url, &env, &[]);
+    let path = format!("/shared-{}", std::process::id());
+    let url = |cg: &Cachegate| format!("{}{path}?cc=max-age%3D60", cg.url);
+    let first = get(&url(&a)).await;
+    assert_eq!(first.x_cache(), "MISS");
+    assert!(
+        first.header("cache-status").contains("stored"),
+        "{}",
+        first.header("cache-status")
+    );
+    let other = get(&url(&b)).await;
+    assert_eq!(
+        other.x_cache(),
+        "HIT",
+        "{backend}: the second process did not see the entry"
+    );
+    assert_eq!(other.body, first.body);
+    assert_eq!(up.state.hits(&path), 1);
+    let timing = other.header("server-timing");
+    assert!(timing.contains(&format!("desc=\"{backend}\"")), "{timing}");
+}
+
+/// 200 concurrent requests for one cold key, split over two processes, with
+/// an upstream that takes 300 ms: one upstream call, every client the body.
+async fn stampede_reaches_the_upstream_once(backend: &str) {
+    let env = backend_env(backend, "stampede");
+    init(&env);
+    let up = upstream().await;
+    let a = start(&up.url, &env, &[]);
+    let b = start(&up.url, &env, &[]);
+    let path = format!("/stampede-{}", std::process::id());
+    let c = client();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let url = format!(
+                "{}{path}?cc=max-age%3D60&delay_ms=300",
+                if i % 2 == 0 { &a.url } else { &b.url }
+            );
+            let req = c.get(url);
+            tokio::spawn(async move {
+                let t = Instant::now();
+                (common::send(req).await, t.elapsed())
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut body = None;
+    for t in tasks {
+        let (r, took) = t.await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(
+            body.get_or_insert_with(|| r.body.clone()),
+            &r.body,
+            "clients got different bodies"
+        );
+        latencies.push(took);
+    }
+    latencies.sort();
+    eprintln!(
+        "{backend} stampede: upstream calls {}, p50 {:?}, p99 {:?}, all in {:?}",
+        up.state.hits(&path),
+        latencies[100],
+        latencies[197],
+        started.elapsed()
+    );
+    assert_eq!(
+        up.state.hits(&path),
+        1,
+        "{backend}: the stampede reached the upstream more than once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_two_processes_share_entries() {
+    two_processes_share_entries("redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dynamodb_two_processes_share_entries() {
+    two_processes_share_entries("dynamodb").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_stampede_reaches_the_upstream_once() {
+    stampede_reaches_the_upstream_once("redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dynamodb_stampede_reaches_the_upstream_once() {
+    stampede_reaches_the_upstream_once("dynamodb").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_stampede_reaches_the_upstream_once() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[]);
+    let c = client();
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            tokio::spawn(common::send(
+                c.get(format!("{}/cold?cc=max-age%3D60&delay_ms=300", cg.url)),
+            ))
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    assert_eq!(up.state.hits("/cold"), 1);
+}
+
+/// The shared backend stops answering while requests flow: every request
+/// still gets its upstream answer, and the breaker keeps the added latency
+/// bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreachable_backend_is_a_plain_proxy_not_an_outage() {
+    // A port that accepts connections and never answers.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = hung.local_addr().unwrap().port();
+    let _accepting = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hung.accept().await {
+            held.push(s);
+        }
+    });
+    let up = upstream().await;
+    let cg = cachegate(
+        &up.url,
+        &[
+            ("CACHEGATE_BACKEND", "redis"),
+            ("CACHEGATE_REDIS__URL", &format!("redis://127.0.0.1:{port}")),
+        ],
+    );
+    let mut slowest = Duration::ZERO;
+    for i in 0..30 {
+        let t = Instant::now();
+        let r = get(&format!("{}/down-{i}?cc=max-age%3D60", cg.url)).await;
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(r.status, 200);
+        assert_eq!(r.x_cache(), "MISS");
+    }
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a request took {slowest:?} with the cache down"
+    );
+}
