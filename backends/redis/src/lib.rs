@@ -4,7 +4,8 @@
 //!
 //! One [`RedisStore`] per process, made at start-up by [`connect`]; clones
 //! share one multiplexed connection (a `ConnectionManager`, or the cluster
-//! client's connections), which reconnects by itself after a drop. Every
+//! client's connections), which reconnects by itself after a drop, and is
+//! replaced when it goes silent (see `Shared` for why that is needed). Every
 //! command is bounded by [`RedisConfig::response_timeout`] and every
 //! connection attempt by [`RedisConfig::connect_timeout`]; the proxy's
 //! breaker (`cachegate_store::guard`) sits on top.
@@ -57,8 +58,9 @@
 mod config;
 
 use std::fmt;
-use std::sync::{Arc, LazyLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -67,7 +69,7 @@ use cachegate_store::{
     UnixMillis,
 };
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClientBuilder;
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{
     Client, Cmd, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture,
@@ -148,12 +150,124 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// Makes a fresh connection of the configured kind without waiting for it
+/// (it connects on first use).
+enum Factory {
+    Single {
+        client: Client,
+        config: ConnectionManagerConfig,
+    },
+    Cluster {
+        client: ClusterClient,
+        config: ClusterConfig,
+    },
+}
+
+impl Factory {
+    fn fresh(&self) -> Result<Conn, RedisError> {
+        match self {
+            Factory::Single { client, config } => {
+                ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                    .map(Conn::Single)
+            }
+            Factory::Cluster { client, config } => Ok(Conn::Cluster(
+                client.get_pending_async_connection_with_config(config.clone()),
+            )),
+        }
+    }
+}
+
+/// Commands in a row that got no reply at all before a fresh connection
+/// replaces the current one.
+const STALL_LIMIT: u32 = 2;
+/// At most one replacement per this interval.
+const MIN_REPLACE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What every clone of a [`RedisStore`] shares.
+///
+/// The connection manager reconnects by itself when the connection fails
+/// (reset, refused, closed), but not when it goes silent: a reply that
+/// never comes is a timeout, which it retries on the same socket. That is
+/// what a connection dropped without a reset looks like, e.g. one that sat
+/// idle in a frozen Lambda execution environment past the 350 s idle limit
+/// of Lambda's VPC networking. So commands that get no reply (they time out
+/// here, or the caller's own timeout drops them first) are counted, and
+/// after [`STALL_LIMIT`] in a row with no reply in between the connection is
+/// replaced by a fresh one.
+struct Shared {
+    conn: RwLock<Conn>,
+    factory: Factory,
+    stalled: AtomicU32,
+    last_replaced: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    fn conn(&self) -> Conn {
+        if self.stalled.load(Ordering::Relaxed) >= STALL_LIMIT {
+            self.replace_connection();
+        }
+        self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn replace_connection(&self) {
+        let mut last = self.last_replaced.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < MIN_REPLACE_INTERVAL) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let stalled = self.stalled.swap(0, Ordering::Relaxed);
+        match self.factory.fresh() {
+            Ok(fresh) => {
+                *self.conn.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+                tracing::warn!(
+                    backend = BACKEND,
+                    unanswered = stalled,
+                    "redis connection stopped answering; replaced it with a fresh one"
+                );
+            }
+            Err(e) => tracing::warn!(
+                backend = BACKEND,
+                error = %e,
+                "redis connection stopped answering and a fresh one could not be made"
+            ),
+        }
+    }
+}
+
+/// Counts a command as unanswered unless it is marked answered before it
+/// is dropped (which also covers the caller's timeout dropping it).
+struct InFlight<'a> {
+    shared: &'a Shared,
+    answered: bool,
+}
+
+impl InFlight<'_> {
+    fn answered(mut self) {
+        self.answered = true;
+        self.shared.stalled.store(0, Ordering::Relaxed);
+    }
+    /// Failed without a reply from the server, but not by silence (refused,
+    /// reset): the connection manager reconnects by itself.
+    fn failed_fast(mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.shared.stalled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// A [`CacheStore`] on Redis. Cheap to clone; clones share the connection.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: Conn,
+    shared: Arc<Shared>,
     prefix: Arc<str>,
     target: Arc<str>,
+    cluster: bool,
     response_timeout: Duration,
     caps: Capabilities,
 }
@@ -164,9 +278,10 @@ impl fmt::Debug for RedisStore {
             .field("target", &self.target)
             .field(
                 "mode",
-                &match self.conn {
-                    Conn::Single(_) => "standalone",
-                    Conn::Cluster(_) => "cluster",
+                if self.cluster {
+                    &"cluster"
+                } else {
+                    &"standalone"
                 },
             )
             .field("key_prefix", &self.prefix)
@@ -285,29 +400,53 @@ impl RedisStore {
         format!("{}t:{{{}}}", self.prefix, StoreKey::for_tag(tag).as_str())
     }
 
+    fn conn(&self) -> Conn {
+        self.shared.conn()
+    }
+
     /// One command (or script call), bounded by the response timeout, which
     /// also covers waiting for a reconnect in progress.
     async fn run<T, F>(&self, what: &'static str, op: F) -> Result<T, StoreError>
     where
         F: std::future::Future<Output = Result<T, RedisError>>,
     {
+        let in_flight = InFlight {
+            shared: &self.shared,
+            answered: false,
+        };
         match tokio::time::timeout(self.response_timeout, op).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(backend_err(e)),
-            Err(_) => Err(StoreError::Backend {
-                backend: BACKEND,
-                message: format!(
-                    "{what}: no reply within {:?} (response_timeout)",
-                    self.response_timeout
-                ),
-            }),
+            Ok(Ok(v)) => {
+                in_flight.answered();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                if e.is_timeout() {
+                    drop(in_flight);
+                } else if e.is_io_error() || e.is_connection_dropped() {
+                    in_flight.failed_fast();
+                } else {
+                    // The server replied, with an error.
+                    in_flight.answered();
+                }
+                Err(backend_err(e))
+            }
+            Err(_) => {
+                drop(in_flight);
+                Err(StoreError::Backend {
+                    backend: BACKEND,
+                    message: format!(
+                        "{what}: no reply within {:?} (response_timeout)",
+                        self.response_timeout
+                    ),
+                })
+            }
         }
     }
 
     /// A round trip to the server (for `cachegate init` and health checks).
     /// In cluster mode, PING goes to every primary.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let reply: String = self
             .run("PING", redis::cmd("PING").query_async(&mut conn))
             .await?;
@@ -327,7 +466,7 @@ impl RedisStore {
     }
 
     async fn pop_members(&self, set: &str) -> Result<Vec<(String, f64)>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         self.run(
             "ZPOPMIN",
             redis::cmd("ZPOPMIN")
@@ -349,7 +488,7 @@ impl RedisStore {
         for (m, score) in members {
             cmd.arg(*score).arg(m);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         if let Err(e) = self.run("ZADD", cmd.query_async::<i64>(&mut conn)).await {
             tracing::warn!(
                 backend = BACKEND,
@@ -367,7 +506,7 @@ impl RedisStore {
         now: UnixMillis,
     ) -> Result<u64, StoreError> {
         let calls = members.iter().map(|(member, _)| {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn();
             async move {
                 // Members are our own StoreKeys; anything else is not ours.
                 let Some(key) = StoreKey::parse(member) else {
@@ -401,7 +540,7 @@ impl CacheStore for RedisStore {
     }
 
     async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let (value, expires_at): (Option<Bytes>, Option<UnixMillis>) = self
             .run(
                 "HMGET",
@@ -430,7 +569,7 @@ impl CacheStore for RedisStore {
         let vkey = self.value_key(key);
         if is_expired(opts.expires_at, now) {
             // Dead on arrival: whatever was there is replaced by nothing.
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn();
             self.run(
                 "DEL",
                 redis::cmd("DEL").arg(&vkey).query_async::<i64>(&mut conn),
@@ -444,19 +583,27 @@ impl CacheStore for RedisStore {
         let mut tags: Vec<&str> = opts.tags.iter().map(String::as_str).collect();
         tags.sort_unstable();
         tags.dedup();
-        for tag in &tags {
-            let mut conn = self.conn.clone();
-            self.run(
-                "tag add",
-                TAG_ADD
-                    .key(self.tag_key(tag))
-                    .arg(key.as_str())
-                    .arg(opts.expires_at)
-                    .arg(now.saturating_sub(TAG_TRIM_SLACK_MS))
-                    .arg(ttl_ms + TAG_TTL_SLACK_MS)
-                    .invoke_async::<i64>(&mut conn),
-            )
-            .await?;
+        // All tag sets at once (one round trip on the multiplexed
+        // connection), each a single-key script in its own slot.
+        let adds = tags.iter().map(|tag| {
+            let mut conn = self.conn();
+            let set = self.tag_key(tag);
+            async move {
+                self.run(
+                    "tag add",
+                    TAG_ADD
+                        .key(set)
+                        .arg(key.as_str())
+                        .arg(opts.expires_at)
+                        .arg(now.saturating_sub(TAG_TRIM_SLACK_MS))
+                        .arg(ttl_ms + TAG_TTL_SLACK_MS)
+                        .invoke_async::<i64>(&mut conn),
+                )
+                .await
+            }
+        });
+        for added in futures_util::future::join_all(adds).await {
+            added?;
         }
 
         let mut put = PUT.key(vkey);
@@ -464,13 +611,13 @@ impl CacheStore for RedisStore {
         for tag in &tags {
             put.arg(tag_field(tag));
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         self.run("put", put.invoke_async::<i64>(&mut conn)).await?;
         Ok(())
     }
 
     async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let removed: i64 = self
             .run(
                 "delete",
@@ -490,7 +637,7 @@ impl CacheStore for RedisStore {
     ) -> Result<Option<LockToken>, StoreError> {
         let token = LockToken::generate();
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let set: Option<String> = self
             .run(
                 "SET NX",
@@ -507,7 +654,7 @@ impl CacheStore for RedisStore {
     }
 
     async fn unlock(&self, key: &StoreKey, token: &LockToken) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let released: i64 = self
             .run(
                 "unlock",
@@ -707,7 +854,7 @@ pub async fn connect(cfg: &RedisConfig) -> Result<RedisStore, ConnectError> {
     // The whole start-up is bounded too: the libraries' own retries could
     // otherwise add up to several connect timeouts.
     let overall = cfg.connect_timeout * 2 + cfg.response_timeout;
-    let conn = tokio::time::timeout(overall, open(cfg, infos, certs, &target))
+    let (conn, factory) = tokio::time::timeout(overall, open(cfg, infos, certs, &target))
         .await
         .map_err(|_| ConnectError::Timeout {
             target: target.clone(),
@@ -715,7 +862,13 @@ pub async fn connect(cfg: &RedisConfig) -> Result<RedisStore, ConnectError> {
         })??;
 
     let store = RedisStore {
-        conn,
+        shared: Arc::new(Shared {
+            conn: RwLock::new(conn),
+            factory,
+            stalled: AtomicU32::new(0),
+            last_replaced: Mutex::new(None),
+        }),
+        cluster: cfg.cluster,
         prefix: cfg.key_prefix.as_str().into(),
         target: target.as_str().into(),
         response_timeout: cfg.response_timeout,
@@ -727,7 +880,7 @@ pub async fn connect(cfg: &RedisConfig) -> Result<RedisStore, ConnectError> {
     };
     // One real command, so a server that accepts connections but refuses
     // our commands (NOAUTH, ACL, not a cluster) fails start-up clearly.
-    let mut conn = store.conn.clone();
+    let mut conn = store.conn();
     match tokio::time::timeout(
         cfg.connect_timeout + cfg.response_timeout,
         redis::cmd("PING").query_async::<String>(&mut conn),
@@ -752,7 +905,7 @@ async fn open(
     infos: Vec<ConnectionInfo>,
     certs: Option<TlsCertificates>,
     target: &str,
-) -> Result<Conn, ConnectError> {
+) -> Result<(Conn, Factory), ConnectError> {
     if cfg.cluster {
         let mut builder = ClusterClientBuilder::new(infos)
             .connection_timeout(cfg.connect_timeout)
@@ -773,11 +926,15 @@ async fn open(
             field: "url",
             message: e.to_string(),
         })?;
+        // Both timeouts again: a ClusterConfig replaces the builder's.
+        let config = ClusterConfig::new()
+            .set_connection_timeout(cfg.connect_timeout)
+            .set_response_timeout(cfg.response_timeout);
         let conn = client
-            .get_async_connection()
+            .get_async_connection_with_config(config.clone())
             .await
             .map_err(|e| connect_error(e, cfg, target))?;
-        return Ok(Conn::Cluster(conn));
+        return Ok((Conn::Cluster(conn), Factory::Cluster { client, config }));
     }
 
     let info = infos
@@ -804,7 +961,7 @@ async fn open(
         .map_err(|e| connect_error(e, cfg, target))?;
     drop(probe);
 
-    let manager_config = ConnectionManagerConfig::new()
+    let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(cfg.connect_timeout))
         .set_response_timeout(Some(cfg.response_timeout))
         // Reconnects happen in the background while requests fail fast on
@@ -813,8 +970,8 @@ async fn open(
         .set_number_of_retries(3)
         .set_min_delay(Duration::from_millis(20))
         .set_max_delay(Duration::from_millis(500));
-    let manager = ConnectionManager::new_with_config(client, manager_config)
+    let manager = ConnectionManager::new_with_config(client.clone(), config.clone())
         .await
         .map_err(|e| connect_error(e, cfg, target))?;
-    Ok(Conn::Single(manager))
+    Ok((Conn::Single(manager), Factory::Single { client, config }))
 }

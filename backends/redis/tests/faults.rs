@@ -301,3 +301,141 @@ async fn nothing_listening_fails_clearly() {
     assert!(shown.contains(&format!("127.0.0.1:{port}")), "{shown}");
     assert!(matches!(err, ConnectError::Connect { .. }), "{shown}");
 }
+
+/// A TCP relay to a real server that can turn every connection open so far
+/// into a black hole (bytes go in, nothing comes back, no reset), while new
+/// connections are relayed normally: a connection dropped silently by the
+/// network, like an idle one behind Lambda's VPC networking.
+struct Relay {
+    port: u16,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(upstream: u16) -> Relay {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let generation = std::sync::Arc::new(AtomicU64::new(0));
+        let gen = generation.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let born = gen.load(Ordering::SeqCst);
+                let gen = gen.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let g1 = gen.clone();
+                    let up = tokio::spawn(pump(cr, sw, born, g1));
+                    let down = tokio::spawn(pump(sr, cw, born, gen));
+                    let _ = tokio::join!(up, down);
+                });
+            }
+        });
+        Relay {
+            port,
+            generation,
+            task,
+        }
+    }
+
+    /// Every connection open now stops passing bytes, for ever.
+    fn black_hole_open_connections(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    born: u64,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                // Keep a black-holed connection open: no FIN, no reset.
+                if generation.load(std::sync::atomic::Ordering::SeqCst) != born {
+                    std::future::pending::<()>().await;
+                }
+                return;
+            }
+            Ok(n) => n,
+        };
+        if generation.load(std::sync::atomic::Ordering::SeqCst) != born {
+            continue; // swallowed
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The connection goes silent (no reset): the store notices the missing
+/// replies, even when the caller's tighter timeout (the proxy's guard)
+/// abandons each call first, and replaces the connection by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silently_dropped_connection_is_replaced() {
+    let server = Server::start(free_port());
+    let relay = Relay::start(server.port).await;
+    let store = connect(&RedisConfig {
+        url: format!("redis://127.0.0.1:{}", relay.port),
+        connect_timeout: Duration::from_millis(300),
+        response_timeout: Duration::from_millis(250),
+        ..RedisConfig::default()
+    })
+    .await
+    .unwrap();
+    let k = StoreKey::hash("fault", ["silent"]);
+    store
+        .put(&k, Bytes::from_static(b"kept"), &opts(60_000))
+        .await
+        .unwrap();
+
+    relay.black_hole_open_connections();
+    // Like the proxy's guard: 50 ms per read, then the call is dropped.
+    let guard = Duration::from_millis(50);
+    let started = Instant::now();
+    let mut failures = 0;
+    loop {
+        match tokio::time::timeout(guard, store.get(&k)).await {
+            Ok(Ok(v)) => {
+                assert_eq!(v, Some(Bytes::from_static(b"kept")));
+                break;
+            }
+            Ok(Err(_)) | Err(_) => failures += 1,
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still no reply after {failures} tries and {:?}: the silent connection was never replaced",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "silent connection replaced after {failures} unanswered calls, {:?}",
+        started.elapsed()
+    );
+    assert!(failures >= 1, "the black hole did not bite");
+    assert!(failures <= 10, "{failures} failed calls before recovery");
+    store
+        .put(&k, Bytes::from_static(b"again"), &opts(60_000))
+        .await
+        .unwrap();
+    drop(relay);
+    server.stop();
+}
