@@ -1,0 +1,79 @@
+# A DynamoDB-compatible server for the tests: dynalite (npm), in memory, on
+# a free loopback port. Sourced by scripts/test after scripts/lib.sh.
+#
+# Exports:
+#   CACHEGATE_TEST_DYNAMODB_ENDPOINT   http://127.0.0.1:PORT (the running server)
+#   CACHEGATE_TEST_DYNALITE            path of the dynalite executable, for
+#                                      tests that start (and stop) a server of
+#                                      their own
+# Tests set their region and dummy static credentials themselves; nothing
+# AWS_* is exported here.
+#
+# Why dynalite and not moto's server (both checked; dynalite 4.0.0, moto 5.2):
+# - dynalite takes a per-item lock around conditional writes, so a
+#   conditional put is atomic as in DynamoDB (our lock relies on it); moto's
+#   server runs requests on threads without any lock around the
+#   check-then-write, so concurrent lock contenders can both win.
+# - dynalite counts item sizes the way DynamoDB does (binary attributes by
+#   their decoded bytes, numbers in DynamoDB's encoding) and rejects items
+#   over 400 KB; moto counts binary attributes by their base64 text, so it
+#   rejects items DynamoDB accepts (over ~300 KB of binary).
+# - dynalite keeps a new table CREATING for a while (createTableMs), as
+#   DynamoDB does, which exercises init's wait for ACTIVE; moto is ACTIVE at once.
+#
+# Where dynalite differs from DynamoDB, and how the tests cover it:
+# - No UpdateTimeToLive (DescribeTimeToLive always says DISABLED):
+#   ensure_table reports TtlState::Unsupported and logs a warning; the unit
+#   tests check the `ttl` attribute (epoch seconds, rounded up) on the item.
+# - Expired items are never deleted (DynamoDB deletes them lazily, often
+#   hours late): the backend checks the expiry on every read, and a test
+#   reads an item whose expiry has passed while it is still in the table.
+# - No throttling, no capacity limits, no eventual consistency (every read
+#   is consistent): throttling only exists as the SDK's retry config; the
+#   backend reads chunks with ConsistentRead and writes them before the
+#   value item that names them, which the chunk race test checks for order
+#   only, not for replication lag.
+# - Latency is loopback latency, not the service's.
+
+SERVICES+=(start_dynamodb)
+
+DYNALITE_VERSION="4.0.0"
+
+# dynalite_install: dynalite from npm into "$RUN_DIR/dynamodb-npm" (kept
+# between runs; reinstalled when the pinned version changes). Install
+# scripts are skipped: they only build the optional on-disk LevelDB store,
+# and the tests run dynalite in memory.
+dynalite_install() {
+  local prefix="$RUN_DIR/dynamodb-npm"
+  DYNALITE_BIN="$prefix/node_modules/.bin/dynalite"
+  if [ -x "$DYNALITE_BIN" ] && grep -q "\"version\": \"$DYNALITE_VERSION\"" \
+    "$prefix/node_modules/dynalite/package.json" 2>/dev/null; then
+    return 0
+  fi
+  command -v node >/dev/null || die "node not found: install Node.js (apt-get install nodejs npm) for dynalite"
+  command -v npm >/dev/null || die "npm not found: install npm for dynalite"
+  log "npm install dynalite@$DYNALITE_VERSION"
+  mkdir -p "$prefix"
+  npm install --prefix "$prefix" --no-audit --no-fund --no-save --ignore-scripts --loglevel=error \
+    "dynalite@$DYNALITE_VERSION" >"$RUN_DIR/dynamodb-npm.log" 2>&1 \
+    || { tail -n 20 "$RUN_DIR/dynamodb-npm.log" >&2; die "npm install dynalite@$DYNALITE_VERSION failed"; }
+  [ -x "$DYNALITE_BIN" ] || die "dynalite not found at $DYNALITE_BIN after npm install"
+}
+
+start_dynamodb() {
+  dynalite_install
+  rm -rf "$RUN_DIR/dynamodb"
+  mkdir -p "$RUN_DIR/dynamodb"
+  local port
+  port=$(free_port)
+  "$DYNALITE_BIN" --host 127.0.0.1 --port "$port" --createTableMs 300 \
+    >"$RUN_DIR/dynamodb/dynalite.log" 2>&1 &
+  register_pid $!
+  wait_port "$port" 30 || {
+    tail -n 20 "$RUN_DIR/dynamodb/dynalite.log" >&2 || true
+    die "dynalite did not listen on 127.0.0.1:$port (log: $RUN_DIR/dynamodb/dynalite.log)"
+  }
+  export CACHEGATE_TEST_DYNAMODB_ENDPOINT="http://127.0.0.1:$port"
+  export CACHEGATE_TEST_DYNALITE="$DYNALITE_BIN"
+  log "dynamodb: dynalite $DYNALITE_VERSION at $CACHEGATE_TEST_DYNAMODB_ENDPOINT"
+}
