@@ -86,7 +86,10 @@ const BACKEND: &str = "redis";
 const TAG_TRIM_SLACK_MS: u64 = 60_000;
 /// Extra lifetime of a tag set beyond its longest-lived member.
 const TAG_TTL_SLACK_MS: u64 = 60_000;
-/// Members taken from a tag set per round trip while purging.
+/// Longest Redis TTL set (ten years); `expires_at` further out is still
+/// stored and checked exactly, Redis just evicts by this bound.
+const MAX_TTL_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+/// Candidates read from a tag set per round while purging.
 const PURGE_BATCH: usize = 256;
 
 /// Why [`connect`] failed. Messages name what failed (which setting, which
@@ -368,6 +371,23 @@ return 0
     )
 });
 
+/// Remove treated members from a tag set, each only if its score is still
+/// the one read (ARGV: member, score, member, score, ...).
+static FORGET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local n = 0
+for i = 1, #ARGV, 2 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == tonumber(ARGV[i + 1]) then
+    n = n + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return n
+",
+    )
+});
+
 fn tag_field(tag: &str) -> Vec<u8> {
     let mut f = Vec::with_capacity(2 + tag.len());
     f.extend_from_slice(b"t:");
@@ -465,44 +485,43 @@ impl RedisStore {
         &self.target
     }
 
-    async fn pop_members(&self, set: &str) -> Result<Vec<(String, f64)>, StoreError> {
+    /// The first candidates of a tag set, with their scores as Redis
+    /// wrote them.
+    async fn read_members(&self, set: &str) -> Result<Vec<(String, String)>, StoreError> {
         let mut conn = self.conn();
         self.run(
-            "ZPOPMIN",
-            redis::cmd("ZPOPMIN")
+            "ZRANGE",
+            redis::cmd("ZRANGE")
                 .arg(set)
-                .arg(PURGE_BATCH)
+                .arg(0)
+                .arg(PURGE_BATCH - 1)
+                .arg("WITHSCORES")
                 .query_async(&mut conn),
         )
         .await
     }
 
-    /// Best effort: put back candidates a failed purge had taken out, so a
-    /// retry of the purge still finds them.
-    async fn restore_members(&self, set: &str, members: &[(String, f64)]) {
-        if members.is_empty() {
-            return;
-        }
-        let mut cmd = redis::cmd("ZADD");
-        cmd.arg(set);
-        for (m, score) in members {
-            cmd.arg(*score).arg(m);
+    /// Drop treated candidates from the set, unless a put re-recorded one
+    /// meanwhile (its score moved).
+    async fn forget_members(
+        &self,
+        set: &str,
+        members: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        let mut forget = FORGET.key(set);
+        for (member, score) in members {
+            forget.arg(member).arg(score);
         }
         let mut conn = self.conn();
-        if let Err(e) = self.run("ZADD", cmd.query_async::<i64>(&mut conn)).await {
-            tracing::warn!(
-                backend = BACKEND,
-                error = %e,
-                lost = members.len(),
-                "purge failed and could not put its remaining candidates back; those values expire by TTL"
-            );
-        }
+        self.run("forget", forget.invoke_async::<i64>(&mut conn))
+            .await
+            .map(drop)
     }
 
     async fn purge_batch(
         &self,
         field: &[u8],
-        members: &[(String, f64)],
+        members: &[(String, String)],
         now: UnixMillis,
     ) -> Result<u64, StoreError> {
         let calls = members.iter().map(|(member, _)| {
@@ -577,7 +596,7 @@ impl CacheStore for RedisStore {
             .await?;
             return Ok(());
         }
-        let ttl_ms = opts.expires_at - now;
+        let ttl_ms = (opts.expires_at - now).min(MAX_TTL_MS);
 
         // Tags first (see the crate docs for why this order).
         let mut tags: Vec<&str> = opts.tags.iter().map(String::as_str).collect();
@@ -596,7 +615,7 @@ impl CacheStore for RedisStore {
                         .arg(key.as_str())
                         .arg(opts.expires_at)
                         .arg(now.saturating_sub(TAG_TRIM_SLACK_MS))
-                        .arg(ttl_ms + TAG_TTL_SLACK_MS)
+                        .arg(ttl_ms.saturating_add(TAG_TTL_SLACK_MS))
                         .invoke_async::<i64>(&mut conn),
                 )
                 .await
@@ -636,7 +655,9 @@ impl CacheStore for RedisStore {
         ttl: Duration,
     ) -> Result<Option<LockToken>, StoreError> {
         let token = LockToken::generate();
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ttl_ms = u64::try_from(ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .clamp(1, MAX_TTL_MS);
         let mut conn = self.conn();
         let set: Option<String> = self
             .run(
@@ -667,29 +688,22 @@ impl CacheStore for RedisStore {
         Ok(released == 1)
     }
 
-    /// Takes the tag's candidates out of its set in batches (ZPOPMIN, so
-    /// values tagged while the purge runs are purged too, or by the next
-    /// purge) and deletes each candidate whose current value still carries
-    /// the tag. On an error the untreated candidates of the batch are put
-    /// back before the error is returned.
+    /// Works through the tag's candidates in batches: deletes each one
+    /// whose current value still carries the tag, then drops the batch
+    /// from the set. Cancellation-safe: a purge stopped half-way (the
+    /// caller's timeout) leaves the untreated candidates in the set for the
+    /// next purge, never loses them.
     async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError> {
         let set = self.tag_key(tag);
         let field = tag_field(tag);
         let mut removed = 0;
         loop {
-            let members = self.pop_members(&set).await?;
+            let members = self.read_members(&set).await?;
             if members.is_empty() {
                 return Ok(removed);
             }
-            match self.purge_batch(&field, &members, now_millis()).await {
-                Ok(n) => removed += n,
-                Err(e) => {
-                    // Putting back the whole batch is safe: re-checking a
-                    // candidate that was already purged finds nothing.
-                    self.restore_members(&set, &members).await;
-                    return Err(e);
-                }
-            }
+            removed += self.purge_batch(&field, &members, now_millis()).await?;
+            self.forget_members(&set, &members).await?;
         }
     }
 }

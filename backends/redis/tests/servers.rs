@@ -432,3 +432,75 @@ fn config_from_serde() {
     let err = serde_json::from_value::<RedisConfig>(serde_json::json!({"urll": "x"})).unwrap_err();
     assert!(err.to_string().contains("unknown field"), "{err}");
 }
+
+/// A purge cut short by the caller's timeout loses nothing: the next purge
+/// finds every value still tagged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_purge_is_resumed() {
+    let store = connect(&RedisConfig {
+        url: required_env("CACHEGATE_TEST_REDIS_URL"),
+        ..RedisConfig::default()
+    })
+    .await
+    .unwrap();
+    let tag = unique("big-tag");
+    let n = 1_500u64;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+        let mut set = tokio::task::JoinSet::new();
+        for &i in chunk {
+            let store = store.clone();
+            let tag = tag.clone();
+            set.spawn(async move {
+                let k = StoreKey::hash("test", [tag.clone(), i.to_string()]);
+                store
+                    .put(&k, Bytes::from_static(b"x"), &opts(60_000, &[&tag]))
+                    .await
+                    .unwrap();
+            });
+        }
+        set.join_all().await;
+    }
+    // Cut off after a few milliseconds, like the guard's purge timeout.
+    let partial = tokio::time::timeout(Duration::from_millis(5), store.purge_tag(&tag)).await;
+    assert!(
+        partial.is_err(),
+        "1500 values purged in 5ms; make the test bigger"
+    );
+    let rest = store.purge_tag(&tag).await.unwrap();
+    assert!(rest > 0 && rest <= n, "{rest}");
+    for i in 0..n {
+        let k = StoreKey::hash("test", [tag.clone(), i.to_string()]);
+        assert_eq!(store.get(&k).await.unwrap(), None, "value {i} survived");
+    }
+    assert_eq!(store.purge_tag(&tag).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn far_future_expiry() {
+    let store = connect(&RedisConfig {
+        url: required_env("CACHEGATE_TEST_REDIS_URL"),
+        ..RedisConfig::default()
+    })
+    .await
+    .unwrap();
+    let k = StoreKey::hash("test", [unique("forever")]);
+    let opts = PutOptions {
+        expires_at: u64::MAX,
+        tags: vec![unique("forever-tag")],
+    };
+    store
+        .put(&k, Bytes::from_static(b"long"), &opts)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get(&k).await.unwrap(),
+        Some(Bytes::from_static(b"long"))
+    );
+    let t = store
+        .try_lock(&k, Duration::MAX)
+        .await
+        .unwrap()
+        .expect("lock with a huge ttl");
+    assert!(store.unlock(&k, &t).await.unwrap());
+    assert_eq!(store.purge_tag(&opts.tags[0]).await.unwrap(), 1);
+}
