@@ -144,10 +144,17 @@ pub struct CacheConfig {
     /// here. `0s` disables the L1. Default `5s`.
     #[serde(with = "humantime_serde")]
     pub l1_ttl: Duration,
-    /// Longest a miss waits for another request already fetching the same
-    /// key before fetching itself. Default `5s`.
+    /// How long a miss waits for another request already fetching the same
+    /// key (here or, with a shared backend, in another instance) before
+    /// fetching itself. `0s` turns coalescing off. Default `5s`.
     #[serde(with = "humantime_serde")]
     pub coalesce_wait: Duration,
+    /// Response headers whose values tag the entry for purging (surrogate
+    /// keys). Default `["surrogate-key", "cache-tag"]`.
+    pub surrogate_key_headers: Vec<String>,
+    /// Pass those headers on to clients. Default `false`: they describe
+    /// the upstream's data model, not something clients need.
+    pub expose_surrogate_keys: bool,
 }
 
 impl Default for CacheConfig {
@@ -164,6 +171,8 @@ impl Default for CacheConfig {
             edge_max_ttl: None,
             l1_ttl: Duration::from_secs(5),
             coalesce_wait: Duration::from_secs(5),
+            surrogate_key_headers: vec!["surrogate-key".into(), "cache-tag".into()],
+            expose_surrogate_keys: false,
         }
     }
 }
@@ -184,13 +193,31 @@ impl Default for MemoryConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServeConfig {
     /// Address `cachegate serve` listens on. Default `127.0.0.1:3000`.
     pub listen: SocketAddr,
     /// Largest request body accepted. Default `6MiB`; larger gets 413.
     pub max_request_bytes: bytesize::ByteSize,
+    /// Enables `POST /_cachegate/purge` (JSON `{"urls": [...], "tags": [...]}`)
+    /// for requests carrying `Authorization: Bearer <token>`; others get 404.
+    /// Useful with the memory backend, whose cache lives in the process.
+    /// Default: unset, and the path is proxied like any other.
+    pub purge_token: Option<String>,
+}
+
+impl std::fmt::Debug for ServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeConfig")
+            .field("listen", &self.listen)
+            .field("max_request_bytes", &self.max_request_bytes)
+            .field(
+                "purge_token",
+                &self.purge_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 impl Default for ServeConfig {
@@ -198,6 +225,7 @@ impl Default for ServeConfig {
         ServeConfig {
             listen: "127.0.0.1:3000".parse().expect("literal address"),
             max_request_bytes: bytesize::ByteSize::mib(6),
+            purge_token: None,
         }
     }
 }
@@ -360,6 +388,17 @@ impl Config {
         if self.upstream.timeout.is_zero() {
             return Err(invalid("upstream.timeout", "must be more than 0s"));
         }
+        if self
+            .serve
+            .purge_token
+            .as_ref()
+            .is_some_and(|t| t.len() < 16)
+        {
+            return Err(invalid(
+                "serve.purge_token",
+                "must be at least 16 characters",
+            ));
+        }
         if self.memory.capacity.as_u64() < 1024 * 1024 {
             return Err(invalid("memory.capacity", "must be at least 1MiB"));
         }
@@ -371,6 +410,10 @@ impl Config {
             Ok(())
         };
         header_names("cache.key_headers", &self.cache.key_headers)?;
+        header_names(
+            "cache.surrogate_key_headers",
+            &self.cache.surrogate_key_headers,
+        )?;
         for (i, r) in self.routes.iter().enumerate() {
             let key = |field: &str| format!("routes[{i}].{field}");
             if !r.path.starts_with('/') {

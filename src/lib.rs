@@ -40,15 +40,20 @@ pub async fn build_proxy(config: &Config, mode: Mode) -> Result<Arc<Proxy>, Star
     let routes = routes::RouteTable::build(&config.routes, &config.cache)?;
     let cache = backend::build_cache(config).await?;
     let upstream = upstream::Upstream::new(&config.upstream)?;
-    // A fetch lock outlives the longest upstream call its holder can make.
-    let lock_ttl = config.upstream.timeout + std::time::Duration::from_secs(1);
-    Ok(Arc::new(Proxy::new(
-        base,
-        routes,
-        cache,
-        upstream,
+    let settings = proxy::Settings {
         mode,
-        config.cache.coalesce_wait,
-        lock_ttl,
+        coalesce_wait: config.cache.coalesce_wait,
+        // A fetch lock outlives the longest upstream call its holder can make.
+        lock_ttl: config.upstream.timeout + std::time::Duration::from_secs(1),
+        surrogate_key_headers: config
+            .cache
+            .surrogate_key_headers
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
+        expose_surrogate_keys: config.cache.expose_surrogate_keys,
+    };
+    Ok(Arc::new(Proxy::new(
+        base, routes, cache, upstream, settings,
     )))
 }

@@ -36,6 +36,16 @@ enum Command {
     Init,
     /// Check the configuration and print it (secrets redacted).
     Config,
+    /// Remove entries from the shared cache (redis, dynamodb) by URL (all
+    /// its Vary variants) or by tag; prints how many were removed.
+    Purge {
+        /// A URL or path as clients request it, e.g. /items/1?lang=en (repeatable).
+        #[arg(long = "url", value_name = "URL")]
+        urls: Vec<String>,
+        /// A route tag or surrogate key (repeatable).
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+    },
 }
 
 fn init_tracing(json: bool) {
@@ -73,11 +83,12 @@ fn main() -> ExitCode {
                 println!("{config:#?}");
                 Ok(())
             }
+            Some(Command::Purge { urls, tags }) => purge(&config, &urls, &tags).await,
             Some(Command::Init) => cachegate::backend::init(&config).await.map_err(|e| e.to_string()),
             Some(Command::Serve { listen }) => match cachegate::build_proxy(&config, Mode::Serve).await {
                 Ok(proxy) => {
                     let listen = listen.unwrap_or(config.serve.listen);
-                    cachegate::serve::run(proxy, listen, config.serve.max_request_bytes.as_u64() as usize)
+                    cachegate::serve::run(proxy, listen, &config.serve)
                         .await
                         .map_err(|e| format!("serve: {e}"))
                 }
@@ -100,4 +111,36 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+async fn purge(config: &Config, urls: &[String], tags: &[String]) -> Result<(), String> {
+    if urls.is_empty() && tags.is_empty() {
+        return Err("purge: name at least one --url or --tag".into());
+    }
+    if config.backend == cachegate::config::BackendKind::Memory {
+        return Err("purge: the memory backend lives inside each cachegate process; \
+                    purge it through `POST /_cachegate/purge` (serve.purge_token) or configure redis/dynamodb"
+            .into());
+    }
+    let proxy = cachegate::build_proxy(config, Mode::Serve)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut removed = 0;
+    let mut targets: Vec<(String, String)> = Vec::new();
+    for url in urls {
+        targets.push((format!("url {url}"), proxy.url_tag(url)?));
+    }
+    for tag in tags {
+        targets.push((format!("tag {tag}"), tag.clone()));
+    }
+    for (what, tag) in targets {
+        let n = proxy
+            .purge_tag(&tag)
+            .await
+            .map_err(|e| format!("purge {what}: {e}"))?;
+        println!("{what}: removed {n}");
+        removed += n;
+    }
+    println!("removed {removed} entries");
+    Ok(())
 }

@@ -13,7 +13,9 @@ use reqwest::Url;
 use tokio::sync::watch;
 
 use cachegate_store::tiered::TieredCache;
-use cachegate_store::{now_millis, Entry, Record, StoreError, StoreKey, UnixMillis, VaryIndex};
+use cachegate_store::{
+    now_millis, Entry, PurgeMark, Record, StoreError, StoreKey, UnixMillis, VaryIndex,
+};
 
 use crate::key::{self, Target};
 use crate::policy::{self, Bypass, NotStorable, RequestPolicy, ResponseFacts};
@@ -34,16 +36,26 @@ pub enum Mode {
 /// response may be private to the request that caused it).
 type Shared = Option<(Arc<Entry>, Option<Vec<String>>, StoreKey)>;
 
+/// Process-wide settings of the request flow.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub mode: Mode,
+    /// How long a miss waits for the same key's fetch (`cache.coalesce_wait`).
+    pub coalesce_wait: Duration,
+    /// How long a cross-instance fetch lock lives if its holder dies.
+    pub lock_ttl: Duration,
+    /// Lower-case response header names carrying surrogate keys.
+    pub surrogate_key_headers: Vec<String>,
+    pub expose_surrogate_keys: bool,
+}
+
 /// The proxy: one per process, shared by every request.
 pub struct Proxy {
     base: Url,
     routes: RouteTable,
     cache: TieredCache,
     upstream: Upstream,
-    mode: Mode,
-    coalesce_wait: Duration,
-    /// How long a cross-instance fetch lock lives if its holder dies.
-    lock_ttl: Duration,
+    settings: Settings,
     /// Fetches in flight in this process, by primary key.
     inflight: Mutex<HashMap<StoreKey, watch::Receiver<Option<Shared>>>>,
 }
@@ -88,18 +100,14 @@ impl Proxy {
         routes: RouteTable,
         cache: TieredCache,
         upstream: Upstream,
-        mode: Mode,
-        coalesce_wait: Duration,
-        lock_ttl: Duration,
+        settings: Settings,
     ) -> Self {
         Proxy {
             base,
             routes,
             cache,
             upstream,
-            mode,
-            coalesce_wait,
-            lock_ttl,
+            settings,
             inflight: Mutex::default(),
         }
     }
@@ -206,7 +214,7 @@ impl Proxy {
             // that wins the refresh here and, with a shared store, the lock.
             if now < entry.stale_while_revalidate_until {
                 let running = self.is_fetching(&miss.primary);
-                let detail = match (running, self.mode) {
+                let detail = match (running, self.settings.mode) {
                     (true, _) => Some("refresh in progress"),
                     (false, Mode::Serve) => {
                         let (this, miss, stale) = (self.clone(), miss.clone(), entry.clone());
@@ -272,7 +280,7 @@ impl Proxy {
                     _ => None,
                 }
             }
-            None => None,
+            Some(Record::PurgeMark(_)) | None => None,
         };
         match &trouble {
             // The breaker logged when it opened; once per request is noise.
@@ -318,10 +326,11 @@ impl Proxy {
             .send(method, target.url.clone(), headers, body)
             .await
         {
-            Ok(resp) => {
+            Ok(mut resp) => {
                 let upstream_time = sent_at.elapsed();
+                hide_surrogate_keys(&mut resp.headers, &self.settings);
                 if unsafe_method && (resp.status.is_success() || resp.status.is_redirection()) {
-                    if let Err(e) = self.cache.purge_tag(&target.url_tag()).await {
+                    if let Err(e) = self.purge_tag(&target.url_tag()).await {
                         tracing::warn!(error = %e, "invalidation after {} failed", why.as_str());
                     }
                 }
@@ -391,7 +400,7 @@ impl Proxy {
             let outcome = stale_while_revalidate_outcome(s, now_millis(), "refresh in progress");
             return Ok(Fetched::Entry(Arc::new(s.clone()), outcome));
         }
-        let shared = tokio::time::timeout(self.coalesce_wait, async {
+        let shared = tokio::time::timeout(self.settings.coalesce_wait, async {
             rx.wait_for(|v| v.is_some()).await.map(|v| v.clone())
         })
         .await;
@@ -422,7 +431,7 @@ impl Proxy {
             return self.fetch(miss, stale).await;
         }
         let lock = StoreKey::hash("lock", [miss.primary.as_str()]);
-        match self.cache.try_lock(&lock, self.lock_ttl).await {
+        match self.cache.try_lock(&lock, self.settings.lock_ttl).await {
             Ok(Some(token)) => {
                 let result = self.fetch(miss, stale).await;
                 if let Err(e) = self.cache.unlock(&lock, &token).await {
@@ -463,7 +472,7 @@ impl Proxy {
         lock: &StoreKey,
         stale: Option<&Entry>,
     ) -> Option<Entry> {
-        let deadline = tokio::time::Instant::now() + self.coalesce_wait;
+        let deadline = tokio::time::Instant::now() + self.settings.coalesce_wait;
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(LOCK_POLL).await;
             let (found, trouble) = self.lookup(&miss.primary, &miss.headers).await;
@@ -570,7 +579,7 @@ impl Proxy {
         };
 
         // A 304 to our conditional request refreshes the stale entry (RFC 9111 §4.3.4).
-        let (status, resp_headers, body, revalidated) = match (resp.status, stale) {
+        let (status, mut resp_headers, body, inherited_tags) = match (resp.status, stale) {
             (StatusCode::NOT_MODIFIED, Some(s)) => {
                 let mut merged = header_map_of(&s);
                 for (name, value) in resp.headers.iter() {
@@ -582,11 +591,18 @@ impl Proxy {
                     StatusCode::from_u16(s.status).unwrap_or(StatusCode::OK),
                     merged,
                     s.body.clone(),
-                    true,
+                    Some(s.tags),
                 )
             }
-            _ => (resp.status, resp.headers.clone(), resp.body.clone(), false),
+            _ => (resp.status, resp.headers.clone(), resp.body.clone(), None),
         };
+        let revalidated = inherited_tags.is_some();
+        let mut tags = inherited_tags.unwrap_or_default();
+        tags.extend(surrogate_keys(
+            &resp_headers,
+            &self.settings.surrogate_key_headers,
+        ));
+        hide_surrogate_keys(&mut resp_headers, &self.settings);
 
         let storable = if *method == Method::HEAD {
             Err(NotStorable::Head)
@@ -627,8 +643,10 @@ impl Proxy {
             }
         };
 
-        let mut tags = rule.tags.clone();
+        tags.extend(rule.tags.iter().cloned());
         tags.push(target.url_tag());
+        tags.sort();
+        tags.dedup();
         let entry = Entry {
             status: status.as_u16(),
             headers: stored_headers(&resp_headers, freshness.strip_set_cookie),
@@ -641,7 +659,13 @@ impl Proxy {
             tags,
         };
         let vary = key::vary_names(&resp_headers).unwrap_or_default();
-        let stored = self.store(primary, &vary, client_headers, &entry).await;
+        let stored = if self.purged_since(&entry.tags, request_time).await {
+            // A purge ran while this response was on its way: it may be
+            // older than what the purge made room for.
+            false
+        } else {
+            self.store(primary, &vary, client_headers, &entry).await
+        };
         let x_cache = if revalidated { "HIT" } else { "MISS" };
         let stored_param = if stored { "; stored" } else { "" };
         let outcome = Outcome::timed(
@@ -650,6 +674,55 @@ impl Proxy {
             format!("fwd={fwd}; fwd-status={fwd_status}{stored_param}{detail}"),
         );
         Ok(Fetched::Entry(Arc::new(entry), outcome))
+    }
+
+    /// Whether any of `tags` was purged at or after `since` (the purge
+    /// marks live as long as a fetch lock, the longest a fetch can take).
+    async fn purged_since(&self, tags: &[String], since: UnixMillis) -> bool {
+        for tag in tags {
+            if let Some(Record::PurgeMark(m)) = self.cache.get(&purge_mark_key(tag)).await.record {
+                if m.purged_at >= since {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Remove every entry tagged `tag` (all `Vary` variants of a URL carry
+    /// its URL tag). First a mark that keeps fetches already in flight from
+    /// storing their older responses under the tag (a timestamp check: it
+    /// needs no coordination and costs a read per tag only on stores), then
+    /// the purge itself. Returns how many entries were removed.
+    pub async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError> {
+        let now = now_millis();
+        let mark = Record::PurgeMark(PurgeMark {
+            purged_at: now,
+            expires_at: now + self.settings.lock_ttl.as_millis() as u64,
+        });
+        if let Err(e) = self.cache.put(&purge_mark_key(tag), &mark).await {
+            tracing::warn!(error = %e, "could not leave a purge mark; an in-flight fetch may re-store an older response");
+        }
+        self.cache.purge_tag(tag).await
+    }
+
+    /// The tag naming every stored variant of `url` (a path with optional
+    /// query, or an absolute URL whose scheme and host are ignored),
+    /// resolved exactly as a request for it would be.
+    pub fn url_tag(&self, url: &str) -> Result<String, String> {
+        let parsed;
+        let (path, query) = if url.starts_with('/') {
+            match url.split_once('?') {
+                Some((p, q)) => (p, Some(q)),
+                None => (url, None),
+            }
+        } else {
+            parsed =
+                Url::parse(url).map_err(|e| format!("`{url}` is neither a path nor a URL: {e}"))?;
+            (parsed.path(), parsed.query())
+        };
+        let rule = self.routes.rule_for(path);
+        Ok(Target::resolve(&self.base, path, query, &rule.ignored_query_params).url_tag())
     }
 
     /// Write the entry (and a Vary index when it varies). Failures are
@@ -676,6 +749,10 @@ impl Proxy {
         };
         match self.cache.put(&key, &Record::Entry(entry.clone())).await {
             Ok(()) => true,
+            Err(e @ StoreError::CircuitOpen { .. }) => {
+                tracing::debug!(error = %e, "not stored: cache skipped");
+                false
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "storing the response failed; served without caching");
                 false
@@ -757,6 +834,10 @@ struct MissCtx {
     cache_down: bool,
 }
 
+fn purge_mark_key(tag: &str) -> StoreKey {
+    StoreKey::hash("purge-mark", [tag])
+}
+
 /// The key an entry for these request headers is stored under.
 fn stored_under(primary: &StoreKey, vary: Option<&[String]>, headers: &HeaderMap) -> StoreKey {
     match vary {
@@ -809,6 +890,27 @@ impl Drop for LeaderGuard<'_> {
 /// Headers kept with an entry: not hop-by-hop, not `Age` (recomputed), not
 /// `Set-Cookie` when the response is stored without it, not
 /// `Content-Length` (the body is its own length).
+/// The surrogate keys (tags) a response names: space-separated as in
+/// `Surrogate-Key`, comma-separated as in `Cache-Tag`.
+fn surrogate_keys(headers: &HeaderMap, names: &[String]) -> Vec<String> {
+    names
+        .iter()
+        .flat_map(|n| headers.get_all(n.as_str()))
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(|c: char| c == ' ' || c == ','))
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn hide_surrogate_keys(headers: &mut HeaderMap, settings: &Settings) {
+    if !settings.expose_surrogate_keys {
+        for n in &settings.surrogate_key_headers {
+            headers.remove(n.as_str());
+        }
+    }
+}
+
 fn stored_headers(headers: &HeaderMap, strip_set_cookie: bool) -> Vec<(String, Bytes)> {
     headers
         .iter()

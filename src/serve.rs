@@ -7,11 +7,107 @@ use axum::body::Body;
 use axum::extract::State;
 use http::{Request, Response, StatusCode};
 
+use crate::config::ServeConfig;
 use crate::proxy::{json_error, Proxy};
 
 struct ServeState {
     proxy: Arc<Proxy>,
     max_request_bytes: usize,
+    purge_token: Option<String>,
+}
+
+/// The one path serve mode keeps for itself, and only when a purge token is configured.
+pub const PURGE_PATH: &str = "/_cachegate/purge";
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeRequest {
+    #[serde(default)]
+    urls: Vec<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn purge(
+    proxy: &Proxy,
+    method: &http::Method,
+    headers: &http::HeaderMap,
+    body: &[u8],
+    token: &str,
+) -> Response<bytes::Bytes> {
+    let authorised = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .is_some_and(|t| token_matches(t, token.as_bytes()));
+    if !authorised {
+        // Indistinguishable from a path that does not exist.
+        return json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
+    }
+    if method != http::Method::POST {
+        return json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use POST",
+        );
+    }
+    let request: PurgeRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_purge_request",
+                &format!("expected {{\"urls\": [...], \"tags\": [...]}}: {e}"),
+            )
+        }
+    };
+    let mut report = serde_json::Map::new();
+    let mut removed = 0;
+    for (kind, items) in [("urls", &request.urls), ("tags", &request.tags)] {
+        let mut per_item = serde_json::Map::new();
+        for item in items {
+            let tag = if kind == "urls" {
+                match proxy.url_tag(item) {
+                    Ok(t) => t,
+                    Err(e) => return json_error(StatusCode::BAD_REQUEST, "bad_purge_request", &e),
+                }
+            } else {
+                item.clone()
+            };
+            match proxy.purge_tag(&tag).await {
+                Ok(n) => {
+                    removed += n;
+                    per_item.insert(item.clone(), n.into());
+                }
+                Err(e) => {
+                    return json_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "purge_failed",
+                        &e.to_string(),
+                    )
+                }
+            }
+        }
+        report.insert(kind.into(), per_item.into());
+    }
+    report.insert("removed".into(), removed.into());
+    let mut resp = Response::new(bytes::Bytes::from(
+        serde_json::Value::Object(report).to_string(),
+    ));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 async fn handle(State(state): State<Arc<ServeState>>, req: Request<Body>) -> Response<Body> {
@@ -27,6 +123,13 @@ async fn handle(State(state): State<Arc<ServeState>>, req: Request<Body>) -> Res
             .map(Body::from)
         }
     };
+    if let Some(token) = &state.purge_token {
+        if parts.uri.path() == PURGE_PATH {
+            return purge(&state.proxy, &parts.method, &parts.headers, &body, token)
+                .await
+                .map(Body::from);
+        }
+    }
     state
         .proxy
         .handle(Request::from_parts(parts, body))
@@ -35,27 +138,28 @@ async fn handle(State(state): State<Arc<ServeState>>, req: Request<Body>) -> Res
 }
 
 /// The router serving every path through the proxy.
-pub fn router(proxy: Arc<Proxy>, max_request_bytes: usize) -> axum::Router {
+pub fn router(proxy: Arc<Proxy>, serve: &ServeConfig) -> axum::Router {
     axum::Router::new()
         .fallback(handle)
         .with_state(Arc::new(ServeState {
             proxy,
-            max_request_bytes,
+            max_request_bytes: serve.max_request_bytes.as_u64() as usize,
+            purge_token: serve.purge_token.clone(),
         }))
 }
 
-/// Serve until SIGINT/SIGTERM, then finish in-flight requests.
+/// Serve on `listen` until SIGINT/SIGTERM, then finish in-flight requests.
 pub async fn run(
     proxy: Arc<Proxy>,
     listen: SocketAddr,
-    max_request_bytes: usize,
+    serve: &ServeConfig,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, backend = proxy.cache().backend_name(), "cachegate serving");
     // A line on stdout that scripts and tests can wait for.
     println!("cachegate listening on http://{addr}");
-    axum::serve(listener, router(proxy, max_request_bytes))
+    axum::serve(listener, router(proxy, serve))
         .with_graceful_shutdown(shutdown_signal())
         .await
 }

@@ -586,3 +586,150 @@ async fn unkeyed_routing_headers_cannot_poison_the_cache() {
         "b.example"
     );
 }
+
+const TOKEN: &str = "purge-token-0123456789";
+
+async fn purge(cg: &common::Cachegate, token: &str, body: serde_json::Value) -> common::Got {
+    send(
+        client()
+            .post(format!("{}/_cachegate/purge", cg.url))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body.to_string()),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn purge_by_url_removes_every_variant_and_by_tag_only_its_entries() {
+    let up = upstream().await;
+    let cg = cachegate(
+        &up.url,
+        &[
+            ("CACHEGATE_SERVE__PURGE_TOKEN", TOKEN),
+            (
+                "CACHEGATE_ROUTES",
+                "[{path=\"/tagged/{id}\", tags=[\"tagged\"]}]",
+            ),
+        ],
+    );
+    let c = client();
+    let varied = format!("{}/v?{CACHEABLE}&vary=Accept-Language", cg.url);
+    let other = format!("{}/other?{CACHEABLE}", cg.url);
+    let tagged = format!("{}/tagged/1?{CACHEABLE}", cg.url);
+    let surrogate = format!("{}/s?{CACHEABLE}&surrogate=product-7%20catalog", cg.url);
+    for lang in ["en", "fr"] {
+        send(c.get(&varied).header("accept-language", lang)).await;
+    }
+    for url in [&other, &tagged, &surrogate] {
+        let r = get(url).await;
+        assert_eq!(
+            r.header("surrogate-key"),
+            "",
+            "surrogate keys leaked to the client"
+        );
+    }
+    assert_eq!(
+        send(c.get(&varied).header("accept-language", "fr"))
+            .await
+            .x_cache(),
+        "HIT"
+    );
+
+    // By URL, as a client would write it (query in another order): both variants.
+    let r = purge(
+        &cg,
+        TOKEN,
+        serde_json::json!({"urls": [format!("/v?vary=Accept-Language&{CACHEABLE}")]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["removed"], 2);
+    for lang in ["en", "fr"] {
+        assert_eq!(
+            send(c.get(&varied).header("accept-language", lang))
+                .await
+                .x_cache(),
+            "MISS",
+            "{lang} variant survived"
+        );
+    }
+    assert_eq!(get(&other).await.x_cache(), "HIT");
+
+    // By route tag and by surrogate key: exactly those entries.
+    let r = purge(
+        &cg,
+        TOKEN,
+        serde_json::json!({"tags": ["tagged", "product-7"]}),
+    )
+    .await;
+    assert_eq!(r.json()["tags"]["tagged"], 1);
+    assert_eq!(r.json()["tags"]["product-7"], 1);
+    assert_eq!(get(&tagged).await.x_cache(), "MISS");
+    assert_eq!(get(&surrogate).await.x_cache(), "MISS");
+    assert_eq!(get(&other).await.x_cache(), "HIT");
+
+    // Without the right token the endpoint does not exist.
+    assert_eq!(
+        purge(
+            &cg,
+            "wrong-token-0123456789",
+            serde_json::json!({"tags": ["x"]})
+        )
+        .await
+        .status,
+        404
+    );
+    assert_eq!(
+        send(c.post(format!("{}/_cachegate/purge", cg.url)).body("{}"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(up.state.hits("/_cachegate/purge"), 0);
+}
+
+#[tokio::test]
+async fn without_a_token_the_purge_path_is_an_ordinary_path() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[]);
+    let r = send(
+        client()
+            .post(format!("{}/_cachegate/purge", cg.url))
+            .body("{}"),
+    )
+    .await;
+    assert_eq!(r.x_cache(), "BYPASS");
+    assert_eq!(up.state.hits("/_cachegate/purge"), 1);
+}
+
+#[tokio::test]
+async fn a_purge_during_a_fetch_keeps_the_older_response_out() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[("CACHEGATE_SERVE__PURGE_TOKEN", TOKEN)]);
+    let url = format!("{}/race?{CACHEABLE}&delay_ms=600", cg.url);
+    let in_flight = tokio::spawn(get_owned(url.clone()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The upstream changed and the purge says so, while the old answer is on its way.
+    up.state.set_version("/race", "2");
+    let r = purge(
+        &cg,
+        TOKEN,
+        serde_json::json!({"urls": [format!("/race?{CACHEABLE}&delay_ms=600")]}),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let old = in_flight.await.unwrap();
+    assert_eq!(old.json()["version"], "1");
+    let next = get(&url).await;
+    assert_eq!(
+        next.x_cache(),
+        "MISS",
+        "the response fetched before the purge was stored after it"
+    );
+    assert_eq!(next.json()["version"], "2");
+}
+
+async fn get_owned(url: String) -> common::Got {
+    get(&url).await
+}

@@ -222,3 +222,65 @@ async fn an_unreachable_backend_is_a_plain_proxy_not_an_outage() {
         "a request took {slowest:?} with the cache down"
     );
 }
+
+/// `cachegate purge` talks to the shared backend directly: what it removes
+/// is gone for every process.
+async fn purge_cli_reaches_every_process(backend: &str) {
+    let env = backend_env(backend, "purge");
+    init(&env);
+    let up = upstream().await;
+    // No L1: it would keep a copy for up to cache.l1_ttl after a purge made elsewhere.
+    let a = start(&up.url, &env, &[("CACHEGATE_CACHE__L1_TTL", "0s")]);
+    let b = start(&up.url, &env, &[("CACHEGATE_CACHE__L1_TTL", "0s")]);
+    let id = std::process::id();
+    let keep = format!("/keep-{id}?cc=max-age%3D60");
+    let gone = format!("/gone-{id}?cc=max-age%3D60&surrogate=k-{id}");
+    let varied = format!("/varied-{id}?cc=max-age%3D60&vary=Accept-Language");
+    let c = client();
+    for path in [&keep, &gone] {
+        assert_eq!(get(&format!("{}{path}", a.url)).await.x_cache(), "MISS");
+        assert_eq!(get(&format!("{}{path}", b.url)).await.x_cache(), "HIT");
+    }
+    for lang in ["en", "fr"] {
+        common::send(
+            c.get(format!("{}{varied}", a.url))
+                .header("accept-language", lang),
+        )
+        .await;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cachegate"))
+        .args(["purge", "--url", &varied, "--tag", &format!("k-{id}")])
+        .env("CACHEGATE_UPSTREAM__URL", &up.url)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("removed 3 entries"), "{stdout}");
+    assert_eq!(get(&format!("{}{gone}", b.url)).await.x_cache(), "MISS");
+    for lang in ["en", "fr"] {
+        let r = common::send(
+            c.get(format!("{}{varied}", b.url))
+                .header("accept-language", lang),
+        )
+        .await;
+        assert_eq!(r.x_cache(), "MISS", "{lang} variant survived the purge");
+    }
+    assert_eq!(get(&format!("{}{keep}", a.url)).await.x_cache(), "HIT");
+    assert_eq!(get(&format!("{}{keep}", b.url)).await.x_cache(), "HIT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_purge_cli_reaches_every_process() {
+    purge_cli_reaches_every_process("redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dynamodb_purge_cli_reaches_every_process() {
+    purge_cli_reaches_every_process("dynamodb").await;
+}

@@ -116,6 +116,15 @@ async fn answer(State(state): State<Arc<UpstreamState>>, req: Request<Body>) -> 
         form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
             .into_owned()
             .collect();
+    // What the answer says is decided when the request arrives.
+    let path = parts.uri.path().to_owned();
+    let version = state
+        .versions
+        .lock()
+        .unwrap()
+        .get(&path)
+        .cloned()
+        .unwrap_or_else(|| "1".into());
     if let Some(ms) = q.get("delay_ms") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
     }
@@ -131,14 +140,6 @@ async fn answer(State(state): State<Arc<UpstreamState>>, req: Request<Body>) -> 
     let mut set = |name: &'static str, v: &str| {
         h.append(name, HeaderValue::from_str(v).unwrap());
     };
-    let path = parts.uri.path().to_owned();
-    let version = state
-        .versions
-        .lock()
-        .unwrap()
-        .get(&path)
-        .cloned()
-        .unwrap_or_else(|| "1".into());
     // `cc_v2`: the Cache-Control once the test has moved the path past version 1.
     match (q.get("cc"), q.get("cc_v2")) {
         (_, Some(v2)) if version != "1" => set("cache-control", v2),

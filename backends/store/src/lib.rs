@@ -27,7 +27,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use key::StoreKey;
-pub use record::{DecodeError, Entry, Record, VaryIndex};
+pub use record::{DecodeError, Entry, PurgeMark, Record, VaryIndex};
 
 /// Milliseconds since the Unix epoch: the one time unit every backend stores.
 pub type UnixMillis = u64;

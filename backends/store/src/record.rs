@@ -16,6 +16,7 @@ const MAGIC: &[u8; 2] = b"CG";
 pub const FORMAT_VERSION: u8 = 1;
 const KIND_ENTRY: u8 = 1;
 const KIND_VARY_INDEX: u8 = 2;
+const KIND_PURGE_MARK: u8 = 3;
 const HEADER_LEN: usize = 2 + 1 + 1 + 4;
 
 /// A stored response with its freshness and stale windows.
@@ -79,11 +80,20 @@ pub struct VaryIndex {
     pub expires_at: UnixMillis,
 }
 
+/// Left under a tag's marker key by a purge: a fetch that started before
+/// `purged_at` must not store its (older) response under that tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeMark {
+    pub purged_at: UnixMillis,
+    pub expires_at: UnixMillis,
+}
+
 /// Everything a backend can hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     Entry(Entry),
     VaryIndex(VaryIndex),
+    PurgeMark(PurgeMark),
 }
 
 impl Record {
@@ -91,6 +101,7 @@ impl Record {
         match self {
             Record::Entry(e) => e.expires_at(),
             Record::VaryIndex(v) => v.expires_at,
+            Record::PurgeMark(m) => m.expires_at,
         }
     }
     pub fn is_expired(&self, now: UnixMillis) -> bool {
@@ -154,6 +165,7 @@ impl Record {
                 }),
             ),
             Record::VaryIndex(v) => (KIND_VARY_INDEX, postcard::to_allocvec(v)),
+            Record::PurgeMark(m) => (KIND_PURGE_MARK, postcard::to_allocvec(m)),
         };
         // Serialising owned, in-memory structs into a Vec cannot fail.
         let payload = payload.expect("postcard serialisation into a Vec");
@@ -211,6 +223,13 @@ impl Record {
                 }
                 Ok(Record::VaryIndex(v))
             }
+            KIND_PURGE_MARK => {
+                let (m, rest): (PurgeMark, _) = postcard::take_from_bytes(payload).map_err(bad)?;
+                if !rest.is_empty() {
+                    return Err(DecodeError::Payload("trailing bytes".into()));
+                }
+                Ok(Record::PurgeMark(m))
+            }
             other => Err(DecodeError::Payload(format!("unknown record kind {other}"))),
         }
     }
@@ -249,6 +268,11 @@ mod tests {
             expires_at: 5,
         });
         assert_eq!(Record::decode(&v.encode()).unwrap(), v);
+        let m = Record::PurgeMark(PurgeMark {
+            purged_at: 3,
+            expires_at: 9,
+        });
+        assert_eq!(Record::decode(&m.encode()).unwrap(), m);
     }
 
     #[test]

@@ -208,6 +208,6 @@ impl TieredCache {
 fn tags_of(record: &Record) -> Vec<String> {
     match record {
         Record::Entry(e) => e.tags.clone(),
-        Record::VaryIndex(_) => Vec::new(),
+        Record::VaryIndex(_) | Record::PurgeMark(_) => Vec::new(),
     }
 }
