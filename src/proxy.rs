@@ -897,7 +897,7 @@ fn surrogate_keys(headers: &HeaderMap, names: &[String]) -> Vec<String> {
         .iter()
         .flat_map(|n| headers.get_all(n.as_str()))
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(|c: char| c == ' ' || c == ','))
+        .flat_map(|v| v.split([' ', ',']))
         .filter(|t| !t.is_empty())
         .map(str::to_owned)
         .collect()
