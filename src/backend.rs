@@ -103,10 +103,22 @@ async fn connect_redis(_: &Config) -> Result<Arc<dyn CacheStore>, BackendError> 
 
 #[cfg(feature = "dynamodb")]
 async fn connect_dynamodb(config: &Config) -> Result<Arc<dyn CacheStore>, BackendError> {
-    let store = cachegate_dynamodb::connect(&config.dynamodb)
-        .await
-        .map_err(|e| BackendError::Connect(format!("dynamodb: {e}")))?;
-    Ok(Arc::new(store))
+    let cfg = config.dynamodb.clone();
+    let caps = Capabilities {
+        name: "dynamodb",
+        max_value_bytes: cfg.max_value_bytes,
+        shared: true,
+    };
+    let connect: Connect = Arc::new(move || {
+        let cfg = cfg.clone();
+        Box::pin(async move {
+            let store = cachegate_dynamodb::connect(&cfg)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Arc::new(store) as Arc<dyn CacheStore>)
+        })
+    });
+    Ok(connect_or_defer(caps, connect).await)
 }
 
 #[cfg(not(feature = "dynamodb"))]
