@@ -6,9 +6,13 @@
 #   CACHEGATE_TEST_REDIS_URL           redis://127.0.0.1:PORT (standalone)
 #   CACHEGATE_TEST_REDIS_AUTH_URL      redis://127.0.0.1:PORT (requirepass; no password in it)
 #   CACHEGATE_TEST_REDIS_PASSWORD      that server's password (random per run)
+#   CACHEGATE_TEST_REDIS_USERNAME      an ACL user on that server, same password,
+#                                      allowed only keys matching cgacl:*
 #   CACHEGATE_TEST_REDIS_TLS_URL       rediss://127.0.0.1:PORT (TLS only, no plain port)
 #   CACHEGATE_TEST_REDIS_TLS_CA        PEM file of the CA that signed the server certificate
 #   CACHEGATE_TEST_REDIS_CLUSTER_URL   redis://127.0.0.1:P1,redis://127.0.0.1:P2,redis://127.0.0.1:P3
+#   CACHEGATE_TEST_REDIS_TLS_CLUSTER_URL  rediss://... x3: a 3-node cluster over TLS only
+#                                      (clients and cluster bus), same CA
 #
 # Every server runs in the foreground of a background job (never daemonized)
 # with persistence off, on free loopback ports; the PIDs are registered so
@@ -62,7 +66,8 @@ redis_spawn() {
 
 # redis_make_certs DIR: a private CA and a server certificate for
 # 127.0.0.1/localhost signed by it (rustls rejects a lone self-signed
-# certificate used as the server's own: CaUsedAsEndEntity).
+# certificate used as the server's own: CaUsedAsEndEntity). clientAuth too:
+# TLS cluster nodes present it to each other on the cluster bus.
 redis_make_certs() {
   local d=$1
   mkdir -p "$d"
@@ -75,11 +80,58 @@ redis_make_certs() {
     -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
     -keyout "$d/server.key" -out "$d/server.csr" >/dev/null 2>&1 || die "openssl: cannot make the server key"
   printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "basicConstraints=critical,CA:FALSE" \
-    "keyUsage=critical,digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth" >"$d/server.ext"
+    "keyUsage=critical,digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth,clientAuth" >"$d/server.ext"
   openssl x509 -req -days 3 -in "$d/server.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" \
     -CAcreateserial -extfile "$d/server.ext" -out "$d/server.crt" >/dev/null 2>&1 \
     || die "openssl: cannot sign the server certificate"
   chmod 644 "$d/server.key"
+}
+
+# redis_cluster NAME [--tls-port-only CERTDIR]: three cluster nodes on free
+# ports, joined with redis-cli --cluster create (masters only), waited for
+# until every node reports cluster_state:ok. Sets REDIS_CLUSTER_URLS. The
+# bus ports are chosen explicitly (the default port+10000 may be taken or
+# above 65535).
+redis_cluster() {
+  local name=$1 certs="" scheme=redis
+  local cli=(redis-cli)
+  if [ "${2:-}" = "--tls-port-only" ]; then
+    certs=$3
+    scheme=rediss
+    cli=(redis-cli --tls --cacert "$certs/ca.crt")
+  fi
+  local nodes=() urls=() i port bus
+  for i in 1 2 3; do
+    port=$(free_port)
+    bus=$(free_port)
+    local listen=(--port "$port")
+    if [ -n "$certs" ]; then
+      listen=(--port 0 --tls-port "$port" --tls-cluster yes
+        --tls-cert-file "$certs/server.crt" --tls-key-file "$certs/server.key"
+        --tls-ca-cert-file "$certs/ca.crt" --tls-auth-clients no)
+    fi
+    redis_spawn "$name-$i" "$port" "${listen[@]}" --cluster-enabled yes \
+      --cluster-port "$bus" --cluster-config-file "$RUN_DIR/redis/$name-$i/nodes.conf" \
+      --cluster-node-timeout 5000
+    nodes+=("127.0.0.1:$port")
+    urls+=("$scheme://127.0.0.1:$port")
+  done
+  "${cli[@]}" --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes \
+    >"$RUN_DIR/redis/$name-create.log" 2>&1 \
+    || { tail -n 20 "$RUN_DIR/redis/$name-create.log" >&2; die "redis-cli --cluster create ($name) failed"; }
+  local node ok
+  for node in "${nodes[@]}"; do
+    ok=""
+    for ((i = 0; i < 100; i++)); do
+      if "${cli[@]}" -h 127.0.0.1 -p "${node##*:}" cluster info 2>/dev/null | grep -q 'cluster_state:ok'; then
+        ok=1
+        break
+      fi
+      sleep 0.1
+    done
+    [ -n "$ok" ] || die "redis $name node $node never reached cluster_state:ok"
+  done
+  REDIS_CLUSTER_URLS=$(IFS=,; echo "${urls[*]}")
 }
 
 start_redis() {
@@ -100,9 +152,11 @@ start_redis() {
   local pass
   pass=$(openssl rand -hex 16)
   port=$(free_port)
-  redis_spawn auth "$port" --port "$port" --requirepass "$pass"
+  redis_spawn auth "$port" --port "$port" --requirepass "$pass" \
+    --user cachegate on ">$pass" '~cgacl:*' '&*' +@all
   export CACHEGATE_TEST_REDIS_AUTH_URL="redis://127.0.0.1:$port"
   export CACHEGATE_TEST_REDIS_PASSWORD="$pass"
+  export CACHEGATE_TEST_REDIS_USERNAME=cachegate
 
   # TLS only (no plain-text port).
   local certs="$RUN_DIR/redis/certs"
@@ -116,35 +170,11 @@ start_redis() {
   export CACHEGATE_TEST_REDIS_TLS_URL="rediss://127.0.0.1:$port"
   export CACHEGATE_TEST_REDIS_TLS_CA="$certs/ca.crt"
 
-  # A 3-node cluster, masters only. The bus ports are chosen explicitly
-  # (the default port+10000 may be taken or above 65535).
-  local nodes=() urls=() i bus
-  for i in 1 2 3; do
-    port=$(free_port)
-    bus=$(free_port)
-    redis_spawn "cluster-$i" "$port" --port "$port" --cluster-enabled yes \
-      --cluster-port "$bus" --cluster-config-file "$RUN_DIR/redis/cluster-$i/nodes.conf" \
-      --cluster-node-timeout 5000
-    nodes+=("127.0.0.1:$port")
-    urls+=("redis://127.0.0.1:$port")
-  done
-  redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes \
-    >"$RUN_DIR/redis/cluster-create.log" 2>&1 \
-    || { tail -n 20 "$RUN_DIR/redis/cluster-create.log" >&2; die "redis-cli --cluster create failed"; }
-  local node ok
-  for node in "${nodes[@]}"; do
-    ok=""
-    for ((i = 0; i < 100; i++)); do
-      if redis-cli -h 127.0.0.1 -p "${node##*:}" cluster info 2>/dev/null | grep -q 'cluster_state:ok'; then
-        ok=1
-        break
-      fi
-      sleep 0.1
-    done
-    [ -n "$ok" ] || die "redis cluster node $node never reached cluster_state:ok"
-  done
-  export CACHEGATE_TEST_REDIS_CLUSTER_URL
-  CACHEGATE_TEST_REDIS_CLUSTER_URL=$(IFS=,; echo "${urls[*]}")
+  # A 3-node cluster, masters only, and the same over TLS.
+  redis_cluster cluster
+  export CACHEGATE_TEST_REDIS_CLUSTER_URL="$REDIS_CLUSTER_URLS"
+  redis_cluster tls-cluster --tls-port-only "$certs"
+  export CACHEGATE_TEST_REDIS_TLS_CLUSTER_URL="$REDIS_CLUSTER_URLS"
 
-  log "redis: standalone $CACHEGATE_TEST_REDIS_URL, auth $CACHEGATE_TEST_REDIS_AUTH_URL, tls $CACHEGATE_TEST_REDIS_TLS_URL, cluster $CACHEGATE_TEST_REDIS_CLUSTER_URL"
+  log "redis: standalone $CACHEGATE_TEST_REDIS_URL, auth $CACHEGATE_TEST_REDIS_AUTH_URL, tls $CACHEGATE_TEST_REDIS_TLS_URL, cluster $CACHEGATE_TEST_REDIS_CLUSTER_URL, tls cluster $CACHEGATE_TEST_REDIS_TLS_CLUSTER_URL"
 }

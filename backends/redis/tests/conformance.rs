@@ -48,3 +48,41 @@ mod cluster {
 
     cachegate_store::conformance_tests!(store());
 }
+
+mod tls {
+    use super::*;
+
+    async fn store() -> RedisStore {
+        let cfg = RedisConfig {
+            url: required_env("CACHEGATE_TEST_REDIS_TLS_URL"),
+            ca_file: Some(required_env("CACHEGATE_TEST_REDIS_TLS_CA").into()),
+            key_prefix: "cgtest:conformance:".into(),
+            ..RedisConfig::default()
+        };
+        connect(&cfg)
+            .await
+            .unwrap_or_else(|e| panic!("connect to redis over TLS: {e}"))
+    }
+
+    cachegate_store::conformance_tests!(store());
+}
+
+/// ElastiCache as usually deployed: cluster mode with TLS in transit.
+mod tls_cluster {
+    use super::*;
+
+    async fn store() -> RedisStore {
+        let cfg = RedisConfig {
+            url: required_env("CACHEGATE_TEST_REDIS_TLS_CLUSTER_URL"),
+            cluster: true,
+            ca_file: Some(required_env("CACHEGATE_TEST_REDIS_TLS_CA").into()),
+            key_prefix: "cgtest:conformance:".into(),
+            ..RedisConfig::default()
+        };
+        connect(&cfg)
+            .await
+            .unwrap_or_else(|e| panic!("connect to redis cluster over TLS: {e}"))
+    }
+
+    cachegate_store::conformance_tests!(store());
+}

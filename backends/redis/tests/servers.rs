@@ -103,6 +103,68 @@ async fn password_right_and_wrong() {
     assert!(err.to_string().contains("no redis.password"), "{err}");
 }
 
+/// An ACL user (ElastiCache RBAC): user name + password; a key prefix
+/// outside the user's key patterns fails per operation (NOPERM), as a
+/// backend error, not at start-up and never as a panic.
+#[tokio::test]
+async fn acl_user() {
+    let url = required_env("CACHEGATE_TEST_REDIS_AUTH_URL");
+    let user = required_env("CACHEGATE_TEST_REDIS_USERNAME");
+    let password = required_env("CACHEGATE_TEST_REDIS_PASSWORD");
+    let cfg = RedisConfig {
+        url,
+        username: Some(user.clone()),
+        password: Some(password.clone()),
+        key_prefix: "cgacl:".into(),
+        ..RedisConfig::default()
+    };
+    let store = connect(&cfg).await.expect("ACL user rejected");
+    let k = StoreKey::hash("test", [unique("acl")]);
+    let tag = unique("acl-tag");
+    store
+        .put(&k, Bytes::from_static(b"acl"), &opts(10_000, &[&tag]))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get(&k).await.unwrap(),
+        Some(Bytes::from_static(b"acl"))
+    );
+    let t = store.try_lock(&k, Duration::from_secs(5)).await.unwrap();
+    assert!(store.unlock(&k, &t.unwrap()).await.unwrap());
+    assert_eq!(store.purge_tag(&tag).await.unwrap(), 1);
+
+    let outside = connect(&RedisConfig {
+        key_prefix: "cachegate:".into(),
+        ..cfg.clone()
+    })
+    .await
+    .expect("ACL user rejected");
+    let err = outside.get(&k).await.expect_err("key outside the ACL read");
+    assert!(
+        matches!(
+            err,
+            StoreError::Backend {
+                backend: "redis",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("no permissions"), "{err}");
+    assert!(!err.to_string().contains(&password));
+
+    let err = connect(&RedisConfig {
+        username: Some(format!("{user}-nobody")),
+        ..cfg
+    })
+    .await
+    .expect_err("unknown user accepted");
+    eprintln!("unknown ACL user: {err}");
+    assert!(matches!(err, ConnectError::Auth { .. }), "{err}");
+    assert!(err.to_string().contains("-nobody"), "{err}");
+    assert!(!err.to_string().contains(&password));
+}
+
 #[tokio::test]
 async fn tls_with_a_private_ca() {
     let url = required_env("CACHEGATE_TEST_REDIS_TLS_URL");
