@@ -10,11 +10,12 @@
 //! # Item layout
 //!
 //! `<key>` is a [`StoreKey`] as text (`cg1:` + 64 hex digits); `<tag hash>`
-//! is the digest of [`StoreKey::for_tag`] (64 hex digits).
+//! is the digest of [`StoreKey::for_tag`] (64 hex digits), so any tag
+//! string (empty, long, any characters) fits.
 //!
 //! | item        | `pk`              | `sk`                   | other attributes |
 //! |-------------|-------------------|------------------------|------------------|
-//! | value       | `<key>`           | `v`                    | `exp` N (expiry, unix millis), `ttl` N, `enc` S (`raw` \| `zstd`), `len` N (bytes before compression), then either `val` B (the whole stored value) or `gen` S + `nch` N (chunk generation and count); `tags` SS (tags of this value, absent when none) |
+//! | value       | `<key>`           | `v`                    | `exp` N (expiry, unix millis), `ttl` N, `enc` S (`raw` \| `zstd`), `len` N (bytes before compression), then either `val` B (the whole stored value) or `gen` S + `nch` N (chunk generation and count); `tags` SS (`<tag hash>` of each tag of this value; absent when none) |
 //! | chunk       | `<key>`           | `c#<gen>#<n>` (`n` zero-padded, from 0) | `val` B (piece `n` of the stored value), `ttl` N |
 //! | tag member  | `tag#<tag hash>`  | `<key>`                | `exp` N, `ttl` N, `w` S (id of the write that recorded it) |
 //! | lock        | `lock#<key>`      | `l`                    | `own` S (owner token), `exp` N (unix millis), `ttl` N |
@@ -36,7 +37,7 @@
 //! - **Tags.** A put records each tag's member item *before* its value
 //!   item. [`CacheStore::purge_tag`] Queries `pk = tag#<tag hash>` (never a
 //!   Scan) and deletes each member's value item with the condition
-//!   `contains(tags, <tag>)`, so a key re-stored without the tag survives;
+//!   `contains(tags, <tag hash>)`, so a key re-stored without the tag survives;
 //!   it then deletes the member item only if no put recorded it again
 //!   meanwhile (condition on `w`). Member items left behind by overwrites
 //!   are harmless and expire through `ttl`.
@@ -84,7 +85,8 @@ pub const INLINE_MAX: usize = 350 * 1024;
 /// Size of one chunk item's piece of a larger stored value.
 pub const CHUNK_BYTES: usize = 350 * 1024;
 
-/// Total bytes of tags one value may carry (they live in the value item).
+/// Total bytes of tag hashes one value may carry (they live in the value
+/// item): about 250 tags.
 const MAX_TAG_BYTES: usize = 16 * 1024;
 
 /// Chunk keys read per BatchGetItem (at most 100 keys, 16 MB per response).
@@ -385,8 +387,12 @@ fn chunk_sk(gen: &str, n: u32) -> String {
     format!("c#{gen}#{n:05}")
 }
 
+fn tag_hash(tag: &str) -> String {
+    StoreKey::for_tag(tag).digest().to_string()
+}
+
 fn tag_pk(tag: &str) -> String {
-    format!("tag#{}", StoreKey::for_tag(tag).digest())
+    format!("tag#{}", tag_hash(tag))
 }
 
 fn lock_pk(key: &StoreKey) -> String {
@@ -934,14 +940,18 @@ impl CacheStore for DynamoStore {
             self.delete(key).await?;
             return Ok(());
         }
-        let mut tags = opts.tags.clone();
+        let mut tags: Vec<String> = opts.tags.iter().map(|t| tag_hash(t)).collect();
         tags.sort();
         tags.dedup();
         let tag_bytes: usize = tags.iter().map(|t| t.len() + 1).sum();
         if tag_bytes > MAX_TAG_BYTES {
             return Err(StoreError::backend(
                 BACKEND,
-                format!("{tag_bytes} bytes of tags on one value; at most {MAX_TAG_BYTES}"),
+                format!(
+                    "{} tags on one value; at most {}",
+                    tags.len(),
+                    MAX_TAG_BYTES / 65
+                ),
             ));
         }
         let len = value.len() as u64;
@@ -955,9 +965,9 @@ impl CacheStore for DynamoStore {
 
         // What must exist before the value item: tag members and chunks.
         let mut before: Vec<Item> = Vec::new();
-        for tag in &tags {
+        for hash in &tags {
             before.push(to_item(&MemberItem {
-                pk: tag_pk(tag),
+                pk: format!("tag#{hash}"),
                 sk: pk.clone(),
                 exp,
                 ttl,
@@ -1133,7 +1143,7 @@ impl CacheStore for DynamoStore {
             }
         }
 
-        let tag_value = AttributeValue::S(tag.to_string());
+        let tag_value = AttributeValue::S(tag_hash(tag));
         let removed: Vec<bool> = stream::iter(members.into_iter().map(|(member, w)| {
             let pk = pk.clone();
             let tag_value = tag_value.clone();
@@ -1237,7 +1247,7 @@ mod tests {
             val: Some(ByteBuf::from(vec![0u8, 255, 7])),
             gen: None,
             nch: None,
-            tags: vec!["a".into(), "b".into()],
+            tags: vec![tag_hash("a"), tag_hash("b")],
         })
         .unwrap();
         assert_eq!(item["ttl"], AttributeValue::N("1700000001".into()));
@@ -1250,7 +1260,7 @@ mod tests {
         );
         assert_eq!(
             item["tags"],
-            AttributeValue::Ss(vec!["a".into(), "b".into()])
+            AttributeValue::Ss(vec![tag_hash("a"), tag_hash("b")])
         );
         assert!(!item.contains_key("gen"));
         let back: ValueItem = from_item(item, "value").unwrap();

@@ -290,6 +290,27 @@ async fn purge_removes_chunked_values_and_member_items() {
         items(&store, &members).await.is_empty(),
         "member items left"
     );
+
+    // Any tag string works: the table only ever sees its hash.
+    let long = format!("{}-{}", "x".repeat(5_000), uuid());
+    let odd = format!("ünï cödé\t\"{}\"\0", uuid());
+    let k = key("odd-tags");
+    store
+        .put(
+            &k,
+            Bytes::from_static(b"o"),
+            &opts(60_000, &[&long, &odd, &odd]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.purge_tag(&odd).await.unwrap(), 1);
+    assert_eq!(store.get(&k).await.unwrap(), None);
+    store
+        .put(&k, Bytes::from_static(b"o"), &opts(60_000, &[&long]))
+        .await
+        .unwrap();
+    assert_eq!(store.purge_tag(&odd).await.unwrap(), 0);
+    assert_eq!(store.purge_tag(&long).await.unwrap(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
