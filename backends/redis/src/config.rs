@@ -42,7 +42,8 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
     /// Longest one command may wait for its reply (or for a reconnect in
     /// progress) before it fails. A backstop: the proxy's tighter per-call
-    /// bounds (`[store] read_timeout`, `write_timeout`) apply on top.
+    /// bounds (`[store] read_timeout`, `write_timeout`) apply on top. A put
+    /// gets 1 ms more per 32 KiB of value (8 MiB: +256 ms).
     /// Default `250ms`.
     #[serde(with = "humantime_serde")]
     pub response_timeout: Duration,

@@ -430,11 +430,23 @@ impl RedisStore {
     where
         F: std::future::Future<Output = Result<T, RedisError>>,
     {
+        self.run_within(what, self.response_timeout, op).await
+    }
+
+    async fn run_within<T, F>(
+        &self,
+        what: &'static str,
+        limit: Duration,
+        op: F,
+    ) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, RedisError>>,
+    {
         let in_flight = InFlight {
             shared: &self.shared,
             answered: false,
         };
-        match tokio::time::timeout(self.response_timeout, op).await {
+        match tokio::time::timeout(limit, op).await {
             Ok(Ok(v)) => {
                 in_flight.answered();
                 Ok(v)
@@ -454,10 +466,7 @@ impl RedisStore {
                 drop(in_flight);
                 Err(StoreError::Backend {
                     backend: BACKEND,
-                    message: format!(
-                        "{what}: no reply within {:?} (response_timeout)",
-                        self.response_timeout
-                    ),
+                    message: format!("{what}: no reply within {limit:?} (response_timeout)"),
                 })
             }
         }
@@ -631,7 +640,11 @@ impl CacheStore for RedisStore {
             put.arg(tag_field(tag));
         }
         let mut conn = self.conn();
-        self.run("put", put.invoke_async::<i64>(&mut conn)).await?;
+        // A large value takes time to send: add 1 ms per 32 KiB (8 MiB:
+        // +256 ms) to the backstop; the proxy's write timeout still applies.
+        let limit = self.response_timeout + send_allowance(value.len() as u64);
+        self.run_within("put", limit, put.invoke_async::<i64>(&mut conn))
+            .await?;
         Ok(())
     }
 
@@ -914,6 +927,18 @@ pub async fn connect(cfg: &RedisConfig) -> Result<RedisStore, ConnectError> {
     Ok(store)
 }
 
+/// Extra time a put of `len` bytes gets on top of the response timeout.
+fn send_allowance(len: u64) -> Duration {
+    Duration::from_millis(len / 32_768)
+}
+
+/// The redis library's own per-command timeout: the response timeout plus
+/// the allowance of the largest put. Each command is bounded more tightly
+/// by [`RedisStore::run`]; this is the second line.
+fn library_response_timeout(cfg: &RedisConfig) -> Duration {
+    cfg.response_timeout + send_allowance(cfg.max_value_bytes.as_u64())
+}
+
 async fn open(
     cfg: &RedisConfig,
     infos: Vec<ConnectionInfo>,
@@ -923,7 +948,7 @@ async fn open(
     if cfg.cluster {
         let mut builder = ClusterClientBuilder::new(infos)
             .connection_timeout(cfg.connect_timeout)
-            .response_timeout(cfg.response_timeout)
+            .response_timeout(library_response_timeout(cfg))
             .retries(2)
             .min_retry_wait(10)
             .max_retry_wait(200);
@@ -943,7 +968,7 @@ async fn open(
         // Both timeouts again: a ClusterConfig replaces the builder's.
         let config = ClusterConfig::new()
             .set_connection_timeout(cfg.connect_timeout)
-            .set_response_timeout(cfg.response_timeout);
+            .set_response_timeout(library_response_timeout(cfg));
         let conn = client
             .get_async_connection_with_config(config.clone())
             .await
@@ -977,7 +1002,7 @@ async fn open(
 
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(cfg.connect_timeout))
-        .set_response_timeout(Some(cfg.response_timeout))
+        .set_response_timeout(Some(library_response_timeout(cfg)))
         // Reconnects happen in the background while requests fail fast on
         // their own timeout; keep each reconnect round short so the next
         // request after an outage starts a fresh one soon.
