@@ -29,11 +29,17 @@
 //!   (DynamoDB rejects items over 400 KB). Chunks of a new generation (a
 //!   random id) are written *before* the value item that names them, and
 //!   chunks are never modified, so a reader that sees a value item finds
-//!   exactly its chunks (read together with one strongly consistent
-//!   BatchGetItem), or, when a rewriter already removed them, none: it then
-//!   re-reads the value item and never returns a mix. The chunks of the
-//!   generation a put or delete replaced are deleted right after; chunks
-//!   of a writer that died before its value item expire through `ttl`.
+//!   exactly its chunks (read together with strongly consistent
+//!   BatchGetItem calls of up to 40 keys: one call for any value up to the
+//!   default 6 MiB), or, when a rewriter already removed them, none: it
+//!   then re-reads the value item (up to 3 times, then a miss) and never
+//!   returns a mix. A put first tries its value item conditioned on
+//!   `attribute_not_exists(gen)`, so replacing an unchunked value costs one
+//!   write and returns nothing; only when that fails does it write again
+//!   returning the old (chunked, so small) item, whose chunks it deletes.
+//!   Delete and purge delete the chunks of what they removed. Chunks of a
+//!   writer that died before its value item (or whose clean-up failed)
+//!   expire through `ttl`.
 //! - **Tags.** A put records each tag's member item *before* its value
 //!   item. [`CacheStore::purge_tag`] Queries `pk = tag#<tag hash>` (never a
 //!   Scan) and deletes each member's value item with the condition
@@ -42,12 +48,17 @@
 //!   meanwhile (condition on `w`). Member items left behind by overwrites
 //!   are harmless and expire through `ttl`.
 //! - **Lock.** A conditional put (`attribute_not_exists(pk) OR exp <= now`)
-//!   with a random owner token; release is a delete conditioned on the
-//!   token and on the lock not having expired. `lock#` keeps locks apart
-//!   from values.
+//!   with a random owner token (and `ReturnValuesOnConditionCheckFailure`,
+//!   so a put the SDK retried after it had been applied is recognised as
+//!   ours); release is a delete conditioned on the token and on the lock
+//!   not having expired. `lock#` keeps locks apart from values.
 //!
 //! Every SDK call is bounded by [`DynamoConfig::operation_timeout`], retries
-//! included; throttling and service errors become [`StoreError::Backend`].
+//! included (standard retry mode, at most 3 attempts of at most half the
+//! timeout each, backoff from a twentieth of it); a timeout becomes
+//! [`StoreError::Timeout`], throttling and other service errors
+//! [`StoreError::Backend`]. Chunked puts, deletes and purges make several
+//! calls, each so bounded.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -56,10 +67,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, DeleteRequest, KeySchemaElement, KeyType,
-    KeysAndAttributes, ReturnValue, ScalarAttributeType, TableStatus as SdkTableStatus,
-    TimeToLiveSpecification, TimeToLiveStatus, WriteRequest,
+    KeysAndAttributes, ReturnValue, ReturnValuesOnConditionCheckFailure, ScalarAttributeType,
+    TableStatus as SdkTableStatus, TimeToLiveSpecification, TimeToLiveStatus, WriteRequest,
 };
 use aws_sdk_dynamodb::Client;
 use bytes::{Bytes, BytesMut};
@@ -628,14 +640,19 @@ impl DynamoStore {
     }
 
     /// Removes the chunks of a replaced or deleted value item (if it had
-    /// any). Failures are logged: the chunks then expire through `ttl`.
-    async fn drop_chunks_of(&self, key: &str, old: Option<Item>) {
+    /// any), unless they are generation `keep` (the writer's own, seen again
+    /// when the SDK retried a put that had already been applied). Failures
+    /// are logged: the chunks then expire through `ttl`.
+    async fn drop_chunks_of(&self, key: &str, old: Option<Item>, keep: Option<&str>) {
         let Some(old) = old else { return };
         let (Some(AttributeValue::S(gen)), Some(AttributeValue::N(n))) =
             (old.get("gen"), old.get("nch"))
         else {
             return;
         };
+        if keep == Some(gen.as_str()) {
+            return;
+        }
         let Ok(n) = n.parse::<u32>() else { return };
         let keys = (0..n).map(|i| key_of(key, &chunk_sk(gen, i))).collect();
         if let Err(e) = self.delete_keys(keys).await {
@@ -1014,18 +1031,40 @@ impl CacheStore for DynamoStore {
             }
             return Err(e);
         }
-        let out = self
+        // Usually the value item being replaced has no chunks: then a put
+        // conditioned on exactly that is all it takes, and no old item
+        // (up to INLINE_MAX bytes) travels back. Otherwise the put is made
+        // again returning the old item (small: a chunked one has no `val`),
+        // whose chunks are then removed. Every replaced value item with
+        // chunks is returned to exactly one writer this way.
+        let first = self
             .inner
             .client
             .put_item()
             .table_name(&self.inner.table)
-            .set_item(Some(value_item))
-            .return_values(ReturnValue::AllOld)
+            .set_item(Some(value_item.clone()))
+            .condition_expression("attribute_not_exists(#gen)")
+            .expression_attribute_names("#gen", "gen")
             .send()
             .await;
+        let out = match first {
+            Ok(_) => return Ok(()),
+            Err(e) if condition_failed(&e) => {
+                self.inner
+                    .client
+                    .put_item()
+                    .table_name(&self.inner.table)
+                    .set_item(Some(value_item))
+                    .return_values(ReturnValue::AllOld)
+                    .send()
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         match out {
             Ok(out) => {
-                self.drop_chunks_of(&pk, out.attributes).await;
+                self.drop_chunks_of(&pk, out.attributes, Some(&write_id))
+                    .await;
                 Ok(())
             }
             Err(e) => {
@@ -1056,7 +1095,8 @@ impl CacheStore for DynamoStore {
                 _ => None,
             })
             .is_some_and(|exp| !is_expired(exp, now_millis()));
-        self.drop_chunks_of(key.as_str(), out.attributes).await;
+        self.drop_chunks_of(key.as_str(), out.attributes, None)
+            .await;
         Ok(live)
     }
 
@@ -1085,11 +1125,24 @@ impl CacheStore for DynamoStore {
             .expression_attribute_names("#pk", "pk")
             .expression_attribute_names("#exp", "exp")
             .expression_attribute_values(":now", num(now))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
             .await;
         match out {
             Ok(_) => Ok(Some(token)),
-            Err(e) if condition_failed(&e) => Ok(None),
+            // The holder is us when the SDK retried a put that had been
+            // applied but whose answer was lost (DynamoDB returns the item
+            // that failed the condition; servers without this return none).
+            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
+                let ours = match e.err() {
+                    PutItemError::ConditionalCheckFailedException(c) => c
+                        .item()
+                        .and_then(|i| i.get("own"))
+                        .is_some_and(|own| own.as_s().is_ok_and(|o| o == token.as_str())),
+                    _ => false,
+                };
+                Ok(ours.then_some(token))
+            }
             Err(e) => Err(self.sdk_err("PutItem (lock)", e)),
         }
     }
@@ -1171,7 +1224,7 @@ impl CacheStore for DynamoStore {
                                 _ => None,
                             })
                             .is_some_and(|exp| !is_expired(exp, now_millis()));
-                        self.drop_chunks_of(&member, out.attributes).await;
+                        self.drop_chunks_of(&member, out.attributes, None).await;
                         live
                     }
                     Err(e) if condition_failed(&e) => false,
