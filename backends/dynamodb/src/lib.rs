@@ -1289,6 +1289,29 @@ mod tests {
     }
 
     #[test]
+    fn config_from_settings() {
+        let c: DynamoConfig = serde_json::from_str(
+            r#"{"table": "my-cache", "consistent_read": true, "operation_timeout": "250ms",
+                "max_value_bytes": 1048576, "compression_level": 9}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            DynamoConfig {
+                table: "my-cache".into(),
+                consistent_read: true,
+                operation_timeout: Duration::from_millis(250),
+                max_value_bytes: 1 << 20,
+                compression_level: 9,
+            }
+        );
+        let partial: DynamoConfig = serde_json::from_str(r#"{"table": "t2t"}"#).unwrap();
+        assert_eq!(partial.operation_timeout, Duration::from_secs(1));
+        assert!(serde_json::from_str::<DynamoConfig>(r#"{"tabel": "x"}"#).is_err());
+        assert!(serde_json::from_str::<DynamoConfig>(r#"{"operation_timeout": 5}"#).is_err());
+    }
+
+    #[test]
     fn value_item_layout() {
         let item = to_item(&ValueItem {
             pk: "cg1:ab".into(),
