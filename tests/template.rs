@@ -118,6 +118,7 @@ fn cfn_lint_finds_nothing() {
         .output()
         .expect("run cfn-lint");
     assert_silent_success("cfn-lint template.yaml", &out);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -165,6 +166,7 @@ fn cfn_lint_finds_nothing_with_each_backend_as_default() {
         "cfn-lint missed an invalid RetentionInDays\n{}",
         describe(&out)
     );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -182,6 +184,7 @@ fn sam_validate_lint_accepts_the_template() {
         "sam validate --lint failed\n{}",
         describe(&out)
     );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---------------------------------------------------------------------------
