@@ -205,6 +205,24 @@ pub struct ServeConfig {
     /// Useful with the memory backend, whose cache lives in the process.
     /// Default: unset, and the path is proxied like any other.
     pub purge_token: Option<String>,
+    /// Longest request target (path and query) accepted. Default `8KiB`;
+    /// longer gets 414 before anything else happens.
+    pub max_uri_bytes: bytesize::ByteSize,
+    /// Largest request head (request line and all header lines) accepted.
+    /// Default `32KiB`; larger gets 431 and the connection is closed.
+    pub max_header_bytes: bytesize::ByteSize,
+    /// Most request header lines accepted. Default `100`; more gets 431
+    /// and the connection is closed.
+    pub max_headers: usize,
+    /// Longest a client may take to send a request head once it has
+    /// connected or finished its previous request; then the connection is
+    /// closed (slowloris, idle keep-alive). Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest a client may take to send a request body after its head.
+    /// Default `30s`; slower gets 408 and the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -216,7 +234,41 @@ impl std::fmt::Debug for ServeConfig {
                 "purge_token",
                 &self.purge_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("max_uri_bytes", &self.max_uri_bytes)
+            .field("max_header_bytes", &self.max_header_bytes)
+            .field("max_headers", &self.max_headers)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("body_read_timeout", &self.body_read_timeout)
             .finish()
+    }
+}
+
+impl ServeConfig {
+    fn check_limits(&self) -> Result<(), ConfigError> {
+        let (uri, head) = (self.max_uri_bytes.as_u64(), self.max_header_bytes.as_u64());
+        if !(256..=64 * 1024).contains(&uri) {
+            return Err(invalid("serve.max_uri_bytes", "must be 256B to 64KiB"));
+        }
+        // hyper cannot parse a head in a buffer smaller than 8KiB, and
+        // a head must hold the longest accepted request line.
+        if !(8 * 1024..=1024 * 1024).contains(&head) || head < uri {
+            return Err(invalid(
+                "serve.max_header_bytes",
+                "must be 8KiB to 1MiB and at least serve.max_uri_bytes",
+            ));
+        }
+        if !(8..=1000).contains(&self.max_headers) {
+            return Err(invalid("serve.max_headers", "must be 8 to 1000"));
+        }
+        for (key, d) in [
+            ("serve.header_read_timeout", self.header_read_timeout),
+            ("serve.body_read_timeout", self.body_read_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be more than 0s"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -226,6 +278,11 @@ impl Default for ServeConfig {
             listen: "127.0.0.1:3000".parse().expect("literal address"),
             max_request_bytes: bytesize::ByteSize::mib(6),
             purge_token: None,
+            max_uri_bytes: bytesize::ByteSize::kib(8),
+            max_header_bytes: bytesize::ByteSize::kib(32),
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -399,6 +456,7 @@ impl Config {
                 "must be at least 16 characters",
             ));
         }
+        self.serve.check_limits()?;
         if self.memory.capacity.as_u64() < 1024 * 1024 {
             return Err(invalid("memory.capacity", "must be at least 1MiB"));
         }

@@ -13,6 +13,8 @@ use crate::proxy::{json_error, Proxy};
 struct ServeState {
     proxy: Arc<Proxy>,
     max_request_bytes: usize,
+    max_uri_bytes: usize,
+    body_read_timeout: std::time::Duration,
     purge_token: Option<String>,
 }
 
@@ -112,15 +114,47 @@ async fn purge(
 
 async fn handle(State(state): State<Arc<ServeState>>, req: Request<Body>) -> Response<Body> {
     let (parts, body) = req.into_parts();
-    let body = match axum::body::to_bytes(body, state.max_request_bytes).await {
-        Ok(b) => b,
-        Err(_) => {
+    let target_len = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    if target_len > state.max_uri_bytes {
+        return json_error(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            &format!("request target exceeds {} bytes", state.max_uri_bytes),
+        )
+        .map(Body::from);
+    }
+    // A total bound, not an idle one: a body trickled a byte at a time
+    // would reset an idle timer forever.
+    let read = tokio::time::timeout(
+        state.body_read_timeout,
+        axum::body::to_bytes(body, state.max_request_bytes),
+    );
+    let body = match read.await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
             return json_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request_too_large",
                 &format!("request body exceeds {} bytes", state.max_request_bytes),
             )
             .map(Body::from)
+        }
+        Err(_) => {
+            let mut resp = json_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_body_timeout",
+                &format!(
+                    "request body not received within {:?}",
+                    state.body_read_timeout
+                ),
+            );
+            // The rest of the body may still be on its way: the connection
+            // cannot carry another request.
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            return resp.map(Body::from);
         }
     };
     if let Some(token) = &state.purge_token {
@@ -144,6 +178,8 @@ pub fn router(proxy: Arc<Proxy>, serve: &ServeConfig) -> axum::Router {
         .with_state(Arc::new(ServeState {
             proxy,
             max_request_bytes: serve.max_request_bytes.as_u64() as usize,
+            max_uri_bytes: serve.max_uri_bytes.as_u64() as usize,
+            body_read_timeout: serve.body_read_timeout,
             purge_token: serve.purge_token.clone(),
         }))
 }
@@ -159,9 +195,54 @@ pub async fn run(
     tracing::info!(%addr, backend = proxy.cache().backend_name(), "cachegate serving");
     // A line on stdout that scripts and tests can wait for.
     println!("cachegate listening on http://{addr}");
-    axum::serve(listener, router(proxy, serve))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
+    serve_http1(listener, router(proxy, serve), serve, shutdown_signal()).await;
+    Ok(())
+}
+
+/// HTTP/1.1 on `listener` with the head limits and timeouts of `serve`
+/// (`axum::serve` sets no header read timeout at all), until `shutdown`;
+/// then in-flight requests finish.
+pub async fn serve_http1(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    serve: &ServeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(serve.header_read_timeout)
+        .max_header_size(serve.max_header_bytes.as_u64() as usize)
+        .max_headers(serve.max_headers);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead
+                    // of spinning; the listener itself is still good.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    graceful.shutdown().await;
 }
 
 async fn shutdown_signal() {

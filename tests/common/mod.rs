@@ -78,7 +78,9 @@ impl Drop for TestUpstream {
 /// The upstream answers according to its query parameters:
 /// `cc` Cache-Control, `status`, `delay_ms`, `etag` (and 304 on a matching
 /// If-None-Match), `lm` Last-Modified, `vary`, `set_cookie`, `bin` (N
-/// binary bytes), `surrogate` (Surrogate-Key). Otherwise it answers a
+/// binary bytes), `surrogate` (Surrogate-Key), `location`, `echo` (the
+/// JSON body gets a `headers` object of every request header received).
+/// Otherwise it answers a
 /// ~1 KB JSON body naming the path, the version, the request count and the
 /// Accept-Language it saw.
 pub async fn upstream() -> TestUpstream {
@@ -158,6 +160,9 @@ async fn answer(State(state): State<Arc<UpstreamState>>, req: Request<Body>) -> 
     if let Some(v) = q.get("surrogate") {
         set("surrogate-key", v);
     }
+    if let Some(v) = q.get("location") {
+        set("location", v);
+    }
     set("x-upstream-header", "kept");
     if let Some(etag) = q.get("etag") {
         set("etag", etag);
@@ -184,7 +189,21 @@ async fn answer(State(state): State<Arc<UpstreamState>>, req: Request<Body>) -> 
         .to_owned();
     set("content-type", "application/json");
     let padding = "x".repeat(800);
-    let json = serde_json::json!({"path": path, "version": version, "n": n, "lang": lang, "method": parts.method.as_str(), "padding": padding});
+    let mut json = serde_json::json!({"path": path, "version": version, "n": n, "lang": lang, "method": parts.method.as_str(), "padding": padding});
+    if q.contains_key("echo") {
+        // Every header as received (values lossy), so a test can see what
+        // a stored answer was built from.
+        let mut seen = serde_json::Map::new();
+        for (name, value) in &parts.headers {
+            let values = seen
+                .entry(name.as_str())
+                .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+            if let serde_json::Value::Array(a) = values {
+                a.push(String::from_utf8_lossy(value.as_bytes()).into());
+            }
+        }
+        json["headers"] = seen.into();
+    }
     resp.body(Body::from(json.to_string())).unwrap()
 }
 
