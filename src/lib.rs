@@ -8,6 +8,7 @@
 //! - [`serve`] and [`lambda`]: thin adapters over [`proxy::Proxy::handle`].
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod key;
 pub mod lambda;

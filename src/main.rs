@@ -46,6 +46,9 @@ enum Command {
         #[arg(long = "tag", value_name = "TAG")]
         tags: Vec<String>,
     },
+    /// Load a URL and report throughput, hit ratio and latency by X-Cache;
+    /// or, with --compare, run one workload through each backend locally.
+    Bench(Box<cachegate::bench::BenchArgs>),
 }
 
 fn init_tracing(json: bool) {
@@ -62,7 +65,11 @@ fn init_tracing(json: bool) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // Loading a URL needs no proxy configuration (and --compare builds its own).
+    if let Some(Command::Bench(args)) = cli.command.take_if(|c| matches!(c, Command::Bench(_))) {
+        return cachegate::bench::main(*args, cli.config.as_deref());
+    }
     let in_lambda = std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some();
     init_tracing(in_lambda || !std::io::stderr().is_terminal());
 
@@ -94,6 +101,7 @@ fn main() -> ExitCode {
                 }
                 Err(e) => Err(e.to_string()),
             },
+            Some(Command::Bench(_)) => unreachable!("bench runs before the configuration is loaded"),
             None if in_lambda => match cachegate::build_proxy(&config, Mode::Lambda).await {
                 Ok(proxy) => cachegate::lambda::run(proxy).await.map_err(|e| format!("lambda: {e}")),
                 Err(e) => Err(e.to_string()),

@@ -113,13 +113,15 @@ const CACHEABLE: &str = "cc=max-age%3D60";
 // ---------------------------------------------------------------------------
 // Poisoning
 
-/// Each case: the headers an attacker adds, and a marker that must never
+/// A case name, the headers an attacker adds, and a marker that must never
 /// reach a client that did not send it.
-fn poisoning_cases() -> Vec<(
+type PoisoningCase = (
     &'static str,
     Vec<(&'static str, &'static str)>,
     &'static str,
-)> {
+);
+
+fn poisoning_cases() -> Vec<PoisoningCase> {
     vec![
         (
             "x-forwarded-host",

@@ -1,0 +1,303 @@
+//! `cachegate bench` as users run it: the built binary against a real
+//! upstream and a real `cachegate serve`, and `--compare` through the real
+//! serve path per backend. The JSON report is checked for what the
+//! upstream and the proxy actually did, never for speed.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{cachegate, upstream};
+use serde_json::Value;
+
+/// Run `cachegate bench ARGS --json` (blocking, from an empty directory so
+/// no config file is picked up) and parse the JSON line it prints last.
+fn bench(args: &[&str], env: &[(String, String)]) -> (Output, Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cachegate"))
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .env_remove("CACHEGATE_UPSTREAM__URL")
+        .env_remove("CACHEGATE_BACKEND")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("run cachegate bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let json = serde_json::from_str(last).unwrap_or_else(|e| {
+        panic!(
+            "bench printed no JSON last ({e}); status {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out, json)
+}
+
+async fn bench_async(args: Vec<String>, env: Vec<(String, String)>) -> (Output, Value) {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        bench(&args, &env)
+    })
+    .await
+    .unwrap()
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+/// Every response is counted once, in its X-Cache group and in its status class.
+fn check_counts_add_up(report: &Value) {
+    let responses = n(&report["responses"]);
+    let by_group: u64 = report["by_x_cache"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|l| n(&l["count"]))
+        .sum();
+    assert_eq!(by_group, responses, "X-Cache groups: {report}");
+    assert_eq!(n(&report["all"]["count"]), responses);
+    let by_status: u64 = report["status"].as_object().unwrap().values().map(n).sum();
+    assert_eq!(by_status, responses, "status classes: {report}");
+    let transport: u64 = ["connect", "timeout", "other"]
+        .iter()
+        .map(|k| report["errors"][k].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(n(&report["requests"]), responses + transport);
+    let hits = report["by_x_cache"]["HIT"]["count"].as_u64().unwrap_or(0);
+    assert_eq!(n(&report["hits"]), hits);
+    if responses > 0 {
+        let ratio = report["hit_ratio"].as_f64().unwrap();
+        assert!((ratio - hits as f64 / responses as f64).abs() < 1e-9);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_url_reports_what_the_proxy_and_upstream_did() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[]);
+    let url = format!("{}/items/{{key}}?cc=public,max-age=3600", cg.url);
+
+    // Cold: one request per key, one at a time: every one a miss.
+    let (out, cold) = bench_async(
+        [&url, "--keys", "5", "--requests", "5", "--concurrency", "1"]
+            .map(String::from)
+            .to_vec(),
+        vec![],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    check_counts_add_up(&cold);
+    assert_eq!(n(&cold["requests"]), 5);
+    assert_eq!(n(&cold["by_x_cache"]["MISS"]["count"]), 5);
+    assert_eq!(cold["hit_ratio"].as_f64(), Some(0.0));
+    let upstream_calls = |up: &common::TestUpstream| {
+        (0..5)
+            .map(|k| up.state.hits(&format!("/items/{k}")))
+            .sum::<usize>()
+    };
+    assert_eq!(upstream_calls(&up), 5);
+
+    // Warm, concurrent, with a header: all hits, the upstream not asked again.
+    let (out, warm) = bench_async(
+        [
+            &url,
+            "--keys",
+            "5",
+            "--requests",
+            "200",
+            "--concurrency",
+            "4",
+            "-H",
+            "X-Bench-Run: warm",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vec![],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    check_counts_add_up(&warm);
+    assert_eq!(n(&warm["requests"]), 200);
+    assert_eq!(n(&warm["responses"]), 200);
+    assert_eq!(n(&warm["status"]["2xx"]), 200);
+    assert_eq!(warm["errors"].as_object().unwrap().len(), 0, "{warm}");
+    assert_eq!(n(&warm["hits"]), 200 - (upstream_calls(&up) as u64 - 5));
+    assert_eq!(warm["hit_ratio"].as_f64(), Some(1.0));
+    assert_eq!(n(&warm["body_bytes"]) % 200, 0, "same body for every hit");
+    assert!(n(&warm["body_bytes"]) >= 200 * 800);
+    // The table went to stderr, the JSON alone to stdout.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("hit ratio 100.0%"));
+
+    // A header given with -H reaches the upstream on a miss.
+    let (_, _) = bench_async(
+        [
+            &format!("{}/headers?cc=no-store", cg.url),
+            "--requests",
+            "1",
+            "-H",
+            "Accept-Language: fr",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vec![],
+    )
+    .await;
+    assert_eq!(up.state.last("/headers").headers["accept-language"], "fr");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_counts_errors_by_kind() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[]);
+
+    let (out, report) = bench_async(
+        [
+            &format!("{}/broken?status=503", cg.url),
+            "--requests",
+            "6",
+            "--concurrency",
+            "2",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vec![],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "responses, even 5xx, are a run: {out:?}"
+    );
+    check_counts_add_up(&report);
+    assert_eq!(n(&report["errors"]["status_5xx"]), 6);
+    assert_eq!(n(&report["status"]["5xx"]), 6);
+    assert_eq!(up.state.hits("/broken"), 6, "a 503 is not cached");
+
+    // Nothing listens on a port we just released: connect errors, and a
+    // failed run since nothing answered.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (out, report) = bench_async(
+        [&format!("http://{closed}/x"), "--requests", "3"]
+            .map(String::from)
+            .to_vec(),
+        vec![],
+    )
+    .await;
+    assert!(!out.status.success());
+    check_counts_add_up(&report);
+    assert_eq!(n(&report["requests"]), 3);
+    assert_eq!(n(&report["responses"]), 0);
+    assert_eq!(n(&report["errors"]["connect"]), 3, "{report}");
+}
+
+/// `--compare` for `backends` with a tiny workload; returns the runs.
+fn compare(backends: &str, env: &[(String, String)]) -> Vec<Value> {
+    let dir = tempdir();
+    let chart = dir.join("compare.svg");
+    let (out, json) = bench(
+        &[
+            "--compare",
+            backends,
+            "--keys",
+            "8",
+            "--requests",
+            "120",
+            "--concurrency",
+            "3",
+            "--upstream-latency",
+            "20ms",
+            "--chart",
+            chart.to_str().unwrap(),
+        ],
+        env,
+    );
+    assert!(
+        out.status.success(),
+        "{out:?}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json["keys"], 8);
+    assert_eq!(json["body_bytes"], 1024);
+    let svg = std::fs::read_to_string(&chart).expect("chart written");
+    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
+    let runs = json["backends"].as_array().unwrap().clone();
+    let names: Vec<&str> = runs
+        .iter()
+        .map(|r| r["backend"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.join(","), backends);
+    for run in &runs {
+        let name = run["backend"].as_str().unwrap();
+        assert!(svg.contains(name), "chart has no line for {name}");
+        // Warming asked the upstream once per key, and every warm request
+        // waited for it (the synthetic upstream sleeps 20 ms).
+        assert_eq!(n(&run["upstream_calls_warm"]), 8, "{name}: {run}");
+        assert_eq!(n(&run["warm"]["by_x_cache"]["MISS"]["count"]), 8, "{name}");
+        assert!(run["warm"]["all"]["p50_ms"].as_f64().unwrap() >= 20.0);
+        check_counts_add_up(&run["warm"]);
+        // Measuring: every request a hit, the upstream never asked.
+        let report = &run["report"];
+        check_counts_add_up(report);
+        assert_eq!(n(&report["requests"]), 120, "{name}");
+        assert_eq!(n(&report["hits"]), 120, "{name}: {report}");
+        assert_eq!(n(&run["upstream_calls_measure"]), 0, "{name}");
+        assert!(n(&report["body_bytes"]) == 120 * 1024, "{name}");
+    }
+    runs
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "cachegate-bench-test-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn compare_memory() {
+    compare("memory", &[]);
+}
+
+#[test]
+fn compare_redis_and_dynamodb() {
+    let need = |var: &str| {
+        std::env::var(var).unwrap_or_else(|_| {
+            panic!(
+                "{var} is not set: run the tests through scripts/test, which starts the services"
+            )
+        })
+    };
+    let env: Vec<(String, String)> = [
+        ("CACHEGATE_REDIS__URL", need("CACHEGATE_TEST_REDIS_URL")),
+        (
+            "CACHEGATE_REDIS__KEY_PREFIX",
+            format!("t-bench-{}:", std::process::id()),
+        ),
+        (
+            "AWS_ENDPOINT_URL_DYNAMODB",
+            need("CACHEGATE_TEST_DYNAMODB_ENDPOINT"),
+        ),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ACCESS_KEY_ID", "test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        (
+            "CACHEGATE_DYNAMODB__TABLE",
+            format!("cachegate-bench-{}", std::process::id()),
+        ),
+        // Counting, not timing: a slow read on a busy test machine must not
+        // turn into a miss here.
+        ("CACHEGATE_STORE__READ_TIMEOUT", "5s".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    compare("redis,dynamodb", &env);
+}
