@@ -51,7 +51,7 @@ impl CacheControl {
                     Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
                     None => (directive.trim(), None),
                 };
-                let delta = || arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0);
+                let delta = || arg.and_then(delta_seconds).unwrap_or(0);
                 match name.to_ascii_lowercase().as_str() {
                     "no-store" => cc.no_store = true,
                     "no-cache" => cc.no_cache = true,
@@ -69,6 +69,27 @@ impl CacheControl {
         }
         cc
     }
+}
+
+/// RFC 9111 §1.2.2: a delta-seconds value too large to represent, or any
+/// calculation with it that would overflow, counts as 2^31 seconds.
+pub const MAX_DELTA_SECONDS: u64 = 1 << 31;
+
+/// `1*DIGIT`, capped at [`MAX_DELTA_SECONDS`]; `None` when not digits.
+fn delta_seconds(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(
+        s.parse::<u64>()
+            .map_or(MAX_DELTA_SECONDS, |d| d.min(MAX_DELTA_SECONDS)),
+    )
+}
+
+/// Whole milliseconds of a configured duration, saturating (a TTL of
+/// centuries must not wrap around to a short one).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Conflicting duplicates: keep the smaller (fresher-for-less) value.
@@ -260,9 +281,9 @@ pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshnes
     let explicit = if rule.override_upstream {
         None
     } else if let Some(s) = cc.s_maxage {
-        Some(s * 1000)
+        Some(s.saturating_mul(1000))
     } else if let Some(m) = cc.max_age {
-        Some(m * 1000)
+        Some(m.saturating_mul(1000))
     } else if h.contains_key(http::header::EXPIRES) {
         // An invalid Expires (e.g. "0") means already expired (§5.3).
         let expires = header_time(h, http::header::EXPIRES).unwrap_or(0);
@@ -279,7 +300,7 @@ pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshnes
             if !heuristically_cacheable(facts.status) {
                 return Err(NotStorable::Status);
             }
-            ttl.as_millis() as u64
+            millis(ttl)
         }
     };
 
@@ -287,14 +308,16 @@ pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshnes
     let age_value = h
         .get(http::header::AGE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
+        .and_then(|v| delta_seconds(v.trim()))
         .unwrap_or(0)
-        * 1000;
+        .saturating_mul(1000);
     let apparent_age = date.map_or(0, |d| facts.response_time.saturating_sub(d));
     let response_delay = facts.response_time.saturating_sub(facts.request_time);
-    let corrected_initial_age = apparent_age.max(age_value + response_delay);
+    let corrected_initial_age = apparent_age.max(age_value.saturating_add(response_delay));
     let born_at = facts.response_time.saturating_sub(corrected_initial_age);
-    let fresh_until = born_at + lifetime_ms;
+    // Times saturate rather than wrap: a wrapped expiry would turn the
+    // longest lifetimes into ones already over.
+    let fresh_until = born_at.saturating_add(lifetime_ms);
 
     // §4.2.4: stale only where the origin allows it. Explicit RFC 5861
     // directives win; `s-maxage` implies proxy-revalidate for shared caches.
@@ -304,11 +327,11 @@ pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshnes
         if !may_serve_stale {
             0
         } else if let Some(s) = explicit.filter(|_| !rule.override_upstream) {
-            s * 1000
+            s.saturating_mul(1000)
         } else if cc.s_maxage.is_some() && !rule.override_upstream {
             0
         } else {
-            configured.as_millis() as u64
+            millis(configured)
         }
     };
     let swr = window(cc.stale_while_revalidate, rule.stale_while_revalidate);
@@ -324,8 +347,8 @@ pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshnes
     Ok(Freshness {
         born_at,
         fresh_until,
-        stale_while_revalidate_until: fresh_until + swr,
-        stale_if_error_until: fresh_until + sie,
+        stale_while_revalidate_until: fresh_until.saturating_add(swr),
+        stale_if_error_until: fresh_until.saturating_add(sie),
         strip_set_cookie: has_set_cookie,
     })
 }
@@ -407,6 +430,55 @@ mod tests {
         assert_eq!(
             CacheControl::parse(&headers(&[("cache-control", "max-age=abc")])).max_age,
             Some(0)
+        );
+    }
+
+    #[test]
+    fn delta_seconds_are_capped_not_wrapped() {
+        // RFC 9111 §1.2.2: too large to represent means 2^31.
+        for v in ["2147483649", "99999999999", "18446744073709551616"] {
+            let cc = CacheControl::parse(&headers(&[(
+                "cache-control",
+                &format!("max-age={v}, s-maxage={v}, stale-if-error={v}"),
+            )]));
+            assert_eq!(cc.max_age, Some(MAX_DELTA_SECONDS), "{v}");
+            assert_eq!(cc.s_maxage, Some(MAX_DELTA_SECONDS), "{v}");
+            assert_eq!(cc.stale_if_error, Some(MAX_DELTA_SECONDS), "{v}");
+        }
+        // Not 1*DIGIT: invalid, so stale.
+        for v in ["+5", "-1", "5s", ""] {
+            let cc = CacheControl::parse(&headers(&[("cache-control", &format!("max-age={v}"))]));
+            assert_eq!(cc.max_age, Some(0), "{v:?}");
+        }
+    }
+
+    /// Found by the `policy` fuzz target: huge deltas, `Age` values and
+    /// configured TTLs overflowed the millisecond arithmetic.
+    #[test]
+    fn huge_values_saturate_instead_of_overflowing() {
+        let mut r = rule();
+        r.stale_while_revalidate = Duration::MAX;
+        r.stale_if_error = Duration::MAX;
+        let f = policy(
+            200,
+            &[
+                ("cache-control", "max-age=18446744073709551615"),
+                ("age", "18446744073709551615"),
+            ],
+            &r,
+        )
+        .unwrap();
+        assert_eq!(f.fresh_until - f.born_at, MAX_DELTA_SECONDS * 1000);
+        assert!(f.born_at <= T0);
+        assert_eq!(f.stale_if_error_until, u64::MAX);
+        assert_eq!(f.stale_while_revalidate_until, u64::MAX);
+        let mut forever = rule();
+        forever.ttl = Some(Duration::MAX);
+        let f = policy(200, &[], &forever).unwrap();
+        assert_eq!(
+            f.fresh_until,
+            u64::MAX,
+            "a huge TTL must not wrap to a short one"
         );
     }
 
