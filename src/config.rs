@@ -82,6 +82,8 @@ pub struct UpstreamConfig {
     #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// Longest connecting to the upstream may take. Default `2s`.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Largest upstream response body relayed at all. Default `6MiB`, the
@@ -305,6 +307,32 @@ pub struct RouteConfig {
     pub ttl: Option<Duration>,
     /// Use `ttl` even when the upstream sends its own freshness, `no-cache`
     /// or `must-revalidate` (for upstreams that send wrong ones). `no-store`
+/// Request metrics: CloudWatch Embedded Metric Format on stdout under
+/// Lambda, Prometheus text on an opt-in port in serve mode.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// CloudWatch namespace of the EMF metrics. Default `cachegate`.
+    pub namespace: String,
+    /// Write one EMF line per request to stdout (CloudWatch turns them into
+    /// metrics without an agent). Default: on under Lambda, off in serve mode.
+    pub emf: Option<bool>,
+    /// Serve mode: address of a separate listener answering `GET /metrics`
+    /// in the Prometheus text format. Default: unset (no metrics listener;
+    /// keep it off the proxied port so clients cannot read it).
+    pub prometheus_listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            namespace: "cachegate".into(),
+            emf: None,
+            prometheus_listen: None,
+        }
+    }
+}
+
     /// and `private` are still obeyed: they protect users. Default `false`.
     #[serde(default)]
     pub override_upstream: bool,
@@ -486,6 +514,13 @@ impl Config {
             }
         }
         crate::routes::RouteTable::new(&self.routes)?;
+        let ns = &self.metrics.namespace;
+        if ns.is_empty() || ns.len() > 255 || ns.starts_with("AWS/") {
+            return Err(invalid(
+                "metrics.namespace",
+                "must be 1 to 255 characters and not start with AWS/",
+            ));
+        }
         Ok(())
     }
 }

@@ -8,6 +8,7 @@ use http::{Request, Response, StatusCode};
 use lambda_http::Body;
 
 use crate::proxy::{json_error, Proxy};
+use crate::telemetry::RequestId;
 
 /// Lambda's synchronous response payload limit is 6 MB, base64 and JSON
 /// envelope included; leave room for them.
@@ -52,12 +53,30 @@ pub fn lambda_body(resp: Response<Bytes>) -> Response<Body> {
     Response::from_parts(parts, body)
 }
 
+/// The handler's request for a lambda_http request.
+pub fn handler_request(req: lambda_http::Request) -> Request<Bytes> {
+    use lambda_http::RequestExt;
+    let request_id = req
+        .lambda_context_ref()
+        .map(|c| RequestId(c.request_id.clone()));
+    let (mut parts, body) = req.into_parts();
+    if let Some(id) = request_id {
+        parts.extensions.insert(id);
+    }
+    Request::from_parts(parts, body_bytes(body))
+}
+
+/// An invocation payload as the handler sees it, through the same steps as
+/// [`run`]; `None` when it is no HTTP event. For the fuzz target and tests.
+#[doc(hidden)]
+pub fn parse_event(payload: &[u8]) -> Option<Request<Bytes>> {
+    let event: lambda_http::request::LambdaRequest = serde_json::from_slice(payload).ok()?;
+    Some(handler_request(event.into()))
+}
+
 /// One Lambda invocation through the proxy.
 pub async fn invoke(proxy: &Arc<Proxy>, req: lambda_http::Request) -> Response<Body> {
-    let (parts, body) = req.into_parts();
-    let resp = proxy
-        .handle(Request::from_parts(parts, body_bytes(body)))
-        .await;
+    let resp = proxy.handle(handler_request(req)).await;
     if resp.body().len() > MAX_LAMBDA_BODY_BYTES {
         return lambda_body(json_error(
             StatusCode::BAD_GATEWAY,

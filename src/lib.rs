@@ -19,6 +19,7 @@ pub mod serve;
 pub mod upstream;
 
 use std::sync::Arc;
+pub mod telemetry;
 
 use config::Config;
 use proxy::{Mode, Proxy};
@@ -55,6 +56,12 @@ pub async fn build_proxy(config: &Config, mode: Mode) -> Result<Arc<Proxy>, Star
         expose_surrogate_keys: config.cache.expose_surrogate_keys,
     };
     Ok(Arc::new(Proxy::new(
-        base, routes, cache, upstream, settings,
+        base, routes, cache, upstream, settings, telemetry,
     )))
+    let telemetry = telemetry::Telemetry::new(
+        &config.metrics,
+        mode,
+        cache.backend_name(),
+        cache.stats().clone(),
+    );
 }

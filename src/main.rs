@@ -95,7 +95,7 @@ fn main() -> ExitCode {
             Some(Command::Serve { listen }) => match cachegate::build_proxy(&config, Mode::Serve).await {
                 Ok(proxy) => {
                     let listen = listen.unwrap_or(config.serve.listen);
-                    cachegate::serve::run(proxy, listen, &config.serve)
+                    cachegate::serve::run(proxy, listen, &config.serve, config.metrics.prometheus_listen)
                         .await
                         .map_err(|e| format!("serve: {e}"))
                 }

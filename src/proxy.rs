@@ -20,6 +20,7 @@ use cachegate_store::{
 use crate::key::{self, Target};
 use crate::policy::{self, Bypass, NotStorable, RequestPolicy, ResponseFacts};
 use crate::routes::{RouteTable, Rule};
+use crate::telemetry::{RequestId, RequestRecord, Telemetry};
 use crate::upstream::{strip_hop_by_hop, Upstream, UpstreamError, UpstreamResponse};
 
 /// Where the handler runs; it decides how a stale-while-revalidate refresh
@@ -56,6 +57,7 @@ pub struct Proxy {
     cache: TieredCache,
     upstream: Upstream,
     settings: Settings,
+    telemetry: Telemetry,
     /// Fetches in flight in this process, by primary key.
     inflight: Mutex<HashMap<StoreKey, watch::Receiver<Option<Shared>>>>,
 }
@@ -101,6 +103,7 @@ impl Proxy {
         cache: TieredCache,
         upstream: Upstream,
         settings: Settings,
+        telemetry: Telemetry,
     ) -> Self {
         Proxy {
             base,
@@ -108,6 +111,7 @@ impl Proxy {
             cache,
             upstream,
             settings,
+            telemetry,
             inflight: Mutex::default(),
         }
     }
@@ -120,26 +124,58 @@ impl Proxy {
     /// response (a JSON error for the client's or the upstream's faults;
     /// cache problems are misses).
     pub async fn handle(self: &Arc<Self>, req: Request<Bytes>) -> Response<Bytes> {
-        let mut lookup_time = None;
-        let mut resp = self.handle_request(req, &mut lookup_time).await;
-        if let Some(d) = lookup_time {
-            let timing = format!(
+        let started = std::time::Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let request_id = req.extensions().get::<RequestId>().cloned();
+        let mut trace = Trace::default();
+        let mut resp = self.handle_request(req, &mut trace).await;
+        let upstream_time = resp.extensions().get::<UpstreamTime>().map(|t| t.0);
+        if let Some(d) = trace.lookup_time {
+            // One header value: Lambda's response formats keep one value per name.
+            let mut timing = format!(
                 "cache;dur={:.3};desc=\"{}\"",
                 ms(d),
                 self.cache.backend_name()
             );
-            resp.headers_mut().append(
+            if let Some(upstream) = upstream_time {
+                timing = format!("{timing}, upstream;dur={:.3}", ms(upstream));
+            }
+            resp.headers_mut().insert(
                 SERVER_TIMING,
                 HeaderValue::from_str(&timing).expect("ASCII"),
             );
         }
+        self.telemetry.record(&RequestRecord {
+            request_id: request_id.as_ref().map(|r| r.0.as_str()),
+            method: &method,
+            path: &path,
+            route: trace.route.as_ref().map_or("*", |r| r.name.as_str()),
+            key: trace.key.as_ref().map(StoreKey::digest),
+            status: resp.status(),
+            cache_status: resp
+                .headers()
+                .get(X_CACHE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("ERROR"),
+            cache_time: trace.lookup_time,
+            upstream_time,
+            total_time: started.elapsed(),
+            backend_error: trace.backend_error,
+        });
         resp
+    }
+
+    /// The Prometheus text exposition of this process's request metrics,
+    /// when `metrics.prometheus_listen` is configured.
+    pub fn prometheus_text(&self) -> Option<String> {
+        self.telemetry.prometheus_text()
     }
 
     async fn handle_request(
         self: &Arc<Self>,
         req: Request<Bytes>,
-        lookup_time: &mut Option<Duration>,
+        trace: &mut Trace,
     ) -> Response<Bytes> {
         let (parts, body) = req.into_parts();
         if parts.method == Method::CONNECT {
@@ -150,6 +186,7 @@ impl Proxy {
             );
         }
         let rule = self.routes.rule_for(parts.uri.path());
+        trace.route = Some(rule.clone());
         let target = Target::resolve(
             &self.base,
             parts.uri.path(),
@@ -176,10 +213,12 @@ impl Proxy {
 
         // 2. Look up: the primary key, then the variant its Vary names.
         let primary = target.primary_key(&rule.key_headers, &parts.headers);
+        trace.key = Some(primary.clone());
         let (stored, cache_trouble) = if policy.lookup {
             let started = std::time::Instant::now();
             let found = self.lookup(&primary, &parts.headers).await;
-            *lookup_time = Some(started.elapsed());
+            trace.lookup_time = Some(started.elapsed());
+            trace.backend_error = found.1.is_some();
             found
         } else {
             (None, None)
@@ -330,8 +369,17 @@ impl Proxy {
                 let upstream_time = sent_at.elapsed();
                 hide_surrogate_keys(&mut resp.headers, &self.settings);
                 if unsafe_method && (resp.status.is_success() || resp.status.is_redirection()) {
-                    if let Err(e) = self.purge_tag(&target.url_tag()).await {
-                        tracing::warn!(error = %e, "invalidation after {} failed", why.as_str());
+                    let mut tags = vec![target.url_tag()];
+                    tags.extend(
+                        self.same_origin_locations(&target.url, &resp.headers)
+                            .iter()
+                            .filter_map(|path| self.url_tag(path).ok()),
+                    );
+                    tags.dedup();
+                    for tag in tags {
+                        if let Err(e) = self.purge_tag(&tag).await {
+                            tracing::warn!(error = %e, "invalidation after {} failed", why.as_str());
+                        }
                     }
                 }
                 let outcome = Outcome::timed(
@@ -725,6 +773,32 @@ impl Proxy {
         Ok(Target::resolve(&self.base, path, query, &rule.ignored_query_params).url_tag())
     }
 
+    /// The `Location` and `Content-Location` of an upstream response that
+    /// name resources behind this proxy, as client paths: RFC 9111 §4.4 has
+    /// them invalidated too, but only on the same origin (so a response
+    /// cannot make us drop another site's entries). References resolve
+    /// against the upstream URL of the request and must fall under the
+    /// upstream's base path, which is then removed.
+    fn same_origin_locations(&self, request_url: &Url, headers: &HeaderMap) -> Vec<String> {
+        let prefix = self.base.path().trim_end_matches('/');
+        [header::LOCATION, header::CONTENT_LOCATION]
+            .iter()
+            .filter_map(|name| headers.get(name)?.to_str().ok())
+            .filter_map(|reference| request_url.join(reference).ok())
+            .filter(|url| url.origin() == self.base.origin())
+            .filter_map(|url| {
+                let path = url.path().strip_prefix(prefix)?;
+                if !path.starts_with('/') {
+                    return None;
+                }
+                Some(match url.query() {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path.to_owned(),
+                })
+            })
+            .collect()
+    }
+
     /// Write the entry (and a Vary index when it varies). Failures are
     /// logged and counted; the response goes out regardless.
     async fn store(
@@ -1018,16 +1092,15 @@ fn build(
     outcome: &Outcome,
 ) -> Response<Bytes> {
     if let Some(d) = outcome.upstream {
+        // A request that was not looked up in the cache (a bypass) has no
+        // cache timing for `handle` to combine this with.
         let timing = format!("upstream;dur={:.3}", ms(d));
-        headers.append(
+        headers.insert(
             SERVER_TIMING,
             HeaderValue::from_str(&timing).expect("ASCII"),
         );
     }
-    headers.insert(
-        HeaderName::from_static("x-cache"),
-        HeaderValue::from_static(outcome.x_cache),
-    );
+    headers.insert(X_CACHE, HeaderValue::from_static(outcome.x_cache));
     let cache_status = format!("cachegate; {}", outcome.status);
     if let Ok(v) = HeaderValue::from_str(&cache_status) {
         headers.insert(HeaderName::from_static("cache-status"), v);
@@ -1035,9 +1108,27 @@ fn build(
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
+    if let Some(d) = outcome.upstream {
+        resp.extensions_mut().insert(UpstreamTime(d));
+    }
     resp
 }
 
+/// Time the upstream took, handed from [`build`] to [`Proxy::handle`].
+#[derive(Clone, Copy)]
+struct UpstreamTime(Duration);
+
+/// What [`Proxy::handle`] learns while the request flows, for its
+/// timing header and telemetry.
+#[derive(Default)]
+struct Trace {
+    route: Option<Arc<Rule>>,
+    key: Option<StoreKey>,
+    lookup_time: Option<Duration>,
+    backend_error: bool,
+}
+
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
 fn ms(d: Duration) -> f64 {

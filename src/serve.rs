@@ -9,6 +9,7 @@ use http::{Request, Response, StatusCode};
 
 use crate::config::ServeConfig;
 use crate::proxy::{json_error, Proxy};
+use crate::telemetry::RequestId;
 
 struct ServeState {
     proxy: Arc<Proxy>,
@@ -113,7 +114,18 @@ async fn purge(
 }
 
 async fn handle(State(state): State<Arc<ServeState>>, req: Request<Body>) -> Response<Body> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // A caller's request id ties our log line to theirs; bounded and
+    // printable so it cannot flood or forge log lines.
+    if let Some(id) = parts
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 128)
+    {
+        let id = RequestId(id.to_owned());
+        parts.extensions.insert(id);
+    }
     let target_len = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
     if target_len > state.max_uri_bytes {
         return json_error(
@@ -189,14 +201,47 @@ pub async fn run(
     proxy: Arc<Proxy>,
     listen: SocketAddr,
     serve: &ServeConfig,
+    metrics_listen: Option<SocketAddr>,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
+    if let Some(metrics_addr) = metrics_listen {
+        let metrics_listener = tokio::net::TcpListener::bind(metrics_addr).await?;
+        let metrics_addr = metrics_listener.local_addr()?;
+        tracing::info!(%metrics_addr, "prometheus metrics at /metrics");
+        let app = metrics_router(proxy.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(metrics_listener, app).await {
+                tracing::error!(error = %e, "metrics listener stopped");
+            }
+        });
+    }
     tracing::info!(%addr, backend = proxy.cache().backend_name(), "cachegate serving");
     // A line on stdout that scripts and tests can wait for.
     println!("cachegate listening on http://{addr}");
     serve_http1(listener, router(proxy, serve), serve, shutdown_signal()).await;
     Ok(())
+}
+
+/// `GET /metrics` in the Prometheus text format, on its own listener so
+/// proxied clients never reach it.
+fn metrics_router(proxy: Arc<Proxy>) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let proxy = proxy.clone();
+            async move {
+                let text = proxy.prometheus_text().unwrap_or_default();
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    text,
+                )
+            }
+        }),
+    )
 }
 
 /// HTTP/1.1 on `listener` with the head limits and timeouts of `serve`

@@ -284,3 +284,86 @@ async fn redis_purge_cli_reaches_every_process() {
 async fn dynamodb_purge_cli_reaches_every_process() {
     purge_cli_reaches_every_process("dynamodb").await;
 }
+
+/// RFC 9111 §4.4: a successful unsafe request through one process
+/// invalidates its URI, and the same-origin Location and Content-Location
+/// of the response, for every process on the backend; a Location on
+/// another origin invalidates nothing.
+async fn unsafe_methods_invalidate_everywhere(backend: &str) {
+    let up = upstream().await;
+    let env = if backend == "memory" {
+        Vec::new()
+    } else {
+        let env = backend_env(backend, "unsafe");
+        init(&env);
+        env
+    };
+    let no_l1 = [("CACHEGATE_CACHE__L1_TTL", "0s")];
+    let a = start(&up.url, &env, &no_l1);
+    // On memory the cache is the process's own: one process plays both parts.
+    let b_owned = (backend != "memory").then(|| start(&up.url, &env, &no_l1));
+    let b = b_owned.as_ref().unwrap_or(&a);
+    let id = std::process::id();
+    let cc = "cc=max-age%3D60";
+    let thing = format!("/things/{id}?{cc}");
+    let created = format!("/created/{id}?{cc}");
+    let described = format!("/described/{id}?{cc}");
+    let elsewhere = format!("/elsewhere/{id}?{cc}");
+    for path in [&thing, &created, &described, &elsewhere] {
+        assert_eq!(get(&format!("{}{path}", a.url)).await.x_cache(), "MISS");
+        assert_eq!(get(&format!("{}{path}", b.url)).await.x_cache(), "HIT");
+    }
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let post = format!(
+        "{}/things/{id}?location={}&content_location={}",
+        b.url,
+        enc(&created),
+        enc(&format!("{}{described}", up.url)),
+    );
+    let r = common::send(client().post(&post).body("x")).await;
+    assert_eq!(r.x_cache(), "BYPASS");
+    assert_eq!(get(&format!("{}{created}", a.url)).await.x_cache(), "MISS");
+    assert_eq!(
+        get(&format!("{}{described}", a.url)).await.x_cache(),
+        "MISS"
+    );
+    assert_eq!(get(&format!("{}{thing}", a.url)).await.x_cache(), "HIT");
+
+    let delete = format!("{}{thing}", b.url);
+    let r = common::send(client().delete(&delete)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(get(&format!("{}{thing}", a.url)).await.x_cache(), "MISS");
+
+    // Another origin's Location, and a failed request, invalidate nothing.
+    let foreign = format!(
+        "{}/things/{id}?location={}",
+        b.url,
+        enc(&format!("http://127.0.0.1:9{elsewhere}"))
+    );
+    let r = common::send(client().put(&foreign)).await;
+    assert_eq!(r.status, 200);
+    up.state
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = common::send(client().patch(format!("{}{elsewhere}", b.url))).await;
+    assert_eq!(r.status, 503);
+    up.state
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(get(&format!("{}{elsewhere}", a.url)).await.x_cache(), "HIT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_unsafe_methods_invalidate_everywhere() {
+    unsafe_methods_invalidate_everywhere("memory").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_unsafe_methods_invalidate_everywhere() {
+    unsafe_methods_invalidate_everywhere("redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dynamodb_unsafe_methods_invalidate_everywhere() {
+    unsafe_methods_invalidate_everywhere("dynamodb").await;
+}

@@ -163,6 +163,9 @@ async fn answer(State(state): State<Arc<UpstreamState>>, req: Request<Body>) -> 
     if let Some(v) = q.get("location") {
         set("location", v);
     }
+    if let Some(v) = q.get("content_location") {
+        set("content-location", v);
+    }
     set("x-upstream-header", "kept");
     if let Some(etag) = q.get("etag") {
         set("etag", etag);

@@ -76,7 +76,7 @@ impl TieredCache {
     pub fn breaker_state(&self) -> BreakerState {
         self.main.breaker_state()
     }
-    pub fn stats(&self) -> &CacheStats {
+    pub fn stats(&self) -> &Arc<CacheStats> {
         &self.stats
     }
 
