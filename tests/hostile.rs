@@ -866,3 +866,29 @@ async fn over_lambdas_response_limit_is_a_clear_502_in_lambda_mode() {
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len(), max + 1);
 }
+
+#[test]
+fn unsafe_limit_values_stop_start_up_naming_the_key() {
+    use figment::providers::{Format, Toml};
+    for (serve, key) in [
+        ("max_uri_bytes = \"10B\"", "serve.max_uri_bytes"),
+        ("max_uri_bytes = \"1MiB\"", "serve.max_uri_bytes"),
+        ("max_header_bytes = \"1KiB\"", "serve.max_header_bytes"),
+        (
+            "max_uri_bytes = \"32KiB\"\nmax_header_bytes = \"16KiB\"",
+            "serve.max_header_bytes",
+        ),
+        ("max_headers = 0", "serve.max_headers"),
+        ("max_headers = 100000", "serve.max_headers"),
+        ("header_read_timeout = \"0s\"", "serve.header_read_timeout"),
+        ("body_read_timeout = \"0s\"", "serve.body_read_timeout"),
+    ] {
+        let toml = format!("[upstream]\nurl = \"http://127.0.0.1:9\"\n[serve]\n{serve}\n");
+        let err = cachegate::config::Config::from_figment(
+            figment::Figment::new().merge(Toml::string(&toml)),
+        )
+        .expect_err(serve)
+        .to_string();
+        assert!(err.contains(key), "{serve}: {err}");
+    }
+}
