@@ -107,6 +107,37 @@ async fn serve_loopback(
     Ok((addr, tx, task))
 }
 
+/// The proxy on a loopback port through the same HTTP server `cachegate
+/// serve` runs (head limits, timeouts, TCP_NODELAY).
+async fn serve_proxy_loopback(
+    proxy: Arc<crate::proxy::Proxy>,
+    config: &Config,
+) -> Result<
+    (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ),
+    String,
+> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("local address: {e}"))?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let serve = config.serve.clone();
+    let app = crate::serve::router(proxy, &serve);
+    let task = tokio::spawn(async move {
+        crate::serve::serve_http1(listener, app, &serve, async {
+            let _ = rx.await;
+        })
+        .await;
+    });
+    Ok((addr, tx, task))
+}
+
 /// Graceful stop, bounded: idle keep-alive connections must not hold it up.
 async fn stop_server(
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -246,8 +277,7 @@ async fn run_backend(
     let proxy = crate::build_proxy(&config, Mode::Serve)
         .await
         .map_err(|e| e.to_string())?;
-    let (addr, shutdown, mut task) =
-        serve_loopback(crate::serve::router(proxy, &config.serve)).await?;
+    let (addr, shutdown, mut task) = serve_proxy_loopback(proxy, &config).await?;
 
     let urls = (0..keys)
         .map(|i| {
