@@ -52,7 +52,7 @@ pub struct Config {
     pub memory: MemoryConfig,
     /// Time bounds and circuit breaker around the shared backend (redis,
     /// dynamodb; memory is never slow). Defaults: `read_timeout = "50ms"`,
-    /// `write_timeout = "500ms"`, `purge_timeout = "10s"`,
+    /// `write_timeout = "1s"`, `purge_timeout = "10s"`,
     /// `failure_threshold = 3`, `open_for = "500ms"`.
     #[serde(default)]
     pub store: GuardConfig,

@@ -24,7 +24,9 @@ pub struct GuardConfig {
     /// Default `50ms`: on the hit path a slow cache is worse than none.
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
-    /// Longest a write (put, delete, lock, unlock) may take. Default `500ms`.
+    /// Longest a write (put, delete, lock, unlock) may take. Default `1s`:
+    /// writes are off the hit path, and a DynamoDB put of a large entry
+    /// (several chunk items) needs more than a read.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
     /// Longest a purge by tag may take (it touches many keys). Default `10s`.
@@ -41,7 +43,7 @@ impl Default for GuardConfig {
     fn default() -> Self {
         GuardConfig {
             read_timeout: Duration::from_millis(50),
-            write_timeout: Duration::from_millis(500),
+            write_timeout: Duration::from_secs(1),
             purge_timeout: Duration::from_secs(10),
             failure_threshold: 3,
             open_for: Duration::from_millis(500),
