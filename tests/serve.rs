@@ -733,3 +733,71 @@ async fn a_purge_during_a_fetch_keeps_the_older_response_out() {
 async fn get_owned(url: String) -> common::Got {
     get(&url).await
 }
+
+/// An upstream that answers every request with `cache_control` and closes
+/// the connection (so nothing is pooled), until its task is aborted: then
+/// connections are refused, as from a stopped server.
+async fn closing_upstream(cache_control: &'static str) -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut socket, _)) = listener.accept().await {
+            n += 1;
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match socket.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => head.extend_from_slice(&buf[..k]),
+                }
+            }
+            let body = format!("{{\"n\": {n}}}");
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncache-control: {cache_control}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(resp.as_bytes()).await;
+        }
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn stale_if_error_answers_when_the_upstream_is_stopped() {
+    let (up_url, up_task) = closing_upstream("max-age=1, stale-if-error=60").await;
+    let (short_url, short_task) = closing_upstream("max-age=1, stale-if-error=1").await;
+    let cg = cachegate(&up_url, &[]);
+    let short = cachegate(&short_url, &[]);
+    let first = get(&format!("{}/down", cg.url)).await;
+    assert_eq!(first.x_cache(), "MISS");
+    get(&format!("{}/down", short.url)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    up_task.abort();
+    short_task.abort();
+    let _ = up_task.await;
+    let _ = short_task.await;
+
+    let stale = get(&format!("{}/down", cg.url)).await;
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.x_cache(), "STALE");
+    assert_eq!(stale.body, first.body);
+    assert!(
+        stale.header("cache-status").contains("stale-if-error"),
+        "{}",
+        stale.header("cache-status")
+    );
+
+    // Past its one-second window: a 502 that says what failed.
+    let failed = get(&format!("{}/down", short.url)).await;
+    assert_eq!(failed.status, 502);
+    assert_eq!(failed.header("content-type"), "application/json");
+    let error = &failed.json()["error"];
+    assert_eq!(error["status"], 502);
+    assert!(
+        error["message"].as_str().unwrap().contains("connect")
+            || error["code"].as_str().unwrap().contains("unreachable"),
+        "{error}"
+    );
+}
