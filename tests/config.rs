@@ -72,6 +72,14 @@ fn the_shipped_config_file_is_valid_and_documents_the_defaults() {
     );
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("api.example.com"));
+    // Every value in the file is the built-in default: the effective
+    // configuration is the same with and without it.
+    let (code, defaults, stderr) = run(
+        &[("CACHEGATE_UPSTREAM__URL", "https://api.example.com")],
+        &["--config", "/dev/null", "config"],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout, defaults, "config/cachegate.toml differs from the defaults");
     let (code, _, stderr) = run(
         &[("CACHEGATE_UPSTREAM__URL", "https://api.example.com")],
         &["--config", "/nonexistent.toml", "config"],
