@@ -5,7 +5,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{Request, Response, StatusCode};
-use lambda_http::Body;
+use lambda_http::request::LambdaRequest;
+use lambda_http::{Body, LambdaEvent};
 
 use crate::proxy::{json_error, Proxy};
 use crate::telemetry::RequestId;
@@ -70,8 +71,143 @@ pub fn handler_request(req: lambda_http::Request) -> Request<Bytes> {
 /// [`run`]; `None` when it is no HTTP event. For the fuzz target and tests.
 #[doc(hidden)]
 pub fn parse_event(payload: &[u8]) -> Option<Request<Bytes>> {
-    let event: lambda_http::request::LambdaRequest = serde_json::from_slice(payload).ok()?;
+    let mut event: LambdaRequest = serde_json::from_slice(payload).ok()?;
+    make_convertible(&mut event);
     Some(handler_request(event.into()))
+}
+
+/// lambda_http turns an event into a request with `unwrap` and `expect` on
+/// the way: it builds an absolute URI from `Host`, `X-Forwarded-Proto`, the
+/// stage and the path, and decodes base64 bodies. A release build aborts on
+/// panic, so one odd event would end the whole execution environment. What
+/// would panic is repaired first. None of it reaches the cache key or the
+/// upstream URL, which come from the path and query alone.
+#[doc(hidden)]
+pub fn make_convertible(event: &mut LambdaRequest) {
+    match event {
+        LambdaRequest::ApiGatewayV2(ag) => {
+            let ctx = &mut ag.request_context;
+            repair_authority(&mut ag.headers, &mut ctx.domain_name);
+            repair_stage(&mut ctx.stage);
+            repair_path(&mut ag.raw_path);
+            if let Some(q) = &mut ag.raw_query_string {
+                // Appended to the URI as it is.
+                *q = uri_safe_query(q);
+            }
+            repair_body(&mut ag.body, &mut ag.is_base64_encoded);
+        }
+        LambdaRequest::ApiGatewayV1(ag) => {
+            let ctx = &mut ag.request_context;
+            repair_authority(&mut ag.headers, &mut ctx.domain_name);
+            repair_stage(&mut ctx.stage);
+            repair_path(&mut ag.path);
+            repair_body(&mut ag.body, &mut ag.is_base64_encoded);
+        }
+        LambdaRequest::Alb(alb) => {
+            repair_authority(&mut alb.headers, &mut None);
+            repair_path(&mut alb.path);
+            repair_body(&mut alb.body, &mut alb.is_base64_encoded);
+        }
+        _ => {}
+    }
+}
+
+/// Drop a `Host`, domain name or `X-Forwarded-Proto` that does not make a
+/// URL: only lambda_http's URI uses them (the upstream is configured).
+fn repair_authority(headers: &mut http::HeaderMap, domain_name: &mut Option<String>) {
+    let proto_ok = headers
+        .get(X_FORWARDED_PROTO)
+        .is_none_or(|p| p == "http" || p == "https");
+    if !proto_ok {
+        headers.remove(X_FORWARDED_PROTO);
+    }
+    let makes_url = |host: &str| {
+        host.parse::<http::uri::Authority>().is_ok()
+            && reqwest::Url::parse(&format!("https://{host}/")).is_ok()
+    };
+    let host_ok = headers
+        .get(http::header::HOST)
+        .is_none_or(|h| h.to_str().is_ok_and(makes_url));
+    if !host_ok {
+        headers.remove(http::header::HOST);
+    }
+    if domain_name.as_deref().is_some_and(|d| !makes_url(d)) {
+        *domain_name = None;
+    }
+}
+
+/// API Gateway stage names are letters, digits, `-`, `_` (and `$default`).
+fn repair_stage(stage: &mut Option<String>) {
+    let valid = |s: &str| {
+        s == "$default"
+            || (!s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+    };
+    if stage.as_deref().is_some_and(|s| !valid(s)) {
+        *stage = None;
+    }
+}
+
+/// A path must start with `/`, or it would run into the authority.
+fn repair_path(path: &mut Option<String>) {
+    if let Some(p) = path {
+        if !p.starts_with('/') {
+            p.insert(0, '/');
+        }
+    }
+}
+
+/// Percent-encode what a URI query cannot hold. Form decoding reads `%XX`
+/// as the byte itself, so the canonical query (and the key) is unchanged.
+fn uri_safe_query(q: &str) -> String {
+    let mut out = String::with_capacity(q.len());
+    for b in q.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A body marked base64 that is not base64 is passed on as sent.
+fn repair_body(body: &mut Option<String>, is_base64: &mut bool) {
+    use base64::Engine;
+    if *is_base64
+        && body
+            .as_deref()
+            .is_some_and(|b| base64::engine::general_purpose::STANDARD.decode(b).is_err())
+    {
+        *is_base64 = false;
+    }
+}
+
+const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+
+/// Repairs each event before lambda_http's adapter converts it.
+struct Convertible<S>(S);
+
+impl<S> lambda_http::Service<LambdaEvent<LambdaRequest>> for Convertible<S>
+where
+    S: lambda_http::Service<LambdaEvent<LambdaRequest>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut event: LambdaEvent<LambdaRequest>) -> Self::Future {
+        make_convertible(&mut event.payload);
+        self.0.call(event)
+    }
 }
 
 /// One Lambda invocation through the proxy.
@@ -92,9 +228,78 @@ pub async fn invoke(proxy: &Arc<Proxy>, req: lambda_http::Request) -> Response<B
 
 /// Run the Lambda runtime loop until the environment ends it.
 pub async fn run(proxy: Arc<Proxy>) -> Result<(), lambda_http::Error> {
-    lambda_http::run(lambda_http::service_fn(move |req: lambda_http::Request| {
+    // lambda_http::run with the repair step in front of its adapter.
+    let handler = lambda_http::service_fn(move |req: lambda_http::Request| {
         let proxy = proxy.clone();
         async move { Ok::<_, std::convert::Infallible>(invoke(&proxy, req).await) }
-    }))
-    .await
+    });
+    lambda_http::lambda_runtime::run(Convertible(lambda_http::Adapter::from(handler))).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An API Gateway HTTP API (v2) event for `GET /items/1?a=1`.
+    fn v2(headers: &str) -> String {
+        format!(
+            r#"{{"version":"2.0","rawPath":"/items/1","rawQueryString":"a=1",
+                "headers":{{{headers}}},"isBase64Encoded":false,
+                "requestContext":{{"http":{{"method":"GET","path":"/items/1",
+                "protocol":"HTTP/1.1","sourceIp":"192.0.2.1"}},"stage":"$default",
+                "domainName":"api.example.net"}}}}"#
+        )
+    }
+
+    fn base64_body(event: &str, body: &str) -> String {
+        event.replace(
+            r#""isBase64Encoded":false"#,
+            &format!(r#""isBase64Encoded":true,"body":"{body}""#),
+        )
+    }
+
+    fn parse(event: &str) -> Request<Bytes> {
+        parse_event(event.as_bytes()).expect("an HTTP event")
+    }
+
+    /// Each of these panicked inside lambda_http's conversion (first found
+    /// by the `lambda_event` fuzz target: a `Host` with `>`).
+    #[test]
+    fn events_lambda_http_would_panic_on_are_repaired() {
+        for host in ["lb.example>net", "a b", "x:99999", "[::1", ""] {
+            let req = parse(&v2(&format!(r#""host":"{host}""#)));
+            assert_eq!(req.uri().path(), "/items/1", "host {host:?}");
+            assert!(req.headers().get("host").is_none(), "host {host:?} kept");
+        }
+        let req = parse(&v2(r#""x-forwarded-proto":"ht tp""#));
+        assert_eq!(req.uri().path(), "/items/1");
+        let req = parse(&base64_body(&v2(""), "not base64!"));
+        assert_eq!(req.body(), &Bytes::from_static(b"not base64!"));
+        let odd_query = r#""rawQueryString":"q=a b&x=\"<é>\"""#;
+        let req = parse(&v2("").replace(r#""rawQueryString":"a=1""#, odd_query));
+        assert_eq!(
+            crate::key::canonical_query(req.uri().query().unwrap(), &[]).as_deref(),
+            Some("q=a+b&x=%22%3C%C3%A9%3E%22"),
+            "the key reads the query as sent"
+        );
+        let req = parse(&v2("").replace(r#""rawPath":"/items/1""#, r#""rawPath":":1""#));
+        assert_eq!(req.uri().path(), "/:1");
+        let req = parse(&v2("").replace(r#""stage":"$default""#, r#""stage":"a#b""#));
+        assert_eq!(req.uri().path(), "/items/1");
+        let alb = r#"{"requestContext":{"elb":{"targetGroupArn":"arn"}},"httpMethod":"GET",
+            "path":"x","headers":{"host":"a b"},"isBase64Encoded":true,"body":"%%"}"#;
+        let req = parse(alb);
+        assert_eq!(req.uri().path(), "/x");
+        assert_eq!(req.body(), &Bytes::from_static(b"%%"));
+    }
+
+    #[test]
+    fn ordinary_events_are_left_alone() {
+        let event = v2(r#""host":"api.example.net","x-forwarded-proto":"https""#);
+        let req = parse(&base64_body(&event, "AAEC/w=="));
+        assert_eq!(req.uri().to_string(), "https://api.example.net/items/1?a=1");
+        assert_eq!(req.headers()["host"], "api.example.net");
+        assert_eq!(req.body(), &Bytes::from_static(&[0, 1, 2, 0xff]));
+        assert!(parse_event(b"{\"source\":\"aws.events\"}").is_none());
+    }
 }
