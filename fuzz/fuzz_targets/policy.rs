@@ -1,0 +1,203 @@
+//! The header parsers and the caching policy: `CacheControl::parse`,
+//! `request_policy`, `response_policy` and the edge `Cache-Control`, on any
+//! header values, statuses and clocks, under several route rules.
+//!
+//! Input, as text lines:
+//! ```text
+//! METHOD STATUS REQUEST_TIME_MS RESPONSE_TIME_MS BODY_LEN   (any may be missing)
+//! request-header: value
+//! ...
+//!                                                       (empty line)
+//! response-header: value
+//! ...
+//! ```
+#![no_main]
+
+use std::time::Duration;
+
+use cachegate::config::CacheConfig;
+use cachegate::policy::{
+    edge_cache_control, request_policy, response_policy, Bypass, CacheControl, ResponseFacts,
+    MAX_DELTA_SECONDS,
+};
+use cachegate::routes::{RouteTable, Rule};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use libfuzzer_sys::fuzz_target;
+
+const T0: u64 = 1_700_000_000_000;
+const MAX_DELTA_MS: u64 = MAX_DELTA_SECONDS * 1000;
+
+fn rules() -> Vec<Rule> {
+    let base = (*RouteTable::build(&[], &CacheConfig::default())
+        .expect("default routes")
+        .rule_for("/"))
+    .clone();
+    let mut ttl = base.clone();
+    ttl.ttl = Some(Duration::from_secs(60));
+    ttl.stale_while_revalidate = Duration::from_secs(10);
+    ttl.stale_if_error = Duration::from_secs(3600);
+    let mut over = ttl.clone();
+    over.override_upstream = true;
+    over.edge_ttl = Some(Duration::from_secs(5));
+    let mut cookies = ttl.clone();
+    cookies.store_set_cookie_responses = true;
+    cookies.honor_client_no_cache = true;
+    let mut auth = ttl.clone();
+    auth.key_headers = vec!["authorization".into()];
+    auth.ttl = Some(Duration::MAX);
+    auth.stale_if_error = Duration::MAX;
+    vec![base, ttl, over, cookies, auth]
+}
+
+fn headers(lines: &[&[u8]]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for line in lines {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(line[..colon].trim_ascii()),
+            HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
+        ) else {
+            continue;
+        };
+        h.append(name, value);
+    }
+    h
+}
+
+/// A `Cache-Control` directive the headers plainly carry (visible ASCII,
+/// no quoted strings anywhere, so there is no doubt what is a directive).
+fn plainly_has(h: &HeaderMap, directive: &str) -> bool {
+    h.get_all(http::header::CACHE_CONTROL).iter().any(|v| {
+        v.to_str().is_ok()
+            && !v.as_bytes().contains(&b'"')
+            && v.as_bytes().split(|&b| b == b',').any(|d| {
+                let d = d.trim_ascii();
+                let name = d.split(|&b| b == b'=').next().unwrap_or(d).trim_ascii();
+                name.eq_ignore_ascii_case(directive.as_bytes())
+            })
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut lines = data.split(|&b| b == b'\n');
+    let first = lines.next().unwrap_or_default();
+    let mut fields = first.split(|&b| b == b' ');
+    let method = fields
+        .next()
+        .and_then(|m| Method::from_bytes(m).ok())
+        .unwrap_or(Method::GET);
+    let num = |f: Option<&[u8]>| f.and_then(|f| std::str::from_utf8(f).ok()?.parse::<u64>().ok());
+    let status = num(fields.next())
+        .and_then(|s| StatusCode::from_u16(u16::try_from(s).ok()?).ok())
+        .unwrap_or(StatusCode::OK);
+    let request_time = num(fields.next()).unwrap_or(T0 - 100);
+    let response_time = num(fields.next()).unwrap_or(T0);
+    let body_len = num(fields.next()).unwrap_or(10) as usize;
+    let rest: Vec<&[u8]> = lines.collect();
+    let split = rest.iter().position(|l| l.trim_ascii().is_empty());
+    let (req_lines, resp_lines) = match split {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (&rest[..], &[][..]),
+    };
+    let req = headers(req_lines);
+    let resp = headers(resp_lines);
+
+    let cc = CacheControl::parse(&resp);
+    for delta in [
+        cc.max_age,
+        cc.s_maxage,
+        cc.stale_while_revalidate,
+        cc.stale_if_error,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        assert!(
+            delta <= MAX_DELTA_SECONDS,
+            "delta-seconds {delta} above 2^31"
+        );
+    }
+    // A value that is not visible ASCII cannot be read: the safest reading.
+    let unreadable = resp
+        .get_all(http::header::CACHE_CONTROL)
+        .iter()
+        .any(|v| v.to_str().is_err());
+    if plainly_has(&resp, "no-store") || unreadable {
+        assert!(cc.no_store);
+    }
+    if plainly_has(&resp, "private") {
+        assert!(cc.private);
+    }
+
+    for rule in rules() {
+        match request_policy(&method, &req, false, &rule) {
+            Ok(p) => {
+                assert!(method == Method::GET || method == Method::HEAD);
+                assert!(rule.keys_on_authorization() || !req.contains_key("authorization"));
+                assert!(!req.contains_key("upgrade"));
+                if plainly_has(&req, "no-store") {
+                    assert!(!p.store, "client no-store ignored");
+                }
+            }
+            Err(Bypass::Authorization) => assert!(req.contains_key("authorization")),
+            Err(_) => {}
+        }
+
+        let facts = ResponseFacts {
+            status,
+            headers: &resp,
+            body_len,
+            request_time,
+            response_time,
+        };
+        let Ok(f) = response_policy(facts, &rule) else {
+            continue;
+        };
+        // Never stored where a shared cache must not store.
+        assert!(!cc.no_store && !cc.private, "stored despite {cc:?}");
+        assert!(!plainly_has(&resp, "no-store") && !plainly_has(&resp, "private"));
+        if resp.contains_key("set-cookie") {
+            assert!(rule.store_set_cookie_responses && f.strip_set_cookie);
+        }
+        assert!(body_len <= rule.max_entry_bytes);
+        assert!(!matches!(status.as_u16(), 206 | 304) && !status.is_server_error());
+        assert!(cachegate::key::vary_names(&resp).is_some());
+
+        // Times are ordered and clamped, never wrapped.
+        assert!(f.born_at <= response_time, "born in the future: {f:?}");
+        assert!(f.fresh_until >= f.born_at, "{f:?}");
+        assert!(f.stale_while_revalidate_until >= f.fresh_until, "{f:?}");
+        assert!(f.stale_if_error_until >= f.fresh_until, "{f:?}");
+        if cc.no_cache && !rule.override_upstream {
+            assert!(
+                f.fresh_until <= f.born_at.max(response_time),
+                "no-cache is fresh: {f:?}"
+            );
+        }
+        if response_time < 1 << 50 && !resp.contains_key("expires") {
+            // Realistic clocks: no saturation, lifetimes within 2^31 s
+            // unless the route configures more.
+            if rule
+                .ttl
+                .is_none_or(|t| t.as_millis() < MAX_DELTA_MS as u128)
+            {
+                assert!(f.fresh_until - f.born_at <= MAX_DELTA_MS, "{f:?}");
+            }
+        }
+
+        let left = f.fresh_until.saturating_sub(response_time) / 1000;
+        let edge = edge_cache_control(left, &rule);
+        assert!(HeaderValue::from_str(&edge).is_ok());
+        let edge_cc = CacheControl::parse(&HeaderMap::from_iter([(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_str(&edge).expect("ASCII"),
+        )]));
+        assert!(
+            edge_cc.max_age.is_some_and(|m| m <= left),
+            "{edge} promises more than {left}"
+        );
+        assert_eq!(edge_cc.private, rule.keys_on_authorization());
+    }
+});
