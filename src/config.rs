@@ -37,10 +37,28 @@ impl BackendKind {
     }
 }
 
+/// What the binary does when it runs as the Lambda function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Answer HTTP events (API Gateway, function URL, ALB) through the proxy.
+    #[default]
+    Proxy,
+    /// Take EventBridge events and SQS messages naming URLs and tags, and
+    /// purge them from the shared backend (docs/invalidation.md).
+    Invalidator,
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// `proxy` (default) or `invalidator`: what the Lambda function does.
+    /// The invalidator needs a shared backend (`redis` or `dynamodb`) and
+    /// the proxy's `upstream.url` and `routes`, which decide how a URL maps
+    /// to its entries. Env: `CACHEGATE_ROLE`.
+    #[serde(default)]
+    pub role: Role,
     /// `memory` (default), `redis` or `dynamodb`. Env: `CACHEGATE_BACKEND`.
     #[serde(default)]
     pub backend: BackendKind,
@@ -64,6 +82,8 @@ pub struct Config {
     pub dynamodb: cachegate_dynamodb::DynamoConfig,
     #[serde(default)]
     pub serve: ServeConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Per-route rules, matched on the request path; the most specific
     /// pattern wins (see [`RouteConfig`]).
     #[serde(default)]
@@ -82,8 +102,6 @@ pub struct UpstreamConfig {
     #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// Longest connecting to the upstream may take. Default `2s`.
-    #[serde(default)]
-    pub metrics: MetricsConfig,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Largest upstream response body relayed at all. Default `6MiB`, the
@@ -289,24 +307,6 @@ impl Default for ServeConfig {
     }
 }
 
-/// Rules for the requests whose path matches `path`.
-///
-/// Patterns use `{name}` for one segment and `{*name}` for the rest of the
-/// path: `/items/{id}`, `/static/{*path}`. When several match, the most
-/// specific one wins (a literal segment beats `{id}`, which beats `{*rest}`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteConfig {
-    /// The path pattern. Required.
-    pub path: String,
-    /// `false` makes every request on this route bypass the cache. Default `true`.
-    #[serde(default = "yes")]
-    pub cache: bool,
-    /// Freshness for responses that carry none. Default: `cache.default_ttl`.
-    #[serde(default, with = "humantime_serde")]
-    pub ttl: Option<Duration>,
-    /// Use `ttl` even when the upstream sends its own freshness, `no-cache`
-    /// or `must-revalidate` (for upstreams that send wrong ones). `no-store`
 /// Request metrics: CloudWatch Embedded Metric Format on stdout under
 /// Lambda, Prometheus text on an opt-in port in serve mode.
 #[derive(Debug, Clone, Deserialize)]
@@ -333,6 +333,24 @@ impl Default for MetricsConfig {
     }
 }
 
+/// Rules for the requests whose path matches `path`.
+///
+/// Patterns use `{name}` for one segment and `{*name}` for the rest of the
+/// path: `/items/{id}`, `/static/{*path}`. When several match, the most
+/// specific one wins (a literal segment beats `{id}`, which beats `{*rest}`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The path pattern. Required.
+    pub path: String,
+    /// `false` makes every request on this route bypass the cache. Default `true`.
+    #[serde(default = "yes")]
+    pub cache: bool,
+    /// Freshness for responses that carry none. Default: `cache.default_ttl`.
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+    /// Use `ttl` even when the upstream sends its own freshness, `no-cache`
+    /// or `must-revalidate` (for upstreams that send wrong ones). `no-store`
     /// and `private` are still obeyed: they protect users. Default `false`.
     #[serde(default)]
     pub override_upstream: bool,
@@ -452,6 +470,14 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.role == Role::Invalidator && self.backend == BackendKind::Memory {
+            return Err(invalid(
+                "role",
+                "`invalidator` purges a shared cache, but `backend` is `memory`, which lives \
+                 inside each proxy process where no invalidator can reach it: \
+                 set `backend` to `redis` or `dynamodb`",
+            ));
+        }
         let url = reqwest::Url::parse(&self.upstream.url).map_err(|e| {
             invalid(
                 "upstream.url",
@@ -488,6 +514,13 @@ impl Config {
         if self.memory.capacity.as_u64() < 1024 * 1024 {
             return Err(invalid("memory.capacity", "must be at least 1MiB"));
         }
+        let ns = &self.metrics.namespace;
+        if ns.is_empty() || ns.len() > 255 || ns.starts_with("AWS/") {
+            return Err(invalid(
+                "metrics.namespace",
+                "must be 1 to 255 characters and not start with AWS/",
+            ));
+        }
         let header_names = |key: &str, names: &[String]| -> Result<(), ConfigError> {
             for n in names {
                 http::HeaderName::from_bytes(n.as_bytes())
@@ -514,13 +547,6 @@ impl Config {
             }
         }
         crate::routes::RouteTable::new(&self.routes)?;
-        let ns = &self.metrics.namespace;
-        if ns.is_empty() || ns.len() > 255 || ns.starts_with("AWS/") {
-            return Err(invalid(
-                "metrics.namespace",
-                "must be 1 to 255 characters and not start with AWS/",
-            ));
-        }
         Ok(())
     }
 }

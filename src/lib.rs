@@ -6,20 +6,23 @@
 //! - [`routes`]: per-route rules.
 //! - [`proxy`]: the request flow, top to bottom.
 //! - [`serve`] and [`lambda`]: thin adapters over [`proxy::Proxy::handle`].
+//! - [`invalidate`]: purging by URL and tag (`cachegate purge`) and the
+//!   invalidator role's Lambda handler (EventBridge, SQS).
 
 pub mod backend;
 pub mod bench;
 pub mod config;
+pub mod invalidate;
 pub mod key;
 pub mod lambda;
 pub mod policy;
 pub mod proxy;
 pub mod routes;
 pub mod serve;
+pub mod telemetry;
 pub mod upstream;
 
 use std::sync::Arc;
-pub mod telemetry;
 
 use config::Config;
 use proxy::{Mode, Proxy};
@@ -55,13 +58,13 @@ pub async fn build_proxy(config: &Config, mode: Mode) -> Result<Arc<Proxy>, Star
             .collect(),
         expose_surrogate_keys: config.cache.expose_surrogate_keys,
     };
-    Ok(Arc::new(Proxy::new(
-        base, routes, cache, upstream, settings, telemetry,
-    )))
     let telemetry = telemetry::Telemetry::new(
         &config.metrics,
         mode,
         cache.backend_name(),
         cache.stats().clone(),
     );
+    Ok(Arc::new(Proxy::new(
+        base, routes, cache, upstream, settings, telemetry,
+    )))
 }

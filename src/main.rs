@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use cachegate::config::Config;
+use cachegate::config::{Config, Role};
+use cachegate::invalidate::PurgeRequest;
 use cachegate::proxy::Mode;
 
 /// A caching proxy for REST APIs: in front of a slow or rate-limited API,
@@ -92,6 +93,11 @@ fn main() -> ExitCode {
             }
             Some(Command::Purge { urls, tags }) => purge(&config, &urls, &tags).await,
             Some(Command::Init) => cachegate::backend::init(&config).await.map_err(|e| e.to_string()),
+            Some(Command::Serve { .. }) if config.role == Role::Invalidator => Err(
+                "configuration key `role`: `invalidator` runs only as the Lambda function; \
+                 `cachegate serve` needs role = \"proxy\""
+                    .into(),
+            ),
             Some(Command::Serve { listen }) => match cachegate::build_proxy(&config, Mode::Serve).await {
                 Ok(proxy) => {
                     let listen = listen.unwrap_or(config.serve.listen);
@@ -103,7 +109,11 @@ fn main() -> ExitCode {
             },
             Some(Command::Bench(_)) => unreachable!("bench runs before the configuration is loaded"),
             None if in_lambda => match cachegate::build_proxy(&config, Mode::Lambda).await {
-                Ok(proxy) => cachegate::lambda::run(proxy).await.map_err(|e| format!("lambda: {e}")),
+                Ok(proxy) => match config.role {
+                    Role::Proxy => cachegate::lambda::run(proxy).await,
+                    Role::Invalidator => cachegate::invalidate::run(proxy).await,
+                }
+                .map_err(|e| format!("lambda: {e}")),
                 Err(e) => Err(e.to_string()),
             },
             None => {
@@ -130,25 +140,23 @@ async fn purge(config: &Config, urls: &[String], tags: &[String]) -> Result<(), 
                     purge it through `POST /_cachegate/purge` (serve.purge_token) or configure redis/dynamodb"
             .into());
     }
+    let request = PurgeRequest {
+        urls: urls.to_vec(),
+        tags: tags.to_vec(),
+    };
+    request.validate().map_err(|e| e.to_string())?;
     let proxy = cachegate::build_proxy(config, Mode::Serve)
         .await
         .map_err(|e| e.to_string())?;
-    let mut removed = 0;
-    let mut targets: Vec<(String, String)> = Vec::new();
-    for url in urls {
-        targets.push((format!("url {url}"), proxy.url_tag(url)?));
+    let report = cachegate::invalidate::purge(&proxy, &request)
+        .await
+        .map_err(|e| e.to_string())?;
+    for (url, n) in &report.urls {
+        println!("url {url}: removed {n}");
     }
-    for tag in tags {
-        targets.push((format!("tag {tag}"), tag.clone()));
+    for (tag, n) in &report.tags {
+        println!("tag {tag}: removed {n}");
     }
-    for (what, tag) in targets {
-        let n = proxy
-            .purge_tag(&tag)
-            .await
-            .map_err(|e| format!("purge {what}: {e}"))?;
-        println!("{what}: removed {n}");
-        removed += n;
-    }
-    println!("removed {removed} entries");
+    println!("removed {} entries", report.removed);
     Ok(())
 }

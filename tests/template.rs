@@ -11,7 +11,8 @@
 //!   BackendType x MultiAZ x EnableCloudFront, and the resources that remain
 //!   checked against what the backends and the proxy rely on (the DynamoDB
 //!   schema pk/sk/ttl, IAM limited to the table, Redis reachable only from
-//!   the function, TLS and AUTH, the CloudFront TTLs, the environment).
+//!   the function, TLS and AUTH, the CloudFront TTLs, the environment; the
+//!   invalidator's events, queues and purge-only permissions).
 //!
 //! The tools come from scripts/services/aws-tools.sh (run by scripts/test),
 //! which exports CACHEGATE_TEST_CFN_LINT and CACHEGATE_TEST_SAM; without them
@@ -637,8 +638,9 @@ fn check_redis(d: &Deployed) {
         "{l}"
     );
 
-    // Only the function reaches Redis: no inline ingress on the cache's
-    // group, one rule from the function's group on 6379, no CIDR anywhere.
+    // Only the functions reach Redis: no inline ingress on the cache's
+    // group, one rule on 6379 from each function's group (the proxy's and
+    // the invalidator's), no CIDR anywhere.
     assert!(
         d.props("CacheSecurityGroup")
             .get("SecurityGroupIngress")
@@ -646,21 +648,28 @@ fn check_redis(d: &Deployed) {
         "{l}"
     );
     let ingress = d.of_type("AWS::EC2::SecurityGroupIngress");
-    assert_eq!(ingress.len(), 1, "{l}: {ingress:?}");
-    let rule = &ingress[0].1["Properties"];
-    assert_eq!(rule["GroupId"], reference("CacheSecurityGroup"), "{l}");
+    let mut sources = BTreeSet::new();
+    for (_, r) in &ingress {
+        let rule = &r["Properties"];
+        assert_eq!(rule["GroupId"], reference("CacheSecurityGroup"), "{l}");
+        sources.insert(rule["SourceSecurityGroupId"].to_string());
+        assert_eq!(
+            (rule["FromPort"].as_i64(), rule["ToPort"].as_i64()),
+            (Some(6379), Some(6379)),
+            "{l}"
+        );
+        assert!(
+            rule.get("CidrIp").is_none() && rule.get("CidrIpv6").is_none(),
+            "{l}"
+        );
+    }
+    assert_eq!(ingress.len(), 2, "{l}: {ingress:?}");
     assert_eq!(
-        rule["SourceSecurityGroupId"],
-        reference("FunctionSecurityGroup"),
-        "{l}"
-    );
-    assert_eq!(
-        (rule["FromPort"].as_i64(), rule["ToPort"].as_i64()),
-        (Some(6379), Some(6379)),
-        "{l}"
-    );
-    assert!(
-        rule.get("CidrIp").is_none() && rule.get("CidrIpv6").is_none(),
+        sources,
+        BTreeSet::from([
+            reference("FunctionSecurityGroup").to_string(),
+            reference("InvalidatorSecurityGroup").to_string()
+        ]),
         "{l}"
     );
     for (name, sg) in d.of_type("AWS::EC2::SecurityGroup") {
@@ -763,6 +772,223 @@ fn check_cloudfront(d: &Deployed) {
     );
 }
 
+/// The purge-only invalidator: the same build as the proxy function in
+/// the `invalidator` role, fed by the bus rule and the queue, with only the
+/// permissions a purge needs.
+fn check_invalidator(d: &Deployed) {
+    let l = d.label();
+    let redis = d.params["BackendType"] == "redis";
+    let f = &d.resources["InvalidatorFunction"];
+    let proxy = &d.resources["CacheFunction"];
+    assert_eq!(f["Type"], "AWS::Serverless::Function", "{l}");
+    assert_eq!(f["Metadata"], proxy["Metadata"], "{l}: same build");
+    let p = &f["Properties"];
+    for same in ["CodeUri", "Handler", "Runtime", "Architectures"] {
+        assert_eq!(p[same], proxy["Properties"][same], "{l}: {same}");
+    }
+    assert_eq!(
+        p["Role"],
+        json!({"Fn::GetAtt": ["InvalidatorRole", "Arn"]}),
+        "{l}"
+    );
+    assert_eq!(
+        p["LoggingConfig"]["LogGroup"],
+        reference("InvalidatorLogGroup"),
+        "{l}"
+    );
+
+    // The role, and the backend settings the proxy has (a URL's tag depends
+    // on the upstream URL, so that too).
+    let env = p["Environment"]["Variables"].as_object().unwrap();
+    let proxy_env = proxy["Properties"]["Environment"]["Variables"]
+        .as_object()
+        .unwrap();
+    assert_eq!(env["CACHEGATE_ROLE"], "invalidator", "{l}");
+    for key in [
+        "CACHEGATE_BACKEND",
+        "CACHEGATE_UPSTREAM__URL",
+        "CACHEGATE_REDIS__URL",
+        "CACHEGATE_REDIS__PASSWORD",
+        "CACHEGATE_DYNAMODB__TABLE",
+    ] {
+        assert_eq!(env.get(key), proxy_env.get(key), "{l}: {key}");
+    }
+
+    // Events: the rule on the stack's bus, and the queue with partial
+    // batch responses.
+    let events = p["Events"].as_object().unwrap();
+    assert_eq!(events.len(), 2, "{l}: {events:?}");
+    let rule = events
+        .values()
+        .find(|e| e["Type"] == "EventBridgeRule")
+        .unwrap_or_else(|| panic!("{l}: no EventBridgeRule event"));
+    assert_eq!(
+        rule["Properties"]["EventBusName"],
+        reference("InvalidationBus"),
+        "{l}"
+    );
+    assert_eq!(
+        d.resources["InvalidationBus"]["Type"], "AWS::Events::EventBus",
+        "{l}"
+    );
+    let pattern = &rule["Properties"]["Pattern"];
+    assert_eq!(
+        pattern,
+        &json!({"source": ["cachegate"], "detail-type": ["Purge"]}),
+        "{l}"
+    );
+    let documented: Value = serde_json::from_str(
+        d.outputs["InvalidationEventPattern"]["Value"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(&documented, pattern, "{l}: the output names the pattern");
+    let sqs = events
+        .values()
+        .find(|e| e["Type"] == "SQS")
+        .unwrap_or_else(|| panic!("{l}: no SQS event"));
+    let queue_arn = json!({"Fn::GetAtt": ["InvalidationQueue", "Arn"]});
+    let dlq_arn = json!({"Fn::GetAtt": ["InvalidationDeadLetterQueue", "Arn"]});
+    assert_eq!(sqs["Properties"]["Queue"], queue_arn, "{l}");
+    assert_eq!(
+        sqs["Properties"]["FunctionResponseTypes"],
+        json!(["ReportBatchItemFailures"]),
+        "{l}"
+    );
+
+    // The queue: a dead-letter queue behind it, and a visibility timeout
+    // that outlasts Lambda's handling of a batch (six times the timeout).
+    let q = d.props("InvalidationQueue");
+    assert_eq!(q["RedrivePolicy"]["deadLetterTargetArn"], dlq_arn, "{l}");
+    assert!(
+        q["RedrivePolicy"]["maxReceiveCount"].as_u64().unwrap() >= 1,
+        "{l}"
+    );
+    let timeout = p["Timeout"].as_u64().unwrap();
+    assert!(
+        q["VisibilityTimeout"].as_u64().unwrap() >= 6 * timeout,
+        "{l}"
+    );
+    for queue in ["InvalidationQueue", "InvalidationDeadLetterQueue"] {
+        assert_eq!(d.props(queue)["SqsManagedSseEnabled"], true, "{l}");
+    }
+    // Events EventBridge failed on after Lambda's retries end up there too.
+    assert_eq!(
+        p["EventInvokeConfig"]["DestinationConfig"]["OnFailure"],
+        json!({"Type": "SQS", "Destination": dlq_arn}),
+        "{l}"
+    );
+
+    // IAM: every statement, action by resource, exactly.
+    let role = d.props("InvalidatorRole");
+    let mut grants: BTreeSet<(String, String)> = BTreeSet::new();
+    for policy in role["Policies"].as_array().unwrap() {
+        for s in policy["PolicyDocument"]["Statement"].as_array().unwrap() {
+            assert_eq!(s["Effect"], "Allow", "{l}");
+            let actions = match &s["Action"] {
+                Value::String(a) => vec![a.clone()],
+                Value::Array(a) => a.iter().map(|a| a.as_str().unwrap().to_owned()).collect(),
+                other => panic!("{l}: Action {other}"),
+            };
+            for a in actions {
+                grants.insert((a, s["Resource"].to_string()));
+            }
+        }
+    }
+    let on = |v: &Value, actions: &[&str]| -> Vec<(String, String)> {
+        actions
+            .iter()
+            .map(|a| (a.to_string(), v.to_string()))
+            .collect()
+    };
+    let mut want: BTreeSet<(String, String)> = BTreeSet::new();
+    want.extend(on(
+        &json!({"Fn::GetAtt": ["InvalidatorLogGroup", "Arn"]}),
+        &["logs:CreateLogStream", "logs:PutLogEvents"],
+    ));
+    want.extend(on(
+        &queue_arn,
+        &[
+            "sqs:ReceiveMessage",
+            "sqs:DeleteMessage",
+            "sqs:GetQueueAttributes",
+        ],
+    ));
+    want.extend(on(&dlq_arn, &["sqs:SendMessage"]));
+    if !redis {
+        want.extend(on(
+            &json!({"Fn::GetAtt": ["CacheTable", "Arn"]}),
+            &[
+                "dynamodb:Query",
+                "dynamodb:DeleteItem",
+                "dynamodb:BatchWriteItem",
+                "dynamodb:PutItem",
+            ],
+        ));
+    }
+    assert_eq!(grants, want, "{l}");
+
+    if redis {
+        assert_eq!(
+            role["ManagedPolicyArns"],
+            d.props("FunctionRole")["ManagedPolicyArns"],
+            "{l}: the VPC execution policy"
+        );
+        assert_eq!(
+            p["VpcConfig"]["SubnetIds"], proxy["Properties"]["VpcConfig"]["SubnetIds"],
+            "{l}"
+        );
+        assert_eq!(
+            p["VpcConfig"]["SecurityGroupIds"],
+            json!([reference("InvalidatorSecurityGroup")]),
+            "{l}"
+        );
+        // It reaches Redis and nothing else (no NAT needed: it never calls
+        // the upstream).
+        assert_eq!(
+            d.props("InvalidatorSecurityGroup")["SecurityGroupEgress"],
+            json!([{
+                "Description": "Redis (TLS) only",
+                "IpProtocol": "tcp",
+                "FromPort": 6379,
+                "ToPort": 6379,
+                "DestinationSecurityGroupId": reference("CacheSecurityGroup"),
+            }]),
+            "{l}"
+        );
+    } else {
+        assert!(role.get("ManagedPolicyArns").is_none(), "{l}");
+        assert!(p.get("VpcConfig").is_none(), "{l}: outside any VPC");
+    }
+
+    // What publishers may do: put on this bus, send to this queue.
+    let publisher = &d.props("InvalidationPublisherPolicy")["PolicyDocument"]["Statement"];
+    assert_eq!(
+        publisher,
+        &json!([
+            {"Effect": "Allow", "Action": "events:PutEvents",
+             "Resource": {"Fn::GetAtt": ["InvalidationBus", "Arn"]}},
+            {"Effect": "Allow", "Action": "sqs:SendMessage", "Resource": queue_arn},
+        ]),
+        "{l}"
+    );
+
+    assert_eq!(
+        d.outputs["InvalidationQueueUrl"]["Value"],
+        reference("InvalidationQueue"),
+        "{l}"
+    );
+    for output in [
+        "InvalidationDeadLetterQueueUrl",
+        "InvalidationEventBusName",
+        "InvalidationPublisherPolicyArn",
+        "InvalidatorFunctionName",
+    ] {
+        assert!(d.outputs.contains_key(output), "{l}: output {output}");
+    }
+}
+
 #[test]
 fn each_parameter_choice_deploys_what_the_proxy_needs() {
     let template = template_json();
@@ -786,6 +1012,7 @@ fn each_parameter_choice_deploys_what_the_proxy_needs() {
                     check_dynamodb(&d);
                 }
                 check_cloudfront(&d);
+                check_invalidator(&d);
             }
         }
     }

@@ -1,0 +1,344 @@
+//! Purging by URL and tag, shared by `cachegate purge` and the invalidator
+//! (the Lambda function in the `invalidator` role, fed by EventBridge and
+//! SQS; event shapes in docs/invalidation.md).
+//!
+//! A purge request is `{"urls": [...], "tags": [...]}`. Every URL is
+//! resolved to its URL tag before anything is purged, so a request with one
+//! bad URL purges nothing and can be fixed and sent again as a whole.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::proxy::Proxy;
+
+/// Most URLs plus tags one request may name: a purge is a store round trip
+/// (or several) per item, and one message must finish well within the
+/// function timeout and the queue's visibility timeout.
+pub const MAX_ITEMS: usize = 100;
+
+/// Longest URL or tag accepted; anything longer is a mistake, not a key.
+pub const MAX_ITEM_BYTES: usize = 4096;
+
+/// What to purge: every stored variant of each URL, every entry carrying
+/// each tag.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    /// Paths with optional query as clients request them (`/items/1?lang=en`),
+    /// or absolute URLs whose scheme and host are ignored.
+    #[serde(default)]
+    pub urls: Vec<String>,
+    /// Route tags or surrogate keys.
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// How many entries each URL and tag removed. Serialises as
+/// `{"urls": {"/a": 1}, "tags": {"t": 3}, "removed": 4}`, the same shape
+/// serve's purge endpoint answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeReport {
+    pub urls: BTreeMap<String, u64>,
+    pub tags: BTreeMap<String, u64>,
+    pub removed: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    /// The request itself is wrong: sending it again cannot help.
+    #[error("invalid purge request: {0}")]
+    Invalid(String),
+    /// The backend failed (unreachable, timed out): sending it again may.
+    #[error("purge {what}: {message}")]
+    Store { what: String, message: String },
+}
+
+impl PurgeRequest {
+    /// Parse a JSON purge request (a message) and check it.
+    pub fn from_json(body: &[u8]) -> Result<PurgeRequest, PurgeError> {
+        let request: PurgeRequest = serde_json::from_slice(body).map_err(|e| {
+            PurgeError::Invalid(format!(
+                "expected {{\"urls\": [...], \"tags\": [...]}}: {e}"
+            ))
+        })?;
+        request.validate_message()?;
+        Ok(request)
+    }
+
+    fn from_value(value: Value) -> Result<PurgeRequest, PurgeError> {
+        let request: PurgeRequest = serde_json::from_value(value).map_err(|e| {
+            PurgeError::Invalid(format!(
+                "expected {{\"urls\": [...], \"tags\": [...]}}: {e}"
+            ))
+        })?;
+        request.validate_message()?;
+        Ok(request)
+    }
+
+    /// A message's checks: [`PurgeRequest::validate`], and at most
+    /// [`MAX_ITEMS`] items.
+    fn validate_message(&self) -> Result<(), PurgeError> {
+        self.validate()?;
+        let n = self.urls.len() + self.tags.len();
+        if n > MAX_ITEMS {
+            return Err(PurgeError::Invalid(format!(
+                "{n} URLs and tags in one request; at most {MAX_ITEMS} (split it)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Something to purge, and no empty or absurdly long item.
+    pub fn validate(&self) -> Result<(), PurgeError> {
+        let invalid = |m: String| Err(PurgeError::Invalid(m));
+        if self.urls.is_empty() && self.tags.is_empty() {
+            return invalid("name at least one URL (`urls`) or tag (`tags`)".into());
+        }
+        for (kind, items) in [("url", &self.urls), ("tag", &self.tags)] {
+            for item in items {
+                if item.trim().is_empty() {
+                    return invalid(format!("an empty {kind}"));
+                }
+                if item.len() > MAX_ITEM_BYTES {
+                    return invalid(format!(
+                        "a {kind} of {} bytes; at most {MAX_ITEM_BYTES}",
+                        item.len()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Purge what `request` names. URLs are resolved exactly as a request for
+/// them would be (routes' ignored query parameters included), all before
+/// the first purge. Purging is idempotent, so a request that failed half
+/// way can be sent again whole.
+pub async fn purge(proxy: &Proxy, request: &PurgeRequest) -> Result<PurgeReport, PurgeError> {
+    request.validate()?;
+    let mut targets: Vec<(bool, &String, String)> = Vec::new();
+    for url in &request.urls {
+        let tag = proxy
+            .url_tag(url)
+            .map_err(|e| PurgeError::Invalid(format!("url {e}")))?;
+        targets.push((true, url, tag));
+    }
+    for tag in &request.tags {
+        targets.push((false, tag, tag.clone()));
+    }
+    let mut report = PurgeReport::default();
+    for (is_url, item, tag) in targets {
+        let n = proxy.purge_tag(&tag).await.map_err(|e| PurgeError::Store {
+            what: format!("{} {item}", if is_url { "url" } else { "tag" }),
+            message: e.to_string(),
+        })?;
+        let counts = if is_url {
+            &mut report.urls
+        } else {
+            &mut report.tags
+        };
+        // A URL or tag named twice removes nothing the second time.
+        *counts.entry(item.clone()).or_default() += n;
+        report.removed += n;
+    }
+    Ok(report)
+}
+
+// ---------------------------------------------------------------------------
+// The invalidator: Lambda events in, purges out
+// ---------------------------------------------------------------------------
+
+/// An SQS event (`{"Records": [...]}`), as Lambda's SQS event source mapping
+/// delivers it; only the fields the invalidator reads.
+#[derive(Debug, Deserialize)]
+struct SqsEvent {
+    #[serde(rename = "Records")]
+    records: Vec<SqsRecord>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SqsRecord {
+    #[serde(rename = "messageId")]
+    message_id: String,
+    #[serde(rename = "eventSource", default)]
+    event_source: Option<String>,
+    #[serde(default)]
+    body: Option<String>,
+}
+
+/// Lambda's partial batch response: the messages listed go back to the
+/// queue (and, after the queue's maxReceiveCount, to its dead-letter
+/// queue); the others are deleted. Needs `ReportBatchItemFailures` on the
+/// event source mapping.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SqsBatchResponse {
+    pub batch_item_failures: Vec<BatchItemFailure>,
+}
+
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchItemFailure {
+    pub item_identifier: String,
+}
+
+/// Why an invocation failed as a whole (Lambda then retries an
+/// asynchronous invocation, such as one from EventBridge, and finally hands
+/// it to the function's on-failure destination).
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    #[error("{0}")]
+    Purge(#[from] PurgeError),
+    #[error(
+        "unrecognised event: expected an EventBridge event (`detail-type`, `detail`), \
+         an SQS event (`Records`) or {{\"urls\": [...], \"tags\": [...]}}"
+    )]
+    Unrecognised,
+    #[error("malformed {kind} event: {message}")]
+    Malformed { kind: &'static str, message: String },
+}
+
+impl From<InvokeError> for lambda_http::lambda_runtime::Diagnostic {
+    fn from(e: InvokeError) -> Self {
+        let error_type = match &e {
+            InvokeError::Purge(PurgeError::Invalid(_)) => "InvalidPurgeRequest",
+            InvokeError::Purge(PurgeError::Store { .. }) => "PurgeFailed",
+            InvokeError::Unrecognised | InvokeError::Malformed { .. } => "UnrecognisedEvent",
+        };
+        lambda_http::lambda_runtime::Diagnostic {
+            error_type: error_type.into(),
+            error_message: e.to_string(),
+        }
+    }
+}
+
+/// One invocation of the invalidator. EventBridge events and direct
+/// invocations answer the [`PurgeReport`]; SQS events answer the
+/// [`SqsBatchResponse`] naming the records that failed (each record's report
+/// is logged).
+pub async fn handle_event(proxy: &Proxy, event: Value) -> Result<Value, InvokeError> {
+    let Value::Object(fields) = &event else {
+        return Err(InvokeError::Unrecognised);
+    };
+    if fields.contains_key("Records") {
+        let sqs: SqsEvent = serde_json::from_value(event).map_err(|e| InvokeError::Malformed {
+            kind: "SQS",
+            message: e.to_string(),
+        })?;
+        let response = handle_sqs(proxy, sqs).await;
+        return Ok(serde_json::to_value(response).expect("plain struct"));
+    }
+    let request = if fields.contains_key("detail-type") {
+        let detail = fields
+            .get("detail")
+            .cloned()
+            .ok_or_else(|| InvokeError::Malformed {
+                kind: "EventBridge",
+                message: "no `detail`".into(),
+            })?;
+        PurgeRequest::from_value(detail)?
+    } else if fields.contains_key("urls") || fields.contains_key("tags") {
+        PurgeRequest::from_value(event)?
+    } else {
+        return Err(InvokeError::Unrecognised);
+    };
+    let report = purge(proxy, &request).await?;
+    tracing::info!(
+        removed = report.removed,
+        urls = ?report.urls,
+        tags = ?report.tags,
+        "purged"
+    );
+    Ok(serde_json::to_value(report).expect("plain struct"))
+}
+
+/// Each record on its own: a malformed or failing record is reported back
+/// (and retried by SQS) without holding up the others.
+async fn handle_sqs(proxy: &Proxy, event: SqsEvent) -> SqsBatchResponse {
+    let mut response = SqsBatchResponse::default();
+    for record in event.records {
+        let outcome = match (&record.event_source, &record.body) {
+            (Some(source), _) if source != "aws:sqs" => Err(PurgeError::Invalid(format!(
+                "eventSource `{source}`, not aws:sqs"
+            ))),
+            (_, None) => Err(PurgeError::Invalid("a record without a body".into())),
+            (_, Some(body)) => match PurgeRequest::from_json(body.as_bytes()) {
+                Ok(request) => purge(proxy, &request).await,
+                Err(e) => Err(e),
+            },
+        };
+        match outcome {
+            Ok(report) => tracing::info!(
+                message_id = %record.message_id,
+                removed = report.removed,
+                urls = ?report.urls,
+                tags = ?report.tags,
+                "purged"
+            ),
+            Err(e) => {
+                tracing::warn!(message_id = %record.message_id, error = %e, "purge message failed; SQS will deliver it again");
+                response.batch_item_failures.push(BatchItemFailure {
+                    item_identifier: record.message_id,
+                });
+            }
+        }
+    }
+    response
+}
+
+/// Run the invalidator's Lambda runtime loop until the environment ends it.
+pub async fn run(proxy: Arc<Proxy>) -> Result<(), lambda_http::Error> {
+    use lambda_http::lambda_runtime::{self, service_fn, LambdaEvent};
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
+        let proxy = proxy.clone();
+        async move { handle_event(&proxy, event.payload).await }
+    }))
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_checked() {
+        let err = |body: &str| match PurgeRequest::from_json(body.as_bytes()) {
+            Err(PurgeError::Invalid(m)) => m,
+            other => panic!("{body}: {other:?}"),
+        };
+        assert!(err("{}").contains("at least one"));
+        assert!(err(r#"{"urls": [], "tags": []}"#).contains("at least one"));
+        assert!(err(r#"{"url": ["/a"]}"#).contains("unknown field `url`"));
+        assert!(err(r#"{"urls": "/a"}"#).contains("expected a sequence"));
+        assert!(err(r#"{"tags": [" "]}"#).contains("empty tag"));
+        assert!(err("not json").contains("expected {\"urls\""));
+        let many = serde_json::json!({ "tags": vec!["t"; MAX_ITEMS + 1] }).to_string();
+        assert!(err(&many).contains("at most 100"));
+        let long = serde_json::json!({ "urls": ["/".repeat(MAX_ITEM_BYTES + 1)] }).to_string();
+        assert!(err(&long).contains("bytes"));
+        assert_eq!(
+            PurgeRequest::from_json(br#"{"urls": ["/a?b=1"], "tags": ["t"]}"#).unwrap(),
+            PurgeRequest {
+                urls: vec!["/a?b=1".into()],
+                tags: vec!["t".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn the_batch_response_has_lambdas_field_names() {
+        let r = SqsBatchResponse {
+            batch_item_failures: vec![BatchItemFailure {
+                item_identifier: "m-1".into(),
+            }],
+        };
+        assert_eq!(
+            serde_json::to_value(r).unwrap(),
+            serde_json::json!({"batchItemFailures": [{"itemIdentifier": "m-1"}]})
+        );
+    }
+}

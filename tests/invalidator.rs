@@ -1,0 +1,397 @@
+//! The invalidator role for real: the built binary as a Lambda function
+//! under cargo-lambda's runtime API emulator, invoked with the EventBridge
+//! and SQS events in tests/fixtures/, purging a shared backend (a real Redis
+//! and a real DynamoDB-compatible server, started by scripts/test) that a
+//! `cachegate serve` process is answering from. Missing services or a
+//! missing cargo-lambda fail these tests; they never skip.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn need(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the tests through scripts/test, which starts the services")
+    })
+}
+
+/// The environment pointing a cachegate process at `backend`, in a
+/// namespace (Redis key prefix, DynamoDB table) of its own.
+fn backend_env(backend: &str) -> Vec<(String, String)> {
+    let id = std::process::id();
+    let pairs: Vec<(&str, String)> = match backend {
+        "redis" => vec![
+            ("CACHEGATE_BACKEND", "redis".into()),
+            ("CACHEGATE_REDIS__URL", need("CACHEGATE_TEST_REDIS_URL")),
+            ("CACHEGATE_REDIS__KEY_PREFIX", format!("inval-{id}:")),
+        ],
+        "dynamodb" => vec![
+            ("CACHEGATE_BACKEND", "dynamodb".into()),
+            (
+                "AWS_ENDPOINT_URL_DYNAMODB",
+                need("CACHEGATE_TEST_DYNAMODB_ENDPOINT"),
+            ),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("CACHEGATE_DYNAMODB__TABLE", format!("cachegate-inval-{id}")),
+        ],
+        other => panic!("unknown backend {other}"),
+    };
+    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `cachegate ARGS` to completion, from an empty directory.
+fn cachegate_cli(args: &[&str], env: &[(String, String)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cachegate"))
+        .args(args)
+        .env("CACHEGATE_UPSTREAM__URL", "http://127.0.0.1:9")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env_remove("AWS_LAMBDA_RUNTIME_API")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap()
+}
+
+/// The runtime API emulator and the binary in the invalidator role
+/// attached to it.
+struct Invalidator {
+    _emulator: Killed,
+    function: std::sync::Mutex<Killed>,
+    port: u16,
+}
+
+fn invalidator(upstream_url: &str, env: &[(String, String)]) -> Invalidator {
+    let port = free_port();
+    let emulator = Command::new("cargo")
+        .args([
+            "lambda",
+            "watch",
+            "--only-lambda-apis",
+            "-A",
+            "127.0.0.1",
+            "-P",
+            &port.to_string(),
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        // cargo-lambda prints nothing at all when its stdout is /dev/null,
+        // so readiness is the port accepting connections, not a log line.
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("`cargo lambda` not found: scripts/test installs cargo-lambda");
+    let mut emulator = emulator;
+    let (out, err) = (
+        emulator.stdout.take().unwrap(),
+        emulator.stderr.take().unwrap(),
+    );
+    std::thread::spawn(move || BufReader::new(out).lines().for_each(drop));
+    std::thread::spawn(move || BufReader::new(err).lines().for_each(drop));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = emulator.try_wait().unwrap() {
+            panic!("cargo lambda watch exited ({status}) before listening");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cargo lambda watch did not listen within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let emulator = Killed(emulator);
+    let function = Command::new(env!("CARGO_BIN_EXE_cachegate"))
+        .env(
+            "AWS_LAMBDA_RUNTIME_API",
+            format!("http://127.0.0.1:{port}/.rt"),
+        )
+        .env("AWS_LAMBDA_FUNCTION_NAME", "_")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+        .env("CACHEGATE_UPSTREAM__URL", upstream_url)
+        .env("CACHEGATE_ROLE", "invalidator")
+        .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(std::env::temp_dir())
+        .spawn()
+        .unwrap();
+    Invalidator {
+        _emulator: emulator,
+        function: std::sync::Mutex::new(Killed(function)),
+        port,
+    }
+}
+
+impl Invalidator {
+    /// `cargo lambda invoke` with `data` (`--data-file PATH` or
+    /// `--data-ascii JSON`): Ok(the function's answer) or Err(what the
+    /// invoke printed for a function error).
+    fn invoke(&self, data: &[&str]) -> Result<Value, String> {
+        let mut child = Command::new("cargo")
+            .args([
+                "lambda",
+                "invoke",
+                "-A",
+                "127.0.0.1",
+                "-P",
+                &self.port.to_string(),
+                "_",
+            ])
+            .args(data)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The emulator holds an invocation until a function takes it: never
+        // wait on a function that is gone, nor forever.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if let Some(status) = self.function.lock().unwrap().0.try_wait().unwrap() {
+                let _ = child.kill();
+                panic!("the invalidator exited ({status}); its stderr is above");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("cargo lambda invoke got no answer within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        if !out.status.success() {
+            // cargo-lambda wraps the error message in a box of its own.
+            let said = describe(&out).replace('│', " ");
+            return Err(said.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        Ok(serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("the invoke answer is not JSON ({e})\n{}", describe(&out))))
+    }
+
+    fn invoke_fixture(&self, name: &str) -> Result<Value, String> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        self.invoke(&["--data-file", path.to_str().unwrap()])
+    }
+
+    /// The first invocation waits for the function process to attach to
+    /// the emulator; an invoke sent before that is queued, not lost, but
+    /// the CLI may give up first.
+    fn invoke_when_ready(&self, data: &[&str]) -> Result<Value, String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.invoke(data) {
+                Err(e) if Instant::now() < deadline && !e.contains("errorType") => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+async fn x_cache(url: &str) -> String {
+    let r = common::get(url).await;
+    assert_eq!(r.status, 200, "{url}: {:?}", r.body);
+    r.x_cache().to_owned()
+}
+
+async fn purge_through_events(backend: &str) {
+    let env = backend_env(backend);
+    let init = cachegate_cli(&["init"], &env);
+    assert!(init.status.success(), "cachegate init\n{}", describe(&init));
+
+    let up = common::upstream().await;
+    let mut serve_env: Vec<(&str, &str)> =
+        env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    // Without an L1 every request reads the shared backend, so what the
+    // invalidator removed shows at once (with one, after cache.l1_ttl).
+    serve_env.push(("CACHEGATE_CACHE__L1_TTL", "0s"));
+    serve_env.push(("CACHEGATE_CACHE__DEFAULT_TTL", "300s"));
+    let proxy = common::cachegate(&up.url, &serve_env);
+    let url = |p: &str| format!("{}{p}", proxy.url);
+
+    // The fixtures name these URLs and tags.
+    let article1 = url("/articles/1");
+    let article2 = url("/articles/2");
+    let article3 = url("/articles/3");
+    let sports = url("/scores/7?surrogate=sports");
+    let weather = url("/forecast/berlin?surrogate=weather");
+    let markets = url("/markets/dax?surrogate=markets");
+    let all = [&article1, &article2, &article3, &sports, &weather, &markets];
+    for u in all {
+        assert_eq!(x_cache(u).await, "MISS", "{u}");
+        assert_eq!(x_cache(u).await, "HIT", "{u}");
+    }
+
+    let inv = invalidator(&up.url, &env);
+
+    // EventBridge: /articles/1 by URL and everything tagged `sports`.
+    let report = inv
+        .invoke_when_ready(&[
+            "--data-file",
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/eventbridge_purge.json")
+                .to_str()
+                .unwrap(),
+        ])
+        .unwrap_or_else(|e| panic!("{backend}: the EventBridge event failed\n{e}"));
+    assert_eq!(
+        report,
+        json!({"urls": {"/articles/1": 1}, "tags": {"sports": 1}, "removed": 2}),
+        "{backend}"
+    );
+    assert_eq!(x_cache(&article1).await, "MISS", "{backend}: purged by URL");
+    assert_eq!(x_cache(&sports).await, "MISS", "{backend}: purged by tag");
+    for u in [&article2, &article3, &weather, &markets] {
+        assert_eq!(x_cache(u).await, "HIT", "{backend}: {u} was not named");
+    }
+
+    // SQS: one good record (/articles/2 and tag `weather`) and two bad
+    // ones (a string where a list belongs; not JSON). Only the bad ones
+    // come back, and the good one is purged regardless.
+    let response = inv
+        .invoke_fixture("sqs_purge.json")
+        .unwrap_or_else(|e| panic!("{backend}: the SQS event failed\n{e}"));
+    assert_eq!(
+        response,
+        json!({"batchItemFailures": [
+            {"itemIdentifier": "2e1424d4-f796-459a-8184-9c92662be6da"},
+            {"itemIdentifier": "9c0e5a7f-3d44-4a1b-b0f2-6f1de2c3a8b9"},
+        ]}),
+        "{backend}"
+    );
+    assert_eq!(x_cache(&article2).await, "MISS", "{backend}: purged by URL");
+    assert_eq!(x_cache(&weather).await, "MISS", "{backend}: purged by tag");
+    for u in [&article3, &markets] {
+        assert_eq!(
+            x_cache(u).await,
+            "HIT",
+            "{backend}: {u} was named only by a malformed record"
+        );
+    }
+    // Entries stored again after the purges are cached as usual.
+    assert_eq!(x_cache(&article1).await, "HIT", "{backend}");
+
+    // A bad EventBridge detail fails the invocation with a clear error
+    // (Lambda retries it and then hands it to the on-failure destination).
+    let err = inv
+        .invoke(&[
+            "--data-ascii",
+            r#"{"detail-type": "Purge", "source": "cachegate", "detail": {"url": ["/articles/3"]}}"#,
+        ])
+        .expect_err("a detail with an unknown field was accepted");
+    assert!(
+        err.contains("InvalidPurgeRequest") && err.contains("unknown field `url`"),
+        "{backend}: {err}"
+    );
+    let err = inv
+        .invoke(&["--data-ascii", r#"{"hello": "world"}"#])
+        .expect_err("an unrecognised event was accepted");
+    assert!(err.contains("unrecognised event"), "{backend}: {err}");
+
+    // A direct invocation (`aws lambda invoke --payload`) takes the
+    // request itself, and the function is still serving after the errors.
+    let report = inv
+        .invoke(&["--data-ascii", r#"{"tags": ["markets"]}"#])
+        .unwrap_or_else(|e| panic!("{backend}: direct invocation failed\n{e}"));
+    assert_eq!(
+        report,
+        json!({"urls": {}, "tags": {"markets": 1}, "removed": 1}),
+        "{backend}"
+    );
+    assert_eq!(x_cache(&markets).await, "MISS", "{backend}");
+    assert_eq!(x_cache(&article3).await, "HIT", "{backend}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_purges_from_eventbridge_and_sqs_events() {
+    purge_through_events("redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_purges_from_eventbridge_and_sqs_events() {
+    purge_through_events("dynamodb").await;
+}
+
+/// The role is checked at start-up like every other key.
+#[test]
+fn a_bad_role_stops_start_up_naming_the_key() {
+    let env = vec![("CACHEGATE_ROLE".to_owned(), "purger".to_owned())];
+    let out = cachegate_cli(&["config"], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        stderr.contains("configuration key `role`") && stderr.contains("purger"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_invalidator_refuses_the_memory_backend() {
+    let env = vec![
+        ("CACHEGATE_ROLE".to_owned(), "invalidator".to_owned()),
+        ("CACHEGATE_BACKEND".to_owned(), "memory".to_owned()),
+    ];
+    let out = cachegate_cli(&["config"], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        stderr.contains("configuration key `role`") && stderr.contains("`memory`"),
+        "{stderr}"
+    );
+    // The same configuration with a shared backend is accepted.
+    let env = vec![
+        ("CACHEGATE_ROLE".to_owned(), "invalidator".to_owned()),
+        ("CACHEGATE_BACKEND".to_owned(), "redis".to_owned()),
+    ];
+    let out = cachegate_cli(&["config"], &env);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Invalidator"));
+}
+
+#[test]
+fn serve_refuses_the_invalidator_role() {
+    let env = vec![
+        ("CACHEGATE_ROLE".to_owned(), "invalidator".to_owned()),
+        ("CACHEGATE_BACKEND".to_owned(), "redis".to_owned()),
+    ];
+    let out = cachegate_cli(&["serve", "--listen", "127.0.0.1:0"], &env);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("`invalidator` runs only as the Lambda"),
+        "{}",
+        describe(&out)
+    );
+}
