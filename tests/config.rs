@@ -79,7 +79,10 @@ fn the_shipped_config_file_is_valid_and_documents_the_defaults() {
         &["--config", "/dev/null", "config"],
     );
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(stdout, defaults, "config/cachegate.toml differs from the defaults");
+    assert_eq!(
+        stdout, defaults,
+        "config/cachegate.toml differs from the defaults"
+    );
     let (code, _, stderr) = run(
         &[("CACHEGATE_UPSTREAM__URL", "https://api.example.com")],
         &["--config", "/nonexistent.toml", "config"],
