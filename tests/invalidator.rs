@@ -204,21 +204,6 @@ impl Invalidator {
             .join(name);
         self.invoke(&["--data-file", path.to_str().unwrap()])
     }
-
-    /// The first invocation waits for the function process to attach to
-    /// the emulator; an invoke sent before that is queued, not lost, but
-    /// the CLI may give up first.
-    fn invoke_when_ready(&self, data: &[&str]) -> Result<Value, String> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match self.invoke(data) {
-                Err(e) if Instant::now() < deadline && !e.contains("errorType") => {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                other => return other,
-            }
-        }
-    }
 }
 
 async fn x_cache(url: &str) -> String {
@@ -258,14 +243,9 @@ async fn purge_through_events(backend: &str) {
     let inv = invalidator(&up.url, &env);
 
     // EventBridge: /articles/1 by URL and everything tagged `sports`.
+    // The emulator holds the invocation until the new process asks for it.
     let report = inv
-        .invoke_when_ready(&[
-            "--data-file",
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/fixtures/eventbridge_purge.json")
-                .to_str()
-                .unwrap(),
-        ])
+        .invoke_fixture("eventbridge_purge.json")
         .unwrap_or_else(|e| panic!("{backend}: the EventBridge event failed\n{e}"));
     assert_eq!(
         report,
