@@ -7,61 +7,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn need(var: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| {
-        panic!("{var} is not set: run the tests through scripts/test, which starts the services")
-    })
-}
-
-/// The environment pointing a cachegate process at `backend`, in a
-/// namespace (Redis key prefix, DynamoDB table) of its own.
-fn backend_env(backend: &str) -> Vec<(String, String)> {
-    let id = std::process::id();
-    let pairs: Vec<(&str, String)> = match backend {
-        "redis" => vec![
-            ("CACHEGATE_BACKEND", "redis".into()),
-            ("CACHEGATE_REDIS__URL", need("CACHEGATE_TEST_REDIS_URL")),
-            ("CACHEGATE_REDIS__KEY_PREFIX", format!("inval-{id}:")),
-        ],
-        "dynamodb" => vec![
-            ("CACHEGATE_BACKEND", "dynamodb".into()),
-            (
-                "AWS_ENDPOINT_URL_DYNAMODB",
-                need("CACHEGATE_TEST_DYNAMODB_ENDPOINT"),
-            ),
-            ("AWS_REGION", "us-east-1".into()),
-            ("AWS_ACCESS_KEY_ID", "test".into()),
-            ("AWS_SECRET_ACCESS_KEY", "test".into()),
-            ("CACHEGATE_DYNAMODB__TABLE", format!("cachegate-inval-{id}")),
-        ],
-        other => panic!("unknown backend {other}"),
-    };
-    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
-}
+use common::{backend_env, Killed};
 
 fn describe(out: &Output) -> String {
     format!(
@@ -93,56 +45,12 @@ struct Invalidator {
 }
 
 fn invalidator(upstream_url: &str, env: &[(String, String)]) -> Invalidator {
-    let port = free_port();
-    let emulator = Command::new("cargo")
-        .args([
-            "lambda",
-            "watch",
-            "--only-lambda-apis",
-            "-A",
-            "127.0.0.1",
-            "-P",
-            &port.to_string(),
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        // cargo-lambda prints nothing at all when its stdout is /dev/null,
-        // so readiness is the port accepting connections, not a log line.
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("`cargo lambda` not found: scripts/test installs cargo-lambda");
-    let mut emulator = emulator;
-    let (out, err) = (
-        emulator.stdout.take().unwrap(),
-        emulator.stderr.take().unwrap(),
-    );
-    std::thread::spawn(move || BufReader::new(out).lines().for_each(drop));
-    std::thread::spawn(move || BufReader::new(err).lines().for_each(drop));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Some(status) = emulator.try_wait().unwrap() {
-            panic!("cargo lambda watch exited ({status}) before listening");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "cargo lambda watch did not listen within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let emulator = Killed(emulator);
-    let function = Command::new(env!("CARGO_BIN_EXE_cachegate"))
-        .env(
-            "AWS_LAMBDA_RUNTIME_API",
-            format!("http://127.0.0.1:{port}/.rt"),
-        )
-        .env("AWS_LAMBDA_FUNCTION_NAME", "_")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+    let (emulator, port) = common::lambda_emulator();
+    let function = common::lambda_function(port, upstream_url)
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
-        .env("CACHEGATE_UPSTREAM__URL", upstream_url)
         .env("CACHEGATE_ROLE", "invalidator")
         .env("RUST_LOG", "info")
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir(std::env::temp_dir())
         .spawn()
         .unwrap();
     Invalidator {
@@ -213,7 +121,7 @@ async fn x_cache(url: &str) -> String {
 }
 
 async fn purge_through_events(backend: &str) {
-    let env = backend_env(backend);
+    let env = backend_env(backend, "inval");
     let init = cachegate_cli(&["init"], &env);
     assert!(init.status.success(), "cachegate init\n{}", describe(&init));
 

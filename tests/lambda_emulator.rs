@@ -5,26 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::Killed;
 
 /// The emulator on a free port, and the function process attached to it.
 struct Emulated {
@@ -38,63 +22,15 @@ struct Emulated {
 }
 
 async fn emulated(upstream_url: &str, env: &[(&str, &str)]) -> Emulated {
-    let port = free_port();
-    let emulator = Command::new("cargo")
-        .args([
-            "lambda",
-            "watch",
-            "--only-lambda-apis",
-            "-A",
-            "127.0.0.1",
-            "-P",
-            &port.to_string(),
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("`cargo lambda` not found: scripts/test installs cargo-lambda");
-    let mut emulator = Killed(emulator);
-    // Its log lines change between versions; the open port does not.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = emulator.0.try_wait() {
-            panic!("cargo lambda watch exited before serving: {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "cargo lambda watch did not open port {port} within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-
+    let (emulator, port) = common::lambda_emulator();
     let started = Instant::now();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachegate"));
-    cmd.env(
-        "AWS_LAMBDA_RUNTIME_API",
-        format!("http://127.0.0.1:{port}/.rt"),
-    )
-    .env("AWS_LAMBDA_FUNCTION_NAME", "_")
-    .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
-    .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
-    .env("CACHEGATE_UPSTREAM__URL", upstream_url)
-    .env("CACHEGATE_BACKEND", "memory")
-    .env("RUST_LOG", "warn")
-    .current_dir(std::env::temp_dir());
+    let mut cmd = common::lambda_function(port, upstream_url);
+    cmd.env("RUST_LOG", "warn").stdout(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.stdout(Stdio::piped());
     let mut function = cmd.spawn().unwrap();
-    let (tx, stdout) = std::sync::mpsc::channel();
-    let out = BufReader::new(function.stdout.take().unwrap());
-    std::thread::spawn(move || {
-        for line in out.lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let stdout = common::lines_of(function.stdout.take().unwrap());
     let function = Killed(function);
     let url = format!("http://127.0.0.1:{port}/lambda-url/_/warm-up");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -188,15 +124,9 @@ async fn memory_backend_under_the_lambda_emulator() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_backend_under_the_lambda_emulator() {
-    let url = std::env::var("CACHEGATE_TEST_REDIS_URL")
-        .expect("CACHEGATE_TEST_REDIS_URL is not set: run the tests through scripts/test");
-    let prefix = format!("lambda-{}:", std::process::id());
-    miss_then_hit(&[
-        ("CACHEGATE_BACKEND", "redis"),
-        ("CACHEGATE_REDIS__URL", &url),
-        ("CACHEGATE_REDIS__KEY_PREFIX", &prefix),
-    ])
-    .await;
+    let env = common::backend_env("redis", "lambda");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    miss_then_hit(&env).await;
 }
 
 /// An event that is not an HTTP event gets an error response from the

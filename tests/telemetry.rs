@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -24,26 +23,6 @@ impl Drop for Running {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn lines_of(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
 fn start(upstream: &str, env: &[(&str, &str)]) -> Running {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachegate"));
     cmd.args(["serve", "--listen", "127.0.0.1:0"])
@@ -57,8 +36,8 @@ fn start(upstream: &str, env: &[(&str, &str)]) -> Running {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().unwrap();
-    let stdout = lines_of(child.stdout.take().unwrap());
-    let stderr = lines_of(child.stderr.take().unwrap());
+    let stdout = common::lines_of(child.stdout.take().unwrap());
+    let stderr = common::lines_of(child.stderr.take().unwrap());
     let first = stdout.recv_timeout(Duration::from_secs(20)).unwrap();
     let url = first
         .strip_prefix("cachegate listening on ")
@@ -86,7 +65,7 @@ fn json_lines(rx: &mpsc::Receiver<String>, wait: Duration) -> Vec<serde_json::Va
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_and_prometheus_metrics() {
     let up = common::upstream().await;
-    let metrics_port = free_port();
+    let metrics_port = common::free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let cg = start(
         &up.url,

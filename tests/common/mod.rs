@@ -297,3 +297,143 @@ pub async fn send(req: reqwest::RequestBuilder) -> Got {
 pub async fn get(url: &str) -> Got {
     send(client().get(url)).await
 }
+
+/// A child process killed (and reaped) when dropped.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A TCP port nothing listens on right now, on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A variable scripts/test exports for the services it started; missing
+/// means the tests run outside it, which fails loudly, never skips.
+pub fn need(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the tests through scripts/test, which starts the services")
+    })
+}
+
+/// Lines of a child's output as they come, read on a thread of their own
+/// (so the child never blocks on a full pipe).
+pub fn lines_of(r: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The environment pointing a cachegate process at the shared `backend`
+/// (`redis` or `dynamodb`) that scripts/test started, in a `namespace` of
+/// its own (Redis key prefix, DynamoDB table). Store time bounds are loose:
+/// the tests using this are about sharing, coalescing and purging; the
+/// ones about time bounds (tests/outage.rs, the hung-backend test) set
+/// their own, and a busy machine's slow reply must not turn a HIT into a
+/// miss here.
+pub fn backend_env(backend: &str, namespace: &str) -> Vec<(String, String)> {
+    let id = std::process::id();
+    let mut env: Vec<(&str, String)> = vec![
+        ("CACHEGATE_STORE__READ_TIMEOUT", "1s".into()),
+        ("CACHEGATE_STORE__WRITE_TIMEOUT", "2s".into()),
+    ];
+    match backend {
+        "redis" => env.extend([
+            ("CACHEGATE_BACKEND", "redis".into()),
+            ("CACHEGATE_REDIS__URL", need("CACHEGATE_TEST_REDIS_URL")),
+            (
+                "CACHEGATE_REDIS__KEY_PREFIX",
+                format!("t-{namespace}-{id}:"),
+            ),
+        ]),
+        "dynamodb" => env.extend([
+            ("CACHEGATE_BACKEND", "dynamodb".into()),
+            (
+                "AWS_ENDPOINT_URL_DYNAMODB",
+                need("CACHEGATE_TEST_DYNAMODB_ENDPOINT"),
+            ),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            (
+                "CACHEGATE_DYNAMODB__TABLE",
+                format!("cachegate-{namespace}"),
+            ),
+            ("CACHEGATE_DYNAMODB__OPERATION_TIMEOUT", "2s".into()),
+        ]),
+        other => panic!("unknown backend {other}"),
+    }
+    env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+/// cargo-lambda's runtime API emulator (`cargo lambda watch
+/// --only-lambda-apis`) on a free port. Ready when the port accepts
+/// connections: its log lines change between versions.
+pub fn lambda_emulator() -> (Killed, u16) {
+    let port = free_port();
+    let mut emulator = Command::new("cargo")
+        .args([
+            "lambda",
+            "watch",
+            "--only-lambda-apis",
+            "-A",
+            "127.0.0.1",
+            "-P",
+        ])
+        .arg(port.to_string())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("`cargo lambda` not found: scripts/test installs cargo-lambda");
+    let (out, err) = (
+        emulator.stdout.take().unwrap(),
+        emulator.stderr.take().unwrap(),
+    );
+    drop((lines_of(out), lines_of(err)));
+    let mut emulator = Killed(emulator);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = emulator.0.try_wait() {
+            panic!("cargo lambda watch exited ({status}) before listening");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cargo lambda watch did not listen on {port} within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (emulator, port)
+}
+
+/// The built binary as the Lambda function `_` of the emulator on `port`,
+/// in front of `upstream_url`, from an empty directory.
+pub fn lambda_function(port: u16, upstream_url: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachegate"));
+    cmd.env(
+        "AWS_LAMBDA_RUNTIME_API",
+        format!("http://127.0.0.1:{port}/.rt"),
+    )
+    .env("AWS_LAMBDA_FUNCTION_NAME", "_")
+    .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+    .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
+    .env("CACHEGATE_UPSTREAM__URL", upstream_url)
+    .env("CACHEGATE_BACKEND", "memory")
+    .current_dir(std::env::temp_dir());
+    cmd
+}
