@@ -9,7 +9,7 @@
 //! runs a short version (20 clients, about 6 s per backend, looser cache
 //! time bounds for a debug build on a shared machine);
 //! `scripts/outage-under-load` runs the full one
-//! (`CACHEGATE_OUTAGE_FULL=1`, a release build, at least 10,000 requests)
+//! (`CACHEGATE_TEST_OUTAGE_FULL=1`, a release build, at least 10,000 requests)
 //! and prints the figures.
 
 mod common;
@@ -35,7 +35,7 @@ struct Plan {
 }
 
 fn plan() -> Plan {
-    if std::env::var("CACHEGATE_OUTAGE_FULL").is_ok_and(|v| v == "1") {
+    if std::env::var("CACHEGATE_TEST_OUTAGE_FULL").is_ok_and(|v| v == "1") {
         Plan {
             store: &[],
             clients: 50,
@@ -291,7 +291,13 @@ async fn outage_under_load(backend: &str, server: &mut Server, cg: &common::Cach
             .iter()
             .filter(|s| s.sent >= from && s.sent < to && s.hit)
             .count();
-        (l.len(), hits, percentile(&l, 0.50), percentile(&l, 0.99))
+        (
+            l.len(),
+            hits,
+            percentile(&l, 0.50),
+            percentile(&l, 0.99),
+            l.last().copied().unwrap_or_default(),
+        )
     };
     let before = phase(Duration::ZERO, killed_at);
     let during = phase(killed_at, back_at);
@@ -307,8 +313,8 @@ async fn outage_under_load(backend: &str, server: &mut Server, cg: &common::Cach
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
         "outage[{backend}]: total={} failed={} clients={} killed_at={:.0}ms restart_took={:.0}ms \
-         before: n={} hits={} p50={:.1}ms p99={:.1}ms | during: n={} hits={} p50={:.1}ms p99={:.1}ms | \
-         after: n={} hits={} p50={:.1}ms p99={:.1}ms | first hit {:?} after the server was back",
+         before: n={} hits={} p50={:.1}ms p99={:.1}ms max={:.1}ms | during: n={} hits={} p50={:.1}ms p99={:.1}ms max={:.1}ms | \
+         after: n={} hits={} p50={:.1}ms p99={:.1}ms max={:.1}ms | first hit {:?} after the server was back",
         samples.len(),
         failed.len(),
         plan.clients,
@@ -318,14 +324,17 @@ async fn outage_under_load(backend: &str, server: &mut Server, cg: &common::Cach
         before.1,
         ms(before.2),
         ms(before.3),
+        ms(before.4),
         during.0,
         during.1,
         ms(during.2),
         ms(during.3),
+        ms(during.4),
         after.0,
         after.1,
         ms(after.2),
         ms(after.3),
+        ms(after.4),
         first_hit.map(ms),
     );
     assert!(samples.len() >= plan.min_requests);
