@@ -8,6 +8,7 @@ use axum::extract::State;
 use http::{Request, Response, StatusCode};
 
 use crate::config::ServeConfig;
+use crate::invalidate::{self, PurgeError, PurgeRequest};
 use crate::proxy::{json_error, Proxy};
 use crate::telemetry::RequestId;
 
@@ -21,15 +22,6 @@ struct ServeState {
 
 /// The one path serve mode keeps for itself, and only when a purge token is configured.
 pub const PURGE_PATH: &str = "/_cachegate/purge";
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PurgeRequest {
-    #[serde(default)]
-    urls: Vec<String>,
-    #[serde(default)]
-    tags: Vec<String>,
-}
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte.
 fn token_matches(given: &[u8], expected: &[u8]) -> bool {
@@ -63,54 +55,30 @@ async fn purge(
             "use POST",
         );
     }
-    let request: PurgeRequest = match serde_json::from_slice(body) {
-        Ok(r) => r,
-        Err(e) => {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "bad_purge_request",
-                &format!("expected {{\"urls\": [...], \"tags\": [...]}}: {e}"),
-            )
-        }
+    let report = match PurgeRequest::from_json(body) {
+        Ok(request) => invalidate::purge(proxy, &request).await,
+        Err(e) => Err(e),
     };
-    let mut report = serde_json::Map::new();
-    let mut removed = 0;
-    for (kind, items) in [("urls", &request.urls), ("tags", &request.tags)] {
-        let mut per_item = serde_json::Map::new();
-        for item in items {
-            let tag = if kind == "urls" {
-                match proxy.url_tag(item) {
-                    Ok(t) => t,
-                    Err(e) => return json_error(StatusCode::BAD_REQUEST, "bad_purge_request", &e),
-                }
-            } else {
-                item.clone()
-            };
-            match proxy.purge_tag(&tag).await {
-                Ok(n) => {
-                    removed += n;
-                    per_item.insert(item.clone(), n.into());
-                }
-                Err(e) => {
-                    return json_error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "purge_failed",
-                        &e.to_string(),
-                    )
-                }
-            }
+    match report {
+        Ok(report) => {
+            let mut resp = Response::new(bytes::Bytes::from(
+                serde_json::to_string(&report).expect("a report serialises"),
+            ));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            resp
         }
-        report.insert(kind.into(), per_item.into());
+        Err(e @ PurgeError::Invalid(_)) => {
+            json_error(StatusCode::BAD_REQUEST, "bad_purge_request", &e.to_string())
+        }
+        Err(e @ PurgeError::Store { .. }) => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "purge_failed",
+            &e.to_string(),
+        ),
     }
-    report.insert("removed".into(), removed.into());
-    let mut resp = Response::new(bytes::Bytes::from(
-        serde_json::Value::Object(report).to_string(),
-    ));
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    resp
 }
 
 async fn handle(State(state): State<Arc<ServeState>>, req: Request<Body>) -> Response<Body> {

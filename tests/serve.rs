@@ -709,7 +709,11 @@ async fn a_purge_during_a_fetch_keeps_the_older_response_out() {
     let cg = cachegate(&up.url, &[("CACHEGATE_SERVE__PURGE_TOKEN", TOKEN)]);
     let url = format!("{}/race?{CACHEABLE}&delay_ms=600", cg.url);
     let in_flight = tokio::spawn(get_owned(url.clone()));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Once the upstream has the request (it decides the version on arrival),
+    // and while it delays its answer:
+    while up.state.hits("/race") == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // The upstream changed and the purge says so, while the old answer is on its way.
     up.state.set_version("/race", "2");
     let r = purge(
