@@ -481,9 +481,23 @@ impl Proxy {
         let lock = StoreKey::hash("lock", [miss.primary.as_str()]);
         match self.cache.try_lock(&lock, self.settings.lock_ttl).await {
             Ok(Some(token)) => {
+                let locked_at = tokio::time::Instant::now();
                 let result = self.fetch(miss, stale).await;
                 if let Err(e) = self.cache.unlock(&lock, &token).await {
-                    tracing::debug!(error = %e, "unlock failed; the lock expires by itself");
+                    // Left in place, the lock would make every other instance
+                    // wait out `coalesce_wait` for a fetch nobody is running
+                    // (a store that was briefly down keeps its locks).
+                    tracing::debug!(error = %e, "unlock failed; retrying until the lock expires");
+                    let cache = self.cache.clone();
+                    let expires = locked_at + self.settings.lock_ttl;
+                    tokio::spawn(async move {
+                        while tokio::time::Instant::now() < expires {
+                            tokio::time::sleep(LOCK_POLL * 10).await;
+                            if cache.unlock(&lock, &token).await.is_ok() {
+                                break;
+                            }
+                        }
+                    });
                 }
                 result
             }
