@@ -349,8 +349,11 @@ pub fn lines_of(r: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Rece
 pub fn backend_env(backend: &str, namespace: &str) -> Vec<(String, String)> {
     let id = std::process::id();
     let mut env: Vec<(&str, String)> = vec![
-        ("CACHEGATE_STORE__READ_TIMEOUT", "1s".into()),
+        ("CACHEGATE_STORE__READ_TIMEOUT", "2s".into()),
         ("CACHEGATE_STORE__WRITE_TIMEOUT", "2s".into()),
+        // Nor is the breaker: opened by a few slow replies, it would make
+        // an instance fetch without the shared lock.
+        ("CACHEGATE_STORE__FAILURE_THRESHOLD", "1000".into()),
     ];
     match backend {
         "redis" => env.extend([
