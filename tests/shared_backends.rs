@@ -55,6 +55,41 @@ async fn two_processes_share_entries(backend: &str) {
     assert_eq!(up.state.hits(&path), 1);
     let timing = other.header("server-timing");
     assert!(timing.contains(&format!("desc=\"{backend}\"")), "{timing}");
+
+    // A 2 MB binary body stored by one process comes back intact from the other.
+    let blob = format!("/blob-{}?cc=max-age%3D60&bin=2000000", std::process::id());
+    let stored = get(&format!("{}{blob}", a.url)).await;
+    assert_eq!(stored.x_cache(), "MISS");
+    assert!(
+        stored.header("cache-status").contains("stored"),
+        "{}",
+        stored.header("cache-status")
+    );
+    let shared = get(&format!("{}{blob}", b.url)).await;
+    assert_eq!(
+        shared.x_cache(),
+        "HIT",
+        "{backend}: the 2 MB entry was not shared"
+    );
+    assert_eq!(shared.body.len(), 2_000_000);
+    assert!(
+        shared.body == stored.body,
+        "{backend}: the 2 MB body changed"
+    );
+
+    // Past its freshness an entry still in the store (DynamoDB deletes
+    // lazily, local servers never) is not served as fresh.
+    let short = format!("/short-{}?cc=max-age%3D1", std::process::id());
+    assert_eq!(get(&format!("{}{short}", a.url)).await.x_cache(), "MISS");
+    assert_eq!(get(&format!("{}{short}", b.url)).await.x_cache(), "HIT");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let expired = get(&format!("{}{short}", b.url)).await;
+    assert_eq!(
+        expired.x_cache(),
+        "MISS",
+        "{backend}: an expired entry was served"
+    );
+    assert_eq!(up.state.hits(&format!("/short-{}", std::process::id())), 2);
 }
 
 /// 200 concurrent requests for one cold key, split over two processes, with
