@@ -281,18 +281,10 @@ async fn purge_cli_reaches_every_process(backend: &str) {
         )
         .await;
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cachegate"))
-        .args(["purge", "--url", &varied, "--tag", &format!("k-{id}")])
-        .env("CACHEGATE_UPSTREAM__URL", &up.url)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = purge_cli(
+        &up.url,
+        &env,
+        &["--url", &varied, "--tag", &format!("k-{id}")],
     );
     assert!(stdout.contains("removed 3 entries"), "{stdout}");
     assert_eq!(get(&format!("{}{gone}", b.url)).await.x_cache(), "MISS");
@@ -306,6 +298,71 @@ async fn purge_cli_reaches_every_process(backend: &str) {
     }
     assert_eq!(get(&format!("{}{keep}", a.url)).await.x_cache(), "HIT");
     assert_eq!(get(&format!("{}{keep}", b.url)).await.x_cache(), "HIT");
+}
+
+/// `cachegate purge ARGS` on the backend `env` names; its stdout.
+fn purge_cli(upstream_url: &str, env: &[(String, String)], args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cachegate"))
+        .arg("purge")
+        .args(args)
+        .env("CACHEGATE_UPSTREAM__URL", upstream_url)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A purge made (by `cachegate purge`) while a fetch of the same URL is on
+/// its way: the older response that fetch brings back is not stored, so
+/// the next request, on any process, gets the new version.
+async fn a_purge_during_a_fetch_keeps_the_older_response_out(backend: &str) {
+    let env = backend_env(backend, "race");
+    init(&env);
+    let up = upstream().await;
+    let no_l1 = [("CACHEGATE_CACHE__L1_TTL", "0s")];
+    let a = start(&up.url, &env, &no_l1);
+    let b = start(&up.url, &env, &no_l1);
+    let path = format!("/race-{}", std::process::id());
+    let query = "cc=max-age%3D60&delay_ms=1500";
+    let slow = tokio::spawn(common::send(
+        client().get(format!("{}{path}?{query}", a.url)),
+    ));
+    while up.state.hits(&path) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    up.state.set_version(&path, "2");
+    purge_cli(&up.url, &env, &["--url", &format!("{path}?{query}")]);
+    let old = slow.await.unwrap();
+    assert_eq!(old.json()["version"], "1");
+    assert!(
+        !old.header("cache-status").contains("stored"),
+        "{backend}: the pre-purge response was stored: {}",
+        old.header("cache-status")
+    );
+    let next = get(&format!("{}{path}?{query}", b.url)).await;
+    assert_eq!(
+        next.x_cache(),
+        "MISS",
+        "{backend}: served what the purge removed"
+    );
+    assert_eq!(next.json()["version"], "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_a_purge_during_a_fetch_keeps_the_older_response_out() {
+    a_purge_during_a_fetch_keeps_the_older_response_out("redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dynamodb_a_purge_during_a_fetch_keeps_the_older_response_out() {
+    a_purge_during_a_fetch_keeps_the_older_response_out("dynamodb").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
