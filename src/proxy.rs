@@ -1052,13 +1052,31 @@ const UNKEYED_ROUTING_HEADERS: &[&str] = &[
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
+    "x-original-uri",
+    "x-forwarded-uri",
+    "x-forwarded-path",
+    "x-forwarded-ssl",
+    "x-forwarded-protocol",
+    "front-end-https",
+    "x-url-scheme",
 ];
 
 fn strip_unkeyed_routing_headers(headers: &mut HeaderMap, key_headers: &[String]) {
-    for name in UNKEYED_ROUTING_HEADERS {
-        if !key_headers.iter().any(|k| k == name) {
-            headers.remove(*name);
-        }
+    // CGI-style gateways (PHP, WSGI/CGI adapters) read `X_Forwarded_Host`
+    // as the same HTTP_X_FORWARDED_HOST variable as `X-Forwarded-Host`:
+    // names are compared with `_` read as `-`. A key header is kept only
+    // under the exact name the key reads.
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            let dashed = n.as_str().replace('_', "-");
+            UNKEYED_ROUTING_HEADERS.contains(&dashed.as_str())
+                && !key_headers.iter().any(|k| k == n.as_str())
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
     }
 }
 

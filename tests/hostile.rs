@@ -210,6 +210,51 @@ fn poisoning_cases() -> Vec<PoisoningCase> {
             "evil-dup",
         ),
         (
+            "underscore spelling",
+            vec![("X_Forwarded_Host", "evil-underscore.example")],
+            "evil-underscore",
+        ),
+        (
+            "underscore, mixed",
+            vec![("x-forwarded_HOST", "evil-mixed.example")],
+            "evil-mixed",
+        ),
+        (
+            "x-original-uri",
+            vec![("X-Original-URI", "/evil-xouri")],
+            "evil-xouri",
+        ),
+        (
+            "x-forwarded-uri",
+            vec![("X-Forwarded-Uri", "/evil-xfuri")],
+            "evil-xfuri",
+        ),
+        (
+            "x-forwarded-path",
+            vec![("X-Forwarded-Path", "/evil-xfpath")],
+            "evil-xfpath",
+        ),
+        (
+            "x-forwarded-ssl",
+            vec![("X-Forwarded-Ssl", "evil-ssl")],
+            "evil-ssl",
+        ),
+        (
+            "x-forwarded-protocol",
+            vec![("X-Forwarded-Protocol", "evil-protocol")],
+            "evil-protocol",
+        ),
+        (
+            "front-end-https",
+            vec![("Front-End-Https", "evil-feh")],
+            "evil-feh",
+        ),
+        (
+            "x-url-scheme",
+            vec![("X-Url-Scheme", "evil-urlscheme")],
+            "evil-urlscheme",
+        ),
+        (
             "folded list",
             vec![("X-Forwarded-Host", "good.example, evil-list.example")],
             "evil-list",
