@@ -80,16 +80,19 @@ impl SyntheticUpstream {
     }
 }
 
-async fn serve_loopback(
-    app: axum::Router,
-) -> Result<
-    (
-        SocketAddr,
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<()>,
-    ),
-    String,
-> {
+/// A running loopback server: its address, its shutdown switch, its task.
+type Running = (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+);
+
+/// Serve on a free loopback port with `run(listener, shutdown)`.
+async fn on_loopback<F, Fut>(run: F) -> Result<Running, String>
+where
+    F: FnOnce(tokio::net::TcpListener, tokio::sync::oneshot::Receiver<()>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
@@ -97,14 +100,19 @@ async fn serve_loopback(
         .local_addr()
         .map_err(|e| format!("local address: {e}"))?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
+    let task = tokio::spawn(run(listener, rx));
+    Ok((addr, tx, task))
+}
+
+async fn serve_loopback(app: axum::Router) -> Result<Running, String> {
+    on_loopback(|listener, rx| async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = rx.await;
             })
             .await;
-    });
-    Ok((addr, tx, task))
+    })
+    .await
 }
 
 /// The proxy on a loopback port through the same HTTP server `cachegate
@@ -112,30 +120,16 @@ async fn serve_loopback(
 async fn serve_proxy_loopback(
     proxy: Arc<crate::proxy::Proxy>,
     config: &Config,
-) -> Result<
-    (
-        SocketAddr,
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<()>,
-    ),
-    String,
-> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("local address: {e}"))?;
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+) -> Result<Running, String> {
     let serve = config.serve.clone();
     let app = crate::serve::router(proxy, &serve);
-    let task = tokio::spawn(async move {
+    on_loopback(|listener, rx| async move {
         crate::serve::serve_http1(listener, app, &serve, async {
             let _ = rx.await;
         })
         .await;
-    });
-    Ok((addr, tx, task))
+    })
+    .await
 }
 
 /// Graceful stop, bounded: idle keep-alive connections must not hold it up.
