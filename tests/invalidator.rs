@@ -13,16 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::{backend_env, Killed};
-
-fn describe(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use common::{backend_env, describe, Killed};
 
 /// `cachegate ARGS` to completion, from an empty directory.
 fn cachegate_cli(args: &[&str], env: &[(String, String)]) -> Output {
@@ -65,18 +56,8 @@ impl Invalidator {
     /// `--data-ascii JSON`): Ok(the function's answer) or Err(what the
     /// invoke printed for a function error).
     fn invoke(&self, data: &[&str]) -> Result<Value, String> {
-        let mut child = Command::new("cargo")
-            .args([
-                "lambda",
-                "invoke",
-                "-A",
-                "127.0.0.1",
-                "-P",
-                &self.port.to_string(),
-                "_",
-            ])
+        let mut child = common::lambda_invoke(self.port)
             .args(data)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::Killed;
@@ -135,19 +135,8 @@ async fn redis_backend_under_the_lambda_emulator() {
 async fn a_malformed_event_is_an_error_not_a_crash() {
     let up = common::upstream().await;
     let lambda = emulated(&up.url, &[]).await;
-    let out = Command::new("cargo")
-        .args([
-            "lambda",
-            "invoke",
-            "-A",
-            "127.0.0.1",
-            "-P",
-            &lambda.port.to_string(),
-            "_",
-            "--data-ascii",
-            "{\"not\": \"an http event\"}",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+    let out = common::lambda_invoke(lambda.port)
+        .args(["--data-ascii", "{\"not\": \"an http event\"}"])
         .output()
         .unwrap();
     let said = format!(

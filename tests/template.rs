@@ -18,11 +18,15 @@
 //! which exports CACHEGATE_TEST_CFN_LINT and CACHEGATE_TEST_SAM; without them
 //! these tests fail, they never skip.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::{json, Value};
+
+use common::describe;
 
 fn template_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("template.yaml")
@@ -68,15 +72,6 @@ fn isolated(program: &Path, dir: &Path) -> Command {
         .env_remove("AWS_PROFILE")
         .env_remove("AWS_SESSION_TOKEN");
     cmd
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn assert_silent_success(what: &str, out: &Output) {

@@ -440,3 +440,24 @@ pub fn lambda_function(port: u16, upstream_url: &str) -> Command {
     .current_dir(std::env::temp_dir());
     cmd
 }
+
+/// A finished command's exit code and output, for assertion messages.
+pub fn describe(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `cargo lambda invoke` of the function `_` on the emulator at `port`;
+/// the caller adds the payload (`--data-file PATH` or `--data-ascii JSON`).
+pub fn lambda_invoke(port: u16) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["lambda", "invoke", "-A", "127.0.0.1", "-P"])
+        .arg(port.to_string())
+        .arg("_")
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd
+}
