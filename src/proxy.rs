@@ -126,7 +126,10 @@ impl Proxy {
     pub async fn handle(self: &Arc<Self>, req: Request<Bytes>) -> Response<Bytes> {
         let started = std::time::Instant::now();
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        let path = self
+            .telemetry
+            .logs_access()
+            .then(|| req.uri().path().to_owned());
         let request_id = req.extensions().get::<RequestId>().cloned();
         let mut trace = Trace::default();
         let mut resp = self.handle_request(req, &mut trace).await;
@@ -149,7 +152,7 @@ impl Proxy {
         self.telemetry.record(&RequestRecord {
             request_id: request_id.as_ref().map(|r| r.0.as_str()),
             method: &method,
-            path: &path,
+            path: path.as_deref(),
             route: trace.route.as_ref().map_or("*", |r| r.name.as_str()),
             key: trace.key.as_ref().map(StoreKey::digest),
             status: resp.status(),

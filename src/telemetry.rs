@@ -35,8 +35,9 @@ pub struct RequestId(pub String);
 pub struct RequestRecord<'a> {
     pub request_id: Option<&'a str>,
     pub method: &'a Method,
-    /// The path only: queries may carry credentials.
-    pub path: &'a str,
+    /// The path only (queries may carry credentials); `None` when the
+    /// access log is off, so the hit path copies nothing for it.
+    pub path: Option<&'a str>,
     /// The matching route pattern, `*` for none.
     pub route: &'a str,
     /// Hex hash of the primary cache key, when the request had one.
@@ -77,6 +78,11 @@ impl Telemetry {
             emf_namespace: emf.then(|| config.namespace.clone()),
             prometheus,
         }
+    }
+
+    /// Whether the access log is on, so callers copy what only it needs.
+    pub fn logs_access(&self) -> bool {
+        tracing::enabled!(target: "cachegate::access", tracing::Level::INFO)
     }
 
     pub fn record(&self, r: &RequestRecord<'_>) {
@@ -322,7 +328,7 @@ mod tests {
         RequestRecord {
             request_id: Some("req-1"),
             method,
-            path: "/items/1",
+            path: Some("/items/1"),
             route: "/items/{id}",
             key: Some("cg1:abc"),
             status: StatusCode::OK,
