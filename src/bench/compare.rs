@@ -239,17 +239,7 @@ pub async fn run(
         chart: chart_path,
         backends: runs,
     };
-    let table = render(&comparison);
-    if args.json {
-        eprint!("{table}");
-        println!(
-            "{}",
-            serde_json::to_string(&comparison).map_err(|e| e.to_string())?
-        );
-    } else {
-        print!("{table}");
-    }
-    Ok(())
+    super::print_report(&render(&comparison), &comparison, args.json)
 }
 
 async fn run_backend(

@@ -162,19 +162,25 @@ pub fn main(args: BenchArgs, config_file: Option<&Path>) -> ExitCode {
     }
 }
 
-async fn run_url(args: &BenchArgs, url: &str) -> Result<(), String> {
-    let workload = args.workload(target_urls(url, args.keys)?)?;
-    let report = load::run(&workload).await?;
-    let table = load::render(&report);
-    if args.json {
+/// The table on stdout; with `--json`, the table on stderr and the report
+/// as one JSON line on stdout (last, for scripts).
+fn print_report(table: &str, report: &impl serde::Serialize, json: bool) -> Result<(), String> {
+    if json {
         eprint!("{table}");
         println!(
             "{}",
-            serde_json::to_string(&report).map_err(|e| e.to_string())?
+            serde_json::to_string(report).map_err(|e| e.to_string())?
         );
     } else {
         print!("{table}");
     }
+    Ok(())
+}
+
+async fn run_url(args: &BenchArgs, url: &str) -> Result<(), String> {
+    let workload = args.workload(target_urls(url, args.keys)?)?;
+    let report = load::run(&workload).await?;
+    print_report(&load::render(&report), &report, args.json)?;
     if report.responses == 0 {
         return Err(format!(
             "bench: no request got a response ({} errors)",
