@@ -60,6 +60,14 @@ async fn emulated(upstream_url: &str, env: &[(&str, &str)]) -> Emulated {
     }
 }
 
+/// Through the emulator, an answer comes or the test fails: a lost
+/// invocation must not hold the suite until CI's own limit.
+const INVOKE_LIMIT: Duration = Duration::from_secs(30);
+
+async fn get(url: &str) -> common::Got {
+    common::send(common::client().get(url).timeout(INVOKE_LIMIT)).await
+}
+
 impl Emulated {
     fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}/lambda-url/_{path}", self.port)
@@ -71,10 +79,10 @@ async fn miss_then_hit(backend_env: &[(&str, &str)]) {
     let lambda = emulated(&up.url, backend_env).await;
     eprintln!("cold start under the emulator: {:?}", lambda.cold_start);
     let path = format!("/items/{}?cc=max-age%3D60", std::process::id());
-    let first = common::get(&lambda.url(&path)).await;
+    let first = get(&lambda.url(&path)).await;
     assert_eq!(first.status, 200);
     assert_eq!(first.x_cache(), "MISS");
-    let second = common::get(&lambda.url(&path)).await;
+    let second = get(&lambda.url(&path)).await;
     assert_eq!(second.x_cache(), "HIT");
     assert_eq!(second.body, first.body);
     assert_eq!(up.state.hits(&format!("/items/{}", std::process::id())), 1);
@@ -96,7 +104,7 @@ async fn miss_then_hit(backend_env: &[(&str, &str)]) {
     // Binary bodies survive the base64 round trip through the runtime API.
     let blob = lambda.url("/blob?cc=max-age%3D60&bin=100000");
     for want in ["MISS", "HIT"] {
-        let r = common::get(&blob).await;
+        let r = get(&blob).await;
         assert_eq!(r.x_cache(), want);
         assert_eq!(r.body.len(), 100_000);
         assert!(r
@@ -109,6 +117,7 @@ async fn miss_then_hit(backend_env: &[(&str, &str)]) {
     let posted = common::send(
         common::client()
             .post(lambda.url("/upload"))
+            .timeout(INVOKE_LIMIT)
             .header("content-type", "application/octet-stream")
             .body(payload.clone()),
     )
@@ -149,7 +158,7 @@ async fn a_malformed_event_is_an_error_not_a_crash() {
         "a malformed event was accepted: {said}"
     );
     assert!(said.to_lowercase().contains("error"), "{said}");
-    let r = common::get(&lambda.url("/after?cc=max-age%3D60")).await;
+    let r = get(&lambda.url("/after?cc=max-age%3D60")).await;
     assert_eq!(
         r.status, 200,
         "the function stopped serving after a malformed event"
