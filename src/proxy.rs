@@ -537,6 +537,9 @@ impl Proxy {
         lock: &StoreKey,
         stale: Option<&Entry>,
     ) -> Option<Entry> {
+        let newer = |found: Option<Entry>| {
+            found.filter(|e| stale.is_none_or(|s| e.stored_at > s.stored_at))
+        };
         let deadline = tokio::time::Instant::now() + self.settings.coalesce_wait;
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(LOCK_POLL).await;
@@ -544,14 +547,19 @@ impl Proxy {
             if trouble.is_some() {
                 return None;
             }
-            if let Some(e) = found.filter(|e| stale.is_none_or(|s| e.stored_at > s.stored_at)) {
+            if let Some(e) = newer(found) {
                 return Some(e);
             }
             match self.cache.try_lock(lock, LOCK_POLL * 4).await {
                 Ok(Some(token)) => {
-                    // Free again and still no entry: the fetch was not storable.
+                    // Free again. The holder may have stored its entry and
+                    // unlocked between our lookup and this lock, so look
+                    // once more; still nothing means its response was not
+                    // storable (or it died), and every waiter fetches at
+                    // once rather than queueing behind one another.
+                    let (found, _) = self.lookup(&miss.primary, &miss.headers).await;
                     let _ = self.cache.unlock(lock, &token).await;
-                    return None;
+                    return newer(found);
                 }
                 Ok(None) => {}
                 Err(_) => return None,
