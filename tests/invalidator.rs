@@ -30,8 +30,9 @@ fn cachegate_cli(args: &[&str], env: &[(String, String)]) -> Output {
 /// The runtime API emulator and the binary in the invalidator role
 /// attached to it.
 struct Invalidator {
-    _emulator: Killed,
+    // Fields drop in order: the function goes before the emulator it talks to.
     function: std::sync::Mutex<Killed>,
+    _emulator: common::Logged,
     port: u16,
 }
 
@@ -45,8 +46,8 @@ fn invalidator(upstream_url: &str, env: &[(String, String)]) -> Invalidator {
         .spawn()
         .unwrap();
     Invalidator {
-        _emulator: emulator,
         function: std::sync::Mutex::new(Killed(function)),
+        _emulator: emulator,
         port,
     }
 }

@@ -12,8 +12,9 @@ use common::Killed;
 
 /// The emulator on a free port, and the function process attached to it.
 struct Emulated {
-    _emulator: Killed,
+    // Fields drop in order: the function goes before the emulator it talks to.
     _function: Killed,
+    _emulator: common::Logged,
     port: u16,
     /// From starting the function process to its first answered request.
     cold_start: Duration,
@@ -31,7 +32,7 @@ async fn emulated(upstream_url: &str, env: &[(&str, &str)]) -> Emulated {
     }
     let mut function = cmd.spawn().unwrap();
     let stdout = common::lines_of(function.stdout.take().unwrap());
-    let function = Killed(function);
+    let mut function = Killed(function);
     let url = format!("http://127.0.0.1:{port}/lambda-url/_/warm-up");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -45,6 +46,9 @@ async fn emulated(upstream_url: &str, env: &[(&str, &str)]) -> Emulated {
                 break;
             }
         }
+        if let Ok(Some(status)) = function.0.try_wait() {
+            panic!("the function exited ({status}) before answering through the emulator");
+        }
         assert!(
             Instant::now() < deadline,
             "the function never answered through the emulator"
@@ -52,8 +56,8 @@ async fn emulated(upstream_url: &str, env: &[(&str, &str)]) -> Emulated {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Emulated {
-        _emulator: emulator,
         _function: function,
+        _emulator: emulator,
         port,
         cold_start: started.elapsed(),
         stdout,
@@ -102,11 +106,16 @@ async fn miss_then_hit(backend_env: &[(&str, &str)]) {
     assert!(hits[0]["CacheLatency"].as_f64().is_some());
 
     // Binary bodies survive the base64 round trip through the runtime API.
-    let blob = lambda.url("/blob?cc=max-age%3D60&bin=100000");
+    // Kept to a few KB: cargo-lambda 1.9's emulator answers the runtime's
+    // POST of a response before reading its body, and a body that takes
+    // several writes is then sometimes cut off and the invocation never
+    // answered (about 1 in 600 at 100 KB under load). Bodies up to
+    // Lambda's limit go through lambda_http in process (tests/hostile.rs).
+    let blob = lambda.url("/blob?cc=max-age%3D60&bin=4096");
     for want in ["MISS", "HIT"] {
         let r = get(&blob).await;
         assert_eq!(r.x_cache(), want);
-        assert_eq!(r.body.len(), 100_000);
+        assert_eq!(r.body.len(), 4096);
         assert!(r
             .body
             .iter()

@@ -373,9 +373,11 @@ pub fn backend_env(backend: &str, namespace: &str) -> Vec<(String, String)> {
             ("AWS_REGION", "us-east-1".into()),
             ("AWS_ACCESS_KEY_ID", "test".into()),
             ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            // Per test process like the Redis prefix: a rerun against a
+            // local server that outlived the last run starts clean.
             (
                 "CACHEGATE_DYNAMODB__TABLE",
-                format!("cachegate-{namespace}"),
+                format!("cachegate-{namespace}-{id}"),
             ),
             ("CACHEGATE_DYNAMODB__OPERATION_TIMEOUT", "2s".into()),
         ]),
@@ -385,15 +387,18 @@ pub fn backend_env(backend: &str, namespace: &str) -> Vec<(String, String)> {
 }
 
 /// cargo-lambda's runtime API emulator (`cargo lambda watch
-/// --only-lambda-apis`) on a free port. Ready when the port accepts
-/// connections: its log lines change between versions.
-pub fn lambda_emulator() -> (Killed, u16) {
+/// --only-lambda-apis -v`) on a free port. Ready when the port accepts
+/// connections: its log lines change between versions. Its output is read
+/// to the end (a closed pipe would fail its writes) and, when the test
+/// panics, printed: a lost invocation is otherwise a mystery.
+pub fn lambda_emulator() -> (Logged, u16) {
     let port = free_port();
-    let mut emulator = Command::new("cargo")
+    let emulator = Command::new("cargo")
         .args([
             "lambda",
             "watch",
             "--only-lambda-apis",
+            "-v",
             "-A",
             "127.0.0.1",
             "-P",
@@ -404,15 +409,10 @@ pub fn lambda_emulator() -> (Killed, u16) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("`cargo lambda` not found: scripts/test installs cargo-lambda");
-    let (out, err) = (
-        emulator.stdout.take().unwrap(),
-        emulator.stderr.take().unwrap(),
-    );
-    drop((lines_of(out), lines_of(err)));
-    let mut emulator = Killed(emulator);
+    let mut emulator = Logged::new(format!("cargo lambda watch on {port}"), emulator);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = emulator.0.try_wait() {
+        if let Ok(Some(status)) = emulator.process.0.try_wait() {
             panic!("cargo lambda watch exited ({status}) before listening");
         }
         assert!(
@@ -422,6 +422,46 @@ pub fn lambda_emulator() -> (Killed, u16) {
         std::thread::sleep(Duration::from_millis(50));
     }
     (emulator, port)
+}
+
+/// A child process whose stdout and stderr are drained into a log that is
+/// printed if the test panics while the process is alive.
+pub struct Logged {
+    pub process: Killed,
+    name: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Logged {
+    fn new(name: String, mut child: Child) -> Logged {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let pipes: [Box<dyn std::io::Read + Send>; 2] = [
+            Box::new(child.stdout.take().expect("stdout piped")),
+            Box::new(child.stderr.take().expect("stderr piped")),
+        ];
+        for pipe in pipes {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        Logged {
+            process: Killed(child),
+            name,
+            log,
+        }
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            eprintln!("--- {} printed:\n{}\n---", self.name, log.join("\n"));
+        }
+    }
 }
 
 /// The built binary as the Lambda function `_` of the emulator on `port`,
