@@ -507,7 +507,7 @@ mod tests {
         let nc = headers(&[("cache-control", "no-cache")]);
         assert!(
             request_policy(&Method::GET, &nc, false, &r).unwrap().lookup,
-            "client no-cache obeyed by default"
+            "client no-cache ignored unless the rule honours it"
         );
         let mut honor = r.clone();
         honor.honor_client_no_cache = true;

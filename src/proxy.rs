@@ -235,6 +235,7 @@ impl Proxy {
                 (None, None) => "uri-miss",
             },
             cache_down: cache_trouble.is_some(),
+            arrived_at: now,
             primary,
             target,
             method: parts.method,
@@ -455,6 +456,7 @@ impl Proxy {
             rx.wait_for(|v| v.is_some()).await.map(|v| v.clone())
         })
         .await;
+        let timed_out = shared.is_err();
         if let Ok(Ok(Some(Some((entry, vary, leader_key))))) = shared {
             if stored_under(&miss.primary, vary.as_deref(), &miss.headers) == leader_key {
                 return Ok(Fetched::Entry(
@@ -464,6 +466,9 @@ impl Proxy {
             }
         }
         // Not shareable, another variant, or the leader took too long.
+        if timed_out {
+            tracing::debug!("coalesce_wait ran out waiting for this process's fetch; fetching too");
+        }
         self.fetch(miss, fallback_stale).await
     }
 
@@ -478,13 +483,33 @@ impl Proxy {
         stale: Option<Entry>,
         on_contention: OnContention,
     ) -> Result<Fetched, UpstreamError> {
+        // Our lookup missed, but the previous fetcher may have stored its
+        // entry and let go (of this process's flight, then of the lock)
+        // after that lookup and before we took over: look once more, or a
+        // late request of a stampede calls the upstream a second time.
+        let stored_meanwhile = |entry: Entry| {
+            Ok(Fetched::Entry(
+                Arc::new(entry),
+                Outcome::new(
+                    "MISS",
+                    format!("fwd={}; collapsed; detail=stored-meanwhile", miss.fwd),
+                ),
+            ))
+        };
         if !self.cache.is_shared() {
+            if let Some(entry) = self.newer_entry(miss, stale.as_ref()).await {
+                return stored_meanwhile(entry);
+            }
             return self.fetch(miss, stale).await;
         }
         let lock = StoreKey::hash("lock", [miss.primary.as_str()]);
         match self.cache.try_lock(&lock, self.settings.lock_ttl).await {
             Ok(Some(token)) => {
                 let locked_at = tokio::time::Instant::now();
+                if let Some(entry) = self.newer_entry(miss, stale.as_ref()).await {
+                    let _ = self.cache.unlock(&lock, &token).await;
+                    return stored_meanwhile(entry);
+                }
                 let result = self.fetch(miss, stale).await;
                 if let Err(e) = self.cache.unlock(&lock, &token).await {
                     // Left in place, the lock would make every other instance
@@ -524,7 +549,10 @@ impl Proxy {
                     None => self.fetch(miss, stale).await,
                 }
             }
-            Err(_) => self.fetch(miss, stale).await,
+            Err(e) => {
+                tracing::debug!(error = %e, "fetch lock unavailable; fetching without it");
+                self.fetch(miss, stale).await
+            }
         }
     }
 
@@ -537,14 +565,13 @@ impl Proxy {
         lock: &StoreKey,
         stale: Option<&Entry>,
     ) -> Option<Entry> {
-        let newer = |found: Option<Entry>| {
-            found.filter(|e| stale.is_none_or(|s| e.stored_at > s.stored_at))
-        };
+        let newer = |found: Option<Entry>| found.filter(|e| miss.may_take(e, stale));
         let deadline = tokio::time::Instant::now() + self.settings.coalesce_wait;
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(LOCK_POLL).await;
             let (found, trouble) = self.lookup(&miss.primary, &miss.headers).await;
-            if trouble.is_some() {
+            if let Some(e) = trouble {
+                tracing::debug!(error = %e, "store failed while waiting for another instance's fetch; fetching too");
                 return None;
             }
             if let Some(e) = newer(found) {
@@ -557,15 +584,30 @@ impl Proxy {
                     // once more; still nothing means its response was not
                     // storable (or it died), and every waiter fetches at
                     // once rather than queueing behind one another.
-                    let (found, _) = self.lookup(&miss.primary, &miss.headers).await;
+                    let found = self.newer_entry(miss, stale).await;
                     let _ = self.cache.unlock(lock, &token).await;
-                    return newer(found);
+                    if found.is_none() {
+                        tracing::debug!("fetch lock released without an entry; fetching too");
+                    }
+                    return found;
                 }
                 Ok(None) => {}
-                Err(_) => return None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "store failed while waiting for another instance's fetch; fetching too");
+                    return None;
+                }
             }
         }
+        tracing::debug!("coalesce_wait ran out waiting for another instance's fetch; fetching too");
         None
+    }
+
+    /// An entry stored meanwhile that may answer this miss
+    /// ([`MissCtx::may_take`]). A store that fails here is no entry: the
+    /// caller fetches.
+    async fn newer_entry(&self, miss: &MissCtx, stale: Option<&Entry>) -> Option<Entry> {
+        let (found, _) = self.lookup(&miss.primary, &miss.headers).await;
+        found.filter(|e| miss.may_take(e, stale))
     }
 
     /// Call the upstream (conditionally if we hold a stale entry with
@@ -580,6 +622,7 @@ impl Proxy {
             policy,
             fwd,
             cache_down,
+            arrived_at: _,
         } = miss;
         let (policy, cache_down) = (*policy, *cache_down);
         let mut headers = client_headers.clone();
@@ -931,6 +974,22 @@ struct MissCtx {
     /// RFC 9211 `fwd` value: why the upstream is asked.
     fwd: &'static str,
     cache_down: bool,
+    /// When the request arrived (after its lookup).
+    arrived_at: UnixMillis,
+}
+
+impl MissCtx {
+    /// Whether an entry that turned up while this miss waited, or just
+    /// before it fetched, may answer it: one stored after the stale entry
+    /// it started from (any, without one); for a request that may not be
+    /// answered from what was stored before it (`no-cache`, `max-age=0`),
+    /// one stored after it arrived.
+    fn may_take(&self, entry: &Entry, stale: Option<&Entry>) -> bool {
+        if !self.policy.lookup {
+            return entry.stored_at >= self.arrived_at;
+        }
+        stale.is_none_or(|s| entry.stored_at > s.stored_at)
+    }
 }
 
 fn purge_mark_key(tag: &str) -> StoreKey {

@@ -805,3 +805,29 @@ async fn stale_if_error_answers_when_the_upstream_is_stopped() {
         "{error}"
     );
 }
+
+/// `cache.honor_client_no_cache`: a client's `no-cache` goes upstream even
+/// with a fresh entry stored (and a request that just took over a key's
+/// fetch does not answer it from what was stored before it arrived).
+/// Without the setting, `no-cache` is a hit like any other request.
+#[tokio::test]
+async fn client_no_cache_goes_upstream_only_when_honoured() {
+    let up = upstream().await;
+    for (honour, want, upstream_calls) in [("true", "MISS", 2), ("false", "HIT", 1)] {
+        let cg = cachegate(
+            &up.url,
+            &[("CACHEGATE_CACHE__HONOR_CLIENT_NO_CACHE", honour)],
+        );
+        let path = format!("/no-cache-{honour}");
+        let url = format!("{}{path}?{CACHEABLE}", cg.url);
+        assert_eq!(get(&url).await.x_cache(), "MISS");
+        assert_eq!(get(&url).await.x_cache(), "HIT");
+        let forced = send(client().get(&url).header("cache-control", "no-cache")).await;
+        assert_eq!(forced.x_cache(), want, "honor_client_no_cache={honour}");
+        assert_eq!(
+            up.state.hits(&path),
+            upstream_calls,
+            "honor_client_no_cache={honour}"
+        );
+    }
+}
