@@ -689,7 +689,9 @@ impl DynamoStore {
             op,
             message,
         };
-        let client = &self.inner.client;
+        // The control plane answers in seconds, not the data plane's
+        // milliseconds that `operation_timeout` is sized for.
+        let client = &control_plane_client(&self.inner.client);
         let mut created = false;
         let described = client.describe_table().table_name(&table).send().await;
         let desc = match described {
@@ -799,7 +801,7 @@ impl DynamoStore {
 
     async fn ensure_ttl(&self) -> Result<TtlState, TableError> {
         let table = &self.inner.table;
-        let client = &self.inner.client;
+        let client = &control_plane_client(&self.inner.client);
         let unsupported = |code: Option<&str>| {
             matches!(
                 code,
@@ -884,6 +886,23 @@ impl DynamoStore {
             }),
         }
     }
+}
+
+/// `client` with timeouts for table management (`cachegate init`): the
+/// same endpoint, region, credentials and retries.
+fn control_plane_client(client: &Client) -> Client {
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .operation_timeout(Duration::from_secs(30))
+        .operation_attempt_timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(5))
+        .build();
+    Client::from_conf(
+        client
+            .config()
+            .to_builder()
+            .timeout_config(timeouts)
+            .build(),
+    )
 }
 
 fn check_schema(table: &str, schema: &[KeySchemaElement]) -> Result<(), TableError> {

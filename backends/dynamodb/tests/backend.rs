@@ -556,6 +556,43 @@ async fn all_fail_within(store: &DynamoStore, bound: Duration, what: &str) {
     );
 }
 
+/// `cachegate init` is not held to the data plane's operation timeout
+/// (tens of milliseconds in production): table management on a server
+/// that stalls for a second still succeeds, while a read in the same stall
+/// gives up within its bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_management_outlasts_the_operation_timeout() {
+    let server = OwnServer::start();
+    let timeout = Duration::from_millis(100);
+    let store = common::store_at(
+        &server.endpoint,
+        &DynamoConfig {
+            table: "cachegate-slow-init".into(),
+            operation_timeout: timeout,
+            ..DynamoConfig::default()
+        },
+    )
+    .await;
+    server.signal("-STOP");
+    let init = tokio::spawn({
+        let store = store.clone();
+        async move { store.ensure_table().await }
+    });
+    let started = Instant::now();
+    assert!(
+        store.get(&key("during-the-stall")).await.is_err(),
+        "a read answered by a stopped server"
+    );
+    assert!(started.elapsed() < Duration::from_millis(1000));
+    tokio::time::sleep(Duration::from_millis(1200).saturating_sub(started.elapsed())).await;
+    server.signal("-CONT");
+    let status = init
+        .await
+        .unwrap()
+        .expect("ensure_table gave up on a server that stalled for a second");
+    assert!(status.created);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_stopped_mid_way_gives_errors_within_the_timeout() {
     let server = OwnServer::start();
