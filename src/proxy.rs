@@ -604,8 +604,12 @@ impl Proxy {
 
     /// An entry stored meanwhile that may answer this miss
     /// ([`MissCtx::may_take`]). A store that fails here is no entry: the
-    /// caller fetches.
+    /// caller fetches. Not asked when this request's lookup already failed:
+    /// a second timeout would only delay the fetch.
     async fn newer_entry(&self, miss: &MissCtx, stale: Option<&Entry>) -> Option<Entry> {
+        if miss.cache_down {
+            return None;
+        }
         let (found, _) = self.lookup(&miss.primary, &miss.headers).await;
         found.filter(|e| miss.may_take(e, stale))
     }
