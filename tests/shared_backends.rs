@@ -457,3 +457,76 @@ async fn redis_unsafe_methods_invalidate_everywhere() {
 async fn dynamodb_unsafe_methods_invalidate_everywhere() {
     unsafe_methods_invalidate_everywhere("dynamodb").await;
 }
+
+/// A fetch lock whose release fails is released in the background once the
+/// store lets it, so other instances do not wait out the lock's TTL (here
+/// 31 s: the upstream timeout and a second) for a fetch that is over. The
+/// failure is real: an ACL user of the shared Redis may take locks (`SET`)
+/// but not run the release script, until the test grants it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_failed_unlock_is_retried_in_the_background() {
+    let url = common::need("CACHEGATE_TEST_REDIS_URL");
+    let port = url
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let id = std::process::id();
+    let user = format!("unlock-{id}");
+    let prefix = format!("t-unlock-{id}:");
+    let cli = |args: &[&str]| -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port])
+            .args(args)
+            .output()
+            .expect("redis-cli not found: scripts/test installs redis-tools");
+        assert!(out.status.success(), "{}", common::describe(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    // Entries and tags as usual; on lock keys, only SET (taking a lock).
+    let granted = cli(&[
+        "ACL",
+        "SETUSER",
+        &user,
+        "reset",
+        "on",
+        ">unlock-test",
+        "+@all",
+        "&*",
+        &format!("~{prefix}v:*"),
+        &format!("~{prefix}t:*"),
+        &format!("(~{prefix}l:* +set)"),
+    ]);
+    assert_eq!(granted, "OK");
+    let up = upstream().await;
+    let cg = cachegate(
+        &up.url,
+        &[
+            ("CACHEGATE_BACKEND", "redis"),
+            ("CACHEGATE_REDIS__URL", &url),
+            ("CACHEGATE_REDIS__USERNAME", &user),
+            ("CACHEGATE_REDIS__PASSWORD", "unlock-test"),
+            ("CACHEGATE_REDIS__KEY_PREFIX", &prefix),
+            ("CACHEGATE_UPSTREAM__TIMEOUT", "30s"),
+            ("CACHEGATE_STORE__FAILURE_THRESHOLD", "1000"),
+        ],
+    );
+    let r = get(&format!("{}/unlock?cc=no-store&delay_ms=50", cg.url)).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let locks = || cli(&["--scan", "--pattern", &format!("{prefix}l:*")]);
+    assert!(
+        !locks().is_empty(),
+        "no lock left behind: was the release script not denied?"
+    );
+    cli(&["ACL", "SETUSER", &user, "allkeys"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !locks().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the lock outlived its fetch by 5 s: the failed release was not retried"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cli(&["ACL", "DELUSER", &user]);
+}
