@@ -986,8 +986,8 @@ impl MissCtx {
     /// Whether an entry that turned up while this miss waited, or just
     /// before it fetched, may answer it: one stored after the stale entry
     /// it started from (any, without one); for a request that may not be
-    /// answered from what was stored before it (`no-cache`, `max-age=0`),
-    /// one stored after it arrived.
+    /// answered from what was stored before it (a client `no-cache` the
+    /// route honours), one stored after it arrived.
     fn may_take(&self, entry: &Entry, stale: Option<&Entry>) -> bool {
         if !self.policy.lookup {
             return entry.stored_at >= self.arrived_at;
