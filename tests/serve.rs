@@ -238,10 +238,12 @@ async fn conditional_requests_get_304_from_a_fresh_entry() {
 async fn stale_entries_are_revalidated_with_their_validator() {
     let up = upstream().await;
     let cg = cachegate(&up.url, &[]);
-    let url = format!("{}/reval?cc=max-age%3D1&etag=%22r1%22", cg.url);
+    // Three seconds of freshness: the HIT after the 304 must come within
+    // them even on a busy machine (one second was too little under load).
+    let url = format!("{}/reval?cc=max-age%3D3&etag=%22r1%22", cg.url);
     let first = get(&url).await;
     assert_eq!(first.x_cache(), "MISS");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     let second = get(&url).await;
     assert_eq!(second.status, 200);
     assert_eq!(second.body, first.body, "revalidated entry lost its body");
