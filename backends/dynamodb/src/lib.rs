@@ -785,7 +785,7 @@ impl DynamoStore {
             }
         }
 
-        let ttl = self.ensure_ttl().await?;
+        let ttl = self.ensure_ttl(client).await?;
         if let TtlState::Unsupported(m) | TtlState::Other(m) = &ttl {
             tracing::warn!(
                 table = %table,
@@ -799,9 +799,8 @@ impl DynamoStore {
         })
     }
 
-    async fn ensure_ttl(&self) -> Result<TtlState, TableError> {
+    async fn ensure_ttl(&self, client: &Client) -> Result<TtlState, TableError> {
         let table = &self.inner.table;
-        let client = &control_plane_client(&self.inner.client);
         let unsupported = |code: Option<&str>| {
             matches!(
                 code,
