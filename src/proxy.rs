@@ -565,7 +565,6 @@ impl Proxy {
         lock: &StoreKey,
         stale: Option<&Entry>,
     ) -> Option<Entry> {
-        let newer = |found: Option<Entry>| found.filter(|e| miss.may_take(e, stale));
         let deadline = tokio::time::Instant::now() + self.settings.coalesce_wait;
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(LOCK_POLL).await;
@@ -574,7 +573,7 @@ impl Proxy {
                 tracing::debug!(error = %e, "store failed while waiting for another instance's fetch; fetching too");
                 return None;
             }
-            if let Some(e) = newer(found) {
+            if let Some(e) = found.filter(|e| miss.may_take(e, stale)) {
                 return Some(e);
             }
             match self.cache.try_lock(lock, LOCK_POLL * 4).await {
