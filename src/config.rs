@@ -84,6 +84,10 @@ pub struct Config {
     pub serve: ServeConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// CloudFront in front of cachegate: invalidations and cache tags
+    /// (see [`crate::edge::EdgeConfig`]). Default: no edge.
+    #[serde(default)]
+    pub edge: crate::edge::EdgeConfig,
     /// Per-route rules, matched on the request path; the most specific
     /// pattern wins (see [`RouteConfig`]).
     #[serde(default)]
@@ -360,9 +364,19 @@ pub struct RouteConfig {
     /// Default: `cache.stale_if_error`.
     #[serde(default, with = "humantime_serde")]
     pub stale_if_error: Option<Duration>,
-    /// Tags stored with every entry of the route, for purging. Default: none.
+    /// Tags stored with every entry of the route, for purging. `{name}`
+    /// is replaced by that placeholder of `path` as the request has it
+    /// (`item-{id}` on `/items/{id}` tags `/items/7` with `item-7`).
+    /// Default: none.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Tags a successful unsafe request (POST, PUT, PATCH, DELETE, ...:
+    /// a 2xx or 3xx answer) on this route purges, besides its own URL and
+    /// `Location`; placeholders as in `tags`. `["posts", "post-{id}"]` on
+    /// `/posts/{id}` makes `PATCH /posts/1` purge the `/posts` listings
+    /// tagged `posts`. Default: none.
+    #[serde(default)]
+    pub invalidate_tags: Vec<String>,
     /// Added to `cache.ignored_query_params` for this route. Default: none.
     #[serde(default)]
     pub ignored_query_params: Vec<String>,
@@ -511,6 +525,7 @@ impl Config {
             ));
         }
         self.serve.check_limits()?;
+        self.edge.validate()?;
         if self.memory.capacity.as_u64() < 1024 * 1024 {
             return Err(invalid("memory.capacity", "must be at least 1MiB"));
         }

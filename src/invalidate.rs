@@ -12,6 +12,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::edge::{Dispatch, EdgeReport};
 use crate::proxy::Proxy;
 
 /// Most URLs plus tags one request may name: a purge is a store round trip
@@ -38,12 +39,16 @@ pub struct PurgeRequest {
 
 /// How many entries each URL and tag removed. Serialises as
 /// `{"urls": {"/a": 1}, "tags": {"t": 3}, "removed": 4}`, the same shape
-/// serve's purge endpoint answers.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// serve's purge endpoint answers; with an edge configured, also
+/// `"edge": {"paths": [...], "status": "sent", ...}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PurgeReport {
     pub urls: BTreeMap<String, u64>,
     pub tags: BTreeMap<String, u64>,
     pub removed: u64,
+    /// What CloudFront was asked to invalidate ([`crate::edge`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge: Option<EdgeReport>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +59,10 @@ pub enum PurgeError {
     /// The backend failed (unreachable, timed out): sending it again may.
     #[error("purge {what}: {message}")]
     Store { what: String, message: String },
+    /// The shared cache was purged, CloudFront was not: sending the
+    /// request again purges both (purging is idempotent).
+    #[error("the shared cache was purged ({removed} entries), CloudFront was not: {message}")]
+    Edge { removed: u64, message: String },
 }
 
 impl PurgeRequest {
@@ -114,11 +123,42 @@ impl PurgeRequest {
     }
 }
 
-/// Purge what `request` names. URLs are resolved exactly as a request for
-/// them would be (routes' ignored query parameters included), all before
-/// the first purge. Purging is idempotent, so a request that failed half
-/// way can be sent again whole.
+/// Purge what `request` names from the shared cache and then from the
+/// edge, if one is configured, waiting for CloudFront's answer (the CLI
+/// and the invalidator). URLs are resolved exactly as a request for them
+/// would be (routes' ignored query parameters included), all before the
+/// first purge. Purging is idempotent, so a request that failed half way
+/// can be sent again whole.
 pub async fn purge(proxy: &Proxy, request: &PurgeRequest) -> Result<PurgeReport, PurgeError> {
+    purge_with(proxy, request, Dispatch::Now).await
+}
+
+/// [`purge`], with the edge invalidation sent as `dispatch` says: serve's
+/// purge endpoint hands it to the batching task.
+pub async fn purge_with(
+    proxy: &Proxy,
+    request: &PurgeRequest,
+    dispatch: Dispatch,
+) -> Result<PurgeReport, PurgeError> {
+    let (mut report, purged) = purge_backend(proxy, request).await?;
+    if let Some(edge) = proxy.edge() {
+        report.edge = edge
+            .invalidate(&purged, dispatch)
+            .await
+            .map_err(|e| PurgeError::Edge {
+                removed: report.removed,
+                message: e.to_string(),
+            })?;
+    }
+    Ok(report)
+}
+
+/// The shared cache's half of a purge: the report, and the tags purged
+/// (URL tags included) for the edge.
+async fn purge_backend(
+    proxy: &Proxy,
+    request: &PurgeRequest,
+) -> Result<(PurgeReport, Vec<String>), PurgeError> {
     request.validate()?;
     let mut targets: Vec<(bool, &String, String)> = Vec::new();
     for url in &request.urls {
@@ -131,6 +171,7 @@ pub async fn purge(proxy: &Proxy, request: &PurgeRequest) -> Result<PurgeReport,
         targets.push((false, tag, tag.clone()));
     }
     let mut report = PurgeReport::default();
+    let mut purged = Vec::with_capacity(targets.len());
     for (is_url, item, tag) in targets {
         let n = proxy.purge_tag(&tag).await.map_err(|e| PurgeError::Store {
             what: format!("{} {item}", if is_url { "url" } else { "tag" }),
@@ -144,8 +185,9 @@ pub async fn purge(proxy: &Proxy, request: &PurgeRequest) -> Result<PurgeReport,
         // A URL or tag named twice removes nothing the second time.
         *counts.entry(item.clone()).or_default() += n;
         report.removed += n;
+        purged.push(tag);
     }
-    Ok(report)
+    Ok((report, purged))
 }
 
 // ---------------------------------------------------------------------------
@@ -207,6 +249,7 @@ impl From<InvokeError> for lambda_http::lambda_runtime::Diagnostic {
         let error_type = match &e {
             InvokeError::Purge(PurgeError::Invalid(_)) => "InvalidPurgeRequest",
             InvokeError::Purge(PurgeError::Store { .. }) => "PurgeFailed",
+            InvokeError::Purge(PurgeError::Edge { .. }) => "EdgeInvalidationFailed",
             InvokeError::Unrecognised | InvokeError::Malformed { .. } => "UnrecognisedEvent",
         };
         lambda_http::lambda_runtime::Diagnostic {
@@ -256,10 +299,14 @@ pub async fn handle_event(proxy: &Proxy, event: Value) -> Result<Value, InvokeEr
     Ok(serde_json::to_value(report).expect("plain struct"))
 }
 
-/// Each record on its own: a malformed or failing record is reported back
-/// (and retried by SQS) without holding up the others.
+/// Each record on its own in the shared cache: a malformed or failing
+/// record is reported back (and retried by SQS) without holding up the
+/// others. The edge gets one invalidation for the whole batch (SQS's
+/// batching window gathers the writes of a second into one call); if it
+/// fails, every record that named something is retried.
 async fn handle_sqs(proxy: &Proxy, event: SqsEvent) -> SqsBatchResponse {
     let mut response = SqsBatchResponse::default();
+    let mut for_edge: Vec<(String, Vec<String>)> = Vec::new();
     for record in event.records {
         let outcome = match (&record.event_source, &record.body) {
             (Some(source), _) if source != "aws:sqs" => Err(PurgeError::Invalid(format!(
@@ -267,23 +314,50 @@ async fn handle_sqs(proxy: &Proxy, event: SqsEvent) -> SqsBatchResponse {
             ))),
             (_, None) => Err(PurgeError::Invalid("a record without a body".into())),
             (_, Some(body)) => match PurgeRequest::from_json(body.as_bytes()) {
-                Ok(request) => purge(proxy, &request).await,
+                Ok(request) => purge_backend(proxy, &request).await,
                 Err(e) => Err(e),
             },
         };
         match outcome {
-            Ok(report) => tracing::info!(
-                message_id = %record.message_id,
-                removed = report.removed,
-                urls = ?report.urls,
-                tags = ?report.tags,
-                "purged"
-            ),
+            Ok((report, purged)) => {
+                tracing::info!(
+                    message_id = %record.message_id,
+                    removed = report.removed,
+                    urls = ?report.urls,
+                    tags = ?report.tags,
+                    "purged"
+                );
+                for_edge.push((record.message_id, purged));
+            }
             Err(e) => {
                 tracing::warn!(message_id = %record.message_id, error = %e, "purge message failed; SQS will deliver it again");
                 response.batch_item_failures.push(BatchItemFailure {
                     item_identifier: record.message_id,
                 });
+            }
+        }
+    }
+    if let Some(edge) = proxy.edge() {
+        let tags: Vec<String> = for_edge
+            .iter()
+            .flat_map(|(_, t)| t.iter().cloned())
+            .collect();
+        match edge.invalidate(&tags, Dispatch::Now).await {
+            Ok(Some(report)) => tracing::info!(
+                paths = report.paths.len(),
+                invalidation = report.invalidation_id.as_deref().unwrap_or("?"),
+                usd_beyond_free_tier = report.usd_beyond_free_tier,
+                skipped = ?report.skipped,
+                "CloudFront invalidation sent"
+            ),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "CloudFront invalidation failed; SQS will deliver the batch's messages again");
+                response
+                    .batch_item_failures
+                    .extend(for_edge.into_iter().map(|(id, _)| BatchItemFailure {
+                        item_identifier: id,
+                    }));
             }
         }
     }

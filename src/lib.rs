@@ -6,12 +6,14 @@
 //! - [`routes`]: per-route rules.
 //! - [`proxy`]: the request flow, top to bottom.
 //! - [`serve`] and [`lambda`]: thin adapters over [`proxy::Proxy::handle`].
+//! - [`edge`]: CloudFront in front: cache tags on responses, invalidations.
 //! - [`invalidate`]: purging by URL and tag (`cachegate purge`) and the
 //!   invalidator role's Lambda handler (EventBridge, SQS).
 
 pub mod backend;
 pub mod bench;
 pub mod config;
+pub mod edge;
 pub mod invalidate;
 pub mod key;
 pub mod lambda;
@@ -36,6 +38,8 @@ pub enum StartError {
     Backend(#[from] backend::BackendError),
     #[error("upstream client: {0}")]
     Client(#[from] reqwest::Error),
+    #[error(transparent)]
+    Edge(#[from] edge::EdgeError),
 }
 
 /// Build the proxy for `config`: routes, cache backend, upstream client.
@@ -64,7 +68,13 @@ pub async fn build_proxy(config: &Config, mode: Mode) -> Result<Arc<Proxy>, Star
         cache.backend_name(),
         cache.stats().clone(),
     );
-    Ok(Arc::new(Proxy::new(
-        base, routes, cache, upstream, settings, telemetry,
-    )))
+    let runs = match (mode, config.role) {
+        (Mode::Serve, _) => edge::Runs::Serve,
+        (Mode::Lambda, config::Role::Proxy) => edge::Runs::LambdaProxy,
+        (Mode::Lambda, config::Role::Invalidator) => edge::Runs::Direct,
+    };
+    let edge = edge::Edge::build(&config.edge, &base, runs).await?;
+    Ok(Arc::new(
+        Proxy::new(base, routes, cache, upstream, settings, telemetry).with_edge(edge),
+    ))
 }

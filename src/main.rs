@@ -38,7 +38,9 @@ enum Command {
     /// Check the configuration and print it (secrets redacted).
     Config,
     /// Remove entries from the shared cache (redis, dynamodb) by URL (all
-    /// its Vary variants) or by tag; prints how many were removed.
+    /// its Vary variants) or by tag; prints how many were removed. With
+    /// edge.cloudfront_distribution_id set, also invalidates CloudFront
+    /// (URLs as paths, tags as #tag) and prints the paths sent and their cost.
     Purge {
         /// A URL or path as clients request it, e.g. /items/1?lang=en (repeatable).
         #[arg(long = "url", value_name = "URL")]
@@ -158,5 +160,8 @@ async fn purge(config: &Config, urls: &[String], tags: &[String]) -> Result<(), 
         println!("tag {tag}: removed {n}");
     }
     println!("removed {} entries", report.removed);
+    if let Some(edge) = &report.edge {
+        println!("{}", edge.summary());
+    }
     Ok(())
 }

@@ -60,6 +60,8 @@ pub struct Proxy {
     telemetry: Telemetry,
     /// Fetches in flight in this process, by primary key.
     inflight: Mutex<HashMap<StoreKey, watch::Receiver<Option<Shared>>>>,
+    /// CloudFront in front, when configured (crate::edge).
+    edge: Option<Arc<crate::edge::Edge>>,
 }
 
 /// The cache outcome of one request, rendered as `X-Cache` and `Cache-Status`.
@@ -113,7 +115,18 @@ impl Proxy {
             settings,
             telemetry,
             inflight: Mutex::default(),
+            edge: None,
         }
+    }
+
+    /// The edge (CloudFront) this proxy tags responses for and invalidates.
+    pub fn with_edge(mut self, edge: Option<Arc<crate::edge::Edge>>) -> Self {
+        self.edge = edge;
+        self
+    }
+
+    pub fn edge(&self) -> Option<&crate::edge::Edge> {
+        self.edge.as_deref()
     }
 
     pub fn cache(&self) -> &TieredCache {

@@ -17,7 +17,11 @@ pub struct Rule {
     pub override_upstream: bool,
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,
+    /// With the route's placeholders filled in from the request path.
     pub tags: Vec<String>,
+    /// What a successful unsafe request on the route purges, placeholders
+    /// filled in.
+    pub invalidate_tags: Vec<String>,
     pub ignored_query_params: Vec<String>,
     /// Lower case, sorted, de-duplicated.
     pub key_headers: Vec<String>,
@@ -38,8 +42,76 @@ impl Rule {
 /// Finds the rule of a request path.
 #[derive(Debug, Clone)]
 pub struct RouteTable {
-    router: matchit::Router<Arc<Rule>>,
+    router: matchit::Router<Route>,
     default: Arc<Rule>,
+}
+
+/// A route's rule, and whether its tags name placeholders of its path
+/// (then each request gets its own copy of the rule with them filled in).
+#[derive(Debug, Clone)]
+struct Route {
+    rule: Arc<Rule>,
+    templated: bool,
+}
+
+/// The `{name}` placeholders of a tag template, checked against the
+/// parameters of the route pattern.
+fn check_template(tag: &str, params: &[&str], key: &str) -> Result<bool, ConfigError> {
+    let mut rest = tag;
+    let mut templated = false;
+    while let Some(open) = rest.find(['{', '}']) {
+        let after = &rest[open..];
+        let close = after.find('}').filter(|_| after.starts_with('{'));
+        let Some(close) = close else {
+            return Err(invalid_key(
+                key,
+                format!("`{tag}`: a `{{` or `}}` that is not part of a {{placeholder}}"),
+            ));
+        };
+        let name = &after[1..close];
+        if !params.contains(&name) {
+            return Err(invalid_key(
+                key,
+                format!(
+                    "`{tag}` names {{{name}}}, which the route's path does not have (it has: {})",
+                    if params.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        params.join(", ")
+                    }
+                ),
+            ));
+        }
+        templated = true;
+        rest = &after[close + 1..];
+    }
+    Ok(templated)
+}
+
+/// The parameter names of a route pattern (`{id}`, `{*rest}`).
+fn pattern_params(pattern: &str) -> Vec<&str> {
+    pattern
+        .split('{')
+        .skip(1)
+        .filter_map(|p| p.split_once('}'))
+        .map(|(name, _)| name.trim_start_matches('*'))
+        .collect()
+}
+
+/// One pass over the template, so a value that itself looks like a
+/// placeholder is never filled in again.
+fn fill(template: &str, params: &matchit::Params) -> String {
+    let mut out = String::with_capacity(template.len() + 16);
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let close = after.find('}').expect("checked at start-up");
+        out.push_str(params.get(&after[..close]).unwrap_or_default());
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 impl RouteTable {
@@ -63,6 +135,7 @@ impl RouteTable {
             stale_while_revalidate: global.stale_while_revalidate,
             stale_if_error: global.stale_if_error,
             tags: Vec::new(),
+            invalidate_tags: Vec::new(),
             ignored_query_params: global.ignored_query_params.clone(),
             key_headers: lower_sorted(&global.key_headers, &[]),
             edge_ttl: global.edge_max_ttl,
@@ -72,6 +145,17 @@ impl RouteTable {
         };
         let mut router = matchit::Router::new();
         for (i, r) in routes.iter().enumerate() {
+            let params = pattern_params(&r.path);
+            let mut templated = false;
+            for (field, tags) in [("tags", &r.tags), ("invalidate_tags", &r.invalidate_tags)] {
+                for tag in tags {
+                    let key = format!("routes[{i}].{field}");
+                    if tag.trim().is_empty() {
+                        return Err(invalid_key(key, "an empty tag"));
+                    }
+                    templated |= check_template(tag, &params, &key)?;
+                }
+            }
             let mut ignored = base.ignored_query_params.clone();
             ignored.extend(r.ignored_query_params.iter().cloned());
             let rule = Rule {
@@ -84,12 +168,17 @@ impl RouteTable {
                     .unwrap_or(base.stale_while_revalidate),
                 stale_if_error: r.stale_if_error.unwrap_or(base.stale_if_error),
                 tags: r.tags.clone(),
+                invalidate_tags: r.invalidate_tags.clone(),
                 ignored_query_params: ignored,
                 key_headers: lower_sorted(&base.key_headers, &r.key_headers),
                 edge_ttl: r.edge_ttl.or(base.edge_ttl),
                 ..base.clone()
             };
-            router.insert(r.path.clone(), Arc::new(rule)).map_err(|e| {
+            let route = Route {
+                rule: Arc::new(rule),
+                templated,
+            };
+            router.insert(r.path.clone(), route).map_err(|e| {
                 invalid_key(format!("routes[{i}].path"), format!("`{}`: {e}", r.path))
             })?;
         }
@@ -99,9 +188,23 @@ impl RouteTable {
         })
     }
 
+    /// The rule of a request path, its tags' placeholders filled in from
+    /// the path as the request has it (percent-escapes kept).
     pub fn rule_for(&self, path: &str) -> Arc<Rule> {
         match self.router.at(path) {
-            Ok(m) => m.value.clone(),
+            Ok(m) if m.value.templated => {
+                let rule = &m.value.rule;
+                Arc::new(Rule {
+                    tags: rule.tags.iter().map(|t| fill(t, &m.params)).collect(),
+                    invalidate_tags: rule
+                        .invalidate_tags
+                        .iter()
+                        .map(|t| fill(t, &m.params))
+                        .collect(),
+                    ..Rule::clone(rule)
+                })
+            }
+            Ok(m) => m.value.rule.clone(),
             Err(_) => self.default.clone(),
         }
     }
@@ -119,7 +222,8 @@ mod tests {
             override_upstream: false,
             stale_while_revalidate: None,
             stale_if_error: None,
-            tags: vec![path.into()],
+            tags: vec!["route".into()],
+            invalidate_tags: vec![],
             ignored_query_params: vec![],
             key_headers: vec!["Accept-Language".into()],
             edge_ttl: None,
@@ -151,6 +255,55 @@ mod tests {
             t.rule_for("/items/3").key_headers,
             vec!["accept-language", "x-tenant"]
         );
+    }
+
+    #[test]
+    fn placeholders_in_tags_take_the_request_paths_values() {
+        let mut posts = route("/posts/{id}");
+        posts.tags = vec!["posts".into(), "post-{id}".into()];
+        posts.invalidate_tags = vec!["posts".into(), "post-{id}".into(), "{id}-{id}".into()];
+        let mut files = route("/users/{user}/files/{*path}");
+        files.tags = vec!["files-{user}:{path}".into()];
+        let t =
+            RouteTable::build(&[posts, files, route("/plain")], &CacheConfig::default()).unwrap();
+        let r = t.rule_for("/posts/1");
+        assert_eq!(r.tags, vec!["posts", "post-1"]);
+        assert_eq!(r.invalidate_tags, vec!["posts", "post-1", "1-1"]);
+        assert_eq!(r.name, "/posts/{id}");
+        assert_eq!(t.rule_for("/posts/a%20b").tags, vec!["posts", "post-a%20b"]);
+        assert_eq!(
+            t.rule_for("/users/u1/files/a/b.txt").tags,
+            vec!["files-u1:a/b.txt"]
+        );
+        assert_eq!(t.rule_for("/plain").tags, vec!["route"]);
+    }
+
+    #[test]
+    fn a_placeholder_the_path_lacks_names_the_key() {
+        for (tags, invalidate, key, needle) in [
+            (vec!["item-{idd}"], vec![], "routes[0].tags", "{idd}"),
+            (
+                vec![],
+                vec!["x-{id"],
+                "routes[0].invalidate_tags",
+                "placeholder",
+            ),
+            (
+                vec![],
+                vec!["x}"],
+                "routes[0].invalidate_tags",
+                "placeholder",
+            ),
+            (vec![], vec![" "], "routes[0].invalidate_tags", "empty"),
+        ] {
+            let mut r = route("/items/{id}");
+            r.tags = tags.into_iter().map(String::from).collect();
+            r.invalidate_tags = invalidate.into_iter().map(String::from).collect();
+            let err = RouteTable::build(&[r], &CacheConfig::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(needle), "{err}");
+        }
     }
 
     #[test]

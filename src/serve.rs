@@ -56,7 +56,10 @@ async fn purge(
         );
     }
     let report = match PurgeRequest::from_json(body) {
-        Ok(request) => invalidate::purge(proxy, &request).await,
+        // Batched with the other purges of the window (crate::edge).
+        Ok(request) => {
+            invalidate::purge_with(proxy, &request, crate::edge::Dispatch::Background).await
+        }
         Err(e) => Err(e),
     };
     match report {
@@ -73,6 +76,11 @@ async fn purge(
         Err(e @ PurgeError::Invalid(_)) => {
             json_error(StatusCode::BAD_REQUEST, "bad_purge_request", &e.to_string())
         }
+        Err(e @ PurgeError::Edge { .. }) => json_error(
+            StatusCode::BAD_GATEWAY,
+            "edge_invalidation_failed",
+            &e.to_string(),
+        ),
         Err(e @ PurgeError::Store { .. }) => json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "purge_failed",

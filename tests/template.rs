@@ -765,6 +765,107 @@ fn check_cloudfront(d: &Deployed) {
         origin.starts_with("${HttpApi}.execute-api."),
         "{l}: origin {origin}"
     );
+
+    // Cache tags: the distribution reads the header the proxy writes, and
+    // a response headers policy keeps it from viewers.
+    let proxy_env = &d.props("CacheFunction")["Environment"]["Variables"];
+    let tag_header = proxy_env["CACHEGATE_EDGE__CACHE_TAG_HEADER"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{l}: the proxy names no cache-tag header"));
+    assert_eq!(
+        dist["CacheTagConfig"],
+        json!({"HeaderName": tag_header}),
+        "{l}"
+    );
+    assert_eq!(
+        behavior["ResponseHeadersPolicyId"],
+        reference("EdgeResponseHeadersPolicy"),
+        "{l}"
+    );
+    assert_eq!(
+        d.props("EdgeResponseHeadersPolicy")["ResponseHeadersPolicyConfig"]["RemoveHeadersConfig"],
+        json!({"Items": [{"Header": tag_header}]}),
+        "{l}"
+    );
+    // 5xx answers are not kept at the edge (CloudFront's default is 10 s).
+    let errors: BTreeMap<u64, Value> = dist["CustomErrorResponses"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{l}: no CustomErrorResponses"))
+        .iter()
+        .map(|e| {
+            (
+                e["ErrorCode"].as_u64().unwrap(),
+                e["ErrorCachingMinTTL"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        errors,
+        [500, 502, 503, 504]
+            .map(|c| (c, json!(0)))
+            .into_iter()
+            .collect(),
+        "{l}"
+    );
+}
+
+/// The edge wiring: the proxy enqueues (it cannot name the distribution:
+/// distribution → API → function would be a cycle), the invalidator calls
+/// CloudFront on this distribution only.
+fn check_edge(d: &Deployed) {
+    let l = d.label();
+    let on = d.params["EnableCloudFront"] == "true";
+    let proxy_env = &d.props("CacheFunction")["Environment"]["Variables"];
+    let invalidator_env = &d.props("InvalidatorFunction")["Environment"]["Variables"];
+    let queue = on.then(|| reference("InvalidationQueue"));
+    assert_eq!(
+        proxy_env.get("CACHEGATE_EDGE__INVALIDATION_QUEUE_URL"),
+        queue.as_ref(),
+        "{l}"
+    );
+    assert_eq!(
+        proxy_env.get("CACHEGATE_EDGE__CLOUDFRONT_DISTRIBUTION_ID"),
+        None,
+        "{l}"
+    );
+    assert_eq!(
+        invalidator_env.get("CACHEGATE_EDGE__INVALIDATION_QUEUE_URL"),
+        None,
+        "{l}: it reads the queue"
+    );
+    assert_eq!(
+        invalidator_env.get("CACHEGATE_EDGE__CLOUDFRONT_DISTRIBUTION_ID"),
+        on.then(|| reference("Distribution")).as_ref(),
+        "{l}"
+    );
+    for name in ["CacheFunction", "FunctionRole"] {
+        let mut found = Vec::new();
+        strings(&d.resources[name], String::new(), &mut found);
+        let cyclic: Vec<_> = found
+            .iter()
+            .filter(|(_, s)| s.contains("Distribution"))
+            .collect();
+        assert!(
+            cyclic.is_empty(),
+            "{l}: {name} refers to the distribution: {cyclic:?}"
+        );
+    }
+    let send: Vec<&Value> = d.props("FunctionRole")["Policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["PolicyDocument"]["Statement"].as_array().unwrap())
+        .filter(|s| s["Action"] == "sqs:SendMessage")
+        .collect();
+    match on {
+        true => assert_eq!(
+            send,
+            vec![&json!({"Effect": "Allow", "Action": "sqs:SendMessage",
+                         "Resource": {"Fn::GetAtt": ["InvalidationQueue", "Arn"]}})],
+            "{l}"
+        ),
+        false => assert!(send.is_empty(), "{l}: {send:?}"),
+    }
 }
 
 /// The purge-only invalidator: the same build as the proxy function in
@@ -911,6 +1012,13 @@ fn check_invalidator(d: &Deployed) {
         ],
     ));
     want.extend(on(&dlq_arn, &["sqs:SendMessage"]));
+    let cloudfront = d.params["EnableCloudFront"] == "true";
+    if cloudfront {
+        want.extend(on(
+            &json!({"Fn::Sub": "arn:${AWS::Partition}:cloudfront::${AWS::AccountId}:distribution/${Distribution}"}),
+            &["cloudfront:CreateInvalidation"],
+        ));
+    }
     if !redis {
         want.extend(on(
             &json!({"Fn::GetAtt": ["CacheTable", "Arn"]}),
@@ -939,17 +1047,27 @@ fn check_invalidator(d: &Deployed) {
             json!([reference("InvalidatorSecurityGroup")]),
             "{l}"
         );
-        // It reaches Redis and nothing else (no NAT needed: it never calls
-        // the upstream).
+        // It reaches Redis and nothing else (it never calls the upstream),
+        // but for the CloudFront API when there is a distribution.
+        let mut egress = vec![json!({
+            "Description": "Redis (TLS) only",
+            "IpProtocol": "tcp",
+            "FromPort": 6379,
+            "ToPort": 6379,
+            "DestinationSecurityGroupId": reference("CacheSecurityGroup"),
+        })];
+        if cloudfront {
+            egress.push(json!({
+                "Description": "CloudFront API (HTTPS, through the NAT)",
+                "IpProtocol": "tcp",
+                "FromPort": 443,
+                "ToPort": 443,
+                "CidrIp": "0.0.0.0/0",
+            }));
+        }
         assert_eq!(
             d.props("InvalidatorSecurityGroup")["SecurityGroupEgress"],
-            json!([{
-                "Description": "Redis (TLS) only",
-                "IpProtocol": "tcp",
-                "FromPort": 6379,
-                "ToPort": 6379,
-                "DestinationSecurityGroupId": reference("CacheSecurityGroup"),
-            }]),
+            Value::Array(egress),
             "{l}"
         );
     } else {
@@ -1007,6 +1125,7 @@ fn each_parameter_choice_deploys_what_the_proxy_needs() {
                     check_dynamodb(&d);
                 }
                 check_cloudfront(&d);
+                check_edge(&d);
                 check_invalidator(&d);
             }
         }

@@ -1,0 +1,353 @@
+//! The edge layer (src/edge.rs) and the write rules of routes, end to end:
+//! the built binary, a loopback upstream, and moto's server as the
+//! CloudFront API (started by scripts/test: CACHEGATE_TEST_MOTO_ENDPOINT;
+//! `cachegate purge` also needs the Redis that scripts/test starts). The
+//! SDK reaches moto through AWS_ENDPOINT_URL_CLOUDFRONT with static
+//! credentials. Missing services fail these tests; they never skip.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_cloudfront::types::{
+    CustomOriginConfig, DefaultCacheBehavior, DistributionConfig, Origin, OriginProtocolPolicy,
+    Origins, ViewerProtocolPolicy,
+};
+
+use common::{backend_env, cachegate, client, need, send, upstream};
+
+const TOKEN: &str = "edge-test-purge-token-0123";
+
+fn aws_env(cloudfront_endpoint: &str) -> Vec<(String, String)> {
+    [
+        ("AWS_ENDPOINT_URL_CLOUDFRONT", cloudfront_endpoint),
+        ("AWS_REGION", "eu-west-1"),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        // No profile file, no IMDS: the static credentials above only.
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+async fn cloudfront_client(endpoint: &str) -> aws_sdk_cloudfront::Client {
+    let conf = aws_sdk_cloudfront::Config::builder()
+        .behavior_version(aws_sdk_cloudfront::config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(aws_sdk_cloudfront::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_cloudfront::config::Credentials::new(
+            "test", "test", None, None, "static",
+        ))
+        .build();
+    aws_sdk_cloudfront::Client::from_conf(conf)
+}
+
+/// A distribution of its own for each test (moto keeps them in memory).
+async fn create_distribution(cf: &aws_sdk_cloudfront::Client, name: &str) -> String {
+    let origin = Origin::builder()
+        .id("api")
+        .domain_name("api.example.com")
+        .custom_origin_config(
+            CustomOriginConfig::builder()
+                .http_port(80)
+                .https_port(443)
+                .origin_protocol_policy(OriginProtocolPolicy::HttpsOnly)
+                .build()
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let config = DistributionConfig::builder()
+        .caller_reference(format!("{name}-{}", std::process::id()))
+        .comment(name)
+        .enabled(true)
+        .origins(
+            Origins::builder()
+                .quantity(1)
+                .items(origin)
+                .build()
+                .unwrap(),
+        )
+        .default_cache_behavior(
+            DefaultCacheBehavior::builder()
+                .target_origin_id("api")
+                .viewer_protocol_policy(ViewerProtocolPolicy::HttpsOnly)
+                // The managed CachingOptimized policy.
+                .cache_policy_id("658327ea-f89d-4fab-a63d-7e88639e58f6")
+                .build()
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let out = cf
+        .create_distribution()
+        .distribution_config(config)
+        .send()
+        .await
+        .expect("CreateDistribution on moto");
+    out.distribution().unwrap().id().to_owned()
+}
+
+/// Every invalidation of the distribution, each as its set of paths.
+async fn invalidations(cf: &aws_sdk_cloudfront::Client, id: &str) -> Vec<BTreeSet<String>> {
+    let list = cf
+        .list_invalidations()
+        .distribution_id(id)
+        .send()
+        .await
+        .expect("ListInvalidations");
+    let mut out = Vec::new();
+    for summary in list
+        .invalidation_list()
+        .map(|l| l.items())
+        .unwrap_or_default()
+    {
+        let got = cf
+            .get_invalidation()
+            .distribution_id(id)
+            .id(summary.id())
+            .send()
+            .await
+            .expect("GetInvalidation");
+        let batch = got.invalidation().unwrap().invalidation_batch().unwrap();
+        out.push(batch.paths().unwrap().items().iter().cloned().collect());
+    }
+    out
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// `cachegate purge ARGS` on Redis, in front of an upstream with a base
+/// path (`/v1`, which edge paths do not have).
+fn purge_cli(args: &[&str], env: &[(String, String)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cachegate"))
+        .arg("purge")
+        .args(args)
+        .env("CACHEGATE_UPSTREAM__URL", "http://127.0.0.1:9/v1")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env_remove("AWS_LAMBDA_RUNTIME_API")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn cli_purge_invalidates_tags_as_hash_items_and_urls_as_client_paths() {
+    let moto = need("CACHEGATE_TEST_MOTO_ENDPOINT");
+    let cf = cloudfront_client(&moto).await;
+    let dist = create_distribution(&cf, "cli-purge").await;
+    let mut env = backend_env("redis", "edge-cli");
+    env.extend(aws_env(&moto));
+    env.push((
+        "CACHEGATE_EDGE__CLOUDFRONT_DISTRIBUTION_ID".into(),
+        dist.clone(),
+    ));
+    let out = purge_cli(
+        &[
+            "--tag",
+            "posts",
+            "--tag",
+            "caf\u{e9} au lait",
+            "--url",
+            "/posts?author=a",
+            "--url",
+            "https://api.example.com/items/1?x=1",
+            "--url",
+            "/posts?author=b",
+        ],
+        &env,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}", common::describe(&out));
+    // Two query variants of /posts are one path: a path invalidation
+    // covers all its query strings.
+    assert!(
+        stdout.contains("cloudfront: 4 paths sent in invalidation ")
+            && stdout.contains("0.020 USD beyond the 1000 free paths a month"),
+        "{stdout}"
+    );
+    assert_eq!(
+        invalidations(&cf, &dist).await,
+        vec![set(&[
+            "#posts",
+            "#caf%C3%A9%20au%20lait",
+            "/posts",
+            "/items/1"
+        ])]
+    );
+}
+
+#[tokio::test]
+async fn serve_batches_purges_of_a_window_into_one_invalidation() {
+    let moto = need("CACHEGATE_TEST_MOTO_ENDPOINT");
+    let cf = cloudfront_client(&moto).await;
+    let dist = create_distribution(&cf, "serve-batch").await;
+    let up = upstream().await;
+    let mut env: Vec<(String, String)> = aws_env(&moto);
+    env.extend(
+        [
+            ("CACHEGATE_EDGE__CLOUDFRONT_DISTRIBUTION_ID", dist.as_str()),
+            ("CACHEGATE_EDGE__BATCH_WINDOW", "1500ms"),
+            ("CACHEGATE_SERVE__PURGE_TOKEN", TOKEN),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let cg = cachegate(&up.url, &env);
+    let purge_url = format!("{}/_cachegate/purge", cg.url);
+    let started = Instant::now();
+    for i in 0..10 {
+        // Tag t3 twice and the same URL in every request: deduplicated.
+        let body = serde_json::json!({"tags": [format!("t{i}"), "t3"], "urls": ["/items/1?v=1"]});
+        let got = send(
+            client()
+                .post(&purge_url)
+                .bearer_auth(TOKEN)
+                .body(body.to_string()),
+        )
+        .await;
+        assert_eq!(got.status, 200, "{:?}", got.body);
+        assert_eq!(got.json()["edge"]["status"], "batched", "{:?}", got.body);
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "the purges must fall within one window for this test to mean anything"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while invalidations(&cf, &dist).await.is_empty() {
+        assert!(Instant::now() < deadline, "no invalidation reached moto");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Another window passes: nothing more is sent.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let mut expected: Vec<String> = (0..10).map(|i| format!("#t{i}")).collect();
+    expected.push("/items/1".into());
+    assert_eq!(
+        invalidations(&cf, &dist).await,
+        vec![expected.into_iter().collect::<BTreeSet<_>>()]
+    );
+}
+
+/// Stands in for CloudFront throttling only: moto never answers
+/// TooManyInvalidationsInProgress, so this loopback server answers the
+/// first CreateInvalidation with it (CloudFront's status and XML error
+/// body) and forwards everything else to moto unchanged.
+struct Throttler {
+    url: String,
+    /// Bodies of the CreateInvalidation requests it saw, in order.
+    creates: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Throttler {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn throttler(moto: &str) -> Throttler {
+    use axum::body::Body;
+    use http::{Request, Response};
+    let creates: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (seen, moto) = (creates.clone(), moto.to_owned());
+    let app = axum::Router::new().fallback(move |req: Request<Body>| {
+        let (seen, moto) = (seen.clone(), moto.clone());
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let is_create =
+                parts.method == http::Method::POST && parts.uri.path().ends_with("/invalidation");
+            if is_create {
+                let n = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(String::from_utf8_lossy(&body).into_owned());
+                    seen.len()
+                };
+                if n == 1 {
+                    return Response::builder()
+                        .status(400)
+                        .header("content-type", "text/xml")
+                        .header("x-amzn-requestid", "throttle-stand-in")
+                        .body(Body::from(
+                            "<?xml version=\"1.0\"?>\n<ErrorResponse xmlns=\"http://cloudfront.amazonaws.com/doc/2020-05-31/\"><Error><Type>Sender</Type><Code>TooManyInvalidationsInProgress</Code><Message>Processing your request will cause you to exceed the maximum number of in-progress wildcard invalidations.</Message></Error><RequestId>throttle-stand-in</RequestId></ErrorResponse>",
+                        ))
+                        .unwrap();
+                }
+            }
+            let mut forward = reqwest::Client::new().request(
+                parts.method.clone(),
+                format!("{moto}{}", parts.uri.path_and_query().unwrap()),
+            );
+            for (name, value) in &parts.headers {
+                if name != http::header::HOST {
+                    forward = forward.header(name, value);
+                }
+            }
+            let answer = forward.body(body).send().await.unwrap();
+            let mut resp = Response::builder().status(answer.status());
+            for (name, value) in answer.headers() {
+                resp = resp.header(name, value);
+            }
+            resp.body(Body::from(answer.bytes().await.unwrap()))
+                .unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    Throttler {
+        url: format!("http://{addr}"),
+        creates,
+        task,
+    }
+}
+
+#[tokio::test]
+async fn a_throttled_invalidation_is_retried_with_the_same_caller_reference() {
+    let moto = need("CACHEGATE_TEST_MOTO_ENDPOINT");
+    let cf = cloudfront_client(&moto).await;
+    let dist = create_distribution(&cf, "throttled").await;
+    let stand_in = throttler(&moto).await;
+    let mut env = backend_env("redis", "edge-throttle");
+    env.extend(aws_env(&stand_in.url));
+    env.push((
+        "CACHEGATE_EDGE__CLOUDFRONT_DISTRIBUTION_ID".into(),
+        dist.clone(),
+    ));
+    env.push(("RUST_LOG".into(), "info".into()));
+    let out = tokio::task::spawn_blocking(move || purge_cli(&["--tag", "items"], &env))
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{stdout}", common::describe(&out));
+    assert!(stdout.contains("cloudfront: 1 path sent"), "{stdout}");
+    assert!(
+        stderr.contains("TooManyInvalidationsInProgress"),
+        "{stderr}"
+    );
+    let creates = stand_in.creates.lock().unwrap().clone();
+    assert_eq!(
+        creates.len(),
+        2,
+        "one throttled call, one retry: {creates:?}"
+    );
+    let reference = |body: &str| {
+        body.split("<CallerReference>")
+            .nth(1)
+            .and_then(|r| r.split("</CallerReference>").next())
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(reference(&creates[0]), reference(&creates[1]));
+    assert_eq!(invalidations(&cf, &dist).await, vec![set(&["#items"])]);
+}
