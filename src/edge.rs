@@ -479,6 +479,15 @@ impl Edge {
     }
 }
 
+/// A write's purges at the edge: batched in serve, enqueued for the
+/// invalidator from Lambda; a failure is logged (the write succeeded, and
+/// the edge keeps the old object until its TTL at worst).
+pub async fn after_write(edge: &Edge, purged: &[String]) {
+    if let Err(e) = edge.invalidate(purged, Dispatch::Background).await {
+        tracing::warn!(error = %e, "edge invalidation after a write failed");
+    }
+}
+
 /// The background task of `cachegate serve`: everything submitted within
 /// `window` of the first item becomes one call (deduplicated).
 fn spawn_batcher(

@@ -17,7 +17,7 @@ use aws_sdk_cloudfront::types::{
     Origins, ViewerProtocolPolicy,
 };
 
-use common::{backend_env, cachegate, client, need, send, upstream};
+use common::{backend_env, cachegate, client, get, need, send, upstream};
 
 const TOKEN: &str = "edge-test-purge-token-0123";
 
@@ -350,4 +350,94 @@ async fn a_throttled_invalidation_is_retried_with_the_same_caller_reference() {
     };
     assert_eq!(reference(&creates[0]), reference(&creates[1]));
     assert_eq!(invalidations(&cf, &dist).await, vec![set(&["#items"])]);
+}
+/// Item 5 of issue 14 with json-server's layout: `/posts/{id}` writes
+/// purge `posts`, which the `/posts` listings carry.
+#[tokio::test]
+async fn a_write_purges_the_collections_its_route_names() {
+    let up = upstream().await;
+    let routes = r#"[
+        {path = "/posts", ttl = "60s", tags = ["posts"]},
+        {path = "/posts/{id}", ttl = "60s", tags = ["post-{id}"], invalidate_tags = ["posts", "post-{id}"]}
+    ]"#;
+    let cg = cachegate(&up.url, &[("CACHEGATE_ROUTES", routes)]);
+    let urls = ["/posts", "/posts?author=a", "/posts/2"];
+    for u in urls {
+        assert_eq!(
+            get(&format!("{}{u}", cg.url)).await.x_cache(),
+            "MISS",
+            "{u}"
+        );
+        assert_eq!(get(&format!("{}{u}", cg.url)).await.x_cache(), "HIT", "{u}");
+    }
+    let patched = send(
+        client()
+            .patch(format!("{}/posts/1", cg.url))
+            .body(r#"{"title": "new"}"#),
+    )
+    .await;
+    assert_eq!(patched.status, 200);
+    assert_eq!(up.state.last("/posts/1").method, "PATCH");
+    assert_eq!(get(&format!("{}/posts", cg.url)).await.x_cache(), "MISS");
+    assert_eq!(
+        get(&format!("{}/posts?author=a", cg.url)).await.x_cache(),
+        "MISS"
+    );
+    // Another post's entry carries post-2, not posts: it stays.
+    assert_eq!(get(&format!("{}/posts/2", cg.url)).await.x_cache(), "HIT");
+    // A failed write purges nothing.
+    let failed = send(client().patch(format!("{}/posts/1?status=422", cg.url))).await;
+    assert_eq!(failed.status, 422);
+    assert_eq!(get(&format!("{}/posts", cg.url)).await.x_cache(), "HIT");
+}
+
+/// With an edge configured, responses carry their tags in the cache-tag
+/// header, and a write's purge reaches CloudFront (batched by serve).
+#[tokio::test]
+async fn responses_carry_cache_tags_and_writes_invalidate_the_edge() {
+    let moto = need("CACHEGATE_TEST_MOTO_ENDPOINT");
+    let cf = cloudfront_client(&moto).await;
+    let dist = create_distribution(&cf, "serve-writes").await;
+    let up = upstream().await;
+    let routes = r#"[
+        {path = "/posts", ttl = "60s", tags = ["posts"]},
+        {path = "/posts/{id}", ttl = "60s", tags = ["post-{id}"], invalidate_tags = ["posts", "post-{id}"]}
+    ]"#;
+    let mut env: Vec<(String, String)> = aws_env(&moto);
+    env.extend(
+        [
+            ("CACHEGATE_EDGE__CLOUDFRONT_DISTRIBUTION_ID", dist.as_str()),
+            ("CACHEGATE_EDGE__BATCH_WINDOW", "300ms"),
+            ("CACHEGATE_EDGE__CACHE_TAG_HEADER", "Edge-Tag"),
+            ("CACHEGATE_ROUTES", routes),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let cg = cachegate(&up.url, &env);
+    let miss = get(&format!("{}/posts?surrogate=user-9%20feed", cg.url)).await;
+    assert_eq!(miss.x_cache(), "MISS");
+    assert_eq!(miss.header("edge-tag"), "feed,posts,user-9");
+    // The upstream's own header stays hidden (cache.expose_surrogate_keys).
+    assert_eq!(miss.header("surrogate-key"), "");
+    let hit = get(&format!("{}/posts?surrogate=user-9%20feed", cg.url)).await;
+    assert_eq!(hit.x_cache(), "HIT");
+    assert_eq!(hit.header("edge-tag"), "feed,posts,user-9");
+    assert_eq!(
+        get(&format!("{}/posts/1", cg.url)).await.header("edge-tag"),
+        "post-1"
+    );
+
+    let patched = send(client().patch(format!("{}/posts/1", cg.url)).body("{}")).await;
+    assert_eq!(patched.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let found = invalidations(&cf, &dist).await;
+        if !found.is_empty() {
+            assert_eq!(found, vec![set(&["#posts", "#post-1", "/posts/1"])]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no invalidation reached moto");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -1,0 +1,357 @@
+//! What may be cached and for how long: RFC 9111 for a shared cache, with
+//! the route rules on top. Pure code: no I/O, no clock (times come in).
+//!
+//! Why not the http-cache-semantics crate: it answers "storable?" and "TTL?"
+//! well, but we also need per-route overrides (a TTL for upstreams that send
+//! none or wrong ones), explicit stale-while-revalidate / stale-if-error
+//! windows stored as absolute times in a compact entry, the edge
+//! `Cache-Control` we emit, and a reason for every "no" (for `Cache-Status`).
+//! Its policy object serialises whole request and response headers, which
+//! would double what every entry stores. The rules themselves are short;
+//! they are written here against the RFC sections they cite.
+//!
+//! - [`cache_control`]: the `Cache-Control` parser.
+//! - [`request`]: may a request use the cache at all.
+//! - [`response`]: may a response be stored, and for how long.
+//! - [`conditional`]: conditional requests, ours upstream and the client's.
+//! - [`headers`]: what is forwarded upstream and what is stored.
+//! - [`edge`]: the `Cache-Control` sent to the next cache out.
+
+pub mod cache_control;
+pub mod conditional;
+pub mod edge;
+pub mod headers;
+pub mod request;
+pub mod response;
+
+pub use cache_control::{CacheControl, MAX_DELTA_SECONDS};
+pub use edge::edge_cache_control;
+pub use request::{request_policy, Bypass, RequestPolicy};
+pub use response::{response_policy, Freshness, NotStorable, ResponseFacts};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CacheConfig;
+    use crate::routes::RouteTable;
+    use crate::routes::Rule;
+    use cachegate_store::UnixMillis;
+    use http::HeaderValue;
+    use http::{HeaderMap, Method, StatusCode};
+    use std::time::Duration;
+
+    const T0: UnixMillis = 1_700_000_000_000;
+
+    fn rule() -> Rule {
+        (*RouteTable::build(&[], &CacheConfig::default())
+            .unwrap()
+            .rule_for("/"))
+        .clone()
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn policy(status: u16, pairs: &[(&str, &str)], rule: &Rule) -> Result<Freshness, NotStorable> {
+        let h = headers(pairs);
+        response_policy(
+            ResponseFacts {
+                status: StatusCode::from_u16(status).unwrap(),
+                headers: &h,
+                body_len: 10,
+                request_time: T0 - 100,
+                response_time: T0,
+            },
+            rule,
+        )
+    }
+
+    #[test]
+    fn parses_directives() {
+        let cc = CacheControl::parse(&headers(&[
+            ("cache-control", "Public, max-age=60, s-maxage=\"30\""),
+            (
+                "cache-control",
+                "no-cache=\"set-cookie, x\", stale-if-error=600, max-age=90",
+            ),
+        ]));
+        assert!(cc.public && cc.no_cache && !cc.private);
+        assert_eq!(cc.max_age, Some(60));
+        assert_eq!(cc.s_maxage, Some(30));
+        assert_eq!(cc.stale_if_error, Some(600));
+        assert_eq!(
+            CacheControl::parse(&headers(&[("cache-control", "max-age=abc")])).max_age,
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn delta_seconds_are_capped_not_wrapped() {
+        // RFC 9111 §1.2.2: too large to represent means 2^31.
+        for v in ["2147483649", "99999999999", "18446744073709551616"] {
+            let cc = CacheControl::parse(&headers(&[(
+                "cache-control",
+                &format!("max-age={v}, s-maxage={v}, stale-if-error={v}"),
+            )]));
+            assert_eq!(cc.max_age, Some(MAX_DELTA_SECONDS), "{v}");
+            assert_eq!(cc.s_maxage, Some(MAX_DELTA_SECONDS), "{v}");
+            assert_eq!(cc.stale_if_error, Some(MAX_DELTA_SECONDS), "{v}");
+        }
+        // Not 1*DIGIT: invalid, so stale.
+        for v in ["+5", "-1", "5s", ""] {
+            let cc = CacheControl::parse(&headers(&[("cache-control", &format!("max-age={v}"))]));
+            assert_eq!(cc.max_age, Some(0), "{v:?}");
+        }
+    }
+
+    /// Found by the `policy` fuzz target: huge deltas, `Age` values and
+    /// configured TTLs overflowed the millisecond arithmetic.
+    #[test]
+    fn huge_values_saturate_instead_of_overflowing() {
+        let mut r = rule();
+        r.stale_while_revalidate = Duration::MAX;
+        r.stale_if_error = Duration::MAX;
+        let f = policy(
+            200,
+            &[
+                ("cache-control", "max-age=18446744073709551615"),
+                ("age", "18446744073709551615"),
+            ],
+            &r,
+        )
+        .unwrap();
+        assert_eq!(f.fresh_until - f.born_at, MAX_DELTA_SECONDS * 1000);
+        assert!(f.born_at <= T0);
+        assert_eq!(f.stale_if_error_until, u64::MAX);
+        assert_eq!(f.stale_while_revalidate_until, u64::MAX);
+        let mut forever = rule();
+        forever.ttl = Some(Duration::MAX);
+        let f = policy(200, &[], &forever).unwrap();
+        assert_eq!(
+            f.fresh_until,
+            u64::MAX,
+            "a huge TTL must not wrap to a short one"
+        );
+    }
+
+    #[test]
+    fn only_get_and_head_without_credentials_use_the_cache() {
+        let r = rule();
+        let none = HeaderMap::new();
+        assert!(request_policy(&Method::GET, &none, false, &r).is_ok());
+        assert!(request_policy(&Method::HEAD, &none, false, &r).is_ok());
+        assert_eq!(
+            request_policy(&Method::POST, &none, false, &r),
+            Err(Bypass::Method)
+        );
+        assert_eq!(
+            request_policy(&Method::GET, &none, true, &r),
+            Err(Bypass::Body)
+        );
+        let auth = headers(&[("authorization", "Bearer x")]);
+        assert_eq!(
+            request_policy(&Method::GET, &auth, false, &r),
+            Err(Bypass::Authorization)
+        );
+        let mut keyed = r.clone();
+        keyed.key_headers = vec!["authorization".into()];
+        assert!(request_policy(&Method::GET, &auth, false, &keyed).is_ok());
+        let nc = headers(&[("cache-control", "no-cache")]);
+        assert!(
+            request_policy(&Method::GET, &nc, false, &r).unwrap().lookup,
+            "client no-cache ignored unless the rule honours it"
+        );
+        let mut honor = r.clone();
+        honor.honor_client_no_cache = true;
+        assert!(
+            !request_policy(&Method::GET, &nc, false, &honor)
+                .unwrap()
+                .lookup
+        );
+        let ns = headers(&[("cache-control", "no-store")]);
+        assert!(!request_policy(&Method::GET, &ns, false, &r).unwrap().store);
+    }
+
+    #[test]
+    fn never_stores_what_a_shared_cache_must_not() {
+        let r = rule();
+        assert_eq!(
+            policy(200, &[("cache-control", "no-store, max-age=60")], &r),
+            Err(NotStorable::NoStore)
+        );
+        assert_eq!(
+            policy(200, &[("cache-control", "private, max-age=60")], &r),
+            Err(NotStorable::Private)
+        );
+        assert_eq!(
+            policy(200, &[("cache-control", "private=\"x\", max-age=60")], &r),
+            Err(NotStorable::Private)
+        );
+        assert_eq!(
+            policy(
+                200,
+                &[("cache-control", "max-age=60"), ("set-cookie", "s=1")],
+                &r
+            ),
+            Err(NotStorable::SetCookie)
+        );
+        assert_eq!(
+            policy(200, &[("cache-control", "max-age=60"), ("vary", "*")], &r),
+            Err(NotStorable::VaryStar)
+        );
+        assert_eq!(
+            policy(206, &[("cache-control", "max-age=60")], &r),
+            Err(NotStorable::Partial)
+        );
+        assert_eq!(
+            policy(503, &[("cache-control", "max-age=60")], &r),
+            Err(NotStorable::Status)
+        );
+        assert_eq!(
+            policy(200, &[], &r),
+            Err(NotStorable::NoFreshness),
+            "heuristic freshness without config"
+        );
+        // Even a route that overrides upstream freshness obeys no-store and private.
+        let mut o = r.clone();
+        o.override_upstream = true;
+        o.ttl = Some(Duration::from_secs(60));
+        assert_eq!(
+            policy(200, &[("cache-control", "no-store")], &o),
+            Err(NotStorable::NoStore)
+        );
+        assert_eq!(
+            policy(200, &[("cache-control", "private")], &o),
+            Err(NotStorable::Private)
+        );
+        let mut sc = r.clone();
+        sc.store_set_cookie_responses = true;
+        assert!(
+            policy(
+                200,
+                &[("cache-control", "max-age=60"), ("set-cookie", "s=1")],
+                &sc
+            )
+            .unwrap()
+            .strip_set_cookie
+        );
+    }
+
+    #[test]
+    fn freshness_follows_the_rfc_order() {
+        let r = rule();
+        let f = policy(200, &[("cache-control", "max-age=60, s-maxage=30")], &r).unwrap();
+        // s-maxage wins for a shared cache; the 100 ms response delay counts as age.
+        assert_eq!(f.fresh_until, T0 - 100 + 30_000);
+        let date = httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_millis(T0));
+        let exp =
+            httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_millis(T0 + 120_000));
+        let f = policy(200, &[("date", &date), ("expires", &exp)], &r).unwrap();
+        assert_eq!(f.fresh_until, T0 - 100 + 120_000);
+        // Age already spent upstream is subtracted.
+        let f = policy(200, &[("cache-control", "max-age=60"), ("age", "50")], &r).unwrap();
+        assert_eq!(f.fresh_until, T0 - 50_100 + 60_000);
+        // An invalid Expires means already expired.
+        assert!(
+            policy(200, &[("expires", "0")], &r).is_err()
+                || policy(200, &[("expires", "0")], &r).unwrap().fresh_until <= T0
+        );
+        // Configured TTL only when the upstream gives none, and only for
+        // heuristically cacheable statuses.
+        let mut d = r.clone();
+        d.ttl = Some(Duration::from_secs(10));
+        assert_eq!(policy(200, &[], &d).unwrap().fresh_until, T0 - 100 + 10_000);
+        assert_eq!(
+            policy(200, &[("cache-control", "max-age=5")], &d)
+                .unwrap()
+                .fresh_until,
+            T0 - 100 + 5_000
+        );
+        assert_eq!(policy(302, &[], &d), Err(NotStorable::Status));
+        assert!(policy(302, &[("cache-control", "max-age=5")], &d).is_ok());
+        // A route override replaces upstream freshness.
+        let mut o = d.clone();
+        o.override_upstream = true;
+        assert_eq!(
+            policy(200, &[("cache-control", "max-age=5, no-cache")], &o)
+                .unwrap()
+                .fresh_until,
+            T0 - 100 + 10_000
+        );
+    }
+
+    #[test]
+    fn no_cache_is_stored_only_for_revalidation() {
+        let r = rule();
+        let f = policy(
+            200,
+            &[("cache-control", "no-cache, max-age=60"), ("etag", "\"a\"")],
+            &r,
+        )
+        .unwrap();
+        assert!(f.fresh_until <= T0, "no-cache entry must be stale at once");
+        assert_eq!(
+            f.stale_if_error_until, f.fresh_until,
+            "no-cache entry must never be served stale"
+        );
+        assert_eq!(
+            policy(200, &[("cache-control", "no-cache")], &r),
+            Err(NotStorable::NoFreshness)
+        );
+    }
+
+    #[test]
+    fn stale_windows() {
+        let mut r = rule();
+        r.stale_if_error = Duration::from_secs(300);
+        r.stale_while_revalidate = Duration::from_secs(10);
+        let f = policy(200, &[("cache-control", "max-age=60")], &r).unwrap();
+        assert_eq!(f.stale_while_revalidate_until - f.fresh_until, 10_000);
+        assert_eq!(f.stale_if_error_until - f.fresh_until, 300_000);
+        let f = policy(
+            200,
+            &[(
+                "cache-control",
+                "max-age=60, stale-while-revalidate=5, stale-if-error=7",
+            )],
+            &r,
+        )
+        .unwrap();
+        assert_eq!(f.stale_while_revalidate_until - f.fresh_until, 5_000);
+        assert_eq!(f.stale_if_error_until - f.fresh_until, 7_000);
+        for strict in [
+            "max-age=60, must-revalidate",
+            "max-age=60, proxy-revalidate",
+            "s-maxage=60",
+        ] {
+            let f = policy(200, &[("cache-control", strict)], &r).unwrap();
+            assert_eq!(f.stale_if_error_until, f.fresh_until, "{strict}");
+            assert_eq!(f.stale_while_revalidate_until, f.fresh_until, "{strict}");
+        }
+    }
+
+    #[test]
+    fn edge_header_never_promises_more_than_left() {
+        let mut r = rule();
+        assert_eq!(
+            edge_cache_control(42, &r),
+            "public, max-age=42, s-maxage=42"
+        );
+        r.edge_ttl = Some(Duration::from_secs(10));
+        assert_eq!(
+            edge_cache_control(42, &r),
+            "public, max-age=10, s-maxage=10"
+        );
+        assert_eq!(edge_cache_control(3, &r), "public, max-age=3, s-maxage=3");
+        r.key_headers = vec!["authorization".into()];
+        assert_eq!(edge_cache_control(3, &r), "private, max-age=3");
+    }
+}

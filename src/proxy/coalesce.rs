@@ -1,0 +1,303 @@
+//! One upstream call per key: single-flight inside the process, and the
+//! backend's fetch lock across processes and Lambda instances.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderMap;
+use tokio::sync::watch;
+
+use cachegate_store::{now_millis, Entry, StoreKey, UnixMillis};
+
+use super::fetch::MissCtx;
+use super::outcome::{Collapsed, Kind, Outcome, Refresh};
+use super::{Fetched, Proxy};
+use crate::key;
+use crate::upstream::UpstreamError;
+
+/// What a coalesced fetch shares with the requests that waited for it:
+/// the stored entry and the key it went under, or `None` when the response
+/// was not storable (then every waiter fetches for itself: an unstorable
+/// response may be private to the request that caused it).
+pub(super) type Shared = Option<(Arc<Entry>, Option<Vec<String>>, StoreKey)>;
+
+impl Proxy {
+    /// One upstream call per primary key at a time in this process: the
+    /// first caller fetches, later ones wait (bounded) and take its entry
+    /// if it was stored and matches their `Vary` variant.
+    pub(super) async fn fetch_coalesced(
+        &self,
+        miss: &MissCtx,
+        stale: Option<Entry>,
+        on_contention: OnContention,
+    ) -> Result<Fetched, UpstreamError> {
+        let fallback_stale = stale.clone();
+        let role = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            match inflight.get(&miss.primary) {
+                Some(rx) => Err(rx.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(miss.primary.clone(), rx);
+                    Ok(tx)
+                }
+            }
+        };
+        let mut rx = match role {
+            Ok(tx) => {
+                let leader = LeaderGuard {
+                    proxy: self,
+                    key: &miss.primary,
+                    tx,
+                };
+                let result = self
+                    .fetch_once_across_instances(miss, stale, on_contention)
+                    .await;
+                let share = match &result {
+                    Ok(Fetched::Entry(entry, _)) => {
+                        let vary = key::vary_names(&super::respond::header_map_of(entry));
+                        Some((
+                            entry.clone(),
+                            vary.clone(),
+                            stored_under(&miss.primary, vary.as_deref(), &miss.headers),
+                        ))
+                    }
+                    _ => None,
+                };
+                leader.finish(share);
+                return result;
+            }
+            Err(rx) => rx,
+        };
+        if let (OnContention::ServeStale, Some(s)) = (on_contention, &fallback_stale) {
+            let outcome = stale_while_revalidate(s, now_millis(), Refresh::InProgress);
+            return Ok(Fetched::Entry(Arc::new(s.clone()), outcome));
+        }
+        let shared = tokio::time::timeout(self.settings.coalesce_wait, async {
+            rx.wait_for(|v| v.is_some()).await.map(|v| v.clone())
+        })
+        .await;
+        let timed_out = shared.is_err();
+        if let Ok(Ok(Some(Some((entry, vary, leader_key))))) = shared {
+            if stored_under(&miss.primary, vary.as_deref(), &miss.headers) == leader_key {
+                return Ok(Fetched::Entry(
+                    entry,
+                    Outcome::new(Kind::Collapsed {
+                        fwd: miss.fwd,
+                        how: Collapsed::InProcess,
+                    }),
+                ));
+            }
+        }
+        // Not shareable, another variant, or the leader took too long.
+        if timed_out {
+            tracing::debug!("coalesce_wait ran out waiting for this process's fetch; fetching too");
+        }
+        self.fetch(miss, fallback_stale).await
+    }
+
+    /// With a shared store, one instance at a time fetches a key: the
+    /// backend lock decides. The others wait (bounded) for its entry; if the
+    /// holder goes away without storing one, or the wait runs out, they
+    /// fetch themselves rather than fail. A lock the store cannot give (it
+    /// is down) is no reason to wait.
+    pub(super) async fn fetch_once_across_instances(
+        &self,
+        miss: &MissCtx,
+        stale: Option<Entry>,
+        on_contention: OnContention,
+    ) -> Result<Fetched, UpstreamError> {
+        // Our lookup missed, but the previous fetcher may have stored its
+        // entry and let go (of this process's flight, then of the lock)
+        // after that lookup and before we took over: look once more, or a
+        // late request of a stampede calls the upstream a second time.
+        let stored_meanwhile = |entry: Entry| {
+            Ok(Fetched::Entry(
+                Arc::new(entry),
+                Outcome::new(Kind::Collapsed {
+                    fwd: miss.fwd,
+                    how: Collapsed::StoredMeanwhile,
+                }),
+            ))
+        };
+        if !self.cache.is_shared() {
+            if let Some(entry) = self.newer_entry(miss, stale.as_ref()).await {
+                return stored_meanwhile(entry);
+            }
+            return self.fetch(miss, stale).await;
+        }
+        let lock = StoreKey::hash("lock", [miss.primary.as_str()]);
+        match self.cache.try_lock(&lock, self.settings.lock_ttl).await {
+            Ok(Some(token)) => {
+                let locked_at = tokio::time::Instant::now();
+                if let Some(entry) = self.newer_entry(miss, stale.as_ref()).await {
+                    let _ = self.cache.unlock(&lock, &token).await;
+                    return stored_meanwhile(entry);
+                }
+                let result = self.fetch(miss, stale).await;
+                if let Err(e) = self.cache.unlock(&lock, &token).await {
+                    // Left in place, the lock would make every other instance
+                    // wait out `coalesce_wait` for a fetch nobody is running
+                    // (a store that was briefly down keeps its locks).
+                    tracing::debug!(error = %e, "unlock failed; retrying until the lock expires");
+                    let cache = self.cache.clone();
+                    let expires = locked_at + self.settings.lock_ttl;
+                    tokio::spawn(async move {
+                        while tokio::time::Instant::now() < expires {
+                            tokio::time::sleep(LOCK_POLL * 10).await;
+                            if cache.unlock(&lock, &token).await.is_ok() {
+                                break;
+                            }
+                        }
+                    });
+                }
+                result
+            }
+            Ok(None) => {
+                if let (OnContention::ServeStale, Some(s)) = (on_contention, &stale) {
+                    let outcome = stale_while_revalidate(s, now_millis(), Refresh::InProgress);
+                    return Ok(Fetched::Entry(Arc::new(stale.expect("matched")), outcome));
+                }
+                match self
+                    .wait_for_other_instance(miss, &lock, stale.as_ref())
+                    .await
+                {
+                    Some(entry) => Ok(Fetched::Entry(
+                        Arc::new(entry),
+                        Outcome::new(Kind::Collapsed {
+                            fwd: miss.fwd,
+                            how: Collapsed::OtherInstance,
+                        }),
+                    )),
+                    None => self.fetch(miss, stale).await,
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "fetch lock unavailable; fetching without it");
+                self.fetch(miss, stale).await
+            }
+        }
+    }
+
+    /// Poll for the entry another instance is fetching. `None` when it does
+    /// not come: the lock was released or expired without a new entry, the
+    /// store failed, or `coalesce_wait` ran out.
+    pub(super) async fn wait_for_other_instance(
+        &self,
+        miss: &MissCtx,
+        lock: &StoreKey,
+        stale: Option<&Entry>,
+    ) -> Option<Entry> {
+        let deadline = tokio::time::Instant::now() + self.settings.coalesce_wait;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(LOCK_POLL).await;
+            let (found, trouble) = self.lookup(&miss.primary, &miss.headers).await;
+            if let Some(e) = trouble {
+                tracing::debug!(error = %e, "store failed while waiting for another instance's fetch; fetching too");
+                return None;
+            }
+            if let Some(e) = found.filter(|e| miss.may_take(e, stale)) {
+                return Some(e);
+            }
+            match self.cache.try_lock(lock, LOCK_POLL * 4).await {
+                Ok(Some(token)) => {
+                    // Free again. The holder may have stored its entry and
+                    // unlocked between our lookup and this lock, so look
+                    // once more; still nothing means its response was not
+                    // storable (or it died), and every waiter fetches at
+                    // once rather than queueing behind one another.
+                    let found = self.newer_entry(miss, stale).await;
+                    let _ = self.cache.unlock(lock, &token).await;
+                    if found.is_none() {
+                        tracing::debug!("fetch lock released without an entry; fetching too");
+                    }
+                    return found;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "store failed while waiting for another instance's fetch; fetching too");
+                    return None;
+                }
+            }
+        }
+        tracing::debug!("coalesce_wait ran out waiting for another instance's fetch; fetching too");
+        None
+    }
+
+    /// An entry stored meanwhile that may answer this miss
+    /// ([`MissCtx::may_take`]). A store that fails here is no entry: the
+    /// caller fetches. Not asked when this request's lookup already failed:
+    /// a second timeout would only delay the fetch.
+    pub(super) async fn newer_entry(&self, miss: &MissCtx, stale: Option<&Entry>) -> Option<Entry> {
+        if miss.cache_down {
+            return None;
+        }
+        let (found, _) = self.lookup(&miss.primary, &miss.headers).await;
+        found.filter(|e| miss.may_take(e, stale))
+    }
+}
+
+/// What a request needs to know when another instance holds the fetch lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OnContention {
+    /// Wait for the other instance's entry.
+    Wait,
+    /// Answer the stale entry at once (Lambda stale-while-revalidate).
+    ServeStale,
+}
+
+/// How often a request waiting on another instance's fetch looks for its entry.
+const LOCK_POLL: Duration = Duration::from_millis(25);
+
+/// The key an entry for these request headers is stored under.
+pub(super) fn stored_under(
+    primary: &StoreKey,
+    vary: Option<&[String]>,
+    headers: &HeaderMap,
+) -> StoreKey {
+    match vary {
+        Some(v) if !v.is_empty() => key::variant_key(primary, v, headers),
+        _ => primary.clone(),
+    }
+}
+
+/// A stale-while-revalidate answer's outcome.
+pub(super) fn stale_while_revalidate(entry: &Entry, now: UnixMillis, refresh: Refresh) -> Outcome {
+    Outcome::new(Kind::StaleWhileRevalidate {
+        stale_for: now.saturating_sub(entry.fresh_until) / 1000,
+        refresh,
+    })
+}
+
+/// Removes the in-flight marker however the leader ends (even if its
+/// future is dropped), so waiters never wait on a fetch nobody runs.
+struct LeaderGuard<'a> {
+    proxy: &'a Proxy,
+    key: &'a StoreKey,
+    tx: watch::Sender<Option<Shared>>,
+}
+
+impl LeaderGuard<'_> {
+    fn finish(self, share: Shared) {
+        let _ = self.tx.send(Some(share));
+    }
+}
+
+impl Drop for LeaderGuard<'_> {
+    fn drop(&mut self) {
+        self.proxy
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(self.key);
+        // A leader dropped mid-fetch releases waiters with nothing to share.
+        self.tx.send_if_modified(|v| {
+            if v.is_none() {
+                *v = Some(None);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}

@@ -1,0 +1,406 @@
+//! The request flow, top to bottom. Lambda and `serve` are thin adapters
+//! that turn their requests into `http::Request<Bytes>` and call
+//! [`Proxy::handle`].
+//!
+//! Beside it: [`coalesce`] (one upstream call per key, in the process and
+//! across instances), [`fetch`] (the upstream call and storing its answer),
+//! [`respond`] (building the client's response), [`purge`] (invalidation)
+//! and [`outcome`] (the one typed value a request ends in). The HTTP rules
+//! themselves are pure code in [`crate::policy`].
+
+mod coalesce;
+mod fetch;
+pub mod outcome;
+mod purge;
+mod respond;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use reqwest::Url;
+use tokio::sync::watch;
+
+use cachegate_store::tiered::TieredCache;
+use cachegate_store::{now_millis, Entry, Record, StoreError, StoreKey};
+
+use crate::key::{self, Target};
+use crate::policy::{self, Bypass};
+use crate::routes::{RouteTable, Rule};
+use crate::telemetry::{RequestId, RequestRecord, Telemetry};
+use crate::upstream::{Upstream, UpstreamResponse};
+
+use coalesce::{OnContention, Shared};
+use fetch::MissCtx;
+use outcome::{Forward, Kind, Outcome, Refresh};
+pub use respond::json_error;
+
+/// Where the handler runs; it decides how a stale-while-revalidate refresh
+/// happens (nothing may run after a Lambda response is returned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Serve,
+    Lambda,
+}
+
+/// Process-wide settings of the request flow.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub mode: Mode,
+    /// How long a miss waits for the same key's fetch (`cache.coalesce_wait`).
+    pub coalesce_wait: Duration,
+    /// How long a cross-instance fetch lock lives if its holder dies.
+    pub lock_ttl: Duration,
+    /// Lower-case response header names carrying surrogate keys.
+    pub surrogate_key_headers: Vec<String>,
+    pub expose_surrogate_keys: bool,
+}
+
+/// The proxy: one per process, shared by every request.
+pub struct Proxy {
+    base: Url,
+    routes: RouteTable,
+    cache: TieredCache,
+    upstream: Upstream,
+    settings: Settings,
+    telemetry: Telemetry,
+    /// Fetches in flight in this process, by primary key.
+    inflight: Mutex<HashMap<StoreKey, watch::Receiver<Option<Shared>>>>,
+    /// CloudFront in front, when configured ([`crate::edge`]).
+    edge: Option<Arc<crate::edge::Edge>>,
+}
+
+/// A response for the client and the outcome it is rendered with.
+type Reply = (Response<Bytes>, Outcome);
+
+/// What a fetch produced for the client.
+enum Fetched {
+    /// Stored (or refreshed) entry to serve from.
+    Entry(Arc<Entry>, Outcome),
+    /// An upstream response relayed as is (not storable).
+    Relay(UpstreamResponse, Outcome),
+}
+
+impl Proxy {
+    pub fn new(
+        base: Url,
+        routes: RouteTable,
+        cache: TieredCache,
+        upstream: Upstream,
+        settings: Settings,
+        telemetry: Telemetry,
+    ) -> Self {
+        Proxy {
+            base,
+            routes,
+            cache,
+            upstream,
+            settings,
+            telemetry,
+            inflight: Mutex::default(),
+            edge: None,
+        }
+    }
+
+    /// The edge (CloudFront) this proxy tags responses for and invalidates.
+    pub fn with_edge(mut self, edge: Option<Arc<crate::edge::Edge>>) -> Self {
+        self.edge = edge;
+        self
+    }
+
+    pub fn edge(&self) -> Option<&crate::edge::Edge> {
+        self.edge.as_deref()
+    }
+
+    pub fn cache(&self) -> &TieredCache {
+        &self.cache
+    }
+
+    /// Answer one client request. Never fails: every problem becomes a
+    /// response (a JSON error for the client's or the upstream's faults;
+    /// cache problems are misses). The request's outcome is rendered here,
+    /// once, into the response headers, the access log and the metrics.
+    pub async fn handle(self: &Arc<Self>, req: Request<Bytes>) -> Response<Bytes> {
+        let started = std::time::Instant::now();
+        let method = req.method().clone();
+        let path = self
+            .telemetry
+            .logs_access()
+            .then(|| req.uri().path().to_owned());
+        let request_id = req.extensions().get::<RequestId>().cloned();
+        let mut trace = Trace::default();
+        let (mut resp, outcome) = self.handle_request(req, &mut trace).await;
+        outcome.render(
+            resp.headers_mut(),
+            trace.lookup_time.map(|d| (d, self.cache.backend_name())),
+        );
+        self.telemetry.record(&RequestRecord {
+            request_id: request_id.as_ref().map(|r| r.0.as_str()),
+            method: &method,
+            path: path.as_deref(),
+            route: trace.route.as_ref().map_or("*", |r| r.name.as_str()),
+            key: trace.key.as_ref().map(StoreKey::digest),
+            status: resp.status(),
+            cache_status: outcome.label(),
+            cache_time: trace.lookup_time,
+            upstream_time: outcome.upstream_time,
+            total_time: started.elapsed(),
+            backend_error: trace.backend_error,
+        });
+        resp
+    }
+
+    /// The Prometheus text exposition of this process's request metrics,
+    /// when `metrics.prometheus_listen` is configured.
+    pub fn prometheus_text(&self) -> Option<String> {
+        self.telemetry.prometheus_text()
+    }
+
+    async fn handle_request(self: &Arc<Self>, req: Request<Bytes>, trace: &mut Trace) -> Reply {
+        let (parts, body) = req.into_parts();
+        if parts.method == Method::CONNECT {
+            let resp = json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "CONNECT is not supported: this is not a forward proxy",
+            );
+            return (resp, Outcome::new(Kind::Rejected));
+        }
+        let rule = self.routes.rule_for(parts.uri.path());
+        trace.route = Some(rule.clone());
+        let target = Target::resolve(
+            &self.base,
+            parts.uri.path(),
+            parts.uri.query(),
+            &rule.ignored_query_params,
+        );
+
+        // 1. May this request use the cache at all?
+        let policy =
+            match policy::request_policy(&parts.method, &parts.headers, !body.is_empty(), &rule) {
+                Ok(p) => p,
+                Err(bypass) => {
+                    return self
+                        .pass_through(parts.method, parts.headers, body, &target, &rule, bypass)
+                        .await
+                }
+            };
+        if parts.headers.contains_key(http::header::RANGE) {
+            // Partial responses are not cached; let the upstream handle ranges.
+            return self
+                .pass_through(
+                    parts.method,
+                    parts.headers,
+                    body,
+                    &target,
+                    &rule,
+                    Bypass::Method,
+                )
+                .await;
+        }
+
+        // 2. Look up: the primary key, then the variant its Vary names.
+        let primary = target.primary_key(&rule.key_headers, &parts.headers);
+        trace.key = Some(primary.clone());
+        let (stored, cache_trouble) = if policy.lookup {
+            let started = std::time::Instant::now();
+            let found = self.lookup(&primary, &parts.headers).await;
+            trace.lookup_time = Some(started.elapsed());
+            trace.backend_error = found.1.is_some();
+            found
+        } else {
+            (None, None)
+        };
+        let now = now_millis();
+        let head = parts.method == Method::HEAD;
+        let miss = MissCtx {
+            fwd: match (&stored, &cache_trouble) {
+                (Some(_), _) => Forward::Stale,
+                (None, Some(_)) => Forward::Miss,
+                (None, None) => Forward::UriMiss,
+            },
+            cache_down: cache_trouble.is_some(),
+            arrived_at: now,
+            primary,
+            target,
+            method: parts.method,
+            headers: parts.headers,
+            rule,
+            policy,
+        };
+        let mut on_contention = OnContention::Wait;
+        if let Some(entry) = &stored {
+            // 3. Fresh hit.
+            if entry.is_fresh(now) {
+                let ttl = entry.fresh_secs_left(now);
+                let outcome = Outcome::new(Kind::Hit { ttl });
+                return self.respond_from_entry(entry, &miss.rule, &miss.headers, head, outcome);
+            }
+            // 4. Stale, within stale-while-revalidate: answer stale and let one
+            // request refresh: in the background in serve mode; inline in
+            // Lambda (nothing may run after the response), by the request
+            // that wins the refresh here and, with a shared store, the lock.
+            if now < entry.stale_while_revalidate_until {
+                let running = self.is_fetching(&miss.primary);
+                let refresh = match (running, self.settings.mode) {
+                    (true, _) => Some(Refresh::InProgress),
+                    (false, Mode::Serve) => {
+                        let (this, miss, stale) = (self.clone(), miss.clone(), entry.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = this
+                                .fetch_coalesced(&miss, Some(stale), OnContention::Wait)
+                                .await
+                            {
+                                tracing::warn!(error = %e, path = %miss.target.path_and_query, "background refresh failed");
+                            }
+                        });
+                        Some(Refresh::Background)
+                    }
+                    (false, Mode::Lambda) => None,
+                };
+                if let Some(refresh) = refresh {
+                    let outcome = coalesce::stale_while_revalidate(entry, now, refresh);
+                    return self.respond_from_entry(
+                        entry,
+                        &miss.rule,
+                        &miss.headers,
+                        head,
+                        outcome,
+                    );
+                }
+                on_contention = OnContention::ServeStale;
+            }
+        }
+
+        // 5. Miss, expired, or the Lambda-mode refresh winner: go upstream
+        // (once per key), revalidating what we have.
+        match self.fetch_coalesced(&miss, stored, on_contention).await {
+            Ok(Fetched::Entry(entry, outcome)) => {
+                self.respond_from_entry(&entry, &miss.rule, &miss.headers, head, outcome)
+            }
+            Ok(Fetched::Relay(resp, outcome)) => respond::relay(resp, outcome, head),
+            Err(e) => {
+                tracing::warn!(error = %e, path = %miss.target.path_and_query, "upstream failed");
+                let outcome = Kind::UpstreamFailed {
+                    fwd: Some(miss.fwd),
+                    code: e.code(),
+                };
+                (
+                    json_error(e.status(), e.code(), &e.to_string()),
+                    Outcome::new(outcome),
+                )
+            }
+        }
+    }
+
+    /// The stored entry for a request: the primary key's, or the variant
+    /// its Vary index names. A cache failure is reported, never raised.
+    async fn lookup(
+        &self,
+        primary: &StoreKey,
+        headers: &HeaderMap,
+    ) -> (Option<Entry>, Option<String>) {
+        let found = self.cache.get(primary).await;
+        let mut trouble = found.error;
+        let entry = match found.record {
+            Some(Record::Entry(e)) => Some(e),
+            Some(Record::VaryIndex(v)) => {
+                let found = self
+                    .cache
+                    .get(&key::variant_key(primary, &v.headers, headers))
+                    .await;
+                trouble = trouble.or(found.error);
+                match found.record {
+                    Some(Record::Entry(e)) => Some(e),
+                    _ => None,
+                }
+            }
+            Some(Record::PurgeMark(_)) | None => None,
+        };
+        match &trouble {
+            // The breaker logged when it opened; once per request is noise.
+            Some(e @ StoreError::CircuitOpen { .. }) => {
+                tracing::debug!(error = %e, "cache skipped; treating as a miss")
+            }
+            Some(e) => {
+                tracing::warn!(backend = self.cache.backend_name(), error = %e, "cache lookup failed; treating as a miss")
+            }
+            None => {}
+        }
+        let trouble = trouble.map(|e| e.to_string());
+        (entry, trouble)
+    }
+
+    fn is_fetching(&self, primary: &StoreKey) -> bool {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(primary)
+    }
+
+    /// Requests that do not use the cache: forwarded as they are. A
+    /// successful unsafe method invalidates what is cached for its URL
+    /// (RFC 9111 §4.4).
+    async fn pass_through(
+        self: &Arc<Self>,
+        method: Method,
+        mut headers: HeaderMap,
+        body: Bytes,
+        target: &Target,
+        rule: &Rule,
+        why: Bypass,
+    ) -> Reply {
+        policy::headers::prepare_request_headers(&mut headers);
+        let unsafe_method = !matches!(
+            method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        );
+        let head = method == Method::HEAD;
+        let sent_at = std::time::Instant::now();
+        match self
+            .upstream
+            .send(method, target.url.clone(), headers, body)
+            .await
+        {
+            Ok(mut resp) => {
+                let upstream_time = sent_at.elapsed();
+                policy::headers::hide_surrogate_keys(
+                    &mut resp.headers,
+                    &self.settings.surrogate_key_headers,
+                    self.settings.expose_surrogate_keys,
+                );
+                if unsafe_method && (resp.status.is_success() || resp.status.is_redirection()) {
+                    self.invalidate_after_write(target, rule, &resp.headers, why)
+                        .await;
+                }
+                let outcome = Outcome::timed(
+                    upstream_time,
+                    Kind::Bypass {
+                        status: resp.status.as_u16(),
+                        why,
+                    },
+                );
+                respond::relay(resp, outcome, head)
+            }
+            Err(e) => (
+                json_error(e.status(), e.code(), &e.to_string()),
+                Outcome::new(Kind::UpstreamFailed {
+                    fwd: None,
+                    code: e.code(),
+                }),
+            ),
+        }
+    }
+}
+
+/// What [`Proxy::handle`] learns while the request flows, for its
+/// timing header and telemetry.
+#[derive(Default)]
+struct Trace {
+    route: Option<Arc<Rule>>,
+    key: Option<StoreKey>,
+    lookup_time: Option<Duration>,
+    backend_error: bool,
+}

@@ -1,0 +1,329 @@
+//! The outcome of one request: one typed value, decided where the request
+//! flow decides it and rendered once, by [`Outcome::render`] into `X-Cache`,
+//! `Cache-Status` (RFC 9211) and `Server-Timing`, and by [`Outcome::label`]
+//! into the access log and the metrics. Nothing downstream parses headers
+//! back.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use http::HeaderMap;
+
+use crate::policy::{Bypass, NotStorable};
+
+/// RFC 9211 `fwd`: why the upstream was asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forward {
+    /// Nothing was stored for this request.
+    UriMiss,
+    /// The cache could not be asked (down, timed out, breaker open).
+    Miss,
+    /// A stored entry was stale.
+    Stale,
+}
+
+impl Forward {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Forward::UriMiss => "uri-miss",
+            Forward::Miss => "miss",
+            Forward::Stale => "stale",
+        }
+    }
+}
+
+/// How a miss was answered by a fetch that another request made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collapsed {
+    /// Another request of this process fetched it.
+    InProcess,
+    /// Another instance held the fetch lock and stored it.
+    OtherInstance,
+    /// It was stored between this request's lookup and its fetch.
+    StoredMeanwhile,
+}
+
+/// The refresh behind a stale-while-revalidate answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refresh {
+    /// Another request (or instance) is refreshing.
+    InProgress,
+    /// This request started a background refresh (serve mode).
+    Background,
+}
+
+/// What the upstream did when a stale entry answered instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// It answered with this (server error) status.
+    Status(u16),
+    /// It could not be reached or timed out: the error's code.
+    Error(&'static str),
+}
+
+/// What happened to a request, cache-wise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Answered from a fresh entry with `ttl` seconds of freshness left.
+    Hit { ttl: u64 },
+    /// Answered stale within stale-while-revalidate, `stale_for` seconds
+    /// past its freshness.
+    StaleWhileRevalidate { stale_for: u64, refresh: Refresh },
+    /// The upstream failed; answered stale within stale-if-error.
+    StaleIfError {
+        stale_for: u64,
+        failure: UpstreamFailure,
+    },
+    /// A miss answered by another request's fetch.
+    Collapsed { fwd: Forward, how: Collapsed },
+    /// The upstream was asked and answered `status`.
+    Fetched {
+        fwd: Forward,
+        status: u16,
+        /// The answer was stored.
+        stored: bool,
+        /// A 304 refreshed the stale entry we held.
+        revalidated: bool,
+        /// The cache lookup failed (the answer says so).
+        cache_down: bool,
+        /// Why the answer was not stored, when policy refused it.
+        not_stored: Option<NotStorable>,
+    },
+    /// The request did not use the cache; the upstream answered `status`.
+    Bypass { status: u16, why: Bypass },
+    /// The upstream could not be reached or timed out and nothing stale
+    /// could answer: a JSON error. `fwd` is `None` for a bypassed request.
+    UpstreamFailed {
+        fwd: Option<Forward>,
+        code: &'static str,
+    },
+    /// Refused before any cache or upstream work (e.g. `CONNECT`).
+    Rejected,
+}
+
+/// The outcome of one request and the time it spent waiting for the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub kind: Kind,
+    /// Time spent waiting for the upstream, for `Server-Timing`.
+    pub upstream_time: Option<Duration>,
+}
+
+impl Outcome {
+    pub fn new(kind: Kind) -> Self {
+        Outcome {
+            kind,
+            upstream_time: None,
+        }
+    }
+
+    pub fn timed(upstream_time: Duration, kind: Kind) -> Self {
+        Outcome {
+            kind,
+            upstream_time: Some(upstream_time),
+        }
+    }
+
+    /// The `X-Cache` value; `None` for a request that was refused outright.
+    pub fn x_cache(&self) -> Option<&'static str> {
+        Some(match self.kind {
+            Kind::Hit { .. } => "HIT",
+            Kind::StaleWhileRevalidate { .. } | Kind::StaleIfError { .. } => "STALE",
+            Kind::Fetched {
+                revalidated: true, ..
+            } => "HIT",
+            Kind::Collapsed { .. } | Kind::Fetched { .. } => "MISS",
+            Kind::UpstreamFailed { fwd: Some(_), .. } => "MISS",
+            Kind::Bypass { .. } | Kind::UpstreamFailed { fwd: None, .. } => "BYPASS",
+            Kind::Rejected => return None,
+        })
+    }
+
+    /// The label of this outcome in the access log and the metrics:
+    /// the `X-Cache` value, or `ERROR` for answers that are errors of ours.
+    pub fn label(&self) -> &'static str {
+        match self.kind {
+            Kind::UpstreamFailed { .. } | Kind::Rejected => "ERROR",
+            _ => self.x_cache().unwrap_or("ERROR"),
+        }
+    }
+
+    /// The RFC 9211 parameters after the cache's name; `None` when the
+    /// request was refused outright.
+    pub fn cache_status(&self) -> Option<String> {
+        let mut s = String::with_capacity(64);
+        s.push_str("cachegate; ");
+        match self.kind {
+            Kind::Hit { ttl } => {
+                let _ = write!(s, "hit; ttl={ttl}");
+            }
+            Kind::StaleWhileRevalidate { stale_for, refresh } => {
+                let refresh = match refresh {
+                    Refresh::InProgress => "refresh in progress",
+                    Refresh::Background => "background refresh",
+                };
+                let _ = write!(
+                    s,
+                    "hit; ttl=-{stale_for}; detail=\"stale-while-revalidate; {refresh}\""
+                );
+            }
+            Kind::StaleIfError { stale_for, failure } => {
+                s.push_str("fwd=stale; ");
+                match failure {
+                    UpstreamFailure::Status(code) => {
+                        let _ = write!(s, "fwd-status={code}; ");
+                    }
+                    UpstreamFailure::Error(code) => {
+                        let _ = write!(s, "detail=\"{code}\"; ");
+                    }
+                }
+                let _ = write!(s, "ttl=-{stale_for}; detail=stale-if-error");
+            }
+            Kind::Collapsed { fwd, how } => {
+                let _ = write!(s, "fwd={}; collapsed", fwd.as_str());
+                match how {
+                    Collapsed::InProcess => {}
+                    Collapsed::OtherInstance => s.push_str("; detail=other-instance"),
+                    Collapsed::StoredMeanwhile => s.push_str("; detail=stored-meanwhile"),
+                }
+            }
+            Kind::Fetched {
+                fwd,
+                status,
+                stored,
+                revalidated: _,
+                cache_down,
+                not_stored,
+            } => {
+                let _ = write!(s, "fwd={}; fwd-status={status}", fwd.as_str());
+                if stored {
+                    s.push_str("; stored");
+                }
+                if let Some(why) = not_stored {
+                    let _ = write!(s, "; detail={}", why.as_str());
+                } else if cache_down {
+                    s.push_str("; detail=cache-unavailable");
+                }
+            }
+            Kind::Bypass { status, why } => {
+                let _ = write!(
+                    s,
+                    "fwd=bypass; fwd-status={status}; detail={}",
+                    why.as_str()
+                );
+            }
+            Kind::UpstreamFailed { fwd, code } => {
+                let fwd = fwd.map_or("bypass", Forward::as_str);
+                let _ = write!(s, "fwd={fwd}; detail={code}");
+            }
+            Kind::Rejected => return None,
+        }
+        Some(s)
+    }
+
+    /// Write `X-Cache`, `Cache-Status` and `Server-Timing` (the cache
+    /// lookup's time and backend when there was one, the upstream's time
+    /// when it was called; one header value, since Lambda's response
+    /// formats keep one value per name).
+    pub fn render(&self, headers: &mut HeaderMap, lookup: Option<(Duration, &str)>) {
+        if let Some(x) = self.x_cache() {
+            headers.insert(X_CACHE, HeaderValue::from_static(x));
+        }
+        if let Some(v) = self
+            .cache_status()
+            .and_then(|s| HeaderValue::from_str(&s).ok())
+        {
+            headers.insert(CACHE_STATUS, v);
+        }
+        let mut timing = String::new();
+        if let Some((d, backend)) = lookup {
+            let _ = write!(timing, "cache;dur={:.3};desc=\"{backend}\"", ms(d));
+        }
+        if let Some(d) = self.upstream_time {
+            if !timing.is_empty() {
+                timing.push_str(", ");
+            }
+            let _ = write!(timing, "upstream;dur={:.3}", ms(d));
+        }
+        if let Ok(v) = HeaderValue::from_str(&timing) {
+            if !timing.is_empty() {
+                headers.insert(SERVER_TIMING, v);
+            }
+        }
+    }
+}
+
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_value_renders_every_header() {
+        let o = Outcome::timed(
+            Duration::from_millis(12),
+            Kind::Fetched {
+                fwd: Forward::UriMiss,
+                status: 200,
+                stored: true,
+                revalidated: false,
+                cache_down: false,
+                not_stored: None,
+            },
+        );
+        let mut h = HeaderMap::new();
+        o.render(&mut h, Some((Duration::from_micros(412), "redis")));
+        assert_eq!(h["x-cache"], "MISS");
+        assert_eq!(
+            h["cache-status"],
+            "cachegate; fwd=uri-miss; fwd-status=200; stored"
+        );
+        assert_eq!(
+            h["server-timing"],
+            "cache;dur=0.412;desc=\"redis\", upstream;dur=12.000"
+        );
+        assert_eq!(o.label(), "MISS");
+    }
+
+    #[test]
+    fn errors_carry_cache_status_and_label_error() {
+        let o = Outcome::new(Kind::UpstreamFailed {
+            fwd: Some(Forward::UriMiss),
+            code: "upstream_timeout",
+        });
+        let mut h = HeaderMap::new();
+        o.render(&mut h, None);
+        assert_eq!(h["x-cache"], "MISS");
+        assert_eq!(
+            h["cache-status"],
+            "cachegate; fwd=uri-miss; detail=upstream_timeout"
+        );
+        assert!(h.get("server-timing").is_none());
+        assert_eq!(o.label(), "ERROR");
+        let rejected = Outcome::new(Kind::Rejected);
+        let mut h = HeaderMap::new();
+        rejected.render(&mut h, None);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn a_revalidated_entry_is_a_hit() {
+        let o = Outcome::new(Kind::Fetched {
+            fwd: Forward::Stale,
+            status: 304,
+            stored: true,
+            revalidated: true,
+            cache_down: false,
+            not_stored: None,
+        });
+        assert_eq!(o.x_cache(), Some("HIT"));
+    }
+}
