@@ -441,3 +441,72 @@ async fn responses_carry_cache_tags_and_writes_invalidate_the_edge() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Where the Lambda proxy sends its writes' purges (and serve too, when a
+/// queue is configured): the invalidator's SQS queue, here moto's SQS. The
+/// message is a purge request the invalidator accepts.
+#[tokio::test]
+async fn with_a_queue_writes_enqueue_their_purges_for_the_invalidator() {
+    let moto = need("CACHEGATE_TEST_MOTO_ENDPOINT");
+    let sqs = aws_sdk_sqs::Client::from_conf(
+        aws_sdk_sqs::Config::builder()
+            .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+            .endpoint_url(&moto)
+            .region(aws_sdk_sqs::config::Region::new("eu-west-1"))
+            .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                "test", "test", None, None, "static",
+            ))
+            .build(),
+    );
+    let queue_url = sqs
+        .create_queue()
+        .queue_name(format!("edge-writes-{}", std::process::id()))
+        .send()
+        .await
+        .expect("CreateQueue on moto")
+        .queue_url()
+        .unwrap()
+        .to_owned();
+    let up = upstream().await;
+    let routes = r#"[{path = "/posts/{id}", ttl = "60s", tags = ["post-{id}"], invalidate_tags = ["posts"]}]"#;
+    let mut env: Vec<(String, String)> = aws_env("http://127.0.0.1:9");
+    env.extend(
+        [
+            ("AWS_ENDPOINT_URL_SQS", moto.as_str()),
+            ("CACHEGATE_EDGE__INVALIDATION_QUEUE_URL", queue_url.as_str()),
+            ("CACHEGATE_ROUTES", routes),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let cg = cachegate(&format!("{}/v1", up.url), &env);
+    // A queue alone is an edge too: the tag header is on.
+    assert_eq!(
+        get(&format!("{}/posts/1", cg.url))
+            .await
+            .header("cache-tag"),
+        "post-1"
+    );
+    let patched = send(
+        client()
+            .put(format!("{}/posts/1?draft=1", cg.url))
+            .body("{}"),
+    )
+    .await;
+    assert_eq!(patched.status, 200);
+    let got = sqs
+        .receive_message()
+        .queue_url(&queue_url)
+        .max_number_of_messages(10)
+        .wait_time_seconds(5)
+        .send()
+        .await
+        .expect("ReceiveMessage");
+    let bodies: Vec<&str> = got.messages().iter().filter_map(|m| m.body()).collect();
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    let request = cachegate::invalidate::PurgeRequest::from_json(bodies[0].as_bytes())
+        .expect("the invalidator accepts the message");
+    // The client URL (no upstream base path), and the route's tags.
+    assert_eq!(request.urls, vec!["/posts/1?draft=1"]);
+    assert_eq!(request.tags, vec!["posts"]);
+}
