@@ -43,6 +43,20 @@ fn bad_values_stop_start_up_naming_the_key() {
         ),
         (vec![up, ("CACHEGATE_CACHE__TYPO", "1")], "typo"),
         (
+            vec![up, ("CACHEGATE_EDGE__CACHE_TAG_HEADER", "Cache Tag")],
+            "edge.cache_tag_header",
+        ),
+        (
+            vec![
+                up,
+                (
+                    "CACHEGATE_ROUTES",
+                    "[{path=\"/a/{id}\", invalidate_tags=[\"a-{ids}\"]}]",
+                ),
+            ],
+            "routes[0].invalidate_tags",
+        ),
+        (
             vec![up, ("CACHEGATE_ROUTES", "[{path=\"items\"}]")],
             "routes[0].path",
         ),
