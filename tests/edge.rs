@@ -510,3 +510,50 @@ async fn with_a_queue_writes_enqueue_their_purges_for_the_invalidator() {
     assert_eq!(request.urls, vec!["/posts/1?draft=1"]);
     assert_eq!(request.tags, vec!["posts"]);
 }
+
+/// The invalidator role under cargo-lambda's runtime API emulator: one SQS
+/// batch of several purge messages becomes one CloudFront invalidation
+/// (after each message's backend purge); a malformed record is reported
+/// back alone.
+#[tokio::test]
+async fn the_invalidator_sends_one_invalidation_per_sqs_batch() {
+    let moto = need("CACHEGATE_TEST_MOTO_ENDPOINT");
+    let cf = cloudfront_client(&moto).await;
+    let dist = create_distribution(&cf, "invalidator-batch").await;
+    let (_emulator, port) = common::lambda_emulator();
+    let mut function = common::lambda_function(port, "http://127.0.0.1:9/v1");
+    function
+        .env("CACHEGATE_ROLE", "invalidator")
+        .env("CACHEGATE_CACHE__L1_TTL", "0s")
+        .env("CACHEGATE_EDGE__CLOUDFRONT_DISTRIBUTION_ID", &dist)
+        .env("RUST_LOG", "info")
+        .envs(backend_env("redis", "edge-invalidator"))
+        .envs(aws_env(&moto));
+    let _function = common::Killed(function.spawn().unwrap());
+    let record = |id: &str, body: &str| serde_json::json!({"messageId": id, "eventSource": "aws:sqs", "body": body});
+    let event = serde_json::json!({"Records": [
+        record("m-1", r#"{"urls": ["/posts/1?x=1"], "tags": ["posts"]}"#),
+        record("m-2", r#"{"urls": "/not-a-list"}"#),
+        record("m-3", r#"{"tags": ["post-2", "posts"]}"#),
+    ]})
+    .to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        common::lambda_invoke(port)
+            .args(["--data-ascii", &event])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", common::describe(&out));
+    let answer: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(
+        answer,
+        serde_json::json!({"batchItemFailures": [{"itemIdentifier": "m-2"}]})
+    );
+    assert_eq!(
+        invalidations(&cf, &dist).await,
+        vec![set(&["/posts/1", "#posts", "#post-2"])]
+    );
+}
