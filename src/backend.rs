@@ -9,10 +9,10 @@ use cachegate_store::guard::GuardedStore;
 #[cfg(any(feature = "redis", feature = "dynamodb"))]
 use cachegate_store::lazy::{Connect, LazyStore};
 use cachegate_store::memory::MemoryStore;
-use cachegate_store::tiered::TieredCache;
+use cachegate_store::tiered::{L1Config, TieredCache};
 use cachegate_store::CacheStore;
 #[cfg(any(feature = "redis", feature = "dynamodb"))]
-use cachegate_store::Capabilities;
+use cachegate_store::{Capabilities, PurgeFeed};
 
 use crate::config::{BackendKind, Config};
 
@@ -38,19 +38,23 @@ pub async fn build_cache(config: &Config) -> Result<TieredCache, BackendError> {
     let main: Arc<dyn CacheStore> = match config.backend {
         BackendKind::Memory => {
             let store = Arc::new(memory_store(config));
-            return Ok(TieredCache::new(
-                GuardedStore::new(store, config.store.clone()),
-                None,
-            ));
+            return Ok(
+                TieredCache::new(GuardedStore::new(store, config.store.clone()), None)
+                    .with_soft_purge_window(config.cache.stale_while_revalidate),
+            );
         }
         BackendKind::Redis => connect_redis(config).await?,
         BackendKind::Dynamodb => connect_dynamodb(config).await?,
     };
-    let l1 = (!config.cache.l1_ttl.is_zero()).then(|| (memory_store(config), config.cache.l1_ttl));
-    Ok(TieredCache::new(
-        GuardedStore::new(main, config.store.clone()),
-        l1,
-    ))
+    let l1 = (!config.cache.l1_ttl.is_zero()).then(|| L1Config {
+        store: memory_store(config),
+        ttl: config.cache.l1_ttl,
+        check_every: config.cache.l1_check,
+    });
+    Ok(
+        TieredCache::new(GuardedStore::new(main, config.store.clone()), l1)
+            .with_soft_purge_window(config.cache.stale_while_revalidate),
+    )
 }
 
 /// How often a backend that was unreachable at start-up is tried again.
@@ -83,6 +87,7 @@ async fn connect_redis(config: &Config) -> Result<Arc<dyn CacheStore>, BackendEr
         name: "redis",
         max_value_bytes: cfg.max_value_bytes.as_u64() as usize,
         shared: true,
+        purge_feed: PurgeFeed::Push,
     };
     let connect: Connect = Arc::new(move || {
         let cfg = cfg.clone();
@@ -108,6 +113,7 @@ async fn connect_dynamodb(config: &Config) -> Result<Arc<dyn CacheStore>, Backen
         name: "dynamodb",
         max_value_bytes: cfg.max_value_bytes,
         shared: true,
+        purge_feed: PurgeFeed::Log,
     };
     let connect: Connect = Arc::new(move || {
         let cfg = cfg.clone();

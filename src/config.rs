@@ -164,10 +164,17 @@ pub struct CacheConfig {
     #[serde(with = "humantime_serde")]
     pub edge_max_ttl: Option<Duration>,
     /// With a shared backend, how long this process keeps a copy in its
-    /// in-memory L1. Bounds how long a purge made elsewhere goes unseen
-    /// here. `0s` disables the L1. Default `5s`.
+    /// in-memory L1. Purges made elsewhere reach it at once on Redis
+    /// (pub/sub) and within `l1_check` on DynamoDB (docs/invalidation.md).
+    /// `0s` disables the L1. Default `5s`.
     #[serde(with = "humantime_serde")]
     pub l1_ttl: Duration,
+    /// On DynamoDB, how often this process reads the purge log before its
+    /// L1 answers (one Query at a time per process, made by a request when
+    /// due); a purge made elsewhere is seen here within this plus one
+    /// round trip. Must be more than 0. Default `250ms`.
+    #[serde(with = "humantime_serde")]
+    pub l1_check: Duration,
     /// How long a miss waits for another request already fetching the same
     /// key (here or, with a shared backend, in another instance) before
     /// fetching itself. `0s` turns coalescing off. Default `5s`.
@@ -194,6 +201,7 @@ impl Default for CacheConfig {
             honor_client_no_cache: false,
             edge_max_ttl: None,
             l1_ttl: Duration::from_secs(5),
+            l1_check: Duration::from_millis(250),
             coalesce_wait: Duration::from_secs(5),
             surrogate_key_headers: vec!["surrogate-key".into(), "cache-tag".into()],
             expose_surrogate_keys: false,
@@ -512,6 +520,12 @@ impl Config {
         }
         if self.upstream.timeout.is_zero() {
             return Err(invalid("upstream.timeout", "must be more than 0s"));
+        }
+        if self.cache.l1_check.is_zero() {
+            return Err(invalid(
+                "cache.l1_check",
+                "must be more than 0s (set cache.l1_ttl = \"0s\" to turn the L1 off)",
+            ));
         }
         if self
             .serve

@@ -35,6 +35,12 @@ pub struct PurgeRequest {
     /// Route tags or surrogate keys.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Mark the entries stale instead of removing them: the next requests
+    /// are answered stale within the entry's stale-while-revalidate window
+    /// (or `cache.stale_while_revalidate`) while one refresh runs; with no
+    /// such window, a hard purge. Default `false`.
+    #[serde(default)]
+    pub soft: bool,
 }
 
 /// How many entries each URL and tag removed. Serialises as
@@ -173,10 +179,13 @@ async fn purge_backend(
     let mut report = PurgeReport::default();
     let mut purged = Vec::with_capacity(targets.len());
     for (is_url, item, tag) in targets {
-        let n = proxy.purge_tag(&tag).await.map_err(|e| PurgeError::Store {
-            what: format!("{} {item}", if is_url { "url" } else { "tag" }),
-            message: e.to_string(),
-        })?;
+        let n = proxy
+            .purge_tag(&tag, request.soft)
+            .await
+            .map_err(|e| PurgeError::Store {
+                what: format!("{} {item}", if is_url { "url" } else { "tag" }),
+                message: e.to_string(),
+            })?;
         let counts = if is_url {
             &mut report.urls
         } else {
@@ -398,7 +407,8 @@ mod tests {
             PurgeRequest::from_json(br#"{"urls": ["/a?b=1"], "tags": ["t"]}"#).unwrap(),
             PurgeRequest {
                 urls: vec!["/a?b=1".into()],
-                tags: vec!["t".into()]
+                tags: vec!["t".into()],
+                soft: false,
             }
         );
     }

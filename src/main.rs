@@ -48,6 +48,11 @@ enum Command {
         /// A route tag or surrogate key (repeatable).
         #[arg(long = "tag", value_name = "TAG")]
         tags: Vec<String>,
+        /// Mark the entries stale instead of removing them (answered stale
+        /// within their stale-while-revalidate window while one request
+        /// refreshes; without a window, a hard purge).
+        #[arg(long)]
+        soft: bool,
     },
     /// Load a URL and report throughput, hit ratio and latency by X-Cache;
     /// or, with --compare, run one workload through each backend locally.
@@ -93,7 +98,7 @@ fn main() -> ExitCode {
                 println!("{config:#?}");
                 Ok(())
             }
-            Some(Command::Purge { urls, tags }) => purge(&config, &urls, &tags).await,
+            Some(Command::Purge { urls, tags, soft }) => purge(&config, &urls, &tags, soft).await,
             Some(Command::Init) => cachegate::backend::init(&config).await.map_err(|e| e.to_string()),
             Some(Command::Serve { .. }) if config.role == Role::Invalidator => Err(
                 "configuration key `role`: `invalidator` runs only as the Lambda function; \
@@ -133,7 +138,12 @@ fn main() -> ExitCode {
     })
 }
 
-async fn purge(config: &Config, urls: &[String], tags: &[String]) -> Result<(), String> {
+async fn purge(
+    config: &Config,
+    urls: &[String],
+    tags: &[String],
+    soft: bool,
+) -> Result<(), String> {
     if urls.is_empty() && tags.is_empty() {
         return Err("purge: name at least one --url or --tag".into());
     }
@@ -145,6 +155,7 @@ async fn purge(config: &Config, urls: &[String], tags: &[String]) -> Result<(), 
     let request = PurgeRequest {
         urls: urls.to_vec(),
         tags: tags.to_vec(),
+        soft,
     };
     request.validate().map_err(|e| e.to_string())?;
     let proxy = cachegate::build_proxy(config, Mode::Serve)
@@ -153,13 +164,14 @@ async fn purge(config: &Config, urls: &[String], tags: &[String]) -> Result<(), 
     let report = cachegate::invalidate::purge(&proxy, &request)
         .await
         .map_err(|e| e.to_string())?;
+    let did = if soft { "marked stale" } else { "removed" };
     for (url, n) in &report.urls {
-        println!("url {url}: removed {n}");
+        println!("url {url}: {did} {n}");
     }
     for (tag, n) in &report.tags {
-        println!("tag {tag}: removed {n}");
+        println!("tag {tag}: {did} {n}");
     }
-    println!("removed {} entries", report.removed);
+    println!("{did} {} entries", report.removed);
     if let Some(edge) = &report.edge {
         println!("{}", edge.summary());
     }

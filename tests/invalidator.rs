@@ -111,7 +111,7 @@ async fn purge_through_events(backend: &str) {
     let mut serve_env: Vec<(&str, &str)> =
         env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     // Without an L1 every request reads the shared backend, so what the
-    // invalidator removed shows at once (with one, after cache.l1_ttl).
+    // invalidator removed shows at once (with one, on DynamoDB, within cache.l1_check).
     serve_env.push(("CACHEGATE_CACHE__L1_TTL", "0s"));
     serve_env.push(("CACHEGATE_CACHE__DEFAULT_TTL", "300s"));
     let proxy = common::cachegate(&up.url, &serve_env);

@@ -263,7 +263,7 @@ async fn purge_cli_reaches_every_process(backend: &str) {
     let env = backend_env(backend, "purge");
     init(&env);
     let up = upstream().await;
-    // No L1: it would keep a copy for up to cache.l1_ttl after a purge made elsewhere.
+    // No L1: this is about the backend; tests/l1_coherence.rs is about the L1s.
     let a = start(&up.url, &env, &[("CACHEGATE_CACHE__L1_TTL", "0s")]);
     let b = start(&up.url, &env, &[("CACHEGATE_CACHE__L1_TTL", "0s")]);
     let id = std::process::id();

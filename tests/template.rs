@@ -1027,6 +1027,8 @@ fn check_invalidator(d: &Deployed) {
                 "dynamodb:DeleteItem",
                 "dynamodb:BatchWriteItem",
                 "dynamodb:PutItem",
+                "dynamodb:GetItem",
+                "dynamodb:BatchGetItem",
             ],
         ));
     }

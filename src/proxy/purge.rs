@@ -37,7 +37,7 @@ impl Proxy {
         tags.dedup();
         let mut purged = Vec::with_capacity(tags.len());
         for tag in tags {
-            match self.purge_tag(&tag).await {
+            match self.purge_tag(&tag, false).await {
                 Ok(_) => purged.push(tag),
                 Err(e) => {
                     tracing::warn!(error = %e, "invalidation after {} failed", why.as_str())
@@ -53,8 +53,10 @@ impl Proxy {
     /// its URL tag). First a mark that keeps fetches already in flight from
     /// storing their older responses under the tag (a timestamp check: it
     /// needs no coordination and costs a read per tag only on stores), then
-    /// the purge itself. Returns how many entries were removed.
-    pub async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError> {
+    /// the purge itself, which reaches every instance's L1 too. `soft`
+    /// marks the entries stale instead of removing them. Returns how many
+    /// entries were removed (or marked).
+    pub async fn purge_tag(&self, tag: &str, soft: bool) -> Result<u64, StoreError> {
         let now = now_millis();
         let mark = Record::PurgeMark(PurgeMark {
             purged_at: now,
@@ -63,7 +65,7 @@ impl Proxy {
         if let Err(e) = self.cache.put(&purge_mark_key(tag), &mark).await {
             tracing::warn!(error = %e, "could not leave a purge mark; an in-flight fetch may re-store an older response");
         }
-        self.cache.purge_tag(tag).await
+        self.cache.purge_tag(tag, soft).await
     }
 
     /// The tag naming every stored variant of `url` (a path with optional

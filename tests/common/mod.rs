@@ -217,6 +217,12 @@ pub struct Cachegate {
     pub url: String,
 }
 
+impl Cachegate {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Cachegate {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -75,9 +75,10 @@ use aws_sdk_dynamodb::types::{
 };
 use aws_sdk_dynamodb::Client;
 use bytes::{Bytes, BytesMut};
+use cachegate_store::coherence::{LOG_READ_MAX, LOG_RETENTION};
 use cachegate_store::{
-    is_expired, now_millis, CacheStore, Capabilities, LockToken, PutOptions, StoreError, StoreKey,
-    UnixMillis,
+    is_expired, now_millis, CacheStore, Capabilities, LockToken, PurgeFeed, PurgeLogEntry,
+    PurgeNotice, PutOptions, StoreError, StoreKey, UnixMillis,
 };
 use futures_util::{stream, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
@@ -277,6 +278,7 @@ pub async fn connect_with(
                 name: BACKEND,
                 max_value_bytes: cfg.max_value_bytes,
                 shared: true,
+                purge_feed: PurgeFeed::Log,
             },
         }),
     })
@@ -365,6 +367,25 @@ struct MemberItem {
     exp: UnixMillis,
     ttl: u64,
     w: String,
+}
+
+/// One purge in the purge log (`pk = "purge-log"`, `sk =
+/// "<at, 16 digits>#<id>"`): what other instances' L1s read.
+#[derive(Debug, Serialize, Deserialize)]
+struct PurgeLogItem {
+    pk: String,
+    sk: String,
+    /// The purged tag itself (not its hash): readers drop it from their L1.
+    tag: String,
+    soft: bool,
+    exp: UnixMillis,
+    ttl: u64,
+}
+
+const PURGE_LOG_PK: &str = "purge-log";
+
+fn purge_log_sk(at: UnixMillis, id: &str) -> String {
+    format!("{at:016}#{id}")
 }
 
 /// A lock (`pk = "lock#<key>"`, `sk = "l"`).
@@ -1188,31 +1209,7 @@ impl CacheStore for DynamoStore {
 
     async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError> {
         let pk = tag_pk(tag);
-        let mut members: Vec<(String, String)> = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let out = self
-                .inner
-                .client
-                .query()
-                .table_name(&self.inner.table)
-                .key_condition_expression("#pk = :pk")
-                .expression_attribute_names("#pk", "pk")
-                .expression_attribute_values(":pk", AttributeValue::S(pk.clone()))
-                .consistent_read(true)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| self.sdk_err("Query (tag members)", e))?;
-            for item in out.items.unwrap_or_default() {
-                let m: MemberItem = from_item(item, "tag member")?;
-                members.push((m.sk, m.w));
-            }
-            match out.last_evaluated_key {
-                Some(k) if !k.is_empty() => start = Some(k),
-                _ => break,
-            }
-        }
+        let members = self.query_members(&pk).await?;
 
         let tag_value = AttributeValue::S(tag_hash(tag));
         let removed: Vec<bool> = stream::iter(members.into_iter().map(|(member, w)| {
@@ -1272,6 +1269,110 @@ impl CacheStore for DynamoStore {
         .try_collect()
         .await?;
         Ok(removed.into_iter().filter(|l| *l).count() as u64)
+    }
+
+    async fn tag_members(&self, tag: &str) -> Result<Vec<StoreKey>, StoreError> {
+        let members = self.query_members(&tag_pk(tag)).await?;
+        Ok(members
+            .iter()
+            .filter_map(|(member, _)| StoreKey::parse(member))
+            .collect())
+    }
+
+    /// One log item per purge, kept [`LOG_RETENTION`].
+    async fn announce_purge(&self, notice: &PurgeNotice) -> Result<(), StoreError> {
+        let at = now_millis();
+        let id = LockToken::generate();
+        let exp = at + LOG_RETENTION.as_millis() as u64;
+        let item = to_item(&PurgeLogItem {
+            pk: PURGE_LOG_PK.into(),
+            sk: purge_log_sk(at, id.as_str()),
+            tag: notice.tag.clone(),
+            soft: notice.soft,
+            exp,
+            ttl: ttl_secs(exp),
+        })?;
+        self.inner
+            .client
+            .put_item()
+            .table_name(&self.inner.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| self.sdk_err("PutItem (purge log)", e))?;
+        Ok(())
+    }
+
+    /// One Query (consistent: a purge logged a moment ago is seen), more
+    /// only past 1 MB of items; at most [`LOG_READ_MAX`] entries.
+    async fn read_purge_log(&self, since: UnixMillis) -> Result<Vec<PurgeLogEntry>, StoreError> {
+        let mut entries = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let out = self
+                .inner
+                .client
+                .query()
+                .table_name(&self.inner.table)
+                .key_condition_expression("#pk = :pk AND #sk >= :since")
+                .expression_attribute_names("#pk", "pk")
+                .expression_attribute_names("#sk", "sk")
+                .expression_attribute_values(":pk", AttributeValue::S(PURGE_LOG_PK.into()))
+                .expression_attribute_values(":since", AttributeValue::S(format!("{since:016}")))
+                .consistent_read(true)
+                .limit((LOG_READ_MAX - entries.len()) as i32)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| self.sdk_err("Query (purge log)", e))?;
+            for item in out.items.unwrap_or_default() {
+                let logged: PurgeLogItem = from_item(item, "purge log")?;
+                let (at, id) = logged.sk.split_once('#').unwrap_or((&logged.sk, ""));
+                entries.push(PurgeLogEntry {
+                    at: at.parse().unwrap_or(0),
+                    id: id.to_owned(),
+                    notice: PurgeNotice {
+                        tag: logged.tag,
+                        soft: logged.soft,
+                    },
+                });
+            }
+            match out.last_evaluated_key {
+                Some(k) if !k.is_empty() && entries.len() < LOG_READ_MAX => start = Some(k),
+                _ => return Ok(entries),
+            }
+        }
+    }
+}
+
+impl DynamoStore {
+    /// Every member item of the tag set `pk`: (member key, write id).
+    async fn query_members(&self, pk: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let mut members: Vec<(String, String)> = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let out = self
+                .inner
+                .client
+                .query()
+                .table_name(&self.inner.table)
+                .key_condition_expression("#pk = :pk")
+                .expression_attribute_names("#pk", "pk")
+                .expression_attribute_values(":pk", AttributeValue::S(pk.to_owned()))
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| self.sdk_err("Query (tag members)", e))?;
+            for item in out.items.unwrap_or_default() {
+                let m: MemberItem = from_item(item, "tag member")?;
+                members.push((m.sk, m.w));
+            }
+            match out.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => return Ok(members),
+            }
+        }
     }
 }
 

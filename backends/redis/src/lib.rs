@@ -59,15 +59,16 @@ mod config;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, RwLock};
+use std::sync::{Arc, LazyLock, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use cachegate_store::{
-    is_expired, now_millis, CacheStore, Capabilities, LockToken, PutOptions, StoreError, StoreKey,
-    UnixMillis,
+    is_expired, now_millis, CacheStore, Capabilities, LockToken, PurgeFeed, PurgeListener,
+    PurgeNotice, PutOptions, StoreError, StoreKey, UnixMillis,
 };
+use futures_util::StreamExt;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
@@ -268,6 +269,12 @@ impl Drop for InFlight<'_> {
 #[derive(Clone)]
 pub struct RedisStore {
     shared: Arc<Shared>,
+    /// Where purge subscriptions go: the server, or each configured node
+    /// of a cluster in turn (see [`RedisStore::watch_purges`]).
+    subscribe_via: Arc<[Client]>,
+    /// The purge channel: `P` `purges`.
+    channel: Arc<str>,
+    connect_timeout: Duration,
     prefix: Arc<str>,
     target: Arc<str>,
     cluster: bool,
@@ -719,6 +726,136 @@ impl CacheStore for RedisStore {
             self.forget_members(&set, &members).await?;
         }
     }
+
+    async fn tag_members(&self, tag: &str) -> Result<Vec<StoreKey>, StoreError> {
+        let mut conn = self.conn();
+        let members: Vec<String> = self
+            .run(
+                "ZRANGE",
+                redis::cmd("ZRANGE")
+                    .arg(self.tag_key(tag))
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(members.iter().filter_map(|m| StoreKey::parse(m)).collect())
+    }
+
+    /// PUBLISH on the purge channel. On a cluster, a PUBLISH reaches the
+    /// subscribers of every node (the cluster bus forwards it).
+    async fn announce_purge(&self, notice: &PurgeNotice) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        self.run(
+            "PUBLISH",
+            redis::cmd("PUBLISH")
+                .arg(&*self.channel)
+                .arg(notice.encode())
+                .query_async::<i64>(&mut conn),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// A task of its own keeps one SUBSCRIBE connection to the purge
+    /// channel, pinged every [`SUBSCRIPTION_PING_EVERY`] (a connection that
+    /// went silent would otherwise look subscribed forever). It tells the
+    /// listener when the subscription is made and when it is lost, and
+    /// makes it again (on a cluster, through the next node) until the
+    /// listener is dropped.
+    fn watch_purges(&self, listener: Weak<dyn PurgeListener>) {
+        tokio::spawn(keep_subscribed(
+            self.subscribe_via.clone(),
+            self.channel.clone(),
+            listener,
+            self.connect_timeout.max(self.response_timeout),
+        ));
+    }
+}
+
+/// How often the purge subscription's connection is pinged.
+const SUBSCRIPTION_PING_EVERY: Duration = Duration::from_secs(1);
+
+/// Classic pub/sub on one channel rather than sharded (SSUBSCRIBE): every
+/// node of a cluster delivers every PUBLISH, so a subscription through any
+/// node (the configuration endpoint's, or the next one after a failover)
+/// hears every purge, with no slot to follow. Purges are rare next to
+/// requests, so the cluster bus carrying each to every node costs nothing
+/// that matters.
+async fn keep_subscribed(
+    via: Arc<[Client]>,
+    channel: Arc<str>,
+    listener: Weak<dyn PurgeListener>,
+    limit: Duration,
+) {
+    let mut attempt = 0usize;
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        if listener.strong_count() == 0 {
+            return;
+        }
+        let client = &via[attempt % via.len()];
+        attempt += 1;
+        let made = tokio::time::timeout(limit, async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&*channel).await?;
+            Ok::<_, RedisError>(pubsub)
+        })
+        .await;
+        let pubsub = match made {
+            Ok(Ok(pubsub)) => pubsub,
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {limit:?}"),
+                };
+                tracing::debug!(
+                    backend = BACKEND,
+                    error,
+                    "purge subscription failed; retrying"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(20);
+        let Some(l) = listener.upgrade() else { return };
+        l.subscribed(true).await;
+        drop(l);
+        let (mut sink, mut stream) = pubsub.split();
+        let mut ping = tokio::time::interval(SUBSCRIPTION_PING_EVERY);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                msg = stream.next() => {
+                    let Some(msg) = msg else { break };
+                    let Some(l) = listener.upgrade() else { return };
+                    match PurgeNotice::decode(msg.get_payload_bytes()) {
+                        Some(notice) => l.purged(notice).await,
+                        // Not ours (someone else publishing on the channel):
+                        // flushing is the safe reading of it.
+                        None => l.subscribed(true).await,
+                    }
+                }
+                _ = ping.tick() => {
+                    if listener.strong_count() == 0 {
+                        return;
+                    }
+                    let pong = tokio::time::timeout(limit, sink.ping::<Value>()).await;
+                    if !matches!(pong, Ok(Ok(_))) {
+                        break;
+                    }
+                }
+            }
+        }
+        let Some(l) = listener.upgrade() else { return };
+        tracing::warn!(
+            backend = BACKEND,
+            "redis purge subscription lost; subscribing again"
+        );
+        l.subscribed(false).await;
+    }
 }
 
 // --- connecting ---
@@ -877,6 +1014,17 @@ pub async fn connect(cfg: &RedisConfig) -> Result<RedisStore, ConnectError> {
         .iter()
         .map(|u| connection_info(u, cfg))
         .collect::<Result<Vec<_>, _>>()?;
+    let subscribe_via = infos
+        .iter()
+        .map(|info| match &certs {
+            Some(certs) => Client::build_with_tls(info.clone(), certs.clone()),
+            None => Client::open(info.clone()),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ConnectError::Config {
+            field: "url",
+            message: e.to_string(),
+        })?;
 
     // The whole start-up is bounded too: the libraries' own retries could
     // otherwise add up to several connect timeouts.
@@ -895,6 +1043,9 @@ pub async fn connect(cfg: &RedisConfig) -> Result<RedisStore, ConnectError> {
             stalled: AtomicU32::new(0),
             last_replaced: Mutex::new(None),
         }),
+        subscribe_via: subscribe_via.into(),
+        channel: format!("{}purges", cfg.key_prefix).into(),
+        connect_timeout: cfg.connect_timeout,
         cluster: cfg.cluster,
         prefix: cfg.key_prefix.as_str().into(),
         target: target.as_str().into(),
@@ -903,6 +1054,7 @@ pub async fn connect(cfg: &RedisConfig) -> Result<RedisStore, ConnectError> {
             name: BACKEND,
             max_value_bytes,
             shared: true,
+            purge_feed: PurgeFeed::Push,
         },
     };
     // One real command, so a server that accepts connections but refuses

@@ -14,7 +14,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::{CacheStore, Capabilities, LockToken, PutOptions, StoreError, StoreKey};
+use crate::{
+    CacheStore, Capabilities, LockToken, PurgeListener, PurgeLogEntry, PurgeNotice, PutOptions,
+    StoreError, StoreKey, UnixMillis,
+};
 
 /// Time bounds and breaker settings of one backend.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -213,6 +216,22 @@ impl CacheStore for GuardedStore {
     }
     async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError> {
         self.run(self.config.purge_timeout, self.inner.purge_tag(tag))
+            .await
+    }
+    async fn tag_members(&self, tag: &str) -> Result<Vec<StoreKey>, StoreError> {
+        self.run(self.config.purge_timeout, self.inner.tag_members(tag))
+            .await
+    }
+    async fn announce_purge(&self, notice: &PurgeNotice) -> Result<(), StoreError> {
+        self.run(self.config.write_timeout, self.inner.announce_purge(notice))
+            .await
+    }
+    fn watch_purges(&self, listener: std::sync::Weak<dyn PurgeListener>) {
+        self.inner.watch_purges(listener)
+    }
+    /// On the request path (when a read is due), so bounded like a read.
+    async fn read_purge_log(&self, since: UnixMillis) -> Result<Vec<PurgeLogEntry>, StoreError> {
+        self.run(self.config.read_timeout, self.inner.read_purge_log(since))
             .await
     }
 }

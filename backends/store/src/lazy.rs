@@ -9,14 +9,17 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{Mutex, OnceCell};
 
-use crate::{CacheStore, Capabilities, LockToken, PutOptions, StoreError, StoreKey};
+use crate::{
+    CacheStore, Capabilities, LockToken, PurgeListener, PurgeLogEntry, PurgeNotice, PutOptions,
+    StoreError, StoreKey, UnixMillis,
+};
 
 /// Makes a connected store, or says why it could not (no secrets in it).
 pub type Connect = Arc<
@@ -32,6 +35,9 @@ pub struct LazyStore {
     /// Serialises attempts and remembers when the last one failed.
     last_failure: Mutex<Option<Instant>>,
     retry_every: Duration,
+    /// Handed to the store once connected (the L1 stays bypassed until
+    /// its subscription is live).
+    purge_listener: OnceLock<Weak<dyn PurgeListener>>,
 }
 
 impl fmt::Debug for LazyStore {
@@ -52,6 +58,7 @@ impl LazyStore {
             connect,
             last_failure: Mutex::new(None),
             retry_every,
+            purge_listener: OnceLock::new(),
         }
     }
 
@@ -77,6 +84,9 @@ impl LazyStore {
             Ok(store) => {
                 tracing::info!(backend = self.caps.name, "cache backend connected");
                 *last_failure = None;
+                if let Some(listener) = self.purge_listener.get() {
+                    store.watch_purges(listener.clone());
+                }
                 let _ = self.connected.set(store);
                 Ok(self.connected.get().expect("just set"))
             }
@@ -115,6 +125,23 @@ impl CacheStore for LazyStore {
     }
     async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError> {
         self.store().await?.purge_tag(tag).await
+    }
+    async fn tag_members(&self, tag: &str) -> Result<Vec<StoreKey>, StoreError> {
+        self.store().await?.tag_members(tag).await
+    }
+    async fn announce_purge(&self, notice: &PurgeNotice) -> Result<(), StoreError> {
+        self.store().await?.announce_purge(notice).await
+    }
+    fn watch_purges(&self, listener: Weak<dyn PurgeListener>) {
+        match self.connected.get() {
+            Some(store) => store.watch_purges(listener),
+            None => {
+                let _ = self.purge_listener.set(listener);
+            }
+        }
+    }
+    async fn read_purge_log(&self, since: UnixMillis) -> Result<Vec<PurgeLogEntry>, StoreError> {
+        self.store().await?.read_purge_log(since).await
     }
 }
 

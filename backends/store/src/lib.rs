@@ -10,6 +10,7 @@
 //! A new backend implements [`CacheStore`] and adds one line to its tests:
 //! `cachegate_store::conformance_tests!(make_store());`.
 
+pub mod coherence;
 pub mod guard;
 pub mod key;
 pub mod lazy;
@@ -26,6 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use coherence::{PurgeFeed, PurgeListener, PurgeLogEntry, PurgeNotice};
 pub use key::StoreKey;
 pub use record::{DecodeError, Entry, PurgeMark, Record, VaryIndex};
 
@@ -58,6 +60,9 @@ pub struct Capabilities {
     /// True when other processes see what this one stores (Redis, DynamoDB).
     /// A shared store's lock coordinates instances; a local one's only this process.
     pub shared: bool,
+    /// How the L1s of other instances hear of purges made through this
+    /// backend (see [`coherence`]).
+    pub purge_feed: PurgeFeed,
 }
 
 /// Options of one put.
@@ -166,4 +171,38 @@ pub trait CacheStore: Send + Sync + fmt::Debug + 'static {
     /// Remove every value stored with `tag` (and nothing else). Returns how
     /// many live values were removed.
     async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError>;
+
+    /// The keys that may hold a value stored with `tag` (a candidate list:
+    /// some may since have been overwritten without it, or have expired).
+    /// Soft purges read it. Default: unsupported (a soft purge then
+    /// purges hard).
+    async fn tag_members(&self, tag: &str) -> Result<Vec<StoreKey>, StoreError> {
+        let _ = tag;
+        Err(StoreError::backend(
+            self.capabilities().name,
+            "cannot list a tag's members",
+        ))
+    }
+
+    /// Tell the other instances' L1s of a purge made here: published
+    /// ([`PurgeFeed::Push`]) or appended to the purge log
+    /// ([`PurgeFeed::Log`]). Default: nobody to tell.
+    async fn announce_purge(&self, notice: &PurgeNotice) -> Result<(), StoreError> {
+        let _ = notice;
+        Ok(())
+    }
+
+    /// [`PurgeFeed::Push`] backends: deliver every purge announced from now
+    /// on to `listener`, and tell it whenever the subscription is lost or
+    /// made again, until the listener is dropped. Default: nothing.
+    fn watch_purges(&self, listener: std::sync::Weak<dyn PurgeListener>) {
+        let _ = listener;
+    }
+
+    /// [`PurgeFeed::Log`] backends: the purges logged at or after `since`,
+    /// oldest first, at most [`coherence::LOG_READ_MAX`]. Default: none.
+    async fn read_purge_log(&self, since: UnixMillis) -> Result<Vec<PurgeLogEntry>, StoreError> {
+        let _ = since;
+        Ok(Vec::new())
+    }
 }

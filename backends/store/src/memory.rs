@@ -2,7 +2,8 @@
 //! expiry. The default store, and the L1 in front of the shared ones (a
 //! Lambda execution context outlives one invocation, so it keeps paying off).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,8 +13,8 @@ use moka::future::Cache;
 use moka::notification::RemovalCause;
 
 use crate::{
-    is_expired, now_millis, CacheStore, Capabilities, LockToken, PutOptions, StoreError, StoreKey,
-    UnixMillis,
+    is_expired, now_millis, CacheStore, Capabilities, LockToken, PurgeFeed, PutOptions, StoreError,
+    StoreKey, UnixMillis,
 };
 
 /// Fixed per-entry overhead counted against the byte budget besides the
@@ -26,15 +27,21 @@ struct Stored {
     value: Bytes,
     expires_at: UnixMillis,
     tags: Arc<[String]>,
+    /// Which put stored it: the tag index names the put that recorded each
+    /// member, so removing an old value (replaced, invalidated by a flush,
+    /// evicted) never unrecords the same key stored again since.
+    put: u64,
 }
 
-type TagIndex = Arc<Mutex<HashMap<String, HashSet<StoreKey>>>>;
+/// Tag -> the keys stored with it, each with the put that recorded it.
+type TagIndex = Arc<Mutex<HashMap<String, HashMap<StoreKey, u64>>>>;
 
 /// In-process store. Cloning shares the same cache.
 #[derive(Clone)]
 pub struct MemoryStore {
     cache: Cache<StoreKey, Stored>,
     tags: TagIndex,
+    puts: Arc<AtomicU64>,
     locks: Arc<Mutex<HashMap<StoreKey, (LockToken, Instant)>>>,
     caps: Capabilities,
 }
@@ -84,15 +91,16 @@ impl MemoryStore {
                     .unwrap_or(u32::MAX)
             })
             .expire_after(ExpiresAt)
-            .eviction_listener(move |key: Arc<StoreKey>, v: Stored, cause| {
-                // A replaced value re-registers its own tags on put.
-                if cause == RemovalCause::Replaced {
-                    return;
-                }
+            .eviction_listener(move |key: Arc<StoreKey>, v: Stored, _: RemovalCause| {
+                // Only this put's records: a newer put of the key recorded
+                // its own (and, for a replaced value, the tags it dropped
+                // are unrecorded here).
                 let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
                 for tag in v.tags.iter() {
                     if let Some(set) = index.get_mut(tag) {
-                        set.remove(&key);
+                        if set.get(&*key) == Some(&v.put) {
+                            set.remove(&*key);
+                        }
                         if set.is_empty() {
                             index.remove(tag);
                         }
@@ -103,11 +111,13 @@ impl MemoryStore {
         MemoryStore {
             cache,
             tags,
+            puts: Arc::default(),
             locks: Arc::default(),
             caps: Capabilities {
                 name: "memory",
                 max_value_bytes,
                 shared: false,
+                purge_feed: PurgeFeed::Local,
             },
         }
     }
@@ -115,6 +125,12 @@ impl MemoryStore {
     /// Entries currently held (approximate until moka runs its housekeeping).
     pub fn entry_count(&self) -> u64 {
         self.cache.entry_count()
+    }
+
+    /// Drop every value at once (locks are kept). Their tag records go as
+    /// moka removes them.
+    pub fn clear(&self) {
+        self.cache.invalidate_all();
     }
 }
 
@@ -145,16 +161,21 @@ impl CacheStore for MemoryStore {
             self.cache.invalidate(key).await;
             return Ok(());
         }
+        let put = self.puts.fetch_add(1, Ordering::Relaxed);
         {
             let mut index = self.tags.lock().unwrap_or_else(|p| p.into_inner());
             for tag in &opts.tags {
-                index.entry(tag.clone()).or_default().insert(key.clone());
+                index
+                    .entry(tag.clone())
+                    .or_default()
+                    .insert(key.clone(), put);
             }
         }
         let stored = Stored {
             value,
             expires_at: opts.expires_at,
             tags: opts.tags.clone().into(),
+            put,
         };
         self.cache.insert(key.clone(), stored).await;
         Ok(())
@@ -206,7 +227,7 @@ impl CacheStore for MemoryStore {
             index.remove(tag).unwrap_or_default()
         };
         let mut removed = 0;
-        for key in members {
+        for key in members.into_keys() {
             // The key may have been re-stored since without this tag.
             let Some(current) = self.cache.get(&key).await else {
                 continue;
@@ -219,5 +240,13 @@ impl CacheStore for MemoryStore {
             }
         }
         Ok(removed)
+    }
+
+    async fn tag_members(&self, tag: &str) -> Result<Vec<StoreKey>, StoreError> {
+        let index = self.tags.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(index
+            .get(tag)
+            .map(|set| set.keys().cloned().collect())
+            .unwrap_or_default())
     }
 }

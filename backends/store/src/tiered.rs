@@ -7,9 +7,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::coherence::{Subscriber, L1};
 use crate::guard::{BreakerState, GuardedStore};
 use crate::memory::MemoryStore;
-use crate::{now_millis, CacheStore, LockToken, PutOptions, Record, StoreError, StoreKey};
+use crate::{
+    now_millis, CacheStore, LockToken, PurgeFeed, PurgeListener, PurgeNotice, PutOptions, Record,
+    StoreError, StoreKey,
+};
 
 /// Counters of what went wrong below the proxy, for metrics and tests.
 #[derive(Debug, Default)]
@@ -44,24 +48,65 @@ pub struct Lookup {
     pub error: Option<StoreError>,
 }
 
-/// Records over a guarded main backend, with an optional L1.
+/// The optional L1 of a [`TieredCache`].
+#[derive(Debug, Clone)]
+pub struct L1Config {
+    /// The in-process store.
+    pub store: MemoryStore,
+    /// How long it may keep a copy of what the main backend holds.
+    pub ttl: Duration,
+    /// How often a purge log is read, for backends that keep one
+    /// ([`PurgeFeed::Log`]).
+    pub check_every: Duration,
+}
+
+/// Records over a guarded main backend, with an optional L1 that hears of
+/// purges made by other instances through the backend ([`crate::coherence`]).
 #[derive(Debug, Clone)]
 pub struct TieredCache {
     main: GuardedStore,
-    l1: Option<(MemoryStore, Duration)>,
+    l1: Option<Arc<L1>>,
+    /// Keeps the push subscription's listener alive as long as the cache.
+    _subscriber: Option<Arc<dyn PurgeListener>>,
+    /// The stale window a soft purge gives entries that name none.
+    soft_purge_window: Duration,
     stats: Arc<CacheStats>,
 }
 
 impl TieredCache {
-    /// `l1`: an in-process store and how long it may keep a copy of what
-    /// the main backend holds (which bounds how long a purge made by another
-    /// instance can go unseen here).
-    pub fn new(main: GuardedStore, l1: Option<(MemoryStore, Duration)>) -> Self {
+    /// With a push backend, subscribes to its purges (needs a Tokio runtime).
+    pub fn new(main: GuardedStore, l1: Option<L1Config>) -> Self {
+        let feed = main.capabilities().purge_feed;
+        let l1 = l1.map(|c| Arc::new(L1::new(c.store, c.ttl, feed, c.check_every)));
+        let subscriber = match (&l1, feed) {
+            (Some(l1), PurgeFeed::Push) => {
+                let listener: Arc<dyn PurgeListener> = Arc::new(Subscriber(l1.clone()));
+                main.watch_purges(Arc::downgrade(&listener));
+                Some(listener)
+            }
+            _ => None,
+        };
         TieredCache {
             main,
             l1,
+            _subscriber: subscriber,
+            soft_purge_window: Duration::ZERO,
             stats: Arc::default(),
         }
+    }
+
+    /// The stale-while-revalidate window a soft purge gives an entry whose
+    /// response named none (`cache.stale_while_revalidate`). Default 0: such
+    /// an entry is removed.
+    pub fn with_soft_purge_window(mut self, window: Duration) -> Self {
+        self.soft_purge_window = window;
+        self
+    }
+
+    /// The L1 may answer now (for a log backend: after a read that is due).
+    async fn l1_usable(&self) -> Option<&L1> {
+        let l1 = self.l1.as_deref()?;
+        l1.usable(&self.main).await.then_some(l1)
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -95,12 +140,16 @@ impl TieredCache {
     }
 
     pub async fn get(&self, key: &StoreKey) -> Lookup {
-        if let Some((l1, _)) = &self.l1 {
+        let l1 = self.l1_usable().await;
+        // Read before the backend: a purge applied meanwhile moves it, and
+        // what the backend returned from before that purge is not kept.
+        let generation = l1.map(|l1| l1.generation());
+        if let Some(l1) = l1 {
             // The L1 is in-process memory: it cannot fail. Its copy of a
             // stale entry is not used: the shared store may hold a fresher
             // one another instance stored.
             let now = now_millis();
-            match self.live(l1.get(key).await.ok().flatten()) {
+            match self.live(l1.store.get(key).await.ok().flatten()) {
                 Some((Record::Entry(e), _)) if !e.is_fresh(now) => {}
                 Some((record, _)) => {
                     return Lookup {
@@ -115,7 +164,9 @@ impl TieredCache {
         match self.main.get(key).await {
             Ok(found) => match self.live(found) {
                 Some((record, bytes)) => {
-                    self.fill_l1(key, &record, bytes).await;
+                    if let (Some(l1), Some(generation)) = (l1, generation) {
+                        fill_l1(l1, generation, key, &record, bytes).await;
+                    }
                     Lookup {
                         record: Some(record),
                         tier: Some(Tier::Main),
@@ -139,18 +190,6 @@ impl TieredCache {
         }
     }
 
-    async fn fill_l1(&self, key: &StoreKey, record: &Record, bytes: Bytes) {
-        if let Some((l1, ttl)) = &self.l1 {
-            let opts = PutOptions {
-                expires_at: record
-                    .expires_at()
-                    .min(now_millis() + ttl.as_millis() as u64),
-                tags: tags_of(record),
-            };
-            let _ = l1.put(key, bytes, &opts).await;
-        }
-    }
-
     /// Store a record in the main backend (and the L1). A record larger
     /// than the backend takes is refused with [`StoreError::TooLarge`]
     /// before any I/O.
@@ -169,27 +208,118 @@ impl TieredCache {
             expires_at: record.expires_at(),
             tags: tags_of(record),
         };
+        let l1 = self.l1_usable().await;
+        let generation = l1.map(|l1| l1.generation());
         let result = self.main.put(key, bytes.clone(), &opts).await;
         match &result {
-            Ok(()) => self.fill_l1(key, record, bytes).await,
+            Ok(()) => {
+                if let (Some(l1), Some(generation)) = (l1, generation) {
+                    fill_l1(l1, generation, key, record, bytes).await;
+                }
+            }
             Err(_) => CacheStats::bump(&self.stats.backend_errors),
         }
         result
     }
 
     pub async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        if let Some((l1, _)) = &self.l1 {
-            let _ = l1.delete(key).await;
+        if let Some(l1) = &self.l1 {
+            let _ = l1.store.delete(key).await;
         }
         self.main.delete(key).await
     }
 
-    /// Purge a tag in the main backend and in this process's L1.
-    pub async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError> {
-        if let Some((l1, _)) = &self.l1 {
-            let _ = l1.purge_tag(tag).await;
+    /// Purge a tag in the main backend, in this process's L1, and (through
+    /// the backend) in every other instance's L1. Hard: the entries are
+    /// removed. Soft: they are marked stale, answerable within their own
+    /// stale-while-revalidate window counted from now (or the
+    /// [soft purge window](Self::with_soft_purge_window)); an entry with
+    /// neither is removed. L1s drop their copies either way. Returns how
+    /// many entries were removed or marked.
+    pub async fn purge_tag(&self, tag: &str, soft: bool) -> Result<u64, StoreError> {
+        if let Some(l1) = &self.l1 {
+            l1.drop_tag(tag).await;
         }
-        self.main.purge_tag(tag).await
+        let n = if soft {
+            self.soft_purge_main(tag).await?
+        } else {
+            self.main.purge_tag(tag).await?
+        };
+        if let Some(l1) = &self.l1 {
+            // Again: a request of this process may have refilled it from
+            // the backend before the purge there was done.
+            l1.drop_tag(tag).await;
+        }
+        // After the backend's purge: an instance that drops its copy on
+        // the notice must not find the old entry in the backend.
+        let notice = PurgeNotice {
+            tag: tag.to_owned(),
+            soft,
+        };
+        self.main.announce_purge(&notice).await.map_err(|e| {
+            StoreError::backend(
+                self.backend_name(),
+                format!("purged, but other instances' L1s were not told: {e}"),
+            )
+        })?;
+        Ok(n)
+    }
+
+    /// Mark every entry carrying `tag` stale in the main backend. An entry
+    /// with no stale window is removed; so is everything when the backend
+    /// cannot list a tag's members.
+    async fn soft_purge_main(&self, tag: &str) -> Result<u64, StoreError> {
+        let members = match self.main.tag_members(tag).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "soft purge cannot list the tag; purging hard");
+                return self.main.purge_tag(tag).await;
+            }
+        };
+        let mut marked = 0;
+        for key in members {
+            let Some(bytes) = self.main.get(&key).await? else {
+                continue;
+            };
+            let Ok(Record::Entry(mut entry)) = Record::decode(&bytes) else {
+                continue;
+            };
+            if !entry.tags.iter().any(|t| t == tag) {
+                continue; // overwritten since without the tag
+            }
+            let now = now_millis();
+            if !entry.is_fresh(now) {
+                // Already stale: nothing to mark; it is answered (or not) as it is.
+                continue;
+            }
+            let own = entry
+                .stale_while_revalidate_until
+                .saturating_sub(entry.fresh_until);
+            let window = if own > 0 {
+                own
+            } else {
+                self.soft_purge_window.as_millis() as u64
+            };
+            if window == 0 {
+                if self.main.delete(&key).await? {
+                    marked += 1;
+                }
+                continue;
+            }
+            entry.fresh_until = now;
+            entry.stale_while_revalidate_until = now + window;
+            // A put that replaced the entry between the read and this write
+            // is overwritten by the older one marked stale: it is answered
+            // stale at most `window` while the refresh runs, as the purge asked.
+            let record = Record::Entry(entry);
+            let opts = PutOptions {
+                expires_at: record.expires_at(),
+                tags: tags_of(&record),
+            };
+            self.main.put(&key, record.encode(), &opts).await?;
+            marked += 1;
+        }
+        Ok(marked)
     }
 
     pub async fn try_lock(
@@ -202,6 +332,29 @@ impl TieredCache {
 
     pub async fn unlock(&self, key: &StoreKey, token: &LockToken) -> Result<bool, StoreError> {
         self.main.unlock(key, token).await
+    }
+}
+
+/// Keep a copy of what the backend holds in the L1, unless a purge was
+/// applied to the L1 since `generation` was read. Purge marks stay out:
+/// an older copy here would hide a newer mark another instance left.
+async fn fill_l1(l1: &L1, generation: u64, key: &StoreKey, record: &Record, bytes: Bytes) {
+    if matches!(record, Record::PurgeMark(_)) {
+        return;
+    }
+    let opts = PutOptions {
+        expires_at: record
+            .expires_at()
+            .min(now_millis() + l1.ttl.as_millis() as u64),
+        tags: tags_of(record),
+    };
+    if l1.generation() != generation {
+        return;
+    }
+    let _ = l1.store.put(key, bytes, &opts).await;
+    if l1.generation() != generation {
+        // A purge ran during the put: it may have missed this copy.
+        let _ = l1.store.delete(key).await;
     }
 }
 
