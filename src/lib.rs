@@ -8,13 +8,14 @@
 //! - [`serve`] and [`lambda`]: thin adapters over [`proxy::Proxy::handle`].
 //! - [`invalidate`]: purging by URL and tag (`cachegate purge`) and the
 //!   invalidator role's Lambda handler (EventBridge, SQS).
+//! - [`output`]: the command line's output, quiet on a closed pipe.
 
 pub mod backend;
-pub mod bench;
 pub mod config;
 pub mod invalidate;
 pub mod key;
 pub mod lambda;
+pub mod output;
 pub mod policy;
 pub mod proxy;
 pub mod routes;
@@ -36,6 +37,19 @@ pub enum StartError {
     Backend(#[from] backend::BackendError),
     #[error("upstream client: {0}")]
     Client(#[from] reqwest::Error),
+}
+
+impl StartError {
+    /// The process's exit status for this error: 2 for a configuration or
+    /// setup that cannot work (as for a bad configuration key), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Config(_)
+            | StartError::Backend(backend::BackendError::NotBuilt(_))
+            | StartError::Backend(backend::BackendError::Setup(_)) => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// Build the proxy for `config`: routes, cache backend, upstream client.
