@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cachegate_store::guard::GuardedStore;
 #[cfg(any(feature = "redis", feature = "dynamodb"))]
-use cachegate_store::lazy::{Connect, LazyStore};
+use cachegate_store::lazy::{Connect, ConnectFailure, LazyStore};
 use cachegate_store::memory::MemoryStore;
 use cachegate_store::tiered::{L1Config, TieredCache};
 use cachegate_store::CacheStore;
@@ -23,6 +23,10 @@ pub enum BackendError {
     NotBuilt(&'static str),
     #[error("{0}")]
     Connect(String),
+    /// Something outside cachegate's own configuration that the backend
+    /// needs and does not have (no AWS region): start-up stops, exit 2.
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// Largest entry the memory store takes: bounded by the entry limit and a
@@ -64,19 +68,38 @@ const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 /// Connect now if possible; otherwise start without the cache (every
 /// operation a miss) and keep trying in the background of requests. A cache
 /// that is down when a Lambda instance starts must not fail the instance.
+/// The failure is logged here, once, saying whether it is permanent (fix
+/// the setup) or transient (it is retried); the retries log only a change.
 #[cfg(any(feature = "redis", feature = "dynamodb"))]
 async fn connect_or_defer(caps: Capabilities, connect: Connect) -> Arc<dyn CacheStore> {
     match connect().await {
         Ok(store) => store,
-        Err(e) => {
+        Err(failure) => {
+            let lazy = LazyStore::new(
+                caps.clone(),
+                connect,
+                RECONNECT_EVERY,
+                Some(failure.clone()),
+            );
             tracing::error!(
                 backend = caps.name,
-                error = %e,
-                retry_every = ?RECONNECT_EVERY,
+                error = %failure.message,
+                failure = failure.kind(),
+                retry_every = ?lazy.retry_after(&failure),
                 "cache backend unreachable at start-up; serving without it until it connects"
             );
-            Arc::new(LazyStore::new(caps, connect, RECONNECT_EVERY))
+            Arc::new(lazy)
         }
+    }
+}
+
+#[cfg(feature = "redis")]
+fn redis_failure(e: cachegate_redis::ConnectError) -> ConnectFailure {
+    use cachegate_redis::ConnectError as E;
+    let permanent = matches!(e, E::Config { .. } | E::CaFile { .. } | E::Auth { .. });
+    ConnectFailure {
+        message: e.to_string(),
+        permanent,
     }
 }
 
@@ -94,7 +117,7 @@ async fn connect_redis(config: &Config) -> Result<Arc<dyn CacheStore>, BackendEr
         Box::pin(async move {
             let store = cachegate_redis::connect(&cfg)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(redis_failure)?;
             Ok(Arc::new(store) as Arc<dyn CacheStore>)
         })
     });
@@ -107,6 +130,12 @@ async fn connect_redis(_: &Config) -> Result<Arc<dyn CacheStore>, BackendError> 
 }
 
 #[cfg(feature = "dynamodb")]
+fn dynamodb_failure(e: cachegate_dynamodb::ConnectError) -> ConnectFailure {
+    // Making the client contacts nothing: every failure here is setup.
+    ConnectFailure::permanent(e.to_string())
+}
+
+#[cfg(feature = "dynamodb")]
 async fn connect_dynamodb(config: &Config) -> Result<Arc<dyn CacheStore>, BackendError> {
     let cfg = config.dynamodb.clone();
     let caps = Capabilities {
@@ -115,16 +144,32 @@ async fn connect_dynamodb(config: &Config) -> Result<Arc<dyn CacheStore>, Backen
         shared: true,
         purge_feed: PurgeFeed::Log,
     };
+    // Making the client reads the region from the SDK's sources (env,
+    // profile, instance metadata) and contacts no table; without a region
+    // no call can work, so start-up stops and says so.
+    let first = match cachegate_dynamodb::connect(&cfg).await {
+        Ok(store) => return Ok(Arc::new(store)),
+        Err(e @ cachegate_dynamodb::ConnectError::NoRegion) => {
+            return Err(BackendError::Setup(format!("dynamodb: {e}")))
+        }
+        Err(e) => dynamodb_failure(e),
+    };
     let connect: Connect = Arc::new(move || {
         let cfg = cfg.clone();
         Box::pin(async move {
             let store = cachegate_dynamodb::connect(&cfg)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(dynamodb_failure)?;
             Ok(Arc::new(store) as Arc<dyn CacheStore>)
         })
     });
-    Ok(connect_or_defer(caps, connect).await)
+    tracing::error!(backend = caps.name, error = %first.message, failure = first.kind(), "cache backend unusable at start-up; serving without it");
+    Ok(Arc::new(LazyStore::new(
+        caps,
+        connect,
+        RECONNECT_EVERY,
+        Some(first),
+    )))
 }
 
 #[cfg(not(feature = "dynamodb"))]
@@ -136,7 +181,7 @@ async fn connect_dynamodb(_: &Config) -> Result<Arc<dyn CacheStore>, BackendErro
 pub async fn init(config: &Config) -> Result<(), BackendError> {
     match config.backend {
         BackendKind::Memory => {
-            println!("memory backend: nothing to prepare");
+            crate::output::println("memory backend: nothing to prepare");
             Ok(())
         }
         BackendKind::Redis => init_redis(config).await,
@@ -153,7 +198,7 @@ async fn init_redis(config: &Config) -> Result<(), BackendError> {
         .ping()
         .await
         .map_err(|e| BackendError::Connect(format!("redis: {e}")))?;
-    println!("redis backend: {} answers", store.target());
+    crate::output::println(&format!("redis backend: {} answers", store.target()));
     Ok(())
 }
 
@@ -171,10 +216,10 @@ async fn init_dynamodb(config: &Config) -> Result<(), BackendError> {
         .ensure_table()
         .await
         .map_err(|e| BackendError::Connect(format!("dynamodb: {e}")))?;
-    println!(
+    crate::output::println(&format!(
         "dynamodb backend: table `{}`: {status:?}",
         config.dynamodb.table
-    );
+    ));
     Ok(())
 }
 

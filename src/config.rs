@@ -13,6 +13,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use cachegate_store::guard::GuardConfig;
+use cachegate_store::settings::{exact_bytes, DynamoConfig, RedisConfig};
 
 /// Which store holds the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -50,7 +51,7 @@ pub enum Role {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// `proxy` (default) or `invalidator`: what the Lambda function does.
@@ -74,12 +75,15 @@ pub struct Config {
     /// `failure_threshold = 3`, `open_for = "500ms"`.
     #[serde(default)]
     pub store: GuardConfig,
-    #[cfg(feature = "redis")]
+    /// The Redis backend (see `RedisConfig`). Checked whichever backends
+    /// this build has; a build without the `redis` feature refuses a
+    /// section that is not at its defaults.
     #[serde(default)]
-    pub redis: cachegate_redis::RedisConfig,
-    #[cfg(feature = "dynamodb")]
+    pub redis: RedisConfig,
+    /// The DynamoDB backend (see `DynamoConfig`); as `redis`, with the
+    /// `dynamodb` feature.
     #[serde(default)]
-    pub dynamodb: cachegate_dynamodb::DynamoConfig,
+    pub dynamodb: DynamoConfig,
     #[serde(default)]
     pub serve: ServeConfig,
     #[serde(default)]
@@ -94,7 +98,7 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Base URL of the upstream API, e.g. `https://api.example.com/v1`.
@@ -110,7 +114,7 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Largest upstream response body relayed at all. Default `6MiB`, the
     /// Lambda response limit; larger answers 502.
-    #[serde(default = "default_max_response")]
+    #[serde(default = "default_max_response", serialize_with = "exact_bytes")]
     pub max_response_bytes: bytesize::ByteSize,
 }
 
@@ -125,7 +129,7 @@ fn default_max_response() -> bytesize::ByteSize {
 }
 
 /// How responses are cached when no route says otherwise.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheConfig {
     /// Freshness for storable responses that carry none (no `max-age`,
@@ -144,6 +148,7 @@ pub struct CacheConfig {
     pub stale_if_error: Duration,
     /// Largest response body stored; larger ones are relayed, not stored.
     /// Default `5MiB` (the backend's own limit applies too).
+    #[serde(serialize_with = "exact_bytes")]
     pub max_entry_bytes: bytesize::ByteSize,
     /// Query parameters left out of the key and of the upstream request
     /// (tracking parameters, say). Default: none.
@@ -209,11 +214,12 @@ impl Default for CacheConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MemoryConfig {
     /// Bytes the in-process cache may hold (the memory backend, or the L1
     /// in front of a shared one). Default `128MiB`.
+    #[serde(serialize_with = "exact_bytes")]
     pub capacity: bytesize::ByteSize,
 }
 
@@ -225,12 +231,13 @@ impl Default for MemoryConfig {
     }
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServeConfig {
     /// Address `cachegate serve` listens on. Default `127.0.0.1:3000`.
     pub listen: SocketAddr,
     /// Largest request body accepted. Default `6MiB`; larger gets 413.
+    #[serde(serialize_with = "exact_bytes")]
     pub max_request_bytes: bytesize::ByteSize,
     /// Enables `POST /_cachegate/purge` (JSON `{"urls": [...], "tags": [...]}`)
     /// for requests carrying `Authorization: Bearer <token>`; others get 404.
@@ -239,9 +246,11 @@ pub struct ServeConfig {
     pub purge_token: Option<String>,
     /// Longest request target (path and query) accepted. Default `8KiB`;
     /// longer gets 414 before anything else happens.
+    #[serde(serialize_with = "exact_bytes")]
     pub max_uri_bytes: bytesize::ByteSize,
     /// Largest request head (request line and all header lines) accepted.
     /// Default `32KiB`; larger gets 431 and the connection is closed.
+    #[serde(serialize_with = "exact_bytes")]
     pub max_header_bytes: bytesize::ByteSize,
     /// Most request header lines accepted. Default `100`; more gets 431
     /// and the connection is closed.
@@ -321,7 +330,7 @@ impl Default for ServeConfig {
 
 /// Request metrics: CloudWatch Embedded Metric Format on stdout under
 /// Lambda, Prometheus text on an opt-in port in serve mode.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
     /// CloudWatch namespace of the EMF metrics. Default `cachegate`.
@@ -350,7 +359,7 @@ impl Default for MetricsConfig {
 /// Patterns use `{name}` for one segment and `{*name}` for the rest of the
 /// path: `/items/{id}`, `/static/{*path}`. When several match, the most
 /// specific one wins (a literal segment beats `{id}`, which beats `{*rest}`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// The path pattern. Required.
@@ -478,6 +487,44 @@ impl Config {
         Ok(fig.merge(env))
     }
 
+    /// The configuration as TOML that `--config` reads back to the same
+    /// configuration, secrets left out: each secret that is set becomes a
+    /// comment saying so and naming its environment variable.
+    pub fn to_toml(&self) -> Result<String, String> {
+        let mut table = toml::Table::try_from(self).map_err(|e| e.to_string())?;
+        let mut secrets: Vec<(&str, &str)> = Vec::new();
+        if self.serve.purge_token.is_some() {
+            secrets.push(("serve", "purge_token"));
+        }
+        if self.redis.password.is_some() {
+            secrets.push(("redis", "password"));
+        }
+        if cachegate_store::settings::redact_url(&self.redis.url) != self.redis.url {
+            secrets.push(("redis", "url"));
+        }
+        for (section, key) in &secrets {
+            if let Some(toml::Value::Table(t)) = table.get_mut(*section) {
+                t.remove(*key);
+            }
+        }
+        let mut text = toml::to_string(&table).map_err(|e| e.to_string())?;
+        for (section, key) in secrets {
+            let header = format!("[{section}]\n");
+            let note = format!(
+                "# {key} = \"<redacted>\"  (set, not shown: give it again in a file or as CACHEGATE_{}__{})\n",
+                section.to_ascii_uppercase(),
+                key.to_ascii_uppercase()
+            );
+            match text.find(&header) {
+                Some(at) => text.insert_str(at + header.len(), &note),
+                None => text.push_str(&format!("\n{header}{note}")),
+            }
+        }
+        Ok(format!(
+            "# cachegate's effective configuration (defaults, file, CACHEGATE_*), as `--config` reads it\n{text}"
+        ))
+    }
+
     /// Load and validate.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         Self::from_figment(Self::figment(file)?)
@@ -489,6 +536,56 @@ impl Config {
             .map_err(|e| ConfigError::Figment(Box::new(e)))?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The backend sections, whichever backends this build has: each is
+    /// checked, and one this build cannot use is refused (named by
+    /// `backend`, or set away from its defaults).
+    fn check_backends(&self) -> Result<(), ConfigError> {
+        let setting = |e: cachegate_store::settings::SettingError| invalid(e.key, e.problem);
+        self.redis.validate().map_err(setting)?;
+        self.dynamodb.validate().map_err(setting)?;
+        let built = |kind: BackendKind| match kind {
+            BackendKind::Memory => true,
+            BackendKind::Redis => cfg!(feature = "redis"),
+            BackendKind::Dynamodb => cfg!(feature = "dynamodb"),
+        };
+        let not_built = |kind: BackendKind| {
+            format!(
+                "this build of cachegate has no {0} backend (built without the cargo feature `{0}`)",
+                kind.as_str()
+            )
+        };
+        if !built(self.backend) {
+            return Err(invalid("backend", not_built(self.backend)));
+        }
+        if !built(BackendKind::Redis) && self.redis != RedisConfig::default() {
+            return Err(invalid(
+                "redis",
+                format!("is set, but {}", not_built(BackendKind::Redis)),
+            ));
+        }
+        if !built(BackendKind::Dynamodb) && self.dynamodb != DynamoConfig::default() {
+            return Err(invalid(
+                "dynamodb",
+                format!("is set, but {}", not_built(BackendKind::Dynamodb)),
+            ));
+        }
+        let store = &self.store;
+        for (key, d) in [
+            ("store.read_timeout", store.read_timeout),
+            ("store.write_timeout", store.write_timeout),
+            ("store.purge_timeout", store.purge_timeout),
+            ("store.open_for", store.open_for),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be more than 0s"));
+            }
+        }
+        if store.failure_threshold == 0 {
+            return Err(invalid("store.failure_threshold", "must be at least 1"));
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -540,6 +637,16 @@ impl Config {
         }
         self.serve.check_limits()?;
         self.edge.validate()?;
+        self.check_backends()?;
+        if self.upstream.connect_timeout.is_zero() {
+            return Err(invalid("upstream.connect_timeout", "must be more than 0s"));
+        }
+        if self.upstream.max_response_bytes.as_u64() == 0 {
+            return Err(invalid(
+                "upstream.max_response_bytes",
+                "must be more than 0",
+            ));
+        }
         if self.memory.capacity.as_u64() < 1024 * 1024 {
             return Err(invalid("memory.capacity", "must be at least 1MiB"));
         }

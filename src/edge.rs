@@ -48,7 +48,7 @@ pub const FREE_PATHS_PER_MONTH: u64 = 1000;
 pub const USD_PER_PATH: f64 = 0.005;
 
 /// The `[edge]` section: CloudFront in front of cachegate.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EdgeConfig {
     /// The CloudFront distribution in front of this proxy. Set, every purge

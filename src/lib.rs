@@ -9,14 +9,15 @@
 //! - [`edge`]: CloudFront in front: cache tags on responses, invalidations.
 //! - [`invalidate`]: purging by URL and tag (`cachegate purge`) and the
 //!   invalidator role's Lambda handler (EventBridge, SQS).
+//! - [`output`]: the command line's output, quiet on a closed pipe.
 
 pub mod backend;
-pub mod bench;
 pub mod config;
 pub mod edge;
 pub mod invalidate;
 pub mod key;
 pub mod lambda;
+pub mod output;
 pub mod policy;
 pub mod proxy;
 pub mod routes;
@@ -40,6 +41,19 @@ pub enum StartError {
     Client(#[from] reqwest::Error),
     #[error(transparent)]
     Edge(#[from] edge::EdgeError),
+}
+
+impl StartError {
+    /// The process's exit status for this error: 2 for a configuration or
+    /// setup that cannot work (as for a bad configuration key), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Config(_)
+            | StartError::Backend(backend::BackendError::NotBuilt(_))
+            | StartError::Backend(backend::BackendError::Setup(_)) => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// Build the proxy for `config`: routes, cache backend, upstream client.

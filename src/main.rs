@@ -35,7 +35,8 @@ enum Command {
     /// Prepare the configured backend: create the DynamoDB table with TTL
     /// if missing; check that Redis answers.
     Init,
-    /// Check the configuration and print it (secrets redacted).
+    /// Check the configuration and print it as TOML that `--config` reads
+    /// back (secrets left out, each named in a comment).
     Config,
     /// Remove entries from the shared cache (redis, dynamodb) by URL (all
     /// its Vary variants) or by tag; prints how many were removed. With
@@ -56,7 +57,14 @@ enum Command {
     },
     /// Load a URL and report throughput, hit ratio and latency by X-Cache;
     /// or, with --compare, run one workload through each backend locally.
-    Bench(Box<cachegate::bench::BenchArgs>),
+    /// Runs the separate `cachegate-bench` binary (`cachegate bench --help`
+    /// shows its options).
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Passed to cachegate-bench as they are.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn init_tracing(json: bool) {
@@ -75,8 +83,10 @@ fn init_tracing(json: bool) {
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
     // Loading a URL needs no proxy configuration (and --compare builds its own).
-    if let Some(Command::Bench(args)) = cli.command.take_if(|c| matches!(c, Command::Bench(_))) {
-        return cachegate::bench::main(*args, cli.config.as_deref());
+    if let Some(Command::Bench { args }) =
+        cli.command.take_if(|c| matches!(c, Command::Bench { .. }))
+    {
+        return run_bench(&args, cli.config.as_deref());
     }
     let in_lambda = std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some();
     init_tracing(in_lambda || !std::io::stderr().is_terminal());
@@ -84,7 +94,7 @@ fn main() -> ExitCode {
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("cachegate: {e}");
+            cachegate::output::eprintln(&format!("cachegate: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -93,49 +103,62 @@ fn main() -> ExitCode {
         .build()
         .expect("tokio runtime");
     runtime.block_on(async move {
-        let result: Result<(), String> = match cli.command {
-            Some(Command::Config) => {
-                println!("{config:#?}");
-                Ok(())
-            }
-            Some(Command::Purge { urls, tags, soft }) => purge(&config, &urls, &tags, soft).await,
-            Some(Command::Init) => cachegate::backend::init(&config).await.map_err(|e| e.to_string()),
-            Some(Command::Serve { .. }) if config.role == Role::Invalidator => Err(
+        let result: Result<(), Failed> = match cli.command {
+            Some(Command::Config) => config
+                .to_toml()
+                .map(|text| cachegate::output::print(&text))
+                .map_err(Failed::from),
+            Some(Command::Purge { urls, tags, soft }) => purge(&config, &urls, &tags, soft).await.map_err(Failed::from),
+            Some(Command::Init) => cachegate::backend::init(&config)
+                .await
+                .map_err(|e| Failed::from(e.to_string())),
+            Some(Command::Serve { .. }) if config.role == Role::Invalidator => Err(Failed(
                 "configuration key `role`: `invalidator` runs only as the Lambda function; \
                  `cachegate serve` needs role = \"proxy\""
                     .into(),
-            ),
+                2,
+            )),
             Some(Command::Serve { listen }) => match cachegate::build_proxy(&config, Mode::Serve).await {
                 Ok(proxy) => {
                     let listen = listen.unwrap_or(config.serve.listen);
                     cachegate::serve::run(proxy, listen, &config.serve, config.metrics.prometheus_listen)
                         .await
-                        .map_err(|e| format!("serve: {e}"))
+                        .map_err(|e| Failed::from(format!("serve: {e}")))
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(Failed(e.to_string(), e.exit_code())),
             },
-            Some(Command::Bench(_)) => unreachable!("bench runs before the configuration is loaded"),
+            Some(Command::Bench { .. }) => unreachable!("bench runs before the configuration is loaded"),
             None if in_lambda => match cachegate::build_proxy(&config, Mode::Lambda).await {
                 Ok(proxy) => match config.role {
                     Role::Proxy => cachegate::lambda::run(proxy).await,
                     Role::Invalidator => cachegate::invalidate::run(proxy).await,
                 }
-                .map_err(|e| format!("lambda: {e}")),
-                Err(e) => Err(e.to_string()),
+                .map_err(|e| Failed::from(format!("lambda: {e}"))),
+                Err(e) => Err(Failed(e.to_string(), e.exit_code())),
             },
             None => {
-                eprintln!("cachegate: no subcommand (and not inside AWS Lambda); try `cachegate serve` or `cachegate --help`");
+                cachegate::output::eprintln("cachegate: no subcommand (and not inside AWS Lambda); try `cachegate serve` or `cachegate --help`");
                 return ExitCode::from(2);
             }
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("cachegate: {e}");
-                ExitCode::FAILURE
+            Err(Failed(e, code)) => {
+                cachegate::output::eprintln(&format!("cachegate: {e}"));
+                ExitCode::from(code)
             }
         }
     })
+}
+
+/// A command's failure: the message and the exit status (2 for a
+/// configuration or setup that cannot work, 1 otherwise).
+struct Failed(String, u8);
+
+impl From<String> for Failed {
+    fn from(message: String) -> Self {
+        Failed(message, 1)
+    }
 }
 
 async fn purge(
@@ -166,14 +189,52 @@ async fn purge(
         .map_err(|e| e.to_string())?;
     let did = if soft { "marked stale" } else { "removed" };
     for (url, n) in &report.urls {
-        println!("url {url}: {did} {n}");
+        cachegate::output::println(&format!("url {url}: {did} {n}"));
     }
     for (tag, n) in &report.tags {
-        println!("tag {tag}: {did} {n}");
+        cachegate::output::println(&format!("tag {tag}: {did} {n}"));
     }
-    println!("{did} {} entries", report.removed);
+    cachegate::output::println(&format!("{did} {} entries", report.removed));
     if let Some(edge) = &report.edge {
-        println!("{}", edge.summary());
+        cachegate::output::println(&edge.summary());
     }
     Ok(())
+}
+
+/// The binary `cachegate bench` runs: built from tools/bench, kept out of
+/// this one so the function that runs in Lambda does not carry the load
+/// generator, histograms and chart renderer.
+const BENCH_BINARY: &str = "cachegate-bench";
+
+/// `cachegate bench ARGS`: run `cachegate-bench ARGS` (the one next to this
+/// executable, else the one on PATH) in place of this process, so its
+/// output, exit status and signals are the user's.
+fn run_bench(args: &[std::ffi::OsString], config: Option<&std::path::Path>) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+
+    let beside = std::env::current_exe()
+        .ok()
+        .map(|exe| exe.with_file_name(BENCH_BINARY))
+        .filter(|p| p.is_file());
+    let program = beside
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(BENCH_BINARY));
+    let mut command = std::process::Command::new(&program);
+    command.args(args);
+    if let Some(config) = config {
+        command.env("CACHEGATE_CONFIG", config);
+    }
+    // Only returns on failure.
+    let e = command.exec();
+    if e.kind() == std::io::ErrorKind::NotFound && beside.is_none() {
+        cachegate::output::eprintln(&format!(
+            "cachegate: `cachegate bench` runs the separate `{BENCH_BINARY}` binary (kept out of \
+             the function binary), and there is none next to this executable or on PATH. \
+             Build it with `cargo build --release -p {BENCH_BINARY}` (it lands next to \
+             target/release/cachegate) or install it with `cargo install --path tools/bench`."
+        ));
+    } else {
+        cachegate::output::eprintln(&format!("cachegate: cannot run {}: {e}", program.display()));
+    }
+    ExitCode::from(2)
 }

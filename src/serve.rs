@@ -194,7 +194,11 @@ pub async fn run(
     }
     tracing::info!(%addr, backend = proxy.cache().backend_name(), "cachegate serving");
     // A line on stdout that scripts and tests can wait for.
-    println!("cachegate listening on http://{addr}");
+    // Not println!: a closed stdout must not stop the server.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stdout(),
+        format!("cachegate listening on http://{addr}\n").as_bytes(),
+    );
     serve_http1(listener, router(proxy, serve), serve, shutdown_signal()).await;
     Ok(())
 }

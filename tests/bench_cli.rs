@@ -1,18 +1,48 @@
-//! `cachegate bench` as users run it: the built binary against a real
-//! upstream and a real `cachegate serve`, and `--compare` through the real
-//! serve path per backend. The JSON report is checked for what the
-//! upstream and the proxy actually did, never for speed.
+//! `cachegate bench` as users run it: the built binary, which runs the
+//! `cachegate-bench` binary next to it (tools/bench, built here first),
+//! against a real upstream and a real `cachegate serve`, and `--compare`
+//! through the real serve path per backend. The JSON report is checked
+//! for what the upstream and the proxy actually did, never for speed.
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 use common::{cachegate, upstream};
 use serde_json::Value;
 
+/// `cachegate-bench` built next to the `cachegate` under test (the same
+/// target directory and profile), once per test run: `cargo test` builds
+/// only this package's binaries.
+fn bench_binary() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cachegate = Path::new(env!("CARGO_BIN_EXE_cachegate"));
+        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo
+            .args(["build", "-p", "cachegate-bench", "--manifest-path"])
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
+        if cachegate.parent().and_then(Path::file_name) == Some("release".as_ref()) {
+            cargo.arg("--release");
+        }
+        let out = cargo.output().expect("run cargo");
+        assert!(
+            out.status.success(),
+            "cargo build -p cachegate-bench failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let built = cachegate.with_file_name("cachegate-bench");
+        assert!(built.is_file(), "{} was not built", built.display());
+        built
+    })
+}
+
 /// Run `cachegate bench ARGS --json` (blocking, from an empty directory so
 /// no config file is picked up) and parse the JSON line it prints last.
 fn bench(args: &[&str], env: &[(String, String)]) -> (Output, Value) {
+    bench_binary();
     let out = Command::new(env!("CARGO_BIN_EXE_cachegate"))
         .arg("bench")
         .args(args)
@@ -276,4 +306,45 @@ fn compare_redis_and_dynamodb() {
         .filter(|(k, _)| k != "CACHEGATE_BACKEND")
         .collect();
     compare("redis,dynamodb", &env);
+}
+
+/// `cachegate bench --help` is cachegate-bench's help, under the name
+/// users typed.
+#[test]
+fn bench_help_is_the_bench_binarys() {
+    bench_binary();
+    let out = Command::new(env!("CARGO_BIN_EXE_cachegate"))
+        .args(["bench", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(help.contains("Usage: cachegate bench"), "{help}");
+    assert!(help.contains("--compare"), "{help}");
+}
+
+/// Without cachegate-bench next to it or on PATH, `cachegate bench` says
+/// how to build it and exits 2.
+#[test]
+fn bench_without_the_bench_binary_says_how_to_build_it() {
+    let dir = tempdir().join("lone");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lone = dir.join("cachegate");
+    std::fs::copy(env!("CARGO_BIN_EXE_cachegate"), &lone).unwrap();
+    let out = Command::new(&lone)
+        .args(["bench", "http://127.0.0.1:9/"])
+        .env("PATH", &dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("cargo build --release -p cachegate-bench"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

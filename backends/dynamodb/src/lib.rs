@@ -112,43 +112,7 @@ const PARALLEL_WRITES: usize = 8;
 const VALUE_SK: &str = "v";
 const LOCK_SK: &str = "l";
 
-/// Settings of the DynamoDB backend: the `[dynamodb]` section of the
-/// configuration (env `CACHEGATE_DYNAMODB__<FIELD>`). Region, credentials
-/// and endpoint come from the AWS SDK's own sources (`AWS_REGION`,
-/// `AWS_ENDPOINT_URL_DYNAMODB`, the credential chain).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DynamoConfig {
-    /// Name of the table. Default `cachegate`. Env `CACHEGATE_DYNAMODB__TABLE`.
-    pub table: String,
-    /// Strongly consistent reads of value items (twice the read cost; a
-    /// value written by another instance is seen at once instead of within
-    /// about a second). Chunks are always read consistently. Default `false`.
-    pub consistent_read: bool,
-    /// Longest one DynamoDB call may take, retries included; a call that
-    /// takes longer fails with a timeout. Default `1s`.
-    #[serde(with = "humantime_serde")]
-    pub operation_timeout: Duration,
-    /// Largest value (bytes before compression) the backend accepts; larger
-    /// puts fail with `TooLarge`. Default `6291456` (6 MiB, the Lambda
-    /// response limit).
-    pub max_value_bytes: usize,
-    /// zstd compression level (1 fastest .. 19 smallest; negative levels
-    /// are faster still). Default `3`.
-    pub compression_level: i32,
-}
-
-impl Default for DynamoConfig {
-    fn default() -> Self {
-        DynamoConfig {
-            table: "cachegate".into(),
-            consistent_read: false,
-            operation_timeout: Duration::from_secs(1),
-            max_value_bytes: 6 * 1024 * 1024,
-            compression_level: 3,
-        }
-    }
-}
+pub use cachegate_store::settings::DynamoConfig;
 
 /// Why [`connect`] could not make a store.
 #[derive(Debug, thiserror::Error)]
@@ -246,7 +210,8 @@ pub async fn connect_with(
     cfg: &DynamoConfig,
     loader: aws_config::ConfigLoader,
 ) -> Result<DynamoStore, ConnectError> {
-    validate(cfg)?;
+    cfg.validate()
+        .map_err(|e| ConnectError::InvalidConfig(e.to_string()))?;
     let sdk = loader.load().await;
     if sdk.region().is_none() {
         return Err(ConnectError::NoRegion);
@@ -282,38 +247,6 @@ pub async fn connect_with(
             },
         }),
     })
-}
-
-fn validate(cfg: &DynamoConfig) -> Result<(), ConnectError> {
-    let bad = |m: String| Err(ConnectError::InvalidConfig(m));
-    // DynamoDB table names: 3-255 of [a-zA-Z0-9_.-].
-    if !(3..=255).contains(&cfg.table.len())
-        || !cfg
-            .table
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-    {
-        return bad(format!(
-            "dynamodb.table `{}`: 3 to 255 characters of a-z, A-Z, 0-9, `_`, `-`, `.`",
-            cfg.table
-        ));
-    }
-    if cfg.operation_timeout.is_zero() {
-        return bad("dynamodb.operation_timeout must be more than 0".into());
-    }
-    if cfg.max_value_bytes == 0 {
-        return bad("dynamodb.max_value_bytes must be more than 0".into());
-    }
-    let levels = zstd::compression_level_range();
-    if !levels.contains(&cfg.compression_level) {
-        return bad(format!(
-            "dynamodb.compression_level {} is outside {}..={}",
-            cfg.compression_level,
-            levels.start(),
-            levels.end()
-        ));
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -447,15 +380,41 @@ fn num(n: u64) -> AttributeValue {
 impl DynamoStore {
     fn sdk_err<E, R>(&self, op: &'static str, e: SdkError<E, R>) -> StoreError
     where
-        E: std::error::Error + Send + Sync + 'static,
+        E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
         R: fmt::Debug + Send + Sync + 'static,
     {
-        match e {
-            SdkError::TimeoutError(_) => StoreError::Timeout {
+        if let SdkError::TimeoutError(_) = e {
+            return StoreError::Timeout {
                 backend: BACKEND,
                 after: self.inner.operation_timeout,
+            };
+        }
+        // Errors no retry can fix: said shortly, with what to do (the SDK's
+        // full context runs to a kilobyte and says neither).
+        let table = &self.inner.table;
+        let unusable = match e.code() {
+            Some("ResourceNotFoundException") => Some(format!(
+                "{op}: table `{table}` does not exist (in this region and endpoint): \
+                 run `cachegate init` to create it, or set dynamodb.table"
+            )),
+            Some(
+                code @ ("UnrecognizedClientException"
+                | "InvalidSignatureException"
+                | "AccessDeniedException"
+                | "MissingAuthenticationTokenException"),
+            ) => Some(format!(
+                "{op}: credentials refused ({code}: {}); check the AWS credentials and the \
+                 IAM policy for table `{table}`",
+                e.message().unwrap_or("no message")
+            )),
+            _ => None,
+        };
+        match unusable {
+            Some(message) => StoreError::Unusable {
+                backend: BACKEND,
+                message,
             },
-            e => StoreError::backend(BACKEND, format!("{op}: {}", DisplayErrorContext(&e))),
+            None => StoreError::backend(BACKEND, format!("{op}: {}", DisplayErrorContext(&e))),
         }
     }
 }
@@ -1388,23 +1347,17 @@ mod tests {
         assert_eq!(c.operation_timeout, Duration::from_secs(1));
         assert_eq!(c.max_value_bytes, 6 * 1024 * 1024);
         assert_eq!(c.compression_level, 3);
-        assert!(validate(&c).is_ok());
-        let bad = DynamoConfig {
-            table: "x".into(),
-            ..DynamoConfig::default()
-        };
-        assert!(matches!(
-            validate(&bad),
-            Err(ConnectError::InvalidConfig(_))
-        ));
-        let bad = DynamoConfig {
-            compression_level: 99,
-            ..DynamoConfig::default()
-        };
-        assert!(matches!(
-            validate(&bad),
-            Err(ConnectError::InvalidConfig(_))
-        ));
+        assert!(c.validate().is_ok());
+    }
+
+    /// The settings check zstd's range without linking zstd; this is the
+    /// range of the zstd this crate links.
+    #[test]
+    fn settings_know_zstds_levels() {
+        assert_eq!(
+            cachegate_store::settings::ZSTD_LEVELS,
+            zstd::compression_level_range()
+        );
     }
 
     #[test]

@@ -426,7 +426,7 @@ async fn ensure_table_is_idempotent_under_concurrency_and_checks_the_schema() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn service_errors_are_backend_errors() {
+async fn a_missing_table_is_unusable_with_the_init_hint() {
     let cfg = DynamoConfig {
         table: format!("cg-missing-{}", uuid()),
         ..common::config()
@@ -442,12 +442,16 @@ async fn service_errors_are_backend_errors() {
         store.try_lock(&k, Duration::from_secs(1)).await.map(drop),
         store.purge_tag("t").await.map(drop),
     ] {
+        // A table that does not exist cannot be fixed by retrying: said
+        // shortly, with what to do.
         match r {
-            Err(StoreError::Backend {
+            Err(StoreError::Unusable {
                 backend: "dynamodb",
                 message,
             }) => {
-                assert!(message.contains("ResourceNotFound"), "{message}")
+                assert!(message.contains("does not exist"), "{message}");
+                assert!(message.contains("run `cachegate init`"), "{message}");
+                assert!(message.len() < 300, "{message}");
             }
             other => panic!("missing table: {other:?}"),
         }

@@ -55,8 +55,6 @@
 //! returned past its `expires_at` even in the milliseconds before Redis
 //! drops it.
 
-mod config;
-
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, RwLock, Weak};
@@ -77,7 +75,7 @@ use redis::{
     Script, ServerErrorKind, TlsCertificates, Value,
 };
 
-pub use config::{redact_url, RedisConfig};
+pub use cachegate_store::settings::{redact_url, RedisConfig};
 
 const BACKEND: &str = "redis";
 
@@ -980,33 +978,11 @@ fn connect_error(err: RedisError, cfg: &RedisConfig, target: &str) -> ConnectErr
 /// within `connect_timeout` (a few attempts' worth at most). Call it once at
 /// start-up and share the store: it reconnects by itself later.
 pub async fn connect(cfg: &RedisConfig) -> Result<RedisStore, ConnectError> {
-    if cfg.key_prefix.contains(['{', '}']) {
-        return Err(ConnectError::Config {
-            field: "key_prefix",
-            message: "must not contain '{' or '}' (keys use Redis hash tags)".into(),
-        });
-    }
-    if cfg.connect_timeout.is_zero() || cfg.response_timeout.is_zero() {
-        return Err(ConnectError::Config {
-            field: if cfg.connect_timeout.is_zero() {
-                "connect_timeout"
-            } else {
-                "response_timeout"
-            },
-            message: "must be more than 0".into(),
-        });
-    }
-    let max_value_bytes =
-        usize::try_from(cfg.max_value_bytes.as_u64()).map_err(|_| ConnectError::Config {
-            field: "max_value_bytes",
-            message: "too large for this platform".into(),
-        })?;
-    if max_value_bytes == 0 {
-        return Err(ConnectError::Config {
-            field: "max_value_bytes",
-            message: "must be more than 0".into(),
-        });
-    }
+    cfg.validate().map_err(|e| ConnectError::Config {
+        field: e.key.strip_prefix("redis.").unwrap_or(e.key),
+        message: e.problem,
+    })?;
+    let max_value_bytes = cfg.max_value_bytes.as_u64() as usize;
     let urls = node_urls(cfg)?;
     let target = describe_target(cfg);
     let certs = tls_certificates(cfg, &urls)?;

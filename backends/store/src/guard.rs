@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     CacheStore, Capabilities, LockToken, PurgeListener, PurgeLogEntry, PurgeNotice, PutOptions,
@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// Time bounds and breaker settings of one backend.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GuardConfig {
     /// Longest a read (get) may take before it counts as a miss.
@@ -69,8 +69,19 @@ pub struct GuardedStore {
     breaker: Arc<Breaker>,
 }
 
+/// How long the breaker stays open after a permanent failure
+/// ([`StoreError::Unusable`]): long enough not to pay for a call that
+/// cannot succeed, short enough to notice the fix (`cachegate init`) soon.
+pub const UNUSABLE_OPEN_FOR: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Default)]
 struct Breaker {
+    /// The cause of the last permanent failure, reported once: the same
+    /// cause again reads as an open breaker.
+    unusable: std::sync::Mutex<Option<String>>,
+    /// Whether `unusable` holds a cause (a success then clears it), so
+    /// the hit path reads one atomic instead of taking the lock.
+    unusable_set: std::sync::atomic::AtomicBool,
     consecutive_failures: AtomicU32,
     /// Monotonic milliseconds (since [`epoch`]) until which the breaker is
     /// open; 0 when closed.
@@ -138,15 +149,39 @@ impl GuardedStore {
         }
     }
 
-    fn record<T>(&self, result: &Result<T, StoreError>) {
-        match result {
+    fn record<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        match &result {
             Ok(_) | Err(StoreError::TooLarge { .. }) => {
                 self.breaker
                     .consecutive_failures
                     .store(0, Ordering::Relaxed);
                 self.breaker.open_until.store(0, Ordering::Release);
+                if result.is_ok() && self.breaker.unusable_set.load(Ordering::Relaxed) {
+                    if let Ok(mut u) = self.breaker.unusable.lock() {
+                        *u = None;
+                    }
+                    self.breaker.unusable_set.store(false, Ordering::Relaxed);
+                }
             }
             Err(StoreError::CircuitOpen { .. }) => {}
+            Err(StoreError::Unusable { message, .. }) => {
+                let until = mono_millis() + UNUSABLE_OPEN_FOR.as_millis() as u64;
+                self.breaker.open_until.store(until, Ordering::Release);
+                let reported = self
+                    .breaker
+                    .unusable
+                    .lock()
+                    .map(|mut last| {
+                        let same = last.as_deref() == Some(message.as_str());
+                        *last = Some(message.clone());
+                        self.breaker.unusable_set.store(true, Ordering::Relaxed);
+                        same
+                    })
+                    .unwrap_or(false);
+                if reported {
+                    return Err(self.open_error(UNUSABLE_OPEN_FOR));
+                }
+            }
             Err(_) => {
                 let n = self
                     .breaker
@@ -166,6 +201,7 @@ impl GuardedStore {
                 }
             }
         }
+        result
     }
 
     async fn run<T, F>(&self, limit: Duration, op: F) -> Result<T, StoreError>
@@ -180,8 +216,7 @@ impl GuardedStore {
                 after: limit,
             }),
         };
-        self.record(&result);
-        result
+        self.record(result)
     }
 }
 

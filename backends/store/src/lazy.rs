@@ -4,7 +4,10 @@
 //! proxy must still start: in Lambda, failing start-up would turn a cache
 //! outage into an API outage on every cold start. Until the connection is
 //! made, every operation fails at once (a miss for the proxy) and a new
-//! attempt is made at most every `retry_every`, by one caller at a time.
+//! attempt is made at most every `retry_every`, by one caller at a time
+//! (ten times less often after a permanent failure: credentials refused,
+//! a setting the server rejects). Each failure is logged once with its
+//! cause, and again only when the cause changes, never per request.
 
 use std::fmt;
 use std::future::Future;
@@ -21,19 +24,55 @@ use crate::{
     StoreError, StoreKey, UnixMillis,
 };
 
-/// Makes a connected store, or says why it could not (no secrets in it).
+/// Why a connection attempt failed (no secrets in `message`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectFailure {
+    pub message: String,
+    /// Retrying cannot help until someone fixes the setup (credentials
+    /// refused, say); otherwise the backend may come back by itself
+    /// (refused, timed out, DNS).
+    pub permanent: bool,
+}
+
+impl ConnectFailure {
+    pub fn transient(message: impl Into<String>) -> Self {
+        ConnectFailure {
+            message: message.into(),
+            permanent: false,
+        }
+    }
+    pub fn permanent(message: impl Into<String>) -> Self {
+        ConnectFailure {
+            message: message.into(),
+            permanent: true,
+        }
+    }
+    /// `permanent` or `transient`, for logs.
+    pub fn kind(&self) -> &'static str {
+        if self.permanent {
+            "permanent"
+        } else {
+            "transient"
+        }
+    }
+}
+
+/// Makes a connected store, or says why it could not.
 pub type Connect = Arc<
-    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Arc<dyn CacheStore>, String>> + Send>>
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Arc<dyn CacheStore>, ConnectFailure>> + Send>>
         + Send
         + Sync,
 >;
+
+/// A permanent failure is retried this many times less often.
+const PERMANENT_BACKOFF: u32 = 10;
 
 pub struct LazyStore {
     caps: Capabilities,
     connected: OnceCell<Arc<dyn CacheStore>>,
     connect: Connect,
-    /// Serialises attempts and remembers when the last one failed.
-    last_failure: Mutex<Option<Instant>>,
+    /// Serialises attempts and remembers the last failure.
+    last_failure: Mutex<Option<(Instant, ConnectFailure)>>,
     retry_every: Duration,
     /// Handed to the store once connected (the L1 stays bypassed until
     /// its subscription is live).
@@ -50,15 +89,31 @@ impl fmt::Debug for LazyStore {
 }
 
 impl LazyStore {
-    /// `caps` must be what the connected store will report.
-    pub fn new(caps: Capabilities, connect: Connect, retry_every: Duration) -> Self {
+    /// `caps` must be what the connected store will report; `failed` is
+    /// the attempt the caller made already (logged by the caller), so the
+    /// next one waits and the same cause is not logged again.
+    pub fn new(
+        caps: Capabilities,
+        connect: Connect,
+        retry_every: Duration,
+        failed: Option<ConnectFailure>,
+    ) -> Self {
         LazyStore {
             caps,
             connected: OnceCell::new(),
             connect,
-            last_failure: Mutex::new(None),
+            last_failure: Mutex::new(failed.map(|f| (Instant::now(), f))),
             retry_every,
             purge_listener: OnceLock::new(),
+        }
+    }
+
+    /// How long after `failure` the next attempt may be made.
+    pub fn retry_after(&self, failure: &ConnectFailure) -> Duration {
+        if failure.permanent {
+            self.retry_every * PERMANENT_BACKOFF
+        } else {
+            self.retry_every
         }
     }
 
@@ -66,19 +121,25 @@ impl LazyStore {
         if let Some(s) = self.connected.get() {
             return Ok(s);
         }
-        let not_connected = |why: &str| StoreError::Backend {
+        // Not connected reads as an open breaker: the cause was logged once
+        // when it happened, and a request that is told "not trying" does
+        // not log it again.
+        let not_connected = |retry_in: Duration| StoreError::CircuitOpen {
             backend: self.caps.name,
-            message: format!("not connected ({why})"),
+            retry_in,
         };
         // Another caller is connecting: do not queue behind it.
         let Ok(mut last_failure) = self.last_failure.try_lock() else {
-            return Err(not_connected("connecting"));
+            return Err(not_connected(self.retry_every));
         };
         if let Some(s) = self.connected.get() {
             return Ok(s);
         }
-        if last_failure.is_some_and(|t| t.elapsed() < self.retry_every) {
-            return Err(not_connected("waiting to retry"));
+        if let Some((at, failure)) = &*last_failure {
+            let wait = self.retry_after(failure);
+            if at.elapsed() < wait {
+                return Err(not_connected(wait - at.elapsed()));
+            }
         }
         match (self.connect)().await {
             Ok(store) => {
@@ -90,10 +151,22 @@ impl LazyStore {
                 let _ = self.connected.set(store);
                 Ok(self.connected.get().expect("just set"))
             }
-            Err(why) => {
-                tracing::warn!(backend = self.caps.name, error = %why, retry_in = ?self.retry_every, "cache backend connect failed");
-                *last_failure = Some(Instant::now());
-                Err(not_connected(&why))
+            Err(failure) => {
+                let same = last_failure
+                    .as_ref()
+                    .is_some_and(|(_, last)| *last == failure);
+                if !same {
+                    tracing::error!(
+                        backend = self.caps.name,
+                        error = %failure.message,
+                        failure = failure.kind(),
+                        retry_every = ?self.retry_after(&failure),
+                        "cache backend connect failed; serving without it (logged again only if the cause changes)"
+                    );
+                }
+                let err = not_connected(self.retry_after(&failure));
+                *last_failure = Some((Instant::now(), failure));
+                Err(err)
             }
         }
     }
@@ -167,12 +240,12 @@ mod tests {
                     if reachable.load(Ordering::SeqCst) {
                         Ok(Arc::new(memory) as Arc<dyn CacheStore>)
                     } else {
-                        Err("connection refused".to_string())
+                        Err(ConnectFailure::transient("connection refused"))
                     }
                 })
             })
         };
-        let lazy = LazyStore::new(caps, connect, Duration::from_millis(100));
+        let lazy = LazyStore::new(caps, connect, Duration::from_millis(100), None);
         let key = StoreKey::hash("t", ["k"]);
         assert!(lazy.get(&key).await.is_err());
         // Within retry_every: no new attempt.

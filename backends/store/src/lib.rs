@@ -16,6 +16,7 @@ pub mod key;
 pub mod lazy;
 pub mod memory;
 pub mod record;
+pub mod settings;
 pub mod tiered;
 
 #[cfg(feature = "conformance")]
@@ -119,6 +120,16 @@ pub enum StoreError {
     },
     #[error("{backend}: {message}")]
     Backend {
+        backend: &'static str,
+        message: String,
+    },
+    /// The backend answers but cannot be used as configured (a DynamoDB
+    /// table that does not exist, credentials refused): the same call
+    /// fails the same way until someone fixes the setup.
+    /// [`guard::GuardedStore`] then stops calling it for a while and
+    /// reports the cause once.
+    #[error("{backend}: {message} (permanent until the setup is fixed)")]
+    Unusable {
         backend: &'static str,
         message: String,
     },

@@ -1,18 +1,36 @@
-//! `cachegate bench`: load against a URL with latency split by `X-Cache`
-//! ([`load`]), and `--compare`: the same workload through the real serve
-//! path once per backend, side by side, with an SVG chart ([`compare`],
-//! [`chart`]).
+//! `cachegate-bench`, run as `cachegate bench`: load against a URL with
+//! latency split by `X-Cache` ([`load`]), and `--compare`: the same
+//! workload through the real serve path once per backend, side by side,
+//! with an SVG chart ([`compare`], [`chart`]).
+//!
+//! A binary of its own so that the function that runs in Lambda does not
+//! carry the load generator, the histograms and the chart renderer;
+//! `cachegate bench ARGS` runs this binary with ARGS.
 
-pub mod chart;
-pub mod compare;
-pub mod load;
+mod chart;
+mod compare;
+mod load;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::config::BackendKind;
+use cachegate::config::BackendKind;
+use clap::Parser;
 use load::{Stop, Workload};
+
+/// Load a URL and report throughput, hit ratio and latency by X-Cache;
+/// or, with --compare, run one workload through each backend locally.
+#[derive(Parser)]
+#[command(name = "cachegate bench", bin_name = "cachegate bench", version)]
+struct Cli {
+    /// Configuration file (TOML) for --compare's proxies. Default:
+    /// config/cachegate.toml if it exists.
+    #[arg(long, env = "CACHEGATE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    args: BenchArgs,
+}
 
 /// Arguments of `cachegate bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -131,9 +149,10 @@ fn target_urls(url: &str, keys: Option<usize>) -> Result<Vec<reqwest::Url>, Stri
     }
 }
 
-/// `cachegate bench`: runs on its own runtime (it needs no proxy
-/// configuration unless comparing backends).
-pub fn main(args: BenchArgs, config_file: Option<&Path>) -> ExitCode {
+/// Needs no proxy configuration unless comparing backends.
+fn main() -> ExitCode {
+    let Cli { config, args } = Cli::parse();
+    let config_file = config.as_deref();
     // Warnings only unless RUST_LOG says otherwise: the in-process proxies of
     // --compare would otherwise log every request and measure the logging.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -156,7 +175,7 @@ pub fn main(args: BenchArgs, config_file: Option<&Path>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cachegate: {e}");
+            cachegate::output::eprintln(&format!("cachegate bench: {e}"));
             ExitCode::FAILURE
         }
     }
@@ -166,13 +185,10 @@ pub fn main(args: BenchArgs, config_file: Option<&Path>) -> ExitCode {
 /// as one JSON line on stdout (last, for scripts).
 fn print_report(table: &str, report: &impl serde::Serialize, json: bool) -> Result<(), String> {
     if json {
-        eprint!("{table}");
-        println!(
-            "{}",
-            serde_json::to_string(report).map_err(|e| e.to_string())?
-        );
+        cachegate::output::eprint(table);
+        cachegate::output::println(&serde_json::to_string(report).map_err(|e| e.to_string())?);
     } else {
-        print!("{table}");
+        cachegate::output::print(table);
     }
     Ok(())
 }

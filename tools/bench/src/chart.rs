@@ -9,7 +9,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
 
-use super::compare::BackendRun;
+use crate::compare::BackendRun;
 
 /// Furthest percentile drawn: 99.99% (x = 4).
 const X_MAX: f64 = 4.0;

@@ -1,6 +1,6 @@
 //! `cachegate bench --compare`: one synthetic upstream, then for each
 //! backend a proxy built from the usual configuration (backend and upstream
-//! overridden) served by [`crate::serve::router`] on a loopback port, so the
+//! overridden) served by [`cachegate::serve::router`] on a loopback port, so the
 //! measured path is the real one: HTTP in, proxy, cache, HTTP out.
 
 use std::net::SocketAddr;
@@ -12,10 +12,10 @@ use std::time::Duration;
 use axum::extract::State;
 use serde::Serialize;
 
-use super::load::{self, Report, Stop, Workload};
-use super::BenchArgs;
-use crate::config::{BackendKind, Config};
-use crate::proxy::Mode;
+use crate::load::{self, Report, Stop, Workload};
+use crate::BenchArgs;
+use cachegate::config::{BackendKind, Config};
+use cachegate::proxy::Mode;
 
 /// Body size of every synthetic upstream answer.
 pub const BODY_BYTES: usize = 1024;
@@ -118,13 +118,13 @@ async fn serve_loopback(app: axum::Router) -> Result<Running, String> {
 /// The proxy on a loopback port through the same HTTP server `cachegate
 /// serve` runs (head limits, timeouts, TCP_NODELAY).
 async fn serve_proxy_loopback(
-    proxy: Arc<crate::proxy::Proxy>,
+    proxy: Arc<cachegate::proxy::Proxy>,
     config: &Config,
 ) -> Result<Running, String> {
     let serve = config.serve.clone();
-    let app = crate::serve::router(proxy, &serve);
+    let app = cachegate::serve::router(proxy, &serve);
     on_loopback(|listener, rx| async move {
-        crate::serve::serve_http1(listener, app, &serve, async {
+        cachegate::serve::serve_http1(listener, app, &serve, async {
             let _ = rx.await;
         })
         .await;
@@ -229,7 +229,7 @@ pub async fn run(
     }
 
     let chart_path = args.chart.display().to_string();
-    super::chart::write_svg(&args.chart, &runs, args.upstream_latency)?;
+    crate::chart::write_svg(&args.chart, &runs, args.upstream_latency)?;
     let comparison = Comparison {
         upstream_latency_ms: args.upstream_latency.as_secs_f64() * 1000.0,
         body_bytes: BODY_BYTES,
@@ -239,7 +239,7 @@ pub async fn run(
         chart: chart_path,
         backends: runs,
     };
-    super::print_report(&render(&comparison), &comparison, args.json)
+    crate::print_report(&render(&comparison), &comparison, args.json)
 }
 
 async fn run_backend(
@@ -254,11 +254,11 @@ async fn run_backend(
     if backend != BackendKind::Memory {
         // Fails loudly when the backend is unreachable; the proxy itself
         // would start without it and the comparison would measure misses.
-        crate::backend::init(&config)
+        cachegate::backend::init(&config)
             .await
             .map_err(|e| e.to_string())?;
     }
-    let proxy = crate::build_proxy(&config, Mode::Serve)
+    let proxy = cachegate::build_proxy(&config, Mode::Serve)
         .await
         .map_err(|e| e.to_string())?;
     let (addr, shutdown, mut task) = serve_proxy_loopback(proxy, &config).await?;
