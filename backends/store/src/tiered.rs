@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::guard::{BreakerState, GuardedStore};
+use crate::guard::GuardedStore;
 use crate::memory::MemoryStore;
 use crate::{now_millis, CacheStore, LockToken, PutOptions, Record, StoreError, StoreKey};
 
@@ -28,19 +28,11 @@ impl CacheStats {
     }
 }
 
-/// Where a lookup was answered from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tier {
-    L1,
-    Main,
-}
-
 /// The outcome of a lookup: a live record or not, and if the backend
 /// failed, why (the caller still treats it as a miss).
 #[derive(Debug)]
 pub struct Lookup {
     pub record: Option<Record>,
-    pub tier: Option<Tier>,
     pub error: Option<StoreError>,
 }
 
@@ -73,9 +65,6 @@ impl TieredCache {
     pub fn is_shared(&self) -> bool {
         self.main.capabilities().shared
     }
-    pub fn breaker_state(&self) -> BreakerState {
-        self.main.breaker_state()
-    }
     pub fn stats(&self) -> &Arc<CacheStats> {
         &self.stats
     }
@@ -105,7 +94,6 @@ impl TieredCache {
                 Some((record, _)) => {
                     return Lookup {
                         record: Some(record),
-                        tier: Some(Tier::L1),
                         error: None,
                     }
                 }
@@ -118,13 +106,11 @@ impl TieredCache {
                     self.fill_l1(key, &record, bytes).await;
                     Lookup {
                         record: Some(record),
-                        tier: Some(Tier::Main),
                         error: None,
                     }
                 }
                 None => Lookup {
                     record: None,
-                    tier: None,
                     error: None,
                 },
             },
@@ -132,7 +118,6 @@ impl TieredCache {
                 CacheStats::bump(&self.stats.backend_errors);
                 Lookup {
                     record: None,
-                    tier: None,
                     error: Some(e),
                 }
             }
