@@ -84,6 +84,8 @@ pub struct Config {
     pub serve: ServeConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub edge: EdgeConfig,
     /// Per-route rules, matched on the request path; the most specific
     /// pattern wins (see [`RouteConfig`]).
     #[serde(default)]
@@ -138,6 +140,14 @@ pub struct CacheConfig {
     /// responses with `must-revalidate`, `proxy-revalidate` or `no-cache`.
     #[serde(with = "humantime_serde")]
     pub stale_if_error: Duration,
+    /// How long a stale entry that has validators (`ETag`, `Last-Modified`)
+    /// is kept after its freshness and stale windows, so that the next
+    /// request revalidates it (`If-None-Match`, a 304 instead of a body)
+    /// rather than refetching. Such entries are never served without that
+    /// revalidation; the store's own capacity bounds them as any entry.
+    /// Default `1h`.
+    #[serde(with = "humantime_serde")]
+    pub keep_for_revalidation: Duration,
     /// Largest response body stored; larger ones are relayed, not stored.
     /// Default `5MiB` (the backend's own limit applies too).
     pub max_entry_bytes: bytesize::ByteSize,
@@ -183,6 +193,7 @@ impl Default for CacheConfig {
             default_ttl: None,
             stale_while_revalidate: Duration::ZERO,
             stale_if_error: Duration::from_secs(300),
+            keep_for_revalidation: Duration::from_secs(3600),
             max_entry_bytes: bytesize::ByteSize::mib(5),
             ignored_query_params: Vec::new(),
             key_headers: Vec::new(),
@@ -193,6 +204,29 @@ impl Default for CacheConfig {
             coalesce_wait: Duration::from_secs(5),
             surrogate_key_headers: vec!["surrogate-key".into(), "cache-tag".into()],
             expose_surrogate_keys: false,
+        }
+    }
+}
+
+/// The cache in front of cachegate (CloudFront, a CDN, a corporate proxy).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// Request headers the cache in front keys on (lower case). An answer
+    /// keyed on any other request header (route `key_headers`,
+    /// `cache.key_headers`, the upstream's `Vary`) goes out `private`, so
+    /// that a shared cache that cannot tell the requests apart never stores
+    /// it; cachegate still caches it. Default `["accept-encoding"]`, what
+    /// template.yaml's CloudFront cache policy keys on besides the URL and
+    /// `Authorization` (which always goes out `private`).
+    /// Env: `CACHEGATE_EDGE__KEY_HEADERS` (e.g. `["accept-encoding","x-tenant"]`).
+    pub key_headers: Vec<String>,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        EdgeConfig {
+            key_headers: vec!["accept-encoding".into()],
         }
     }
 }
@@ -346,9 +380,16 @@ pub struct RouteConfig {
     /// `false` makes every request on this route bypass the cache. Default `true`.
     #[serde(default = "yes")]
     pub cache: bool,
-    /// Freshness for responses that carry none. Default: `cache.default_ttl`.
+    /// Freshness for responses that carry none, for the statuses RFC 9110
+    /// §15.1 calls heuristically cacheable (200, 203, 204, 300, 301, 308,
+    /// 404, 405, 410, 414, 501). Default: `cache.default_ttl`.
     #[serde(default, with = "humantime_serde")]
     pub ttl: Option<Duration>,
+    /// Freshness by status for responses that carry none, ahead of `ttl`
+    /// and for any status named (negative caching), e.g.
+    /// `status_ttl = { 404 = "10s", 410 = "1h" }`. Default: none.
+    #[serde(default)]
+    pub status_ttl: std::collections::BTreeMap<String, humantime_serde::Serde<Duration>>,
     /// Use `ttl` even when the upstream sends its own freshness, `no-cache`
     /// or `must-revalidate` (for upstreams that send wrong ones). `no-store`
     /// and `private` are still obeyed: they protect users. Default `false`.
@@ -529,6 +570,7 @@ impl Config {
             Ok(())
         };
         header_names("cache.key_headers", &self.cache.key_headers)?;
+        header_names("edge.key_headers", &self.edge.key_headers)?;
         header_names(
             "cache.surrogate_key_headers",
             &self.cache.surrogate_key_headers,
