@@ -614,3 +614,37 @@ async fn lenient_dates_and_must_understand() {
     assert_eq!(g.x_cache(), "MISS");
     assert!(g.header("cache-status").contains("detail=must-understand"));
 }
+
+#[tokio::test]
+async fn entries_kept_for_revalidation_are_kept_only_as_long_as_configured() {
+    let up = upstream().await;
+    let cg = cachegate(
+        &up.url,
+        &[
+            ("CACHEGATE_CACHE__STALE_IF_ERROR", "0s"),
+            // Date has whole seconds: the entry may be up to 1 s old on arrival.
+            ("CACHEGATE_CACHE__KEEP_FOR_REVALIDATION", "3s"),
+        ],
+    );
+    let url = format!("{}/keep?cc=max-age%3D0&etag=%22k%22", cg.url);
+    get(&url).await;
+    let within = get(&url).await;
+    assert!(
+        within.header("cache-status").contains("fwd=stale"),
+        "{}",
+        within.header("cache-status")
+    );
+    tokio::time::sleep(Duration::from_millis(3300)).await;
+    let after = get(&url).await;
+    assert!(
+        after.header("cache-status").contains("fwd=uri-miss"),
+        "kept past keep_for_revalidation: {}",
+        after.header("cache-status")
+    );
+    assert!(up
+        .state
+        .last("/keep")
+        .headers
+        .get("if-none-match")
+        .is_none());
+}
