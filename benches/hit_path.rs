@@ -93,6 +93,7 @@ fn parts(c: &mut Criterion) {
         fresh_until: now + 60_000,
         stale_while_revalidate_until: now + 90_000,
         stale_if_error_until: now + 360_000,
+        keep_until: now + 3_660_000,
         tags: vec!["url:/v1/items/42".into()],
     });
     let encoded = entry.encode();

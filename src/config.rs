@@ -88,8 +88,9 @@ pub struct Config {
     pub serve: ServeConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
-    /// CloudFront in front of cachegate: invalidations and cache tags
-    /// (see [`crate::edge::EdgeConfig`]). Default: no edge.
+    /// The cache in front of cachegate (CloudFront, a CDN): the request
+    /// headers it keys on, invalidations and cache tags (see
+    /// [`crate::edge::EdgeConfig`]). Default: no CloudFront configured.
     #[serde(default)]
     pub edge: crate::edge::EdgeConfig,
     /// Per-route rules, matched on the request path; the most specific
@@ -146,6 +147,14 @@ pub struct CacheConfig {
     /// responses with `must-revalidate`, `proxy-revalidate` or `no-cache`.
     #[serde(with = "humantime_serde")]
     pub stale_if_error: Duration,
+    /// How long a stale entry that has validators (`ETag`, `Last-Modified`)
+    /// is kept after its freshness and stale windows, so that the next
+    /// request revalidates it (`If-None-Match`, a 304 instead of a body)
+    /// rather than refetching. Such entries are never served without that
+    /// revalidation; the store's own capacity bounds them as any entry.
+    /// Default `1h`.
+    #[serde(with = "humantime_serde")]
+    pub keep_for_revalidation: Duration,
     /// Largest response body stored; larger ones are relayed, not stored.
     /// Default `5MiB` (the backend's own limit applies too).
     #[serde(serialize_with = "exact_bytes")]
@@ -199,6 +208,7 @@ impl Default for CacheConfig {
             default_ttl: None,
             stale_while_revalidate: Duration::ZERO,
             stale_if_error: Duration::from_secs(300),
+            keep_for_revalidation: Duration::from_secs(3600),
             max_entry_bytes: bytesize::ByteSize::mib(5),
             ignored_query_params: Vec::new(),
             key_headers: Vec::new(),
@@ -367,9 +377,16 @@ pub struct RouteConfig {
     /// `false` makes every request on this route bypass the cache. Default `true`.
     #[serde(default = "yes")]
     pub cache: bool,
-    /// Freshness for responses that carry none. Default: `cache.default_ttl`.
+    /// Freshness for responses that carry none, for the statuses RFC 9110
+    /// §15.1 calls heuristically cacheable (200, 203, 204, 300, 301, 308,
+    /// 404, 405, 410, 414, 501). Default: `cache.default_ttl`.
     #[serde(default, with = "humantime_serde")]
     pub ttl: Option<Duration>,
+    /// Freshness by status for responses that carry none, ahead of `ttl`
+    /// and for any status named (negative caching), e.g.
+    /// `status_ttl = { 404 = "10s", 410 = "1h" }`. Default: none.
+    #[serde(default)]
+    pub status_ttl: std::collections::BTreeMap<String, humantime_serde::Serde<Duration>>,
     /// Use `ttl` even when the upstream sends its own freshness, `no-cache`
     /// or `must-revalidate` (for upstreams that send wrong ones). `no-store`
     /// and `private` are still obeyed: they protect users. Default `false`.
@@ -665,6 +682,7 @@ impl Config {
             Ok(())
         };
         header_names("cache.key_headers", &self.cache.key_headers)?;
+        header_names("edge.key_headers", &self.edge.key_headers)?;
         header_names(
             "cache.surrogate_key_headers",
             &self.cache.surrogate_key_headers,

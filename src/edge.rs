@@ -51,6 +51,15 @@ pub const USD_PER_PATH: f64 = 0.005;
 #[derive(Clone, Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EdgeConfig {
+    /// Request headers the cache in front keys on (lower case). An answer
+    /// keyed on any other request header (route `key_headers`,
+    /// `cache.key_headers`, the upstream's `Vary`) goes out `private`, so
+    /// that a shared cache that cannot tell the requests apart never stores
+    /// it; cachegate still caches it. Default `["accept-encoding"]`, what
+    /// template.yaml's CloudFront cache policy keys on besides the URL and
+    /// `Authorization` (which always goes out `private`).
+    /// Env: `CACHEGATE_EDGE__KEY_HEADERS` (e.g. `["accept-encoding","x-tenant"]`).
+    pub key_headers: Vec<String>,
     /// The CloudFront distribution in front of this proxy. Set, every purge
     /// (CLI, invalidator, purge endpoint, writes) also invalidates it, and
     /// responses carry their tags in `cache_tag_header`. Default: unset.
@@ -79,6 +88,7 @@ pub struct EdgeConfig {
 impl Default for EdgeConfig {
     fn default() -> Self {
         EdgeConfig {
+            key_headers: vec!["accept-encoding".into()],
             cloudfront_distribution_id: None,
             invalidation_queue_url: None,
             cache_tag_header: "Cache-Tag".into(),
@@ -92,6 +102,7 @@ impl std::fmt::Debug for EdgeConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Nothing secret here; spelled out so the fields stay in order.
         f.debug_struct("EdgeConfig")
+            .field("key_headers", &self.key_headers)
             .field(
                 "cloudfront_distribution_id",
                 &self.cloudfront_distribution_id,

@@ -75,10 +75,51 @@ impl Target {
     }
 }
 
-/// The key of one `Vary` variant under a primary key.
+/// The key of one `Vary` variant under a primary key. Requests that differ
+/// only in how they write a list select the same variant (RFC 9111 §4.1
+/// lets a cache normalise): the values of a field are one comma-separated
+/// list, members trimmed; for the content-negotiation fields, whose
+/// members are case-insensitive tokens whose order carries no meaning of
+/// its own (preference is `q=`), members are also lower-cased and sorted,
+/// so `Accept-Encoding: gzip, br` selects what `br,GZIP` stored.
 pub fn variant_key(primary: &StoreKey, vary: &[String], headers: &HeaderMap) -> StoreKey {
+    const UNORDERED_CASE_INSENSITIVE: &[&str] = &[
+        "accept",
+        "accept-charset",
+        "accept-encoding",
+        "accept-language",
+    ];
     let mut parts: Vec<Vec<u8>> = vec![primary.as_str().as_bytes().to_vec()];
-    push_header_values(&mut parts, vary, headers);
+    for name in vary {
+        let values: Vec<&[u8]> = headers
+            .get_all(name.as_str())
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        parts.push(name.as_bytes().to_vec());
+        if values.is_empty() {
+            // Absent is not the same as present and empty.
+            parts.push(b"absent".to_vec());
+            continue;
+        }
+        let mut members: Vec<Vec<u8>> = values
+            .iter()
+            .flat_map(|v| v.split(|b| *b == b','))
+            .map(|m| m.trim_ascii().to_vec())
+            .filter(|m| !m.is_empty())
+            .collect();
+        if UNORDERED_CASE_INSENSITIVE.contains(&name.as_str()) {
+            for m in &mut members {
+                m.make_ascii_lowercase();
+                // `gzip ; q=0.5` is `gzip;q=0.5`.
+                m.retain(|b| !b.is_ascii_whitespace());
+            }
+            members.sort();
+            members.dedup();
+        }
+        parts.push((members.len() as u64).to_be_bytes().to_vec());
+        parts.extend(members);
+    }
     StoreKey::hash("variant", parts)
 }
 
@@ -231,6 +272,44 @@ mod tests {
         assert_eq!(t.primary_key(&names, &a), t.primary_key(&names, &e));
         // Without key headers, headers do not matter.
         assert_eq!(t.primary_key(&[], &a), t.primary_key(&[], &b));
+    }
+
+    #[test]
+    fn vary_variants_normalise_lists() {
+        let primary = key("/x", None);
+        let vk = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in pairs {
+                h.append(*n, HeaderValue::from_static(v));
+            }
+            variant_key(&primary, &["accept-encoding".into(), "x-tenant".into()], &h)
+        };
+        let base = vk(&[("accept-encoding", "gzip, br"), ("x-tenant", "a")]);
+        for same in [
+            &[("accept-encoding", "br,gzip"), ("x-tenant", "a")][..],
+            &[("accept-encoding", "BR, Gzip"), ("x-tenant", " a ")],
+            &[
+                ("accept-encoding", "gzip"),
+                ("accept-encoding", "br"),
+                ("x-tenant", "a"),
+            ],
+            &[("accept-encoding", "gzip, br, gzip"), ("x-tenant", "a")],
+        ] {
+            assert_eq!(vk(same), base, "{same:?}");
+        }
+        for other in [
+            &[("accept-encoding", "gzip"), ("x-tenant", "a")][..],
+            &[("accept-encoding", "gzip, br"), ("x-tenant", "A")],
+            &[("accept-encoding", "gzip, br")],
+            &[("accept-encoding", "gzip, br"), ("x-tenant", "")],
+        ] {
+            assert_ne!(vk(other), base, "{other:?}");
+        }
+        // Absent and empty are different requests.
+        assert_ne!(
+            vk(&[("accept-encoding", "gzip, br")]),
+            vk(&[("accept-encoding", "gzip, br"), ("x-tenant", "")])
+        );
     }
 
     #[test]

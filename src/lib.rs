@@ -75,6 +75,12 @@ pub async fn build_proxy(config: &Config, mode: Mode) -> Result<Arc<Proxy>, Star
             .map(|h| h.to_ascii_lowercase())
             .collect(),
         expose_surrogate_keys: config.cache.expose_surrogate_keys,
+        edge_key_headers: config
+            .edge
+            .key_headers
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
     };
     let telemetry = telemetry::Telemetry::new(
         &config.metrics,

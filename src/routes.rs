@@ -14,6 +14,8 @@ pub struct Rule {
     pub name: String,
     pub cache: bool,
     pub ttl: Option<Duration>,
+    /// Freshness by status (negative caching), ahead of `ttl`; sorted.
+    pub status_ttl: Vec<(u16, Duration)>,
     pub override_upstream: bool,
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,
@@ -29,6 +31,8 @@ pub struct Rule {
     pub store_set_cookie_responses: bool,
     pub honor_client_no_cache: bool,
     pub max_entry_bytes: usize,
+    /// How long a stale entry with validators is kept to be revalidated.
+    pub keep_for_revalidation: Duration,
 }
 
 impl Rule {
@@ -36,6 +40,17 @@ impl Rule {
     /// credential then has its own keys).
     pub fn keys_on_authorization(&self) -> bool {
         self.key_headers.iter().any(|h| h == "authorization")
+    }
+
+    /// The configured freshness for a response with `status` and none of
+    /// its own: the route's `status_ttl` for it, else `ttl` for the
+    /// statuses RFC 9110 §15.1 calls heuristically cacheable.
+    pub fn ttl_for(&self, status: http::StatusCode) -> Option<Duration> {
+        match self.status_ttl.iter().find(|(s, _)| *s == status.as_u16()) {
+            Some((_, ttl)) => Some(*ttl),
+            None if crate::policy::response::heuristically_cacheable(status) => self.ttl,
+            None => None,
+        }
     }
 }
 
@@ -131,6 +146,7 @@ impl RouteTable {
             name: "*".into(),
             cache: true,
             ttl: global.default_ttl,
+            status_ttl: Vec::new(),
             override_upstream: false,
             stale_while_revalidate: global.stale_while_revalidate,
             stale_if_error: global.stale_if_error,
@@ -142,6 +158,7 @@ impl RouteTable {
             store_set_cookie_responses: global.store_set_cookie_responses,
             honor_client_no_cache: global.honor_client_no_cache,
             max_entry_bytes: global.max_entry_bytes.as_u64() as usize,
+            keep_for_revalidation: global.keep_for_revalidation,
         };
         let mut router = matchit::Router::new();
         for (i, r) in routes.iter().enumerate() {
@@ -162,6 +179,7 @@ impl RouteTable {
                 name: r.path.clone(),
                 cache: r.cache,
                 ttl: r.ttl.or(base.ttl),
+                status_ttl: status_ttls(i, r)?,
                 override_upstream: r.override_upstream,
                 stale_while_revalidate: r
                     .stale_while_revalidate
@@ -210,6 +228,26 @@ impl RouteTable {
     }
 }
 
+/// `status_ttl` keys are status codes written as strings (TOML keys).
+fn status_ttls(i: usize, r: &RouteConfig) -> Result<Vec<(u16, Duration)>, ConfigError> {
+    let mut v = Vec::with_capacity(r.status_ttl.len());
+    for (status, ttl) in &r.status_ttl {
+        let code = status
+            .parse::<u16>()
+            .ok()
+            .filter(|c| (200..=599).contains(c) && *c != 206 && *c != 304)
+            .ok_or_else(|| {
+                invalid_key(
+                    format!("routes[{i}].status_ttl"),
+                    format!("`{status}` is not a storable status code (200-599, not 206 or 304)"),
+                )
+            })?;
+        v.push((code, **ttl));
+    }
+    v.sort();
+    Ok(v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +265,7 @@ mod tests {
             ignored_query_params: vec![],
             key_headers: vec!["Accept-Language".into()],
             edge_ttl: None,
+            status_ttl: Default::default(),
         }
     }
 

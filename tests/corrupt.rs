@@ -50,6 +50,7 @@ fn good_record() -> Bytes {
         fresh_until: now + 600_000,
         stale_while_revalidate_until: now + 600_000,
         stale_if_error_until: now + 600_000,
+        keep_until: now + 600_000,
         tags: vec![],
     })
     .encode()

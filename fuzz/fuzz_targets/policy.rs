@@ -1,5 +1,6 @@
-//! The header parsers and the caching policy: `CacheControl::parse`,
-//! `request_policy`, `response_policy` and the edge `Cache-Control`, on any
+//! The header parsers and the caching policy: `CacheControl::parse`, the
+//! lenient HTTP date parser, `request_policy`, `response_policy` and the
+//! edge rewrite (`edge_headers`), on any
 //! header values, statuses and clocks, under several route rules.
 //!
 //! Input, as text lines:
@@ -17,8 +18,8 @@ use std::time::Duration;
 
 use cachegate::config::CacheConfig;
 use cachegate::policy::{
-    edge_cache_control, request_policy, response_policy, Bypass, CacheControl, ResponseFacts,
-    MAX_DELTA_SECONDS,
+    edge_headers, request_policy, response_policy, Bypass, CacheControl, EdgeFacts,
+    ResponseFacts, MAX_DELTA_SECONDS,
 };
 use cachegate::routes::{RouteTable, Rule};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
@@ -42,11 +43,15 @@ fn rules() -> Vec<Rule> {
     let mut cookies = ttl.clone();
     cookies.store_set_cookie_responses = true;
     cookies.honor_client_no_cache = true;
+    let mut negative = ttl.clone();
+    negative.status_ttl = vec![(404, Duration::from_secs(10)), (503, Duration::from_secs(1))];
+    negative.key_headers = vec!["x-tenant".into()];
+    negative.edge_ttl = Some(Duration::ZERO);
     let mut auth = ttl.clone();
     auth.key_headers = vec!["authorization".into()];
     auth.ttl = Some(Duration::MAX);
     auth.stale_if_error = Duration::MAX;
-    vec![base, ttl, over, cookies, auth]
+    vec![base, ttl, over, cookies, negative, auth]
 }
 
 fn headers(lines: &[&[u8]]) -> HeaderMap {
@@ -104,6 +109,12 @@ fuzz_target!(|data: &[u8]| {
     let req = headers(req_lines);
     let resp = headers(resp_lines);
 
+    for (_, v) in req.iter().chain(resp.iter()) {
+        if let Some(t) = v.to_str().ok().and_then(cachegate::policy::date::parse_http_date) {
+            // Whatever parses is a real instant before year 10000.
+            assert!(t < 253_402_300_800_000, "{v:?} read as {t}");
+        }
+    }
     let cc = CacheControl::parse(&resp);
     for delta in [
         cc.max_age,
@@ -155,14 +166,25 @@ fuzz_target!(|data: &[u8]| {
         let Ok(f) = response_policy(facts, &rule) else {
             continue;
         };
-        // Never stored where a shared cache must not store.
-        assert!(!cc.no_store && !cc.private, "stored despite {cc:?}");
-        assert!(!plainly_has(&resp, "no-store") && !plainly_has(&resp, "private"));
+        // Never stored where a shared cache must not store (by the
+        // directives cachegate obeys: a targeted field, else Cache-Control).
+        let scc = CacheControl::for_storing(&resp);
+        assert!(
+            !(scc.no_store && !scc.must_understand) && !scc.private,
+            "stored despite {scc:?}"
+        );
+        if !CacheControl::targeted(&resp) && !plainly_has(&resp, "must-understand") {
+            assert!(!plainly_has(&resp, "no-store") && !plainly_has(&resp, "private"));
+        }
         if resp.contains_key("set-cookie") {
             assert!(rule.store_set_cookie_responses && f.strip_set_cookie);
         }
         assert!(body_len <= rule.max_entry_bytes);
-        assert!(!matches!(status.as_u16(), 206 | 304) && !status.is_server_error());
+        assert!(!matches!(status.as_u16(), 206 | 304) && !status.is_informational());
+        if status.is_server_error() {
+            assert_eq!(f.stale_if_error_until, f.fresh_until, "a stored error served stale");
+        }
+        assert!(f.keep_until >= f.fresh_until, "{f:?}");
         assert!(cachegate::key::vary_names(&resp).is_some());
 
         // Times are ordered and clamped, never wrapped.
@@ -187,17 +209,40 @@ fuzz_target!(|data: &[u8]| {
             }
         }
 
-        let left = f.fresh_until.saturating_sub(response_time) / 1000;
-        let edge = edge_cache_control(left, &rule);
-        assert!(HeaderValue::from_str(&edge).is_ok());
-        let edge_cc = CacheControl::parse(&HeaderMap::from_iter([(
-            http::header::CACHE_CONTROL,
-            HeaderValue::from_str(&edge).expect("ASCII"),
-        )]));
-        assert!(
-            edge_cc.max_age.is_some_and(|m| m <= left),
-            "{edge} promises more than {left}"
+        // The edge rewrite: browser freshness never raised, private and
+        // no-store never touched, Authorization-keyed answers private.
+        let age_secs = response_time.saturating_sub(f.born_at) / 1000;
+        let mut out = resp.clone();
+        edge_headers(
+            &mut out,
+            EdgeFacts {
+                age_secs,
+                lifetime_secs: f.fresh_until.saturating_sub(f.born_at) / 1000,
+                route_supplied: cachegate::policy::response::route_supplied_freshness(
+                    status, &resp, &rule,
+                ),
+                rule: &rule,
+                edge_key_headers: &["accept-encoding".to_string()],
+            },
         );
-        assert_eq!(edge_cc.private, rule.keys_on_authorization());
+        let out_cc = CacheControl::parse(&out);
+        assert_eq!(out_cc.max_age, cc.max_age, "browser max-age changed");
+        assert_eq!(out_cc.no_cache, cc.no_cache);
+        assert_eq!(out_cc.must_revalidate, cc.must_revalidate);
+        if cc.private || cc.no_store {
+            let cc_of = |h: &HeaderMap| {
+                h.get_all(http::header::CACHE_CONTROL)
+                    .iter()
+                    .map(|v| v.as_bytes().to_vec())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(cc_of(&out), cc_of(&resp), "a private answer rewritten");
+        } else if !rule.key_headers.is_empty() {
+            assert!(out_cc.private && !out_cc.public && out_cc.s_maxage.is_none());
+        } else if let (Some(cap), Some(s)) = (rule.edge_ttl, out_cc.s_maxage) {
+            if out_cc.s_maxage != cc.s_maxage {
+                assert!(s <= age_secs.saturating_add(cap.as_secs()), "s-maxage {s} past the cap");
+            }
+        }
     }
 });

@@ -33,6 +33,7 @@ fn record(u: &mut Unstructured) -> Result<Record> {
             fresh_until: u.arbitrary()?,
             stale_while_revalidate_until: u.arbitrary()?,
             stale_if_error_until: u.arbitrary()?,
+            keep_until: u.arbitrary()?,
             tags: u.arbitrary()?,
         }),
         1 => Record::VaryIndex(VaryIndex {

@@ -13,6 +13,8 @@ pub struct CacheControl {
     pub public: bool,
     pub must_revalidate: bool,
     pub proxy_revalidate: bool,
+    /// RFC 9111 §5.2.2.3: store only if the status's caching rules are known.
+    pub must_understand: bool,
     pub max_age: Option<u64>,
     pub s_maxage: Option<u64>,
     pub stale_while_revalidate: Option<u64>,
@@ -25,8 +27,33 @@ impl CacheControl {
     /// (stale), per RFC 9111 §4.2.1, and `no-cache="x"` / `private="x"`
     /// are treated as their unqualified, stricter forms.
     pub fn parse(headers: &HeaderMap) -> CacheControl {
+        Self::parse_field(headers, http::header::CACHE_CONTROL.as_str())
+    }
+
+    /// The directives cachegate obeys for its own storing (RFC 9213): the
+    /// first of `Cachegate-Cache-Control` (for cachegate only), then
+    /// `CDN-Cache-Control` (for every CDN-like cache of the operator), that
+    /// the response carries replaces `Cache-Control` entirely; otherwise
+    /// `Cache-Control`.
+    pub fn for_storing(headers: &HeaderMap) -> CacheControl {
+        for name in [CACHEGATE_CACHE_CONTROL, CDN_CACHE_CONTROL] {
+            if headers.contains_key(name) {
+                return Self::parse_field(headers, name);
+            }
+        }
+        Self::parse(headers)
+    }
+
+    /// Whether the directives cachegate stores by come from a targeted
+    /// field rather than `Cache-Control`.
+    pub fn targeted(headers: &HeaderMap) -> bool {
+        headers.contains_key(CACHEGATE_CACHE_CONTROL) || headers.contains_key(CDN_CACHE_CONTROL)
+    }
+
+    /// Parse every value of the field `name` with the `Cache-Control` syntax.
+    pub fn parse_field(headers: &HeaderMap, name: &str) -> CacheControl {
         let mut cc = CacheControl::default();
-        for value in headers.get_all(http::header::CACHE_CONTROL) {
+        for value in headers.get_all(name) {
             let Ok(value) = value.to_str() else {
                 // Not visible ASCII: obey the safest reading.
                 cc.no_store = true;
@@ -45,6 +72,7 @@ impl CacheControl {
                     "public" => cc.public = true,
                     "must-revalidate" => cc.must_revalidate = true,
                     "proxy-revalidate" => cc.proxy_revalidate = true,
+                    "must-understand" => cc.must_understand = true,
                     "max-age" => cc.max_age = Some(min_opt(cc.max_age, delta())),
                     "s-maxage" => cc.s_maxage = Some(min_opt(cc.s_maxage, delta())),
                     "stale-while-revalidate" => cc.stale_while_revalidate = Some(delta()),
@@ -56,6 +84,12 @@ impl CacheControl {
         cc
     }
 }
+
+/// RFC 9213's field for every CDN-like cache the operator runs.
+pub const CDN_CACHE_CONTROL: &str = "cdn-cache-control";
+/// The RFC 9213 §2.1-style field for cachegate alone: obeyed, then removed
+/// from what goes out.
+pub const CACHEGATE_CACHE_CONTROL: &str = "cachegate-cache-control";
 
 /// RFC 9111 §1.2.2: a delta-seconds value too large to represent, or any
 /// calculation with it that would overflow, counts as 2^31 seconds.
@@ -84,7 +118,7 @@ fn min_opt(old: Option<u64>, new: u64) -> u64 {
 }
 
 /// Split on commas that are not inside a quoted string.
-fn split_directives(value: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn split_directives(value: &str) -> impl Iterator<Item = &str> {
     let mut parts = Vec::new();
     let (mut start, mut quoted) = (0, false);
     for (i, c) in value.char_indices() {

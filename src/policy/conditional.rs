@@ -6,30 +6,67 @@ use http::HeaderMap;
 
 use cachegate_store::Entry;
 
-/// RFC 9110 §13.1.2 / §13.1.3: weak comparison for If-None-Match; If-Modified-Since
-/// only when there is no If-None-Match.
+/// RFC 9110 §13.1.2 / §13.1.3: weak comparison for If-None-Match;
+/// If-Modified-Since only when there is no If-None-Match, against
+/// `Last-Modified` or, without one, `Date` (§13.1.3: the origin's
+/// evaluation uses the last modification; the response's date is the
+/// latest it can have been).
 pub fn not_modified(req: &HeaderMap, entry: &Entry) -> bool {
     if let Some(inm) = req.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
-        let Some(etag) = entry
-            .header("etag")
-            .and_then(|v| std::str::from_utf8(v).ok())
-        else {
+        let Some(etag) = entry_str(entry, "etag") else {
             return false;
         };
-        let weak = |t: &str| t.trim().trim_start_matches("W/").to_owned();
         return inm
             .split(',')
-            .any(|t| t.trim() == "*" || weak(t) == weak(etag));
+            .any(|t| t.trim() == "*" || opaque(t) == opaque(etag));
     }
-    let ims = req
-        .get(header::IF_MODIFIED_SINCE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok());
-    let lm = entry
-        .header("last-modified")
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok());
-    matches!((ims, lm), (Some(ims), Some(lm)) if lm <= ims)
+    let Some(ims) = req_time(req, header::IF_MODIFIED_SINCE) else {
+        return false;
+    };
+    last_modified_or_date(entry).is_some_and(|lm| lm <= ims)
+}
+
+/// RFC 9110 §13.2.2 steps 1-2, answered from a stored 2xx: `If-Match`
+/// (strong comparison; `*` matches any stored answer), else
+/// `If-Unmodified-Since` against `Last-Modified`. True when the request's
+/// precondition fails (answer 412).
+pub fn precondition_failed(req: &HeaderMap, entry: &Entry) -> bool {
+    if !(200..300).contains(&entry.status) {
+        return false;
+    }
+    if let Some(im) = req.get(header::IF_MATCH) {
+        let Ok(im) = im.to_str() else { return true };
+        let strong = entry_str(entry, "etag").filter(|e| !e.trim().starts_with("W/"));
+        return !im.split(',').any(|t| {
+            t.trim() == "*"
+                || strong.is_some_and(|e| !t.trim().starts_with("W/") && t.trim() == e.trim())
+        });
+    }
+    let (Some(ius), Some(lm)) = (
+        req_time(req, header::IF_UNMODIFIED_SINCE),
+        entry_str(entry, "last-modified").and_then(super::date::parse_http_date),
+    ) else {
+        return false;
+    };
+    lm > ius
+}
+
+fn entry_str<'a>(entry: &'a Entry, name: &str) -> Option<&'a str> {
+    entry.header(name).and_then(|v| std::str::from_utf8(v).ok())
+}
+
+fn opaque(tag: &str) -> &str {
+    tag.trim().trim_start_matches("W/")
+}
+
+fn req_time(req: &HeaderMap, name: header::HeaderName) -> Option<u64> {
+    super::date::parse_http_date(req.get(name)?.to_str().ok()?)
+}
+
+fn last_modified_or_date(entry: &Entry) -> Option<u64> {
+    entry_str(entry, "last-modified")
+        .or_else(|| entry_str(entry, "date"))
+        .and_then(super::date::parse_http_date)
 }
 
 /// The client's preconditions are answered by us from the entry; the
@@ -59,13 +96,128 @@ pub fn upstream_conditionals(headers: &mut HeaderMap, stale: Option<&Entry>) {
     }
 }
 
-/// RFC 9111 §4.3.4: the stored headers, updated with those of a 304 that
-/// freshens them (`Content-Length` describes the 304, not the entry).
+/// RFC 9111 §3.2 / §4.3.4: the stored headers, updated with those of a 304
+/// that freshens them: each field the 304 carries replaces the stored one,
+/// every value of it (a repeated field keeps all its values).
+/// `Content-Length` describes the 304, not the entry.
 pub fn merge_not_modified(mut stored: HeaderMap, not_modified: &HeaderMap) -> HeaderMap {
+    for name in not_modified.keys() {
+        if name != header::CONTENT_LENGTH {
+            stored.remove(name);
+        }
+    }
     for (name, value) in not_modified.iter() {
         if name != header::CONTENT_LENGTH {
-            stored.insert(name.clone(), value.clone());
+            stored.append(name.clone(), value.clone());
         }
     }
     stored
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn entry(headers: &[(&str, &str)]) -> Entry {
+        Entry {
+            status: 200,
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), Bytes::copy_from_slice(v.as_bytes())))
+                .collect(),
+            body: Bytes::new(),
+            born_at: 0,
+            stored_at: 0,
+            fresh_until: 0,
+            stale_while_revalidate_until: 0,
+            stale_if_error_until: 0,
+            keep_until: 0,
+            tags: vec![],
+        }
+    }
+
+    fn req(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    const DATE: &str = "Sun, 06 Nov 1994 08:49:37 GMT";
+    const LATER: &str = "Mon, 07 Nov 1994 08:49:37 GMT";
+    const EARLIER: &str = "Sat, 05 Nov 1994 08:49:37 GMT";
+
+    #[test]
+    fn if_modified_since_falls_back_to_date() {
+        let e = entry(&[("date", DATE)]);
+        assert!(not_modified(&req(&[("if-modified-since", DATE)]), &e));
+        assert!(not_modified(&req(&[("if-modified-since", LATER)]), &e));
+        assert!(!not_modified(&req(&[("if-modified-since", EARLIER)]), &e));
+        let e = entry(&[("date", LATER), ("last-modified", EARLIER)]);
+        assert!(not_modified(&req(&[("if-modified-since", DATE)]), &e));
+        // If-None-Match wins over If-Modified-Since.
+        let e = entry(&[("etag", "\"a\""), ("date", DATE)]);
+        assert!(!not_modified(
+            &req(&[("if-none-match", "\"b\""), ("if-modified-since", LATER)]),
+            &e
+        ));
+        assert!(not_modified(&req(&[("if-none-match", "W/\"a\"")]), &e));
+    }
+
+    #[test]
+    fn if_match_and_if_unmodified_since() {
+        let e = entry(&[("etag", "\"a\""), ("last-modified", DATE)]);
+        assert!(!precondition_failed(&req(&[("if-match", "\"a\"")]), &e));
+        assert!(!precondition_failed(
+            &req(&[("if-match", "\"x\", \"a\"")]),
+            &e
+        ));
+        assert!(!precondition_failed(&req(&[("if-match", "*")]), &e));
+        assert!(precondition_failed(&req(&[("if-match", "\"b\"")]), &e));
+        // Strong comparison: a weak tag never matches.
+        assert!(precondition_failed(&req(&[("if-match", "W/\"a\"")]), &e));
+        let weak = entry(&[("etag", "W/\"a\"")]);
+        assert!(precondition_failed(&req(&[("if-match", "W/\"a\"")]), &weak));
+        assert!(!precondition_failed(
+            &req(&[("if-unmodified-since", DATE)]),
+            &e
+        ));
+        assert!(!precondition_failed(
+            &req(&[("if-unmodified-since", LATER)]),
+            &e
+        ));
+        assert!(precondition_failed(
+            &req(&[("if-unmodified-since", EARLIER)]),
+            &e
+        ));
+        // If-Match wins over If-Unmodified-Since.
+        assert!(!precondition_failed(
+            &req(&[("if-match", "\"a\""), ("if-unmodified-since", EARLIER)]),
+            &e
+        ));
+        assert!(!precondition_failed(&req(&[]), &e));
+    }
+
+    #[test]
+    fn a_304_replaces_fields_and_keeps_repeated_values() {
+        let stored = req(&[
+            ("cache-control", "max-age=1"),
+            ("link", "</a>; rel=preload"),
+            ("x-kept", "1"),
+        ]);
+        let nm = req(&[
+            ("cache-control", "max-age=60"),
+            ("link", "</b>; rel=preload"),
+            ("link", "</c>; rel=preload"),
+            ("content-length", "0"),
+        ]);
+        let m = merge_not_modified(stored, &nm);
+        assert_eq!(m["cache-control"], "max-age=60");
+        let links: Vec<_> = m.get_all("link").iter().collect();
+        assert_eq!(links, ["</b>; rel=preload", "</c>; rel=preload"]);
+        assert_eq!(m["x-kept"], "1");
+        assert!(m.get("content-length").is_none());
+    }
 }

@@ -129,3 +129,10 @@ pub fn stored_headers(headers: &HeaderMap, strip_set_cookie: bool) -> Vec<(Strin
         .map(|(n, v)| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
         .collect()
 }
+
+/// Remove the fields meant for cachegate alone (`Cachegate-Cache-Control`,
+/// RFC 9213 §2.1) from an answer going out. `CDN-Cache-Control` stays: it
+/// is for every CDN-like cache of the operator's.
+pub fn strip_cachegate_fields(headers: &mut HeaderMap) {
+    headers.remove(super::cache_control::CACHEGATE_CACHE_CONTROL);
+}

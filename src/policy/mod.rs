@@ -15,17 +15,19 @@
 //! - [`response`]: may a response be stored, and for how long.
 //! - [`conditional`]: conditional requests, ours upstream and the client's.
 //! - [`headers`]: what is forwarded upstream and what is stored.
-//! - [`edge`]: the `Cache-Control` sent to the next cache out.
+//! - [`edge`]: what the next cache out is told (`s-maxage`, `Vary`, `private`).
+//! - [`date`]: HTTP dates read leniently, as RFC 9110 §5.6.7 asks.
 
 pub mod cache_control;
 pub mod conditional;
+pub mod date;
 pub mod edge;
 pub mod headers;
 pub mod request;
 pub mod response;
 
 pub use cache_control::{CacheControl, MAX_DELTA_SECONDS};
-pub use edge::edge_cache_control;
+pub use edge::{edge_headers, mark_keyed, EdgeFacts};
 pub use request::{request_policy, Bypass, RequestPolicy};
 pub use response::{response_policy, Freshness, NotStorable, ResponseFacts};
 
@@ -212,7 +214,11 @@ mod tests {
             Err(NotStorable::Partial)
         );
         assert_eq!(
-            policy(503, &[("cache-control", "max-age=60")], &r),
+            policy(206, &[("cache-control", "max-age=60")], &r),
+            Err(NotStorable::Partial)
+        );
+        assert_eq!(
+            policy(100, &[("cache-control", "max-age=60")], &r),
             Err(NotStorable::Status)
         );
         assert_eq!(
@@ -339,19 +345,229 @@ mod tests {
     }
 
     #[test]
-    fn edge_header_never_promises_more_than_left() {
+    fn any_status_with_explicit_freshness_is_stored() {
+        let r = rule();
+        for status in [503, 500, 302, 403, 299] {
+            let f = policy(status, &[("cache-control", "max-age=60")], &r).unwrap();
+            assert_eq!(f.fresh_until, T0 - 100 + 60_000, "{status}");
+        }
+        // A stored server error is never served stale.
+        let mut sie = r.clone();
+        sie.stale_if_error = Duration::from_secs(300);
+        let f = policy(
+            503,
+            &[("cache-control", "max-age=60, stale-if-error=60")],
+            &sie,
+        )
+        .unwrap();
+        assert_eq!(f.stale_if_error_until, f.fresh_until);
+        assert_eq!(f.stale_while_revalidate_until, f.fresh_until);
+        // A 200 with Content-Range is complete.
+        assert!(policy(
+            200,
+            &[
+                ("cache-control", "max-age=60"),
+                ("content-range", "bytes 0-9/10")
+            ],
+            &r
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn configured_freshness_only_for_heuristically_cacheable_or_named_statuses() {
+        let mut d = rule();
+        d.ttl = Some(Duration::from_secs(60));
+        assert!(policy(404, &[], &d).is_ok());
+        for status in [500, 503, 302, 403] {
+            assert_eq!(
+                policy(status, &[], &d),
+                Err(NotStorable::Status),
+                "{status}"
+            );
+        }
+        d.status_ttl = vec![
+            (404, Duration::from_secs(10)),
+            (503, Duration::from_secs(2)),
+        ];
+        assert_eq!(policy(404, &[], &d).unwrap().fresh_until, T0 - 100 + 10_000);
+        assert_eq!(policy(503, &[], &d).unwrap().fresh_until, T0 - 100 + 2_000);
+        assert_eq!(policy(200, &[], &d).unwrap().fresh_until, T0 - 100 + 60_000);
+        // The upstream's own freshness still wins.
+        assert_eq!(
+            policy(404, &[("cache-control", "max-age=1")], &d)
+                .unwrap()
+                .fresh_until,
+            T0 - 100 + 1_000
+        );
+        assert!(response::route_supplied_freshness(
+            StatusCode::NOT_FOUND,
+            &headers(&[]),
+            &d
+        ));
+        assert!(!response::route_supplied_freshness(
+            StatusCode::NOT_FOUND,
+            &headers(&[("cache-control", "max-age=1")]),
+            &d
+        ));
+        assert!(!response::route_supplied_freshness(
+            StatusCode::FORBIDDEN,
+            &headers(&[]),
+            &d
+        ));
+    }
+
+    #[test]
+    fn must_understand() {
+        let r = rule();
+        // Understood status: no-store is the fallback for caches that do not know it.
+        assert!(policy(
+            200,
+            &[("cache-control", "must-understand, no-store, max-age=60")],
+            &r
+        )
+        .is_ok());
+        assert_eq!(
+            policy(
+                299,
+                &[("cache-control", "must-understand, no-store, max-age=60")],
+                &r
+            ),
+            Err(NotStorable::MustUnderstand)
+        );
+        assert_eq!(
+            policy(
+                200,
+                &[("cache-control", "must-understand, private, max-age=60")],
+                &r
+            ),
+            Err(NotStorable::Private)
+        );
+    }
+
+    #[test]
+    fn age_counts_by_its_first_member_and_invalid_is_ignored() {
+        let r = rule();
+        let age = |v: &str| {
+            let f = policy(200, &[("cache-control", "max-age=600"), ("age", v)], &r).unwrap();
+            (T0 - f.born_at) / 1000
+        };
+        assert_eq!(age("7200, 0"), 7200);
+        assert_eq!(age("30"), 30);
+        assert_eq!(age("abc"), 0);
+        assert_eq!(age("-5"), 0);
+    }
+
+    #[test]
+    fn lenient_dates_and_unparseable_expires() {
+        let r = rule();
+        let date = "Sun, 06 Nov 1994 08:49:37 GMT";
+        let expires = "sunday, 06-nov-94 08:50:37 gmt";
+        let f = policy(200, &[("date", date), ("expires", expires)], &r)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(f.fresh_until - f.born_at, 60_000);
+        // Unparseable Expires: already expired (stored only to revalidate).
+        let f = policy(200, &[("expires", "soon"), ("etag", "\"a\"")], &r).unwrap();
+        assert!(f.fresh_until <= T0);
+        let mut no_stale = r.clone();
+        no_stale.stale_if_error = Duration::ZERO;
+        assert_eq!(
+            policy(200, &[("expires", "soon")], &no_stale),
+            Err(NotStorable::NoFreshness)
+        );
+    }
+
+    #[test]
+    fn stale_entries_with_validators_are_kept_to_revalidate() {
         let mut r = rule();
+        r.keep_for_revalidation = Duration::from_secs(3600);
+        for cc in [
+            "max-age=0",
+            "no-cache",
+            "max-age=60, must-revalidate",
+            "s-maxage=60",
+        ] {
+            let f = policy(200, &[("cache-control", cc), ("etag", "\"a\"")], &r).unwrap();
+            assert_eq!(f.keep_until, f.fresh_until + 3_600_000, "{cc}");
+        }
+        let f = policy(200, &[("cache-control", "max-age=60")], &r).unwrap();
+        assert_eq!(f.keep_until, f.fresh_until, "nothing to revalidate with");
+    }
+
+    #[test]
+    fn cdn_cache_control_is_obeyed_ahead_of_cache_control() {
+        let r = rule();
+        let f = policy(
+            200,
+            &[
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "max-age=60"),
+            ],
+            &r,
+        )
+        .unwrap();
+        assert_eq!(f.fresh_until, T0 - 100 + 60_000);
         assert_eq!(
-            edge_cache_control(42, &r),
-            "public, max-age=42, s-maxage=42"
+            policy(
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("cdn-cache-control", "private")
+                ],
+                &r
+            ),
+            Err(NotStorable::Private)
         );
-        r.edge_ttl = Some(Duration::from_secs(10));
         assert_eq!(
-            edge_cache_control(42, &r),
-            "public, max-age=10, s-maxage=10"
+            policy(
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("cdn-cache-control", "no-store")
+                ],
+                &r
+            ),
+            Err(NotStorable::NoStore)
         );
-        assert_eq!(edge_cache_control(3, &r), "public, max-age=3, s-maxage=3");
-        r.key_headers = vec!["authorization".into()];
-        assert_eq!(edge_cache_control(3, &r), "private, max-age=3");
+        // The targeted field replaces Expires too.
+        let date = "Sun, 06 Nov 1994 08:49:37 GMT";
+        let exp = "Sun, 06 Nov 1994 09:49:37 GMT";
+        assert_eq!(
+            policy(
+                200,
+                &[
+                    ("date", date),
+                    ("expires", exp),
+                    ("cdn-cache-control", "stale-if-error=5")
+                ],
+                &r
+            ),
+            Err(NotStorable::NoFreshness)
+        );
+        // cachegate's own field wins over both.
+        let f = policy(
+            200,
+            &[
+                ("cdn-cache-control", "no-store"),
+                (
+                    "cachegate-cache-control",
+                    "max-age=5, stale-while-revalidate=7",
+                ),
+            ],
+            &r,
+        )
+        .unwrap();
+        assert_eq!(f.fresh_until, T0 - 100 + 5_000);
+        assert_eq!(f.stale_while_revalidate_until - f.fresh_until, 7_000);
+        let f = policy(
+            200,
+            &[
+                ("cdn-cache-control", "max-age=60, no-cache"),
+                ("etag", "\"a\""),
+            ],
+            &r,
+        )
+        .unwrap();
+        assert!(f.fresh_until <= T0);
     }
 }

@@ -18,6 +18,9 @@ pub enum Bypass {
     Body,
     /// `Upgrade` / WebSocket-like requests.
     Upgrade,
+    /// A `Range` request: partial answers are not stored; the upstream
+    /// answers the range.
+    Range,
 }
 
 impl Bypass {
@@ -28,6 +31,7 @@ impl Bypass {
             Bypass::Route => "route",
             Bypass::Body => "request-body",
             Bypass::Upgrade => "upgrade",
+            Bypass::Range => "range",
         }
     }
 }

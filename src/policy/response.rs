@@ -23,6 +23,8 @@ pub enum NotStorable {
     TooLarge,
     ClientNoStore,
     Head,
+    /// `must-understand` on a status whose caching rules cachegate does not know.
+    MustUnderstand,
 }
 
 impl NotStorable {
@@ -38,6 +40,7 @@ impl NotStorable {
             NotStorable::TooLarge => "too-large",
             NotStorable::ClientNoStore => "client-no-store",
             NotStorable::Head => "head",
+            NotStorable::MustUnderstand => "must-understand",
         }
     }
 }
@@ -49,16 +52,27 @@ pub struct Freshness {
     pub fresh_until: UnixMillis,
     pub stale_while_revalidate_until: UnixMillis,
     pub stale_if_error_until: UnixMillis,
+    /// Kept for revalidation until then (see [`cachegate_store::Entry::keep_until`]).
+    pub keep_until: UnixMillis,
     /// Drop `Set-Cookie` before storing (allowed by configuration).
     pub strip_set_cookie: bool,
 }
 
 /// Statuses a cache may store when freshness comes from configuration
 /// rather than explicit directives (RFC 9110 §15.1 "heuristically cacheable").
-fn heuristically_cacheable(status: StatusCode) -> bool {
+pub fn heuristically_cacheable(status: StatusCode) -> bool {
     matches!(
         status.as_u16(),
         200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+/// Statuses whose caching rules cachegate knows (the final statuses RFC
+/// 9110 defines): what `must-understand` (RFC 9111 §5.2.2.3) asks about.
+fn understood(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200..=206 | 300..=305 | 307 | 308 | 400..=417 | 421 | 422 | 426 | 500..=505
     )
 }
 
@@ -74,11 +88,22 @@ pub struct ResponseFacts<'a> {
 }
 
 /// Whether and for how long a response to a cache-eligible GET may be stored.
+///
+/// The directives obeyed are the targeted field's when there is one
+/// (`Cachegate-Cache-Control`, then `CDN-Cache-Control`: RFC 9213), else
+/// `Cache-Control` with `Expires`.
 pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshness, NotStorable> {
     let h = facts.headers;
-    let cc = CacheControl::parse(h);
+    let status = facts.status;
+    let cc = CacheControl::for_storing(h);
+    // §5.2.2.3: must-understand stores only statuses we know the rules of,
+    // and for those it overrides no-store (its purpose: a no-store
+    // fallback for caches that do not know it).
+    if cc.must_understand && !understood(status) {
+        return Err(NotStorable::MustUnderstand);
+    }
     // §3: never store what the origin forbids a shared cache to store.
-    if cc.no_store {
+    if cc.no_store && !cc.must_understand {
         return Err(NotStorable::NoStore);
     }
     if cc.private {
@@ -87,13 +112,12 @@ pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshnes
     if crate::key::vary_names(h).is_none() {
         return Err(NotStorable::VaryStar);
     }
-    if facts.status == StatusCode::PARTIAL_CONTENT || h.contains_key(http::header::CONTENT_RANGE) {
+    // A 200 with Content-Range is the complete representation (RFC 9110
+    // §14.4); only a 206 is a part of one.
+    if status == StatusCode::PARTIAL_CONTENT {
         return Err(NotStorable::Partial);
     }
-    if facts.status.is_server_error()
-        || facts.status.is_informational()
-        || facts.status == StatusCode::NOT_MODIFIED
-    {
+    if status.is_informational() || status == StatusCode::NOT_MODIFIED {
         return Err(NotStorable::Status);
     }
     let has_set_cookie = h.contains_key(http::header::SET_COOKIE);
@@ -105,37 +129,31 @@ pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshnes
     }
 
     let date = header_time(h, http::header::DATE);
-    let explicit = if rule.override_upstream {
-        None
-    } else if let Some(s) = cc.s_maxage {
-        Some(s.saturating_mul(1000))
-    } else if let Some(m) = cc.max_age {
-        Some(m.saturating_mul(1000))
-    } else if h.contains_key(http::header::EXPIRES) {
-        // An invalid Expires (e.g. "0") means already expired (§5.3).
-        let expires = header_time(h, http::header::EXPIRES).unwrap_or(0);
-        Some(expires.saturating_sub(date.unwrap_or(facts.response_time)))
-    } else {
-        None
-    };
-    let lifetime_ms = match explicit {
+    let route_ttl = rule.ttl_for(status);
+    // §3: any status may be stored with explicit freshness; a configured
+    // one only where the route names the status or it is heuristically
+    // cacheable (RFC 9110 §15.1).
+    let lifetime_ms = match explicit_lifetime(&cc, h, date, facts.response_time) {
+        _ if rule.override_upstream && route_ttl.is_some() => millis(route_ttl.unwrap_or_default()),
         Some(_) if cc.no_cache => 0,
         Some(ms) => ms,
-        None if cc.no_cache && !rule.override_upstream => 0,
-        None => {
-            let ttl = rule.ttl.ok_or(NotStorable::NoFreshness)?;
-            if !heuristically_cacheable(facts.status) {
-                return Err(NotStorable::Status);
+        None if cc.no_cache => 0,
+        None => match route_ttl {
+            Some(ttl) => millis(ttl),
+            None if rule.ttl.is_none() && rule.status_ttl.is_empty() => {
+                return Err(NotStorable::NoFreshness)
             }
-            millis(ttl)
-        }
+            None => return Err(NotStorable::Status),
+        },
     };
 
-    // §4.2.3: the age the response already had when it arrived.
+    // §4.2.3: the age the response already had when it arrived. A list
+    // (`Age: 7200, 0`, two caches' worth) counts by its first member; an
+    // invalid one is ignored.
     let age_value = h
         .get(http::header::AGE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| delta_seconds(v.trim()))
+        .and_then(|v| delta_seconds(v.split(',').next().unwrap_or("").trim()))
         .unwrap_or(0)
         .saturating_mul(1000);
     let apparent_age = date.map_or(0, |d| facts.response_time.saturating_sub(d));
@@ -148,8 +166,10 @@ pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshnes
 
     // §4.2.4: stale only where the origin allows it. Explicit RFC 5861
     // directives win; `s-maxage` implies proxy-revalidate for shared caches.
-    let may_serve_stale =
-        rule.override_upstream || !(cc.must_revalidate || cc.proxy_revalidate || cc.no_cache);
+    // A stored server error is never served stale: stale-if-error exists to
+    // hide errors, and a stale error in place of a fresh one hides nothing.
+    let may_serve_stale = !status.is_server_error()
+        && (rule.override_upstream || !(cc.must_revalidate || cc.proxy_revalidate || cc.no_cache));
     let window = |explicit: Option<u64>, configured: Duration| -> u64 {
         if !may_serve_stale {
             0
@@ -171,17 +191,59 @@ pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshnes
     if fresh_until <= facts.response_time && !has_validator && swr == 0 && sie == 0 {
         return Err(NotStorable::NoFreshness);
     }
+    // §4.3.1: a stale entry with validators is worth keeping past its stale
+    // windows, to be revalidated (a 304 instead of a full body), for as
+    // long as configuration allows.
+    let keep_until = if has_validator {
+        fresh_until.saturating_add(millis(rule.keep_for_revalidation))
+    } else {
+        fresh_until
+    };
     Ok(Freshness {
         born_at,
         fresh_until,
         stale_while_revalidate_until: fresh_until.saturating_add(swr),
         stale_if_error_until: fresh_until.saturating_add(sie),
+        keep_until,
         strip_set_cookie: has_set_cookie,
     })
 }
 
-fn header_time(h: &HeaderMap, name: http::HeaderName) -> Option<UnixMillis> {
-    let v = h.get(name)?.to_str().ok()?;
-    let t = httpdate::parse_http_date(v).ok()?;
-    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64)
+/// Whether the freshness of a stored response with these headers came from
+/// the route (`ttl`, `status_ttl`) rather than from the upstream: then the
+/// edge is told it in `s-maxage`.
+pub fn route_supplied_freshness(status: StatusCode, h: &HeaderMap, rule: &Rule) -> bool {
+    let Some(_) = rule.ttl_for(status) else {
+        return false;
+    };
+    if rule.override_upstream {
+        return true;
+    }
+    let cc = CacheControl::for_storing(h);
+    !cc.no_cache && explicit_lifetime(&cc, h, None, 0).is_none()
+}
+
+/// §4.2.1: the lifetime the upstream gave, in milliseconds: `s-maxage`,
+/// then `max-age`, then `Expires - Date` (not with a targeted field, which
+/// replaces `Expires` as well, RFC 9213 §2.2). An `Expires` that does not
+/// parse means already expired (§5.3).
+fn explicit_lifetime(
+    cc: &CacheControl,
+    h: &HeaderMap,
+    date: Option<UnixMillis>,
+    response_time: UnixMillis,
+) -> Option<u64> {
+    if let Some(s) = cc.s_maxage.or(cc.max_age) {
+        return Some(s.saturating_mul(1000));
+    }
+    if CacheControl::targeted(h) || !h.contains_key(http::header::EXPIRES) {
+        return None;
+    }
+    let expires = header_time(h, http::header::EXPIRES).unwrap_or(0);
+    Some(expires.saturating_sub(date.unwrap_or(response_time)))
+}
+
+/// A date header, read leniently ([`super::date::parse_http_date`]).
+pub(crate) fn header_time(h: &HeaderMap, name: http::HeaderName) -> Option<UnixMillis> {
+    super::date::parse_http_date(h.get(name)?.to_str().ok()?)
 }

@@ -54,7 +54,8 @@ impl Proxy {
                     .fetch_once_across_instances(miss, stale, on_contention)
                     .await;
                 let share = match &result {
-                    Ok(Fetched::Entry(entry, _)) => {
+                    // Waiters get the stored copy, never the fetcher's own headers.
+                    Ok(Fetched::Entry(entry, _) | Fetched::Own(entry, _, _)) => {
                         let vary = key::vary_names(&super::respond::header_map_of(entry));
                         Some((
                             entry.clone(),

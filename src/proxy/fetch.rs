@@ -78,36 +78,28 @@ impl Proxy {
             .await;
         let response_time = now_millis();
         let upstream_time = sent_at.elapsed();
-        let resp = match sent {
-            Ok(r) if !r.status.is_server_error() => r,
-            // 6. Upstream failed: a stale entry within stale-if-error answers.
-            failed => {
-                if let Some(s) = stale.filter(|s| response_time < s.stale_if_error_until) {
-                    let failure = match &failed {
-                        Ok(r) => UpstreamFailure::Status(r.status.as_u16()),
-                        Err(e) => UpstreamFailure::Error(e.code()),
-                    };
-                    let stale_for = response_time.saturating_sub(s.fresh_until) / 1000;
-                    return Ok(Fetched::Entry(
-                        Arc::new(s),
-                        Outcome::timed(upstream_time, Kind::StaleIfError { stale_for, failure }),
-                    ));
-                }
-                let r = failed?;
-                let outcome = Outcome::timed(
-                    upstream_time,
-                    Kind::Fetched {
-                        fwd: *fwd,
-                        status: r.status.as_u16(),
-                        stored: false,
-                        revalidated: false,
-                        cache_down,
-                        not_stored: None,
-                    },
-                );
-                return Ok(Fetched::Relay(r, outcome));
-            }
+        // 6. Upstream failed: a stale entry within stale-if-error answers.
+        // Otherwise an error is relayed, or, a server error with explicit
+        // freshness, stored like any answer (RFC 9111 §3).
+        let failed = match &sent {
+            Ok(r) => r.status.is_server_error(),
+            Err(_) => true,
         };
+        let stale = match stale {
+            Some(s) if failed && response_time < s.stale_if_error_until => {
+                let failure = match &sent {
+                    Ok(r) => UpstreamFailure::Status(r.status.as_u16()),
+                    Err(e) => UpstreamFailure::Error(e.code()),
+                };
+                let stale_for = response_time.saturating_sub(s.fresh_until) / 1000;
+                return Ok(Fetched::Entry(
+                    Arc::new(s),
+                    Outcome::timed(upstream_time, Kind::StaleIfError { stale_for, failure }),
+                ));
+            }
+            other => other,
+        };
+        let resp = sent?;
 
         // A 304 to our conditional request refreshes the stale entry (RFC 9111 §4.3.4).
         let (status, mut resp_headers, body, inherited_tags) = match (resp.status, stale) {
@@ -183,6 +175,14 @@ impl Proxy {
         tags.push(target.url_tag());
         tags.sort();
         tags.dedup();
+        // The cookie goes to the client whose request fetched it, never
+        // into the stored copy.
+        let mut own = HeaderMap::new();
+        if freshness.strip_set_cookie {
+            for v in resp_headers.get_all(http::header::SET_COOKIE) {
+                own.append(http::header::SET_COOKIE, v.clone());
+            }
+        }
         let entry = Entry {
             status: status.as_u16(),
             headers: policy::headers::stored_headers(&resp_headers, freshness.strip_set_cookie),
@@ -192,6 +192,7 @@ impl Proxy {
             fresh_until: freshness.fresh_until,
             stale_while_revalidate_until: freshness.stale_while_revalidate_until,
             stale_if_error_until: freshness.stale_if_error_until,
+            keep_until: freshness.keep_until,
             tags,
         };
         let vary = key::vary_names(&resp_headers).unwrap_or_default();
@@ -213,7 +214,11 @@ impl Proxy {
                 not_stored: None,
             },
         );
-        Ok(Fetched::Entry(Arc::new(entry), outcome))
+        if own.is_empty() {
+            Ok(Fetched::Entry(Arc::new(entry), outcome))
+        } else {
+            Ok(Fetched::Own(Arc::new(entry), outcome, own))
+        }
     }
 
     /// Whether any of `tags` was purged at or after `since` (the purge

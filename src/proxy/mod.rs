@@ -56,6 +56,8 @@ pub struct Settings {
     /// Lower-case response header names carrying surrogate keys.
     pub surrogate_key_headers: Vec<String>,
     pub expose_surrogate_keys: bool,
+    /// Lower-case request headers the cache in front keys on (`edge.key_headers`).
+    pub edge_key_headers: Vec<String>,
 }
 
 /// The proxy: one per process, shared by every request.
@@ -79,6 +81,9 @@ type Reply = (Response<Bytes>, Outcome);
 enum Fetched {
     /// Stored (or refreshed) entry to serve from.
     Entry(Arc<Entry>, Outcome),
+    /// An entry this request's fetch stored, and the headers only this
+    /// request's client gets (the `Set-Cookie` left out of the stored copy).
+    Own(Arc<Entry>, Outcome, HeaderMap),
     /// An upstream response relayed as is (not storable).
     Relay(UpstreamResponse, Outcome),
 }
@@ -196,7 +201,7 @@ impl Proxy {
                     body,
                     &target,
                     &rule,
-                    Bypass::Method,
+                    Bypass::Range,
                 )
                 .await;
         }
@@ -280,7 +285,20 @@ impl Proxy {
             Ok(Fetched::Entry(entry, outcome)) => {
                 self.respond_from_entry(&entry, &miss.rule, &miss.headers, head, outcome)
             }
-            Ok(Fetched::Relay(resp, outcome)) => respond::relay(resp, outcome, head),
+            Ok(Fetched::Own(entry, outcome, own)) => {
+                let (mut resp, outcome) =
+                    self.respond_from_entry(&entry, &miss.rule, &miss.headers, head, outcome);
+                for (name, value) in &own {
+                    resp.headers_mut().append(name, value.clone());
+                }
+                (resp, outcome)
+            }
+            Ok(Fetched::Relay(resp, outcome)) => respond::relay(
+                resp,
+                outcome,
+                head,
+                Some((&miss.rule, &self.settings.edge_key_headers)),
+            ),
             Err(e) => {
                 tracing::warn!(error = %e, path = %miss.target.path_and_query, "upstream failed");
                 let outcome = Kind::UpstreamFailed {
@@ -382,7 +400,7 @@ impl Proxy {
                         why,
                     },
                 );
-                respond::relay(resp, outcome, head)
+                respond::relay(resp, outcome, head, None)
             }
             Err(e) => (
                 json_error(e.status(), e.code(), &e.to_string()),

@@ -169,16 +169,18 @@ impl Outcome {
                 );
             }
             Kind::StaleIfError { stale_for, failure } => {
-                s.push_str("fwd=stale; ");
-                match failure {
-                    UpstreamFailure::Status(code) => {
-                        let _ = write!(s, "fwd-status={code}; ");
-                    }
-                    UpstreamFailure::Error(code) => {
-                        let _ = write!(s, "detail=\"{code}\"; ");
-                    }
-                }
-                let _ = write!(s, "ttl=-{stale_for}; detail=stale-if-error");
+                // One `detail` per entry (RFC 9211 §2): the stale use and,
+                // when the upstream did not answer, why.
+                let _ = match failure {
+                    UpstreamFailure::Status(code) => write!(
+                        s,
+                        "fwd=stale; fwd-status={code}; ttl=-{stale_for}; detail=stale-if-error"
+                    ),
+                    UpstreamFailure::Error(code) => write!(
+                        s,
+                        "fwd=stale; ttl=-{stale_for}; detail=\"stale-if-error; {code}\""
+                    ),
+                };
             }
             Kind::Collapsed { fwd, how } => {
                 let _ = write!(s, "fwd={}; collapsed", fwd.as_str());
@@ -312,6 +314,31 @@ mod tests {
         let mut h = HeaderMap::new();
         rejected.render(&mut h, None);
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn stale_if_error_has_one_detail() {
+        let render = |failure| {
+            Outcome::new(Kind::StaleIfError {
+                stale_for: 3,
+                failure,
+            })
+            .cache_status()
+            .unwrap()
+        };
+        let s = render(UpstreamFailure::Error("upstream_timeout"));
+        assert_eq!(
+            s,
+            "cachegate; fwd=stale; ttl=-3; detail=\"stale-if-error; upstream_timeout\""
+        );
+        let s = render(UpstreamFailure::Status(503));
+        assert_eq!(
+            s,
+            "cachegate; fwd=stale; fwd-status=503; ttl=-3; detail=stale-if-error"
+        );
+        for s in [s, render(UpstreamFailure::Error("x"))] {
+            assert_eq!(s.matches("detail=").count(), 1, "{s}");
+        }
     }
 
     #[test]

@@ -15,8 +15,10 @@ use crate::routes::Rule;
 use crate::upstream::UpstreamResponse;
 
 impl Proxy {
-    /// Build the client response from an entry: conditional requests
-    /// answered with 304, `Age`, the edge `Cache-Control`, cache status.
+    /// Build the client response from an entry: the upstream's headers as
+    /// stored, its current `Age`, what configuration tells the edge
+    /// ([`policy::edge`]), the client's conditional request answered (412
+    /// or 304), no body for HEAD.
     pub(super) fn respond_from_entry(
         &self,
         entry: &Entry,
@@ -26,13 +28,30 @@ impl Proxy {
         outcome: Outcome,
     ) -> Reply {
         let now = now_millis();
+        if policy::conditional::precondition_failed(req_headers, entry) {
+            let resp = json_error(
+                StatusCode::PRECONDITION_FAILED,
+                "precondition_failed",
+                "the request's If-Match or If-Unmodified-Since does not hold for the stored answer",
+            );
+            return (resp, outcome);
+        }
         let mut headers = header_map_of(entry);
-        headers.insert(header::AGE, HeaderValue::from(entry.age_secs(now)));
-        let cc = policy::edge_cache_control(entry.fresh_secs_left(now), rule);
-        headers.insert(
-            header::CACHE_CONTROL,
-            HeaderValue::from_str(&cc).expect("ASCII"),
+        let status = StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK);
+        let age_secs = entry.age_secs(now);
+        headers.insert(header::AGE, HeaderValue::from(age_secs));
+        let route_supplied = policy::response::route_supplied_freshness(status, &headers, rule);
+        policy::edge_headers(
+            &mut headers,
+            policy::EdgeFacts {
+                age_secs,
+                lifetime_secs: entry.fresh_until.saturating_sub(entry.born_at) / 1000,
+                route_supplied,
+                rule,
+                edge_key_headers: &self.settings.edge_key_headers,
+            },
         );
+        policy::headers::strip_cachegate_fields(&mut headers);
         if let Some(edge) = &self.edge {
             edge.tag_response(&mut headers, &entry.tags);
         }
@@ -41,18 +60,16 @@ impl Proxy {
         let status = if not_modified {
             StatusCode::NOT_MODIFIED
         } else {
-            StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK)
+            status
         };
         let body = if head || not_modified {
             Bytes::new()
         } else {
             entry.body.clone()
         };
-        if head || not_modified {
+        if head && !not_modified {
             // Describe the representation, not the empty body we send.
-            if !not_modified {
-                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
-            }
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
         }
         if not_modified {
             for h in [
@@ -81,14 +98,29 @@ pub(super) fn header_map_of(entry: &Entry) -> HeaderMap {
     h
 }
 
-pub(super) fn relay(resp: UpstreamResponse, outcome: Outcome, head: bool) -> Reply {
+/// An upstream answer relayed with its own headers. `keyed` is the rule
+/// and the edge's key headers for a request that used the cache: an answer
+/// to it on a route keyed on request headers is marked for the edge as a
+/// stored one would be ([`policy::mark_keyed`]); the upstream's own `Vary`
+/// is its own statement there.
+pub(super) fn relay(
+    resp: UpstreamResponse,
+    outcome: Outcome,
+    head: bool,
+    keyed: Option<(&Rule, &[String])>,
+) -> Reply {
     let body = if head { Bytes::new() } else { resp.body };
     let mut headers = resp.headers;
-    if head {
-        // Keep the upstream's Content-Length for HEAD; the body is empty by definition.
-    } else {
+    if !head {
+        // The body is its own length; HEAD keeps the upstream's.
         headers.remove(header::CONTENT_LENGTH);
     }
+    if let Some((rule, edge_key_headers)) = keyed {
+        if !rule.key_headers.is_empty() {
+            policy::mark_keyed(&mut headers, rule, edge_key_headers, false);
+        }
+    }
+    policy::headers::strip_cachegate_fields(&mut headers);
     (build(resp.status, headers, body), outcome)
 }
 

@@ -79,7 +79,9 @@ impl Drop for TestUpstream {
 /// `cc` Cache-Control, `status`, `delay_ms`, `etag` (and 304 on a matching
 /// If-None-Match), `lm` Last-Modified, `vary`, `set_cookie`, `bin` (N
 /// binary bytes), `surrogate` (Surrogate-Key), `location`, `echo` (the
-/// JSON body gets a `headers` object of every request header received).
+/// JSON body gets a `headers` object of every request header received),
+/// `h=name:value` (any header, repeatable; `h200=` on full answers only,
+/// `h304=` on 304s only).
 /// Otherwise it answers a
 /// ~1 KB JSON body naming the path, the version, the request count and the
 /// Accept-Language it saw.
@@ -167,14 +169,36 @@ async fn answer(State(state): State<Arc<UpstreamState>>, req: Request<Body>) -> 
         set("content-location", v);
     }
     set("x-upstream-header", "kept");
-    if let Some(etag) = q.get("etag") {
-        set("etag", etag);
-        if parts
+    // `h=name:value` (repeatable): a header on every answer; `h200=` only
+    // on full answers, `h304=` only on 304s.
+    let extra = |only: &str| -> Vec<(String, String)> {
+        form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+            .filter(|(k, _)| k == "h" || k == only)
+            .filter_map(|(_, v)| {
+                let (n, v) = v.split_once(':')?;
+                Some((n.trim().to_owned(), v.trim().to_owned()))
+            })
+            .collect()
+    };
+    let not_modified = q.get("etag").is_some_and(|etag| {
+        parts
             .headers
             .get("if-none-match")
             .and_then(|v| v.to_str().ok())
             == Some(etag.as_str())
-        {
+    });
+    for (n, v) in extra(if not_modified { "h304" } else { "h200" }) {
+        h.append(
+            http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+            HeaderValue::from_str(&v).unwrap(),
+        );
+    }
+    let mut set = |name: &'static str, v: &str| {
+        h.append(name, HeaderValue::from_str(v).unwrap());
+    };
+    if let Some(etag) = q.get("etag") {
+        set("etag", etag);
+        if not_modified {
             return resp.status(304).body(Body::empty()).unwrap();
         }
     }

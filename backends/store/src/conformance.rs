@@ -65,6 +65,7 @@ fn entry(body: Bytes, fresh_ms: u64, stale_ms: u64, tags: Vec<String>) -> Entry 
         fresh_until: now + fresh_ms,
         stale_while_revalidate_until: now + fresh_ms + stale_ms / 2,
         stale_if_error_until: now + fresh_ms + stale_ms,
+        keep_until: now + fresh_ms,
         tags,
     }
 }

@@ -13,7 +13,7 @@ use crate::{is_expired, UnixMillis};
 
 const MAGIC: &[u8; 2] = b"CG";
 /// Bump on any incompatible change to the payload structs below.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 const KIND_ENTRY: u8 = 1;
 const KIND_VARY_INDEX: u8 = 2;
 const KIND_PURGE_MARK: u8 = 3;
@@ -38,6 +38,10 @@ pub struct Entry {
     pub stale_while_revalidate_until: UnixMillis,
     /// May be served stale when the upstream fails, until this instant.
     pub stale_if_error_until: UnixMillis,
+    /// Kept (stale, never served without asking the upstream) until this
+    /// instant so that it can be revalidated with its validators (RFC 9111
+    /// §4.3.1) instead of refetched; `fresh_until` when it has none.
+    pub keep_until: UnixMillis,
     /// Tags a purge can remove this entry by (route tags, surrogate keys,
     /// and the URL tag the proxy adds).
     pub tags: Vec<String>,
@@ -50,6 +54,7 @@ impl Entry {
         self.fresh_until
             .max(self.stale_while_revalidate_until)
             .max(self.stale_if_error_until)
+            .max(self.keep_until)
     }
     pub fn is_fresh(&self, now: UnixMillis) -> bool {
         now < self.fresh_until
@@ -126,7 +131,7 @@ struct EntryOut<'a> {
     status: u16,
     headers: Vec<(&'a str, &'a serde_bytes::Bytes)>,
     body: &'a serde_bytes::Bytes,
-    times: [UnixMillis; 5],
+    times: [UnixMillis; 6],
     tags: &'a [String],
 }
 
@@ -137,7 +142,7 @@ struct EntryIn<'a> {
     headers: Vec<(String, &'a serde_bytes::Bytes)>,
     #[serde(borrow)]
     body: &'a serde_bytes::Bytes,
-    times: [UnixMillis; 5],
+    times: [UnixMillis; 6],
     tags: Vec<String>,
 }
 
@@ -160,6 +165,7 @@ impl Record {
                         e.fresh_until,
                         e.stale_while_revalidate_until,
                         e.stale_if_error_until,
+                        e.keep_until,
                     ],
                     tags: &e.tags,
                 }),
@@ -199,7 +205,7 @@ impl Record {
                 if !rest.is_empty() {
                     return Err(DecodeError::Payload("trailing bytes".into()));
                 }
-                let [born_at, stored_at, fresh_until, swr, sie] = e.times;
+                let [born_at, stored_at, fresh_until, swr, sie, keep_until] = e.times;
                 Ok(Record::Entry(Entry {
                     status: e.status,
                     headers: e
@@ -213,6 +219,7 @@ impl Record {
                     fresh_until,
                     stale_while_revalidate_until: swr,
                     stale_if_error_until: sie,
+                    keep_until,
                     tags: e.tags,
                 }))
             }
@@ -255,6 +262,7 @@ mod tests {
             fresh_until: 62_000,
             stale_while_revalidate_until: 92_000,
             stale_if_error_until: 3_662_000,
+            keep_until: 7_262_000,
             tags: vec!["items".into()],
         }
     }
@@ -309,7 +317,9 @@ mod tests {
 
     #[test]
     fn expiry_is_the_longest_window() {
-        let e = sample();
+        let mut e = sample();
+        assert_eq!(e.expires_at(), 7_262_000, "kept for revalidation");
+        e.keep_until = e.fresh_until;
         assert_eq!(e.expires_at(), 3_662_000);
         assert!(e.is_fresh(61_999));
         assert!(!e.is_fresh(62_000));

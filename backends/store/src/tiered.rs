@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::coherence::{Subscriber, L1};
-use crate::guard::{BreakerState, GuardedStore};
+use crate::guard::GuardedStore;
 use crate::memory::MemoryStore;
 use crate::{
     now_millis, CacheStore, LockToken, PurgeFeed, PurgeListener, PurgeNotice, PutOptions, Record,
@@ -32,19 +32,11 @@ impl CacheStats {
     }
 }
 
-/// Where a lookup was answered from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tier {
-    L1,
-    Main,
-}
-
 /// The outcome of a lookup: a live record or not, and if the backend
 /// failed, why (the caller still treats it as a miss).
 #[derive(Debug)]
 pub struct Lookup {
     pub record: Option<Record>,
-    pub tier: Option<Tier>,
     pub error: Option<StoreError>,
 }
 
@@ -118,9 +110,6 @@ impl TieredCache {
     pub fn is_shared(&self) -> bool {
         self.main.capabilities().shared
     }
-    pub fn breaker_state(&self) -> BreakerState {
-        self.main.breaker_state()
-    }
     pub fn stats(&self) -> &Arc<CacheStats> {
         &self.stats
     }
@@ -154,7 +143,6 @@ impl TieredCache {
                 Some((record, _)) => {
                     return Lookup {
                         record: Some(record),
-                        tier: Some(Tier::L1),
                         error: None,
                     }
                 }
@@ -169,13 +157,11 @@ impl TieredCache {
                     }
                     Lookup {
                         record: Some(record),
-                        tier: Some(Tier::Main),
                         error: None,
                     }
                 }
                 None => Lookup {
                     record: None,
-                    tier: None,
                     error: None,
                 },
             },
@@ -183,7 +169,6 @@ impl TieredCache {
                 CacheStats::bump(&self.stats.backend_errors);
                 Lookup {
                     record: None,
-                    tier: None,
                     error: Some(e),
                 }
             }
