@@ -25,6 +25,10 @@ pub struct Rule {
     pub store_set_cookie_responses: bool,
     pub honor_client_no_cache: bool,
     pub max_entry_bytes: usize,
+    /// Cookie names whose values are part of the key (`key_cookies`).
+    pub key_cookies: Vec<String>,
+    /// Requests with `Cookie` use the cache like any other (`ignore_cookies`).
+    pub ignore_cookies: bool,
 }
 
 impl Rule {
@@ -32,6 +36,15 @@ impl Rule {
     /// credential then has its own keys).
     pub fn keys_on_authorization(&self) -> bool {
         self.key_headers.iter().any(|h| h == "authorization")
+    }
+
+    /// Whether a request carrying `Cookie` may use the cache whatever the
+    /// upstream answers: the route keys on the cookies, or says they do
+    /// not matter.
+    pub fn cookies_are_keyed(&self) -> bool {
+        self.ignore_cookies
+            || !self.key_cookies.is_empty()
+            || self.key_headers.iter().any(|h| h == "cookie")
     }
 }
 
@@ -69,6 +82,8 @@ impl RouteTable {
             store_set_cookie_responses: global.store_set_cookie_responses,
             honor_client_no_cache: global.honor_client_no_cache,
             max_entry_bytes: global.max_entry_bytes.as_u64() as usize,
+            key_cookies: Vec::new(),
+            ignore_cookies: false,
         };
         let mut router = matchit::Router::new();
         for (i, r) in routes.iter().enumerate() {
@@ -87,6 +102,13 @@ impl RouteTable {
                 ignored_query_params: ignored,
                 key_headers: lower_sorted(&base.key_headers, &r.key_headers),
                 edge_ttl: r.edge_ttl.or(base.edge_ttl),
+                key_cookies: {
+                    let mut c = r.key_cookies.clone();
+                    c.sort();
+                    c.dedup();
+                    c
+                },
+                ignore_cookies: r.ignore_cookies,
                 ..base.clone()
             };
             router.insert(r.path.clone(), Arc::new(rule)).map_err(|e| {
@@ -123,6 +145,8 @@ mod tests {
             ignored_query_params: vec![],
             key_headers: vec!["Accept-Language".into()],
             edge_ttl: None,
+            key_cookies: vec![],
+            ignore_cookies: false,
         }
     }
 

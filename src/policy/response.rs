@@ -23,6 +23,9 @@ pub enum NotStorable {
     TooLarge,
     ClientNoStore,
     Head,
+    /// Asked with `Cookie` on a route that does not key on cookies, and
+    /// not marked `public` or `s-maxage`.
+    Cookie,
 }
 
 impl NotStorable {
@@ -38,6 +41,7 @@ impl NotStorable {
             NotStorable::TooLarge => "too-large",
             NotStorable::ClientNoStore => "client-no-store",
             NotStorable::Head => "head",
+            NotStorable::Cookie => "cookie",
         }
     }
 }
