@@ -217,6 +217,13 @@ pub struct Cachegate {
     pub url: String,
 }
 
+impl Cachegate {
+    /// The process id of the running binary (for RSS measurements).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Cachegate {
     fn drop(&mut self) {
         let _ = self.child.kill();
