@@ -489,3 +489,73 @@ mod lambda {
         assert_eq!(header(&r, "x-cache"), "MISS");
     }
 }
+
+/// Sixteen clients re-reading a 4 MB entry on Redis (L1 off) pushed reads
+/// past `store.read_timeout`, opened the breaker, and a bystander's small
+/// key answered `detail=cache-unavailable` 49 times in 153. Needs the
+/// suite's Redis (`CACHEGATE_TEST_REDIS_URL`).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "open: still fails (11 of 30 bystander answers not from the cache in a debug \
+            build on a loaded 2-core machine) after read coalescing and size-scaled read \
+            bounds; see docs/hostile-input.md"]
+async fn a_large_entry_does_not_open_the_breaker_for_everyone() {
+    let up = upstream().await;
+    let prefix = format!("canon-big-{}:", std::process::id());
+    let cg = cachegate(
+        &up.url,
+        &[
+            ("CACHEGATE_BACKEND", "redis"),
+            (
+                "CACHEGATE_REDIS__URL",
+                &common::need("CACHEGATE_TEST_REDIS_URL"),
+            ),
+            ("CACHEGATE_REDIS__KEY_PREFIX", &prefix),
+            ("CACHEGATE_CACHE__L1_TTL", "0s"),
+        ],
+    );
+    let big = format!("{}/big?bin=4194304&cc=max-age%3D600", cg.url);
+    let small = format!("{}/small?cc=max-age%3D600", cg.url);
+    // Stored first (a loaded machine may need a second try at a 4 MB write).
+    for url in [&big, &small] {
+        let mut tries = 0;
+        while common::get(url).await.x_cache() != "HIT" {
+            tries += 1;
+            assert!(tries < 10, "{url} never became a hit");
+        }
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..16)
+        .map(|_| {
+            let (big, stop, client) = (big.clone(), stop.clone(), common::client());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = client.get(&big).send().await.unwrap();
+                    r.bytes().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let (mut answers, mut unavailable) = (0, 0);
+    // A fixed number of bystander requests, however long they take (a
+    // debug build decoding sixteen 4 MB answers at once is slow).
+    while answers < 30 {
+        let r = common::get(&small).await;
+        answers += 1;
+        if r.header("cache-status").contains("cache-unavailable") || r.x_cache() != "HIT" {
+            unavailable += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    println!("bystander: {unavailable} of {answers} answers not from the cache");
+    // The breaker counts backend failures: on a loaded machine a read of
+    // the small key can still be slow now and then, but the large entry
+    // must not take the cache away from everyone.
+    assert!(
+        unavailable * 10 <= answers,
+        "bystander: {unavailable} of {answers} answers not from the cache"
+    );
+}

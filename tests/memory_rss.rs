@@ -83,17 +83,17 @@ fn report(case: &str, (base, after): (u64, u64)) {
 #[ignore = "a measurement: run alone, see the module docs"]
 async fn rss_with_many_long_url_entries() {
     let pad = "p".repeat(6000);
-    let figures = fill(60_000, move |i| {
+    let figures = fill(20_000, move |i| {
         format!("/long/{i}/{pad}?cc=max-age%3D600&bin=16")
     })
     .await;
-    report("60k entries with 6 KB URLs", figures);
+    report("20k entries with 6 KB URLs", figures);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "a measurement: run alone, see the module docs"]
 async fn rss_with_500_tag_entries() {
-    let figures = fill(20_000, |i| {
+    let figures = fill(8_000, |i| {
         let tags: Vec<String> = (0..500).map(|j| format!("tag-{i}-{j}")).collect();
         format!(
             "/tags/{i}?cc=max-age%3D600&bin=16&surrogate={}",
@@ -101,5 +101,5 @@ async fn rss_with_500_tag_entries() {
         )
     })
     .await;
-    report("20k entries with 500 surrogate keys", figures);
+    report("8k entries with 500 surrogate keys", figures);
 }
