@@ -200,6 +200,15 @@ pub struct CacheConfig {
     /// Pass those headers on to clients. Default `false`: they describe
     /// the upstream's data model, not something clients need.
     pub expose_surrogate_keys: bool,
+    /// Methods whose successful (2xx/3xx) answer invalidates the URL's
+    /// entries, besides POST, PUT, PATCH and DELETE, which always do (RFC
+    /// 9111 §4.4). Other methods pass through without touching the cache.
+    /// Default: none. Upper case as sent, e.g. `["PURGE"]`.
+    pub invalidating_methods: Vec<String>,
+    /// Most tags (surrogate keys, route tags) one entry keeps; more are
+    /// dropped, so one response cannot make the tag index explode.
+    /// Default `64` (CloudFront keeps 50).
+    pub max_tags_per_entry: usize,
 }
 
 impl Default for CacheConfig {
@@ -220,7 +229,26 @@ impl Default for CacheConfig {
             coalesce_wait: Duration::from_secs(5),
             surrogate_key_headers: vec!["surrogate-key".into(), "cache-tag".into()],
             expose_surrogate_keys: false,
+            invalidating_methods: Vec::new(),
+            max_tags_per_entry: 64,
         }
+    }
+}
+
+impl CacheConfig {
+    /// `invalidating_methods` as methods (checked by validation).
+    pub fn invalidating_method_list(&self) -> Result<Vec<http::Method>, ConfigError> {
+        self.invalidating_methods
+            .iter()
+            .map(|m| {
+                http::Method::from_bytes(m.as_bytes()).map_err(|_| {
+                    invalid(
+                        "cache.invalidating_methods",
+                        format!("`{m}` is not a method"),
+                    )
+                })
+            })
+            .collect()
     }
 }
 
@@ -274,6 +302,12 @@ pub struct ServeConfig {
     /// Default `30s`; slower gets 408 and the connection is closed.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// Proxies (CIDR ranges, e.g. `["10.0.0.0/8"]`) whose `X-Forwarded-For`
+    /// and `X-Forwarded-Proto` are believed: the client address sent
+    /// upstream is the first one left of them. Without it the peer (the
+    /// TCP peer; under Lambda API Gateway's source IP) is the client, and
+    /// client-supplied forwarding headers are dropped. Default: none.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -290,11 +324,29 @@ impl std::fmt::Debug for ServeConfig {
             .field("max_headers", &self.max_headers)
             .field("header_read_timeout", &self.header_read_timeout)
             .field("body_read_timeout", &self.body_read_timeout)
+            .field("trusted_proxies", &self.trusted_proxies)
             .finish()
     }
 }
 
 impl ServeConfig {
+    /// `trusted_proxies` parsed (a bare address is a one-address range).
+    pub fn trusted_proxy_nets(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        self.trusted_proxies
+            .iter()
+            .map(|s| {
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        invalid(
+                            "serve.trusted_proxies",
+                            format!("`{s}` is not an address or CIDR range"),
+                        )
+                    })
+            })
+            .collect()
+    }
+
     fn check_limits(&self) -> Result<(), ConfigError> {
         let (uri, head) = (self.max_uri_bytes.as_u64(), self.max_header_bytes.as_u64());
         if !(256..=64 * 1024).contains(&uri) {
@@ -334,6 +386,7 @@ impl Default for ServeConfig {
             max_headers: 100,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -424,6 +477,21 @@ pub struct RouteConfig {
     /// edge from caching it. Default: `cache.edge_max_ttl`.
     #[serde(default, with = "humantime_serde")]
     pub edge_ttl: Option<Duration>,
+    /// Cookies (by name) whose values are part of the key: requests
+    /// carrying `Cookie` then use the cache, each value of these cookies
+    /// with its own entries, and only these cookies are sent upstream on
+    /// cached requests (so what is stored cannot depend on the others).
+    /// Default: none.
+    #[serde(default)]
+    pub key_cookies: Vec<String>,
+    /// The upstream's answers on this route do not depend on cookies:
+    /// requests carrying `Cookie` use the cache like any other (the
+    /// `Cookie` header is still sent upstream). Default `false`: such a
+    /// request is answered from, or stored in, the cache only when the
+    /// upstream marks the answer `public` or `s-maxage`, or the route keys
+    /// on `cookie` or `key_cookies`; otherwise it passes through.
+    #[serde(default)]
+    pub ignore_cookies: bool,
 }
 
 fn yes() -> bool {
@@ -663,6 +731,11 @@ impl Config {
                 "upstream.max_response_bytes",
                 "must be more than 0",
             ));
+        }
+        self.serve.trusted_proxy_nets()?;
+        self.cache.invalidating_method_list()?;
+        if !(1..=10_000).contains(&self.cache.max_tags_per_entry) {
+            return Err(invalid("cache.max_tags_per_entry", "must be 1 to 10000"));
         }
         if self.memory.capacity.as_u64() < 1024 * 1024 {
             return Err(invalid("memory.capacity", "must be at least 1MiB"));

@@ -1,21 +1,28 @@
-//! From a client request to the upstream URL and the cache key.
+//! From the canonical request ([`crate::request`]) to the upstream URL and
+//! the cache key.
 //!
 //! The invariant: the key is computed from exactly what is sent upstream
-//! (method, path, query) plus the request header values the route or the
-//! response's `Vary` names. Whatever the client writes, two requests share a
-//! key only if the upstream would see the same request. So:
-//! - dot segments (`/a/../b`, `/a/%2e%2e/b`) are resolved against `/`
-//!   before the upstream base path is prefixed: a path can never climb out
-//!   of the base path, and `/a/../b` *is* `/b`;
-//! - other percent-escapes are kept as sent (`/items/1%2F..` is its own
-//!   key, `/%41` is not `/A`), and case is kept (`/ITEMS/1` is not `/items/1`);
+//! (method, path, query, the forwarded origin) plus the route and the
+//! request header values the route or the response's `Vary` names.
+//! Whatever the client writes, two requests share a key only if the
+//! upstream would see the same request. So:
+//! - the path is the canonical one ([`crate::request::canonical_path`]):
+//!   dot segments resolved against `/` before the upstream base path is
+//!   prefixed (a path can never climb out of the base path), unreserved
+//!   escapes decoded (`/%61` is `/a`), other escapes kept (`/items/1%2F`
+//!   is its own key) and case kept (`/ITEMS/1` is not `/items/1`);
 //! - `/items/1/` and `/items/1;x` are their own keys (upstreams may differ);
-//! - the query is parsed as form data, ignored parameters are dropped, the
-//!   rest sorted by name (a stable sort: the order of repeated names is kept,
-//!   as it can matter), and re-encoded canonically (`+` and `%20` agree);
-//!   that canonical query is also what the upstream receives;
-//! - the scheme, host and authority of the request never reach the key or
-//!   the upstream URL: the upstream comes from configuration only.
+//! - the query keeps the bytes the client sent: split on `&`, empty
+//!   pieces and ignored parameters dropped, the rest sorted by name (a
+//!   stable sort: the order of repeated names is kept, as it can matter).
+//!   Nothing is decoded and re-encoded, so `q=a+b` and `q=a%20b`, or two
+//!   different non-UTF-8 escapes, are different keys, and the upstream
+//!   receives the client's bytes;
+//! - the scheme, host and authority of the request never reach the upstream
+//!   URL: the upstream comes from configuration only. The client-facing
+//!   origin is sent as `X-Forwarded-Host`/`-Proto`, so it is in the key;
+//! - the route's identity is in the key: an entry stored under one
+//!   route's rule is never answered under another's.
 
 use http::HeaderMap;
 use reqwest::Url;
@@ -32,21 +39,31 @@ pub struct Target {
 }
 
 impl Target {
-    /// Resolve a request target (origin-form `path?query`, or an absolute
-    /// form whose scheme and authority are dropped) against `base`.
+    /// Resolve a request target against `base`. `request_path` is
+    /// canonicalised ([`crate::request::canonical_path`]) on the way; one
+    /// the proxy would refuse is `Err`.
     pub fn resolve(
         base: &Url,
         request_path: &str,
         request_query: Option<&str>,
         ignored: &[String],
+    ) -> Result<Target, crate::request::Rejected> {
+        let path = crate::request::canonical_path(request_path)?;
+        Ok(Self::from_canonical(base, &path, request_query, ignored))
+    }
+
+    /// Resolve an already canonical path (and a query as sent) against `base`.
+    pub fn from_canonical(
+        base: &Url,
+        canonical_path: &str,
+        request_query: Option<&str>,
+        ignored: &[String],
     ) -> Target {
-        // Resolve dot segments relative to `/` on a scratch URL first.
-        let mut scratch = Url::parse("http://scratch.invalid/").expect("literal URL");
-        scratch.set_path(request_path);
         let mut url = base.clone();
         let prefix = base.path().trim_end_matches('/');
-        url.set_path(&format!("{prefix}{}", scratch.path()));
-        url.set_query(canonical_query(request_query.unwrap_or(""), ignored).as_deref());
+        url.set_path(&format!("{prefix}{canonical_path}"));
+        let query = canonical_query(request_query.unwrap_or(""), ignored);
+        url.set_query(query.as_deref());
         url.set_fragment(None);
         let path_and_query = match url.query() {
             Some(q) => format!("{}?{q}", url.path()),
@@ -65,15 +82,30 @@ impl Target {
     }
 
     /// The key of this URL before `Vary`: the method the cache serves it
-    /// from (HEAD is served from GET), the target, and the values of the
-    /// route's key headers.
-    pub fn primary_key(&self, key_headers: &[String], headers: &HeaderMap) -> StoreKey {
-        let mut parts: Vec<Vec<u8>> =
-            vec![b"GET".to_vec(), self.path_and_query.as_bytes().to_vec()];
+    /// from (HEAD is served from GET), the target, the route it was stored
+    /// under, the forwarded origin the upstream is told, and the values of
+    /// the route's key headers.
+    pub fn primary_key(
+        &self,
+        route: &str,
+        key_headers: &[String],
+        headers: &HeaderMap,
+    ) -> StoreKey {
+        let mut parts: Vec<Vec<u8>> = vec![
+            b"GET".to_vec(),
+            self.path_and_query.as_bytes().to_vec(),
+            route.as_bytes().to_vec(),
+        ];
+        push_header_values(&mut parts, FORWARDED_ORIGIN, headers);
         push_header_values(&mut parts, key_headers, headers);
         StoreKey::hash("response", parts)
     }
 }
+
+/// The request headers cachegate sets that tell the upstream the
+/// client-facing origin: part of every key, since upstreams build
+/// absolute URLs from them.
+const FORWARDED_ORIGIN: &[&str] = &["x-forwarded-host", "x-forwarded-proto"];
 
 /// The key of one `Vary` variant under a primary key. Requests that differ
 /// only in how they write a list select the same variant (RFC 9111 §4.1
@@ -125,10 +157,11 @@ pub fn variant_key(primary: &StoreKey, vary: &[String], headers: &HeaderMap) -> 
 
 /// Name, number of values, then each value (trimmed): unambiguous because
 /// every part is length-prefixed when hashed and the count fixes the shape.
-fn push_header_values(parts: &mut Vec<Vec<u8>>, names: &[String], headers: &HeaderMap) {
+fn push_header_values<N: AsRef<str>>(parts: &mut Vec<Vec<u8>>, names: &[N], headers: &HeaderMap) {
     for name in names {
+        let name = name.as_ref();
         let values: Vec<&[u8]> = headers
-            .get_all(name.as_str())
+            .get_all(name)
             .iter()
             .map(|v| v.as_bytes().trim_ascii())
             .collect();
@@ -138,21 +171,30 @@ fn push_header_values(parts: &mut Vec<Vec<u8>>, names: &[String], headers: &Head
     }
 }
 
-/// Parse, drop ignored names, stable-sort by name, re-encode. `None` when empty.
+/// The query as sent, split on `&`: empty pieces and parameters whose
+/// (form-decoded) name is ignored dropped, the rest stable-sorted by their
+/// name's bytes and joined again. No byte of a kept piece changes. `None`
+/// when nothing is left.
 pub fn canonical_query(raw: &str, ignored: &[String]) -> Option<String> {
-    let mut pairs: Vec<(String, String)> = form_urlencoded::parse(raw.as_bytes())
-        .filter(|(k, _)| !ignored.iter().any(|i| i == k))
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+    fn name_of(piece: &str) -> &str {
+        piece.split('=').next().unwrap_or("")
+    }
+    let mut pieces: Vec<&str> = raw
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter(|p| {
+            let decoded = form_urlencoded::parse(name_of(p).as_bytes())
+                .next()
+                .map(|(k, _)| k.into_owned())
+                .unwrap_or_default();
+            !ignored.contains(&decoded)
+        })
         .collect();
-    if pairs.is_empty() {
+    if pieces.is_empty() {
         return None;
     }
-    pairs.sort_by(|a, b| a.0.cmp(&b.0));
-    Some(
-        form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(pairs)
-            .finish(),
-    )
+    pieces.sort_by_key(|p| name_of(p));
+    Some(pieces.join("&"))
 }
 
 /// The `Vary` header names of a response: lower case, sorted, de-duplicated.
@@ -185,11 +227,11 @@ mod tests {
     }
 
     fn target(path: &str, query: Option<&str>) -> Target {
-        Target::resolve(&base(), path, query, &["utm_source".to_string()])
+        Target::resolve(&base(), path, query, &["utm_source".to_string()]).unwrap()
     }
 
     fn key(path: &str, query: Option<&str>) -> StoreKey {
-        target(path, query).primary_key(&[], &HeaderMap::new())
+        target(path, query).primary_key("*", &[], &HeaderMap::new())
     }
 
     #[test]
@@ -202,6 +244,7 @@ mod tests {
         assert_eq!(target("/../../admin", None).url.path(), "/v1/admin");
         assert_eq!(target("/%2e%2e/admin", None).url.path(), "/v1/admin");
         assert_eq!(key("/a/../b", None), key("/b", None));
+        assert_eq!(key("/items/%31", None), key("/items/1", None));
     }
 
     #[test]
@@ -210,25 +253,45 @@ mod tests {
         for other in [
             "/items/1/",
             "/items/1;x",
-            "/items/1%2F..",
+            "/items/1%2F",
             "/ITEMS/1",
-            "/items/%31",
             "/items/1%252F",
         ] {
             assert_ne!(key(other, None), k, "{other} shares the key of /items/1");
             // And what is keyed is what is sent.
             assert!(target(other, None).url.path().starts_with("/v1/"));
         }
-        assert_eq!(target("/items/1%2F..", None).url.path(), "/v1/items/1%2F..");
+        assert_eq!(target("/items/1%2f", None).url.path(), "/v1/items/1%2F");
+        assert!(Target::resolve(&base(), "/items/1%2F..", None, &[]).is_err());
     }
 
     #[test]
-    fn query_is_canonical() {
+    fn the_route_is_part_of_the_key() {
+        let t = target("/account", None);
+        let none = HeaderMap::new();
+        assert_ne!(
+            t.primary_key("/assets/{*rest}", &[], &none),
+            t.primary_key("*", &[], &none)
+        );
+    }
+
+    #[test]
+    fn query_bytes_are_kept_as_sent() {
         assert_eq!(key("/s", Some("b=2&a=1")), key("/s", Some("a=1&b=2")));
-        assert_eq!(key("/s", Some("q=a+b")), key("/s", Some("q=a%20b")));
+        assert_ne!(key("/s", Some("q=a+b")), key("/s", Some("q=a%20b")));
+        assert_ne!(key("/s", Some("id=%E9t%E9")), key("/s", Some("id=%E8t%E8")));
+        assert_eq!(
+            target("/s", Some("id=%E9t%E9")).url.query(),
+            Some("id=%E9t%E9")
+        );
         assert_eq!(key("/s", Some("a=1&utm_source=x")), key("/s", Some("a=1")));
+        assert_eq!(
+            key("/s", Some("a=1&utm%5Fsource=x")),
+            key("/s", Some("a=1"))
+        );
         assert_eq!(key("/s", Some("utm_source=x")), key("/s", None));
         assert_eq!(key("/s", Some("")), key("/s", None));
+        assert_eq!(key("/s", Some("a=1&&b=2&")), key("/s", Some("a=1&b=2")));
         // Repeated names keep their order: it can change the answer.
         assert_ne!(key("/s", Some("a=1&a=2")), key("/s", Some("a=2&a=1")));
         assert_ne!(key("/s", Some("a=1")), key("/s", Some("a=2")));
@@ -238,7 +301,11 @@ mod tests {
             target("/s", Some("b=2&a=1&utm_source=x")).url.query(),
             Some("a=1&b=2")
         );
-        assert_eq!(target("/s", Some("q=a%20b")).path_and_query, "/v1/s?q=a+b");
+        assert_eq!(
+            target("/s", Some("q=a%20b")).path_and_query,
+            "/v1/s?q=a%20b"
+        );
+        assert_eq!(target("/s", Some("q=a+b")).path_and_query, "/v1/s?q=a+b");
     }
 
     #[test]
@@ -257,21 +324,34 @@ mod tests {
         let mut b = HeaderMap::new();
         b.insert("accept-language", HeaderValue::from_static("en"));
         b.insert("x-tenant", HeaderValue::from_static("2"));
-        assert_ne!(t.primary_key(&names, &a), t.primary_key(&names, &b));
+        assert_ne!(
+            t.primary_key("*", &names, &a),
+            t.primary_key("*", &names, &b)
+        );
         // Header values cannot spill into each other's place.
         let mut c = HeaderMap::new();
         c.append("accept-language", HeaderValue::from_static("en"));
         c.append("accept-language", HeaderValue::from_static("x-tenant"));
         let mut d = HeaderMap::new();
         d.insert("accept-language", HeaderValue::from_static("en"));
-        assert_ne!(t.primary_key(&names, &c), t.primary_key(&names, &d));
+        assert_ne!(
+            t.primary_key("*", &names, &c),
+            t.primary_key("*", &names, &d)
+        );
         // Surrounding white space is not significant.
         let mut e = HeaderMap::new();
         e.insert("accept-language", HeaderValue::from_static(" en "));
         e.insert("x-tenant", HeaderValue::from_static("1"));
-        assert_eq!(t.primary_key(&names, &a), t.primary_key(&names, &e));
+        assert_eq!(
+            t.primary_key("*", &names, &a),
+            t.primary_key("*", &names, &e)
+        );
         // Without key headers, headers do not matter.
-        assert_eq!(t.primary_key(&[], &a), t.primary_key(&[], &b));
+        assert_eq!(t.primary_key("*", &[], &a), t.primary_key("*", &[], &b));
+        // The forwarded origin always does.
+        let mut f = HeaderMap::new();
+        f.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+        assert_ne!(t.primary_key("*", &[], &a), t.primary_key("*", &[], &f));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use lambda_http::request::LambdaRequest;
 use lambda_http::{Body, LambdaEvent};
 
 use crate::proxy::{json_error, Proxy};
+use crate::request::{GatewayProto, PeerAddr};
 use crate::telemetry::RequestId;
 
 /// Lambda's synchronous response payload limit is 6 MB, base64 and JSON
@@ -54,16 +55,38 @@ pub fn lambda_body(resp: Response<Bytes>) -> Response<Body> {
     Response::from_parts(parts, body)
 }
 
-/// The handler's request for a lambda_http request.
+/// The handler's request for a lambda_http request. The peer is the
+/// source IP API Gateway saw (its `X-Forwarded-For` ends with it; what
+/// lies left of it is whatever the client wrote); behind an ALB, which
+/// has no source IP field, the last `X-Forwarded-For` entry, which the ALB
+/// appended. The hop in front sets `X-Forwarded-Proto` itself.
 pub fn handler_request(req: lambda_http::Request) -> Request<Bytes> {
+    use lambda_http::request::RequestContext;
     use lambda_http::RequestExt;
     let request_id = req
         .lambda_context_ref()
         .map(|c| RequestId(c.request_id.clone()));
+    let source_ip = match req.request_context_ref() {
+        Some(RequestContext::ApiGatewayV2(ctx)) => ctx.http.source_ip.clone(),
+        Some(RequestContext::ApiGatewayV1(ctx)) => ctx.identity.source_ip.clone(),
+        Some(RequestContext::Alb(_)) => req
+            .headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .next_back()
+            .map(|s| s.trim().to_owned()),
+        _ => None,
+    };
     let (mut parts, body) = req.into_parts();
     if let Some(id) = request_id {
         parts.extensions.insert(id);
     }
+    if let Some(ip) = source_ip.and_then(|s| s.parse().ok()) {
+        parts.extensions.insert(PeerAddr(ip));
+    }
+    parts.extensions.insert(GatewayProto);
     Request::from_parts(parts, body_bytes(body))
 }
 
@@ -92,7 +115,7 @@ pub fn make_convertible(event: &mut LambdaRequest) {
             repair_path(&mut ag.raw_path);
             if let Some(q) = &mut ag.raw_query_string {
                 // Appended to the URI as it is.
-                *q = uri_safe_query(q);
+                *q = crate::request::uri_safe_query(q);
             }
             repair_body(&mut ag.body, &mut ag.is_base64_encoded);
         }
@@ -156,20 +179,6 @@ fn repair_path(path: &mut Option<String>) {
             p.insert(0, '/');
         }
     }
-}
-
-/// Percent-encode what a URI query cannot hold. Form decoding reads `%XX`
-/// as the byte itself, so the canonical query (and the key) is unchanged.
-fn uri_safe_query(q: &str) -> String {
-    let mut out = String::with_capacity(q.len());
-    for b in q.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// A body marked base64 that is not base64 is passed on as sent.
@@ -279,7 +288,7 @@ mod tests {
         let req = parse(&v2("").replace(r#""rawQueryString":"a=1""#, odd_query));
         assert_eq!(
             crate::key::canonical_query(req.uri().query().unwrap(), &[]).as_deref(),
-            Some("q=a+b&x=%22%3C%C3%A9%3E%22"),
+            Some("q=a%20b&x=%22%3C%C3%A9%3E%22"),
             "the key reads the query as sent"
         );
         let req = parse(&v2("").replace(r#""rawPath":"/items/1""#, r#""rawPath":":1""#));

@@ -1,7 +1,8 @@
 //! cachegate: a caching proxy for REST APIs.
 //!
 //! - [`config`]: figment configuration (defaults < TOML < `CACHEGATE_*`).
-//! - [`key`]: request -> upstream URL and cache key.
+//! - [`request`]: the canonical request, built once before anything reads it.
+//! - [`key`]: canonical request -> upstream URL and cache key.
 //! - [`policy`]: what may be cached and for how long (pure, RFC 9111).
 //! - [`routes`]: per-route rules.
 //! - [`proxy`]: the request flow, top to bottom.
@@ -20,6 +21,7 @@ pub mod lambda;
 pub mod output;
 pub mod policy;
 pub mod proxy;
+pub mod request;
 pub mod routes;
 pub mod serve;
 pub mod telemetry;
@@ -81,6 +83,11 @@ pub async fn build_proxy(config: &Config, mode: Mode) -> Result<Arc<Proxy>, Star
             .iter()
             .map(|h| h.to_ascii_lowercase())
             .collect(),
+        forwarding: request::Forwarding {
+            trusted: config.serve.trusted_proxy_nets()?,
+        },
+        invalidating_methods: config.cache.invalidating_method_list()?,
+        max_tags_per_entry: config.cache.max_tags_per_entry,
     };
     let telemetry = telemetry::Telemetry::new(
         &config.metrics,

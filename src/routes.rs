@@ -33,6 +33,10 @@ pub struct Rule {
     pub max_entry_bytes: usize,
     /// How long a stale entry with validators is kept to be revalidated.
     pub keep_for_revalidation: Duration,
+    /// Cookie names whose values are part of the key (`key_cookies`).
+    pub key_cookies: Vec<String>,
+    /// Requests with `Cookie` use the cache like any other (`ignore_cookies`).
+    pub ignore_cookies: bool,
 }
 
 impl Rule {
@@ -51,6 +55,15 @@ impl Rule {
             None if crate::policy::response::heuristically_cacheable(status) => self.ttl,
             None => None,
         }
+    }
+
+    /// Whether a request carrying `Cookie` may use the cache whatever the
+    /// upstream answers: the route keys on the cookies, or says they do
+    /// not matter.
+    pub fn cookies_are_keyed(&self) -> bool {
+        self.ignore_cookies
+            || !self.key_cookies.is_empty()
+            || self.key_headers.iter().any(|h| h == "cookie")
     }
 }
 
@@ -159,6 +172,8 @@ impl RouteTable {
             honor_client_no_cache: global.honor_client_no_cache,
             max_entry_bytes: global.max_entry_bytes.as_u64() as usize,
             keep_for_revalidation: global.keep_for_revalidation,
+            key_cookies: Vec::new(),
+            ignore_cookies: false,
         };
         let mut router = matchit::Router::new();
         for (i, r) in routes.iter().enumerate() {
@@ -190,6 +205,13 @@ impl RouteTable {
                 ignored_query_params: ignored,
                 key_headers: lower_sorted(&base.key_headers, &r.key_headers),
                 edge_ttl: r.edge_ttl.or(base.edge_ttl),
+                key_cookies: {
+                    let mut c = r.key_cookies.clone();
+                    c.sort();
+                    c.dedup();
+                    c
+                },
+                ignore_cookies: r.ignore_cookies,
                 ..base.clone()
             };
             let route = Route {
@@ -266,6 +288,8 @@ mod tests {
             key_headers: vec!["Accept-Language".into()],
             edge_ttl: None,
             status_ttl: Default::default(),
+            key_cookies: vec![],
+            ignore_cookies: false,
         }
     }
 

@@ -10,6 +10,7 @@ use http::{Request, Response, StatusCode};
 use crate::config::ServeConfig;
 use crate::invalidate::{self, PurgeError, PurgeRequest};
 use crate::proxy::{json_error, Proxy};
+use crate::request::PeerAddr;
 use crate::telemetry::RequestId;
 
 struct ServeState {
@@ -244,9 +245,9 @@ pub async fn serve_http1(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead
                     // of spinning; the listener itself is still good.
@@ -258,8 +259,16 @@ pub async fn serve_http1(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn =
-            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        // The TCP peer, for the forwarding headers the proxy sets.
+        let peer = PeerAddr(peer.ip().to_canonical());
+        let app = tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut req: Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(peer);
+                req
+            },
+        );
+        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

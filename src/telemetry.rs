@@ -316,6 +316,14 @@ impl Collector for StoreCounters {
             let mut metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
             counter.encode(metric.encode_family(&labels)?)?;
         }
+        let counter = ConstCounter::new(crate::policy::cache_control::malformed_count());
+        let mut metric = encoder.encode_descriptor(
+            "malformed_cache_control",
+            "Cache-Control / CDN-Cache-Control values that did not parse and were read as no-store",
+            None,
+            counter.metric_type(),
+        )?;
+        counter.encode(metric.encode_family(&labels)?)?;
         Ok(())
     }
 }

@@ -23,12 +23,19 @@ fn need(var: &str) -> String {
 
 const QUERY: &str = "cc=max-age%3D60";
 
-/// The key the proxy stores `path?QUERY` under (no base path, no key headers).
-fn primary_key(path: &str) -> StoreKey {
-    StoreKey::hash(
-        "response",
-        ["GET".as_bytes(), format!("{path}?{QUERY}").as_bytes()],
-    )
+/// The key the proxy stores `path?QUERY` under (no base path, no key
+/// headers, the default route), for a plain-HTTP request whose `Host` was
+/// `host` (cachegate's `X-Forwarded-Host`, part of the key), computed by
+/// the proxy's own key code.
+fn primary_key(path: &str, host: Option<&str>) -> StoreKey {
+    let base = reqwest::Url::parse("http://upstream.invalid").unwrap();
+    let target = cachegate::key::Target::resolve(&base, path, Some(QUERY), &[]).unwrap();
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-forwarded-proto", http::HeaderValue::from_static("http"));
+    if let Some(host) = host {
+        headers.insert("x-forwarded-host", host.parse().unwrap());
+    }
+    target.primary_key("*", &[], &headers)
 }
 
 fn now_ms() -> u64 {
@@ -172,7 +179,9 @@ async fn corrupt_redis_entries_are_misses_and_are_overwritten() {
     );
     let mut redis = Resp::connect().await;
     let future = (now_ms() + 600_000).to_string();
-    let value_key = |path: &str| format!("{prefix}v:{{{}}}", primary_key(path).as_str());
+    let host = cg.addr.to_string();
+    let value_key =
+        |path: &str| format!("{prefix}v:{{{}}}", primary_key(path, Some(&host)).as_str());
 
     // Damaged record bytes in an otherwise well-formed value hash.
     let mut cases: Vec<(String, Vec<Vec<u8>>)> = damaged_records()
@@ -276,7 +285,7 @@ async fn corrupt_reads_are_counted() {
     let damaged = damaged_records();
     for (i, (case, bytes)) in damaged.iter().enumerate() {
         let path = format!("/count/{i}");
-        let key = format!("{prefix}v:{{{}}}", primary_key(&path).as_str());
+        let key = format!("{prefix}v:{{{}}}", primary_key(&path, None).as_str());
         redis
             .cmd(&[
                 b"HSET",
@@ -446,7 +455,7 @@ async fn corrupt_dynamodb_items_are_misses_and_are_overwritten() {
     ]);
     for (i, (case, attrs)) in cases.into_iter().enumerate() {
         let path = format!("/corrupt-dynamo/{i}");
-        let key = primary_key(&path);
+        let key = primary_key(&path, Some(&cg.addr.to_string()));
         let mut put = client
             .put_item()
             .table_name(&table)

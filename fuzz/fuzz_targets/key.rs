@@ -1,11 +1,13 @@
-//! The key normaliser: `Target::resolve` and `canonical_query` on any
-//! path and query a client can send.
+//! The key normaliser: `canonical_path`, `Target` and `canonical_query` on
+//! any path and query a client can send.
 //!
-//! Input: the request path, then `\n`, then the raw query (any bytes; not
-//! UTF-8 is replaced, as only `&str` reaches the normaliser).
+//! Input: the request path, then `\n`, then the raw query, optionally then
+//! `\n` and a second path and query (`path2\nquery2`) compared with the
+//! first (not UTF-8 is replaced, as only `&str` reaches the normaliser).
 #![no_main]
 
 use cachegate::key::{canonical_query, Target};
+use cachegate::request::canonical_path;
 use http::HeaderMap;
 use libfuzzer_sys::fuzz_target;
 use reqwest::Url;
@@ -17,11 +19,14 @@ const BASES: &[&str] = &[
     "http://127.0.0.1:8080/a/b%20c/",
 ];
 
+
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
-    let (path, query) = match text.split_once('\n') {
-        Some((p, q)) => (p, Some(q)),
-        None => (&*text, None),
+    let mut parts = text.splitn(4, '\n');
+    let (path, query) = (parts.next().unwrap_or(""), parts.next());
+    let other = match (parts.next(), parts.next()) {
+        (Some(p), q) => Some((p, q)),
+        _ => None,
     };
     let ignored = vec!["utm_source".to_string(), "fbclid".to_string()];
 
@@ -30,22 +35,24 @@ fuzz_target!(|data: &[u8]| {
         if let Some(c) = &once {
             assert!(!c.is_empty(), "an empty canonical query must be None");
             // Canonical means a fixed point.
-            assert_eq!(
-                canonical_query(c, &ignored).as_ref(),
-                Some(c),
-                "query {q:?}"
-            );
-            assert!(
-                !c.contains('#') && !c.contains(' '),
-                "unescaped byte in {c:?}"
-            );
+            assert_eq!(canonical_query(c, &ignored).as_ref(), Some(c), "query {q:?}");
+            // Bytes are kept: every kept piece is a piece of the input.
+            for piece in c.split('&') {
+                assert!(q.split('&').any(|p| p == piece), "{piece:?} not sent in {q:?}");
+            }
         }
     }
+
+    let Ok(canonical) = canonical_path(path) else {
+        return;
+    };
+    // Normalising twice changes nothing.
+    assert_eq!(canonical_path(&canonical).as_deref().ok(), Some(canonical.as_str()));
 
     for base in BASES {
         let base = Url::parse(base).expect("literal base");
         let prefix = base.path().trim_end_matches('/');
-        let t = Target::resolve(&base, path, query, &ignored);
+        let t = Target::from_canonical(&base, &canonical, query, &ignored);
         let url = &t.url;
 
         // The upstream comes from configuration only.
@@ -62,13 +69,10 @@ fuzz_target!(|data: &[u8]| {
             .strip_prefix(prefix)
             .unwrap_or_else(|| panic!("{:?} left base {prefix:?} for {path:?}", url.path()));
         assert!(rest.starts_with('/'), "{rest:?} not below {prefix:?}");
+        assert_eq!(rest, canonical, "the URL parser changed the canonical path");
         for seg in rest.split('/') {
             let s = seg.to_ascii_lowercase().replace("%2e", ".");
-            assert!(
-                s != "." && s != "..",
-                "dot segment {seg:?} in {:?} from {path:?}",
-                url.path()
-            );
+            assert!(s != "." && s != "..", "dot segment {seg:?} in {:?} from {path:?}", url.path());
         }
 
         // What is keyed is what is sent.
@@ -77,15 +81,21 @@ fuzz_target!(|data: &[u8]| {
             None => url.path().to_owned(),
         };
         assert_eq!(t.path_and_query, sent);
-        if let Some(q) = url.query() {
-            assert_eq!(canonical_query(q, &ignored).as_deref(), Some(q));
-        }
 
         // Resolving what was resolved changes nothing: one canonical form,
         // so one key, however the client spelled it.
-        let again = Target::resolve(&base, rest, url.query(), &ignored);
+        let again = Target::resolve(&base, rest, url.query(), &ignored).expect("canonical again");
         assert_eq!(again, t, "not stable for {path:?} {query:?}");
         let none = HeaderMap::new();
-        assert_eq!(again.primary_key(&[], &none), t.primary_key(&[], &none));
+        assert_eq!(again.primary_key("*", &[], &none), t.primary_key("*", &[], &none));
+
+        // Two requests the upstream sees differently never share a key.
+        if let Some((p2, q2)) = other {
+            if let Ok(t2) = Target::resolve(&base, p2, q2, &ignored) {
+                if t2.primary_key("*", &[], &none) == t.primary_key("*", &[], &none) {
+                    assert_eq!(t2.url, t.url, "{path:?} and {p2:?} share a key");
+                }
+            }
+        }
     }
 });

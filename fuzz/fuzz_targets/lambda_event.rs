@@ -8,6 +8,7 @@
 use cachegate::config::{CacheConfig, RouteConfig};
 use cachegate::key::Target;
 use cachegate::lambda;
+use cachegate::request::{CanonicalRequest, Forwarding};
 use cachegate::policy::request_policy;
 use cachegate::routes::RouteTable;
 use libfuzzer_sys::fuzz_target;
@@ -33,15 +34,17 @@ fuzz_target!(|data: &[u8]| {
     let (parts, body) = req.into_parts();
     let has_body = !body.is_empty();
     let base = Url::parse("https://api.example.com/v1").expect("literal");
-    let rule = routes().rule_for(parts.uri.path());
-    let t = Target::resolve(
+    let Ok((canon, rule)) = CanonicalRequest::new(&parts, body.clone(), &Forwarding::default(), &routes()) else {
+        return;
+    };
+    let t = Target::from_canonical(
         &base,
-        parts.uri.path(),
-        parts.uri.query(),
+        &canon.path,
+        canon.query.as_deref(),
         &rule.ignored_query_params,
     );
     assert!(t.url.path().starts_with("/v1/"));
     assert_eq!(t.url.host_str(), Some("api.example.com"));
-    let _ = t.primary_key(&rule.key_headers, &parts.headers);
-    let _ = request_policy(&parts.method, &parts.headers, has_body, &rule);
+    let _ = t.primary_key(&rule.name, &rule.key_headers, &canon.headers);
+    let _ = request_policy(&canon.method, &canon.headers, has_body, &rule);
 });

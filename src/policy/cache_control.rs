@@ -1,5 +1,6 @@
 //! `Cache-Control` parsing (RFC 9111 §5.2), for requests and responses.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -27,7 +28,7 @@ impl CacheControl {
     /// (stale), per RFC 9111 §4.2.1, and `no-cache="x"` / `private="x"`
     /// are treated as their unqualified, stricter forms.
     pub fn parse(headers: &HeaderMap) -> CacheControl {
-        Self::parse_field(headers, http::header::CACHE_CONTROL.as_str())
+        Self::parse_field(headers, http::header::CACHE_CONTROL)
     }
 
     /// The directives cachegate obeys for its own storing (RFC 9213): the
@@ -50,20 +51,27 @@ impl CacheControl {
         headers.contains_key(CACHEGATE_CACHE_CONTROL) || headers.contains_key(CDN_CACHE_CONTROL)
     }
 
-    /// Parse every value of the field `name` with the `Cache-Control` syntax.
-    pub fn parse_field(headers: &HeaderMap, name: &str) -> CacheControl {
+    /// Parse every value of the field `name` (`Cache-Control`, or a
+    /// targeted field like `CDN-Cache-Control`, RFC 9213, same syntax).
+    ///
+    /// A value that is not a list of directives (RFC 9111 §5.2, RFC 9110
+    /// §5.6: `token [ "=" ( token / quoted-string ) ]`, comma-separated) —
+    /// a missing comma (`private max-age=60`), a stray `;`, an unclosed
+    /// quote, bytes that are not visible ASCII — is read as `no-store`: a
+    /// sender that meant `private` must not be stored because a
+    /// character was off. Each such value is counted
+    /// ([`malformed_count`]) and logged at debug level.
+    pub fn parse_field(headers: &HeaderMap, name: impl http::header::AsHeaderName) -> CacheControl {
         let mut cc = CacheControl::default();
         for value in headers.get_all(name) {
-            let Ok(value) = value.to_str() else {
-                // Not visible ASCII: obey the safest reading.
+            let Some(directives) = value.to_str().ok().and_then(directives) else {
+                MALFORMED.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(value = ?value, "malformed cache directives; read as no-store");
                 cc.no_store = true;
                 continue;
             };
-            for directive in split_directives(value) {
-                let (name, arg) = match directive.split_once('=') {
-                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
-                    None => (directive.trim(), None),
-                };
+            for (name, arg) in directives {
+                let arg = arg.as_deref();
                 let delta = || arg.and_then(delta_seconds).unwrap_or(0);
                 match name.to_ascii_lowercase().as_str() {
                     "no-store" => cc.no_store = true,
@@ -117,12 +125,16 @@ fn min_opt(old: Option<u64>, new: u64) -> u64 {
     old.map_or(new, |o| o.min(new))
 }
 
-/// Split on commas that are not inside a quoted string.
+/// Split on commas that are not inside a quoted string (a backslash
+/// escapes the next character inside one); for rewriting a field member by
+/// member, after [`CacheControl::parse_field`] has checked its syntax.
 pub(crate) fn split_directives(value: &str) -> impl Iterator<Item = &str> {
     let mut parts = Vec::new();
-    let (mut start, mut quoted) = (0, false);
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
     for (i, c) in value.char_indices() {
         match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
             '"' => quoted = !quoted,
             ',' if !quoted => {
                 parts.push(&value[start..i]);
@@ -133,4 +145,146 @@ pub(crate) fn split_directives(value: &str) -> impl Iterator<Item = &str> {
     }
     parts.push(&value[start..]);
     parts.into_iter().filter(|p| !p.trim().is_empty())
+}
+
+static MALFORMED: AtomicU64 = AtomicU64::new(0);
+
+/// How many malformed cache-directive values this process has read as
+/// `no-store` (exported as the `cachegate_malformed_cache_control` metric).
+pub fn malformed_count() -> u64 {
+    MALFORMED.load(Ordering::Relaxed)
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A field value as `(name, argument)` pairs, the argument of a quoted
+/// string unescaped; `None` when it is not `#cache-directive`. Empty list
+/// elements are allowed (RFC 9110 §5.6.1.2).
+fn directives(value: &str) -> Option<Vec<(&str, Option<String>)>> {
+    let b = value.as_bytes();
+    let mut i = 0;
+    let mut out = Vec::new();
+    let ows = |i: &mut usize| {
+        while *i < b.len() && (b[*i] == b' ' || b[*i] == b'\t') {
+            *i += 1;
+        }
+    };
+    loop {
+        ows(&mut i);
+        if i == b.len() {
+            return Some(out);
+        }
+        if b[i] == b',' {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && is_tchar(b[i]) {
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        let name = &value[start..i];
+        let mut arg = None;
+        if i < b.len() && b[i] == b'=' {
+            i += 1;
+            if i < b.len() && b[i] == b'"' {
+                i += 1;
+                let mut text = String::new();
+                loop {
+                    match b.get(i)? {
+                        b'"' => {
+                            i += 1;
+                            break;
+                        }
+                        b'\\' => {
+                            let c = *b.get(i + 1)?;
+                            if !(c == b'\t' || c == b' ' || c.is_ascii_graphic()) {
+                                return None;
+                            }
+                            text.push(c as char);
+                            i += 2;
+                        }
+                        &c if c == b'\t' || c == b' ' || c.is_ascii_graphic() => {
+                            text.push(c as char);
+                            i += 1;
+                        }
+                        _ => return None,
+                    }
+                }
+                arg = Some(text);
+            } else {
+                let start = i;
+                while i < b.len() && is_tchar(b[i]) {
+                    i += 1;
+                }
+                if i == start {
+                    return None;
+                }
+                arg = Some(value[start..i].to_owned());
+            }
+        }
+        out.push((name, arg));
+        ows(&mut i);
+        match b.get(i) {
+            None => return Some(out),
+            Some(b',') => i += 1,
+            Some(_) => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn cc(v: &str) -> CacheControl {
+        let mut h = HeaderMap::new();
+        h.insert("cache-control", HeaderValue::from_str(v).unwrap());
+        CacheControl::parse(&h)
+    }
+
+    #[test]
+    fn malformed_lists_are_no_store() {
+        let before = malformed_count();
+        for v in [
+            "private max-age=60",
+            "max-age=60, private;",
+            "max-age=60 public",
+            "max-age=\"60",
+            "max-age=, public",
+            "=60",
+            "max-age = 60",
+            "public; max-age=60",
+        ] {
+            assert!(cc(v).no_store, "{v:?} was not read as no-store");
+        }
+        assert!(malformed_count() >= before + 8);
+    }
+
+    #[test]
+    fn quoted_strings_with_escapes_keep_what_follows() {
+        let c = cc(r#"ext="a\"b", private"#);
+        assert!(c.private && !c.no_store, "{c:?}");
+        let c = cc(r#"no-cache="set-cookie, x", max-age=60"#);
+        assert!(c.no_cache && !c.no_store && c.max_age == Some(60), "{c:?}");
+        let c = cc("max-age=60,, public ,");
+        assert!(c.public && !c.no_store && c.max_age == Some(60), "{c:?}");
+        let c = cc("MAX-AGE=5,PRIVATE");
+        assert!(c.private && c.max_age == Some(5));
+    }
+
+    #[test]
+    fn targeted_fields_parse_the_same_way() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "cdn-cache-control",
+            HeaderValue::from_static("private max-age=60"),
+        );
+        assert!(CacheControl::parse_field(&h, "cdn-cache-control").no_store);
+    }
 }

@@ -49,12 +49,13 @@ pub fn prepare_request_headers(headers: &mut HeaderMap) {
 /// may be stored they would let one client shape what every other client is
 /// served (cache poisoning), so they are not forwarded unless the route
 /// makes them part of the key. Bypassed requests forward them unchanged.
+///
+/// `Forwarded`, `X-Forwarded-Host` and `X-Forwarded-Proto` are not here:
+/// the canonical request has replaced the client's with cachegate's own,
+/// which are part of every key ([`crate::request`]).
 const UNKEYED_ROUTING_HEADERS: &[&str] = &[
-    "forwarded",
-    "x-forwarded-host",
     "x-forwarded-server",
     "x-forwarded-scheme",
-    "x-forwarded-proto",
     "x-forwarded-port",
     "x-forwarded-prefix",
     "x-host",
@@ -105,6 +106,24 @@ pub fn surrogate_keys(headers: &HeaderMap, names: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// Keep at most `max - reserved` of the surrogate keys `tags` (the first
+/// ones, de-duplicated): `reserved` slots are for the route's tags and the
+/// URL tag, which purging by URL needs. One response cannot make the tag
+/// index grow without bound (`cache.max_tags_per_entry`).
+pub fn cap_tags(tags: &mut Vec<String>, max: usize, reserved: usize) {
+    let mut seen = std::collections::HashSet::new();
+    tags.retain(|t| seen.insert(t.clone()));
+    let room = max.saturating_sub(reserved);
+    if tags.len() > room {
+        tracing::debug!(
+            kept = room,
+            sent = tags.len(),
+            "surrogate keys over cache.max_tags_per_entry dropped"
+        );
+        tags.truncate(room);
+    }
+}
+
 /// Remove the surrogate-key headers from a response going out, unless
 /// configuration exposes them.
 pub fn hide_surrogate_keys(headers: &mut HeaderMap, names: &[String], expose: bool) {
@@ -135,4 +154,80 @@ pub fn stored_headers(headers: &HeaderMap, strip_set_cookie: bool) -> Vec<(Strin
 /// is for every CDN-like cache of the operator's.
 pub fn strip_cachegate_fields(headers: &mut HeaderMap) {
     headers.remove(super::cache_control::CACHEGATE_CACHE_CONTROL);
+}
+
+/// A `Location` or `Content-Location` naming the upstream itself
+/// (`base`, its origin and base path) is rewritten to the origin the
+/// client addressed, with the base path removed, as nginx's
+/// `proxy_redirect default` does: a client following it stays behind the
+/// proxy. Other values, relative ones included, are relayed as sent.
+pub fn rewrite_upstream_locations(
+    headers: &mut HeaderMap,
+    base: &reqwest::Url,
+    client_origin: &str,
+) {
+    let origin = base.origin().ascii_serialization();
+    let prefix = base.path().trim_end_matches('/');
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        let Some(value) = headers.get(&name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        let Some(rest) = value
+            .strip_prefix(origin.as_str())
+            .and_then(|r| r.strip_prefix(prefix))
+            .filter(|r| r.is_empty() || r.starts_with(['/', '?']))
+        else {
+            continue;
+        };
+        let rest = if rest.starts_with('/') {
+            rest.to_owned()
+        } else {
+            format!("/{rest}")
+        };
+        if let Ok(v) = http::HeaderValue::from_str(&format!("{client_origin}{rest}")) {
+            headers.insert(name, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_naming_the_upstream_point_back_at_the_proxy() {
+        let base = reqwest::Url::parse("http://10.0.0.5:8080/api").unwrap();
+        let cases = [
+            (
+                "http://10.0.0.5:8080/api/items/2?x=1",
+                "https://cg.example/items/2?x=1",
+            ),
+            ("http://10.0.0.5:8080/api", "https://cg.example/"),
+            ("http://10.0.0.5:8080/apix", "http://10.0.0.5:8080/apix"),
+            ("http://10.0.0.5:8080/other", "http://10.0.0.5:8080/other"),
+            ("https://login.example/", "https://login.example/"),
+            ("/api/items/2", "/api/items/2"),
+        ];
+        for (sent, want) in cases {
+            let mut h = HeaderMap::new();
+            h.insert(header::LOCATION, sent.parse().unwrap());
+            h.insert(header::CONTENT_LOCATION, sent.parse().unwrap());
+            rewrite_upstream_locations(&mut h, &base, "https://cg.example");
+            assert_eq!(h[header::LOCATION], want, "{sent}");
+            assert_eq!(h[header::CONTENT_LOCATION], want, "{sent}");
+        }
+    }
+
+    #[test]
+    fn connection_names_are_removed_with_the_hop_by_hop_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("x-tenant", "acme".parse().unwrap());
+        h.insert("origin", "https://a.example".parse().unwrap());
+        h.append(header::CONNECTION, "x-tenant, Origin".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("accept", "*/*".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("accept"));
+    }
 }

@@ -28,7 +28,7 @@ pub mod response;
 
 pub use cache_control::{CacheControl, MAX_DELTA_SECONDS};
 pub use edge::{edge_headers, mark_keyed, EdgeFacts};
-pub use request::{request_policy, Bypass, RequestPolicy};
+pub use request::{explicitly_shareable, request_policy, Bypass, RequestPolicy};
 pub use response::{response_policy, Freshness, NotStorable, ResponseFacts};
 
 #[cfg(test)]
@@ -108,10 +108,13 @@ mod tests {
             assert_eq!(cc.stale_if_error, Some(MAX_DELTA_SECONDS), "{v}");
         }
         // Not 1*DIGIT: invalid, so stale.
-        for v in ["+5", "-1", "5s", ""] {
+        for v in ["+5", "-1", "5s"] {
             let cc = CacheControl::parse(&headers(&[("cache-control", &format!("max-age={v}"))]));
             assert_eq!(cc.max_age, Some(0), "{v:?}");
         }
+        // No argument at all is not a directive list: no-store.
+        let cc = CacheControl::parse(&headers(&[("cache-control", "max-age=")]));
+        assert!(cc.no_store);
     }
 
     /// Found by the `policy` fuzz target: huge deltas, `Age` values and

@@ -21,6 +21,9 @@ pub enum Bypass {
     /// A `Range` request: partial answers are not stored; the upstream
     /// answers the range.
     Range,
+    /// Carries `Cookie`, the route does not key on cookies, and what is
+    /// stored is not marked shareable (`public`, `s-maxage`).
+    Cookie,
 }
 
 impl Bypass {
@@ -32,6 +35,7 @@ impl Bypass {
             Bypass::Body => "request-body",
             Bypass::Upgrade => "upgrade",
             Bypass::Range => "range",
+            Bypass::Cookie => "cookie",
         }
     }
 }
@@ -43,6 +47,11 @@ pub struct RequestPolicy {
     pub lookup: bool,
     /// Store the response (the client did not send `no-store`).
     pub store: bool,
+    /// The request carries `Cookie` and the route does not key on cookies:
+    /// only answers the upstream marks shareable ([`explicitly_shareable`])
+    /// may be stored for it or served to it. An upstream that never
+    /// thought about caching personalises on cookies without saying so.
+    pub shareable_only: bool,
 }
 
 pub fn request_policy(
@@ -74,5 +83,41 @@ pub fn request_policy(
     Ok(RequestPolicy {
         lookup: !(rule.honor_client_no_cache && (cc.no_cache || pragma_no_cache)),
         store: !cc.no_store,
+        shareable_only: headers.contains_key(http::header::COOKIE) && !rule.cookies_are_keyed(),
     })
+}
+
+/// Whether a response says outright that a shared cache may give it to
+/// anyone: `public` or `s-maxage` (RFC 9111 §5.2.2.9, §5.2.2.10).
+pub fn explicitly_shareable(response_headers: &HeaderMap) -> bool {
+    let cc = CacheControl::parse(response_headers);
+    !cc.no_store && !cc.private && (cc.public || cc.s_maxage.is_some())
+}
+
+/// Keep only the cookies named in `names` (`key_cookies`), sorted by name
+/// then in the order sent, in one `Cookie` header: what goes upstream on a
+/// cached request, and what its key reads. Without any of them, no `Cookie`.
+pub fn keep_key_cookies(headers: &mut HeaderMap, names: &[String]) {
+    let mut kept: Vec<(&str, &str)> = Vec::new();
+    let all: Vec<String> = headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .collect();
+    for pair in all.iter().flat_map(|v| v.split(';')) {
+        let pair = pair.trim();
+        let name = pair.split('=').next().unwrap_or("").trim();
+        if names.iter().any(|n| n == name) {
+            kept.push((name, pair));
+        }
+    }
+    kept.sort_by(|a, b| a.0.cmp(b.0));
+    let value = kept.iter().map(|(_, p)| *p).collect::<Vec<_>>().join("; ");
+    headers.remove(http::header::COOKIE);
+    if let Ok(v) = http::HeaderValue::from_str(&value) {
+        if !value.is_empty() {
+            headers.insert(http::header::COOKIE, v);
+        }
+    }
 }

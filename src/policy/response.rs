@@ -25,6 +25,9 @@ pub enum NotStorable {
     Head,
     /// `must-understand` on a status whose caching rules cachegate does not know.
     MustUnderstand,
+    /// Asked with `Cookie` on a route that does not key on cookies, and
+    /// not marked `public` or `s-maxage`.
+    Cookie,
 }
 
 impl NotStorable {
@@ -41,6 +44,7 @@ impl NotStorable {
             NotStorable::ClientNoStore => "client-no-store",
             NotStorable::Head => "head",
             NotStorable::MustUnderstand => "must-understand",
+            NotStorable::Cookie => "cookie",
         }
     }
 }

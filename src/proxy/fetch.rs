@@ -133,6 +133,8 @@ impl Proxy {
             Err(NotStorable::Head)
         } else if !policy.store {
             Err(NotStorable::ClientNoStore)
+        } else if policy.shareable_only && !policy::explicitly_shareable(&resp_headers) {
+            Err(NotStorable::Cookie)
         } else {
             policy::response_policy(
                 ResponseFacts {
@@ -171,6 +173,11 @@ impl Proxy {
             }
         };
 
+        policy::headers::cap_tags(
+            &mut tags,
+            self.settings.max_tags_per_entry,
+            rule.tags.len() + 1,
+        );
         tags.extend(rule.tags.iter().cloned());
         tags.push(target.url_tag());
         tags.sort();

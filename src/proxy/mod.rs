@@ -28,6 +28,7 @@ use cachegate_store::{now_millis, Entry, Record, StoreError, StoreKey};
 
 use crate::key::{self, Target};
 use crate::policy::{self, Bypass};
+use crate::request::{CanonicalRequest, Forwarding};
 use crate::routes::{RouteTable, Rule};
 use crate::telemetry::{RequestId, RequestRecord, Telemetry};
 use crate::upstream::{Upstream, UpstreamResponse};
@@ -58,6 +59,13 @@ pub struct Settings {
     pub expose_surrogate_keys: bool,
     /// Lower-case request headers the cache in front keys on (`edge.key_headers`).
     pub edge_key_headers: Vec<String>,
+    /// Which proxies may vouch for a client's address (`serve.trusted_proxies`).
+    pub forwarding: Forwarding,
+    /// Methods besides POST, PUT, PATCH and DELETE whose success
+    /// invalidates the URL (`cache.invalidating_methods`, upper case).
+    pub invalidating_methods: Vec<Method>,
+    /// Most tags one entry keeps (`cache.max_tags_per_entry`).
+    pub max_tags_per_entry: usize,
 }
 
 /// The proxy: one per process, shared by every request.
@@ -137,6 +145,9 @@ impl Proxy {
         let request_id = req.extensions().get::<RequestId>().cloned();
         let mut trace = Trace::default();
         let (mut resp, outcome) = self.handle_request(req, &mut trace).await;
+        if let Some(origin) = &trace.client_origin {
+            policy::headers::rewrite_upstream_locations(resp.headers_mut(), &self.base, origin);
+        }
         outcome.render(
             resp.headers_mut(),
             trace.lookup_time.map(|d| (d, self.cache.backend_name())),
@@ -173,45 +184,71 @@ impl Proxy {
             );
             return (resp, Outcome::new(Kind::Rejected));
         }
-        let rule = self.routes.rule_for(parts.uri.path());
+        // 0. One canonical request, before anything reads it: the route, the
+        // key and the upstream call all come from it.
+        let (canon, rule) =
+            match CanonicalRequest::new(&parts, body, &self.settings.forwarding, &self.routes) {
+                Ok(c) => c,
+                Err(rejected) => {
+                    let resp =
+                        json_error(StatusCode::BAD_REQUEST, rejected.code, &rejected.message);
+                    return (resp, Outcome::new(Kind::Rejected));
+                }
+            };
+        drop(parts);
         trace.route = Some(rule.clone());
-        let target = Target::resolve(
+        trace.client_origin = canon.client_origin.clone();
+        let CanonicalRequest {
+            method,
+            path,
+            query,
+            headers,
+            body,
+            upgrade,
+            client_origin: _,
+        } = canon;
+        let target = Target::from_canonical(
             &self.base,
-            parts.uri.path(),
-            parts.uri.query(),
+            &path,
+            query.as_deref(),
             &rule.ignored_query_params,
         );
 
         // 1. May this request use the cache at all?
-        let policy =
-            match policy::request_policy(&parts.method, &parts.headers, !body.is_empty(), &rule) {
-                Ok(p) => p,
-                Err(bypass) => {
-                    return self
-                        .pass_through(parts.method, parts.headers, body, &target, &rule, bypass)
-                        .await
-                }
-            };
-        if parts.headers.contains_key(http::header::RANGE) {
+        let policy = match policy::request_policy(&method, &headers, !body.is_empty(), &rule)
+            .and_then(|p| if upgrade { Err(Bypass::Upgrade) } else { Ok(p) })
+        {
+            Ok(p) => p,
+            Err(bypass) => {
+                return self
+                    .pass_through(method, headers, body, &target, &rule, bypass)
+                    .await
+            }
+        };
+        if headers.contains_key(http::header::RANGE) {
             // Partial responses are not cached; let the upstream handle ranges.
             return self
-                .pass_through(
-                    parts.method,
-                    parts.headers,
-                    body,
-                    &target,
-                    &rule,
-                    Bypass::Range,
-                )
+                .pass_through(method, headers, body, &target, &rule, Bypass::Range)
                 .await;
         }
 
+        let mut headers = headers;
+        let primary = if rule.key_cookies.is_empty() {
+            target.primary_key(&rule.name, &rule.key_headers, &headers)
+        } else {
+            // Only the keyed cookies go upstream, so what is stored cannot
+            // depend on the others; the key reads them.
+            policy::request::keep_key_cookies(&mut headers, &rule.key_cookies);
+            let mut names = rule.key_headers.clone();
+            names.push("cookie".into());
+            target.primary_key(&rule.name, &names, &headers)
+        };
+
         // 2. Look up: the primary key, then the variant its Vary names.
-        let primary = target.primary_key(&rule.key_headers, &parts.headers);
         trace.key = Some(primary.clone());
         let (stored, cache_trouble) = if policy.lookup {
             let started = std::time::Instant::now();
-            let found = self.lookup(&primary, &parts.headers).await;
+            let found = self.lookup(&primary, &headers).await;
             trace.lookup_time = Some(started.elapsed());
             trace.backend_error = found.1.is_some();
             found
@@ -219,7 +256,7 @@ impl Proxy {
             (None, None)
         };
         let now = now_millis();
-        let head = parts.method == Method::HEAD;
+        let head = method == Method::HEAD;
         let miss = MissCtx {
             fwd: match (&stored, &cache_trouble) {
                 (Some(_), _) => Forward::Stale,
@@ -230,12 +267,20 @@ impl Proxy {
             arrived_at: now,
             primary,
             target,
-            method: parts.method,
-            headers: parts.headers,
+            method,
+            headers,
             rule,
             policy,
         };
         let mut on_contention = OnContention::Wait;
+        if miss.policy.shareable_only
+            && stored
+                .as_ref()
+                .is_some_and(|e| !policy::explicitly_shareable(&respond::header_map_of(e)))
+        {
+            // Stored for requests without cookies; this one may be personal.
+            return self.cookie_pass_through(miss).await;
+        }
         if let Some(entry) = &stored {
             // 3. Fresh hit.
             if entry.is_fresh(now) {
@@ -282,6 +327,13 @@ impl Proxy {
         // 5. Miss, expired, or the Lambda-mode refresh winner: go upstream
         // (once per key), revalidating what we have.
         match self.fetch_coalesced(&miss, stored, on_contention).await {
+            Ok(Fetched::Entry(entry, _))
+                if miss.policy.shareable_only
+                    && !policy::explicitly_shareable(&respond::header_map_of(&entry)) =>
+            {
+                // Another request's fetch, stored under its rules.
+                self.cookie_pass_through(miss).await
+            }
             Ok(Fetched::Entry(entry, outcome)) => {
                 self.respond_from_entry(&entry, &miss.rule, &miss.headers, head, outcome)
             }
@@ -351,6 +403,20 @@ impl Proxy {
         (entry, trouble)
     }
 
+    /// A cookie-carrying request that may not use what is stored: passed
+    /// through like any bypass.
+    async fn cookie_pass_through(self: &Arc<Self>, miss: MissCtx) -> Reply {
+        self.pass_through(
+            miss.method,
+            miss.headers,
+            Bytes::new(),
+            &miss.target,
+            &miss.rule,
+            Bypass::Cookie,
+        )
+        .await
+    }
+
     fn is_fetching(&self, primary: &StoreKey) -> bool {
         self.inflight
             .lock()
@@ -371,10 +437,13 @@ impl Proxy {
         why: Bypass,
     ) -> Reply {
         policy::headers::prepare_request_headers(&mut headers);
-        let unsafe_method = !matches!(
+        // RFC 9111 §4.4 invalidates on "unsafe" methods, but an unknown
+        // method (`get`, `PURGEME`) any client can send must not empty the
+        // cache: only the writes, and what configuration adds.
+        let unsafe_method = matches!(
             method,
-            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-        );
+            Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+        ) || self.settings.invalidating_methods.contains(&method);
         let head = method == Method::HEAD;
         let sent_at = std::time::Instant::now();
         match self
@@ -421,4 +490,5 @@ struct Trace {
     key: Option<StoreKey>,
     lookup_time: Option<Duration>,
     backend_error: bool,
+    client_origin: Option<String>,
 }

@@ -83,8 +83,9 @@ impl Proxy {
                 Url::parse(url).map_err(|e| format!("`{url}` is neither a path nor a URL: {e}"))?;
             (parsed.path(), parsed.query())
         };
-        let rule = self.routes.rule_for(path);
-        Ok(Target::resolve(&self.base, path, query, &rule.ignored_query_params).url_tag())
+        let path = crate::request::canonical_path(path).map_err(|r| r.message)?;
+        let rule = self.routes.rule_for(&path);
+        Ok(Target::from_canonical(&self.base, &path, query, &rule.ignored_query_params).url_tag())
     }
 
     /// The `Location` and `Content-Location` of an upstream response that

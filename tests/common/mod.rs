@@ -242,6 +242,7 @@ pub struct Cachegate {
 }
 
 impl Cachegate {
+    /// The process id of the running binary (for RSS measurements).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

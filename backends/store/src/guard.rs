@@ -6,13 +6,15 @@
 //! (no timeout paid) for `open_for`. Then one probe is let through; its
 //! success closes the breaker, its failure opens it again.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::{
     CacheStore, Capabilities, LockToken, PurgeListener, PurgeLogEntry, PurgeNotice, PutOptions,
@@ -40,6 +42,11 @@ pub struct GuardConfig {
     /// How long an open breaker skips the backend before one probe. Default `500ms`.
     #[serde(with = "humantime_serde")]
     pub open_for: Duration,
+    /// Added to `read_timeout` per MiB of a value this process has seen
+    /// under the key (stored or read), so a large value that takes long to
+    /// transfer is not mistaken for a failing backend. Default `20ms`.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout_per_mib: Duration,
 }
 
 impl Default for GuardConfig {
@@ -50,6 +57,7 @@ impl Default for GuardConfig {
             purge_timeout: Duration::from_secs(10),
             failure_threshold: 3,
             open_for: Duration::from_millis(500),
+            read_timeout_per_mib: Duration::from_millis(20),
         }
     }
 }
@@ -62,11 +70,44 @@ pub enum BreakerState {
 }
 
 /// A backend with every operation time-bounded and behind a breaker.
+///
+/// The breaker must count backend failures, not large values: concurrent
+/// reads of one key share one backend read (sixteen clients on a 4 MB
+/// entry are one transfer, not sixteen queued on the connection in front
+/// of everyone else's keys), and a read's bound grows with the size of the
+/// value last seen under its key.
 #[derive(Debug, Clone)]
 pub struct GuardedStore {
     inner: Arc<dyn CacheStore>,
     config: GuardConfig,
     breaker: Arc<Breaker>,
+    reads: Arc<Mutex<HashMap<StoreKey, watch::Receiver<Option<SharedRead>>>>>,
+    large: Arc<Mutex<HashMap<StoreKey, usize>>>,
+}
+
+/// A read's result as the requests that waited for it get it.
+type SharedRead = Result<Option<Bytes>, String>;
+
+/// Values from this size on have their size remembered, to bound reads.
+const LARGE_VALUE_BYTES: usize = 256 * 1024;
+
+/// Most large-value sizes remembered (the map is cleared when full).
+const LARGE_VALUES_REMEMBERED: usize = 4096;
+
+/// Removes a read's in-flight slot however the leading read ends
+/// (finished, failed, or its request went away).
+struct ReadSlot<'a> {
+    reads: &'a Mutex<HashMap<StoreKey, watch::Receiver<Option<SharedRead>>>>,
+    key: &'a StoreKey,
+}
+
+impl Drop for ReadSlot<'_> {
+    fn drop(&mut self) {
+        self.reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(self.key);
+    }
 }
 
 /// How long the breaker stays open after a permanent failure
@@ -105,6 +146,82 @@ impl GuardedStore {
             inner,
             config,
             breaker: Arc::default(),
+            reads: Arc::default(),
+            large: Arc::default(),
+        }
+    }
+
+    fn remember_size(&self, key: &StoreKey, size: usize) {
+        let mut large = self.large.lock().unwrap_or_else(|p| p.into_inner());
+        if size < LARGE_VALUE_BYTES {
+            large.remove(key);
+            return;
+        }
+        if large.len() >= LARGE_VALUES_REMEMBERED {
+            large.clear();
+        }
+        large.insert(key.clone(), size);
+    }
+
+    /// `read_timeout`, plus `read_timeout_per_mib` for each MiB of the
+    /// value last seen under `key`.
+    fn read_limit(&self, key: &StoreKey) -> Duration {
+        let size = self
+            .large
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied()
+            .unwrap_or(0);
+        let mib = size as f64 / (1024.0 * 1024.0);
+        self.config.read_timeout + self.config.read_timeout_per_mib.mul_f64(mib)
+    }
+
+    /// One backend read for `key`, however many requests ask at once.
+    async fn shared_get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
+        let role = {
+            let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+            match reads.get(key) {
+                Some(rx) => Err(rx.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    reads.insert(key.clone(), rx);
+                    Ok(tx)
+                }
+            }
+        };
+        match role {
+            Ok(tx) => {
+                let slot = ReadSlot {
+                    reads: &self.reads,
+                    key,
+                };
+                let result = self.run(self.read_limit(key), self.inner.get(key)).await;
+                if let Ok(Some(v)) = &result {
+                    self.remember_size(key, v.len());
+                }
+                drop(slot);
+                let _ = tx.send(Some(match &result {
+                    Ok(v) => Ok(v.clone()),
+                    Err(e) => Err(e.to_string()),
+                }));
+                result
+            }
+            Err(mut rx) => match rx
+                .wait_for(Option::is_some)
+                .await
+                .map(|shared| shared.clone().expect("waited for Some"))
+            {
+                Ok(shared) => match shared {
+                    Ok(v) => Ok(v),
+                    Err(message) => Err(StoreError::Backend {
+                        backend: self.inner.capabilities().name,
+                        message,
+                    }),
+                },
+                // The leading read's request went away: read ourselves.
+                Err(_) => self.run(self.read_limit(key), self.inner.get(key)).await,
+            },
         }
     }
 
@@ -226,12 +343,17 @@ impl CacheStore for GuardedStore {
         self.inner.capabilities()
     }
     async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
-        self.run(self.config.read_timeout, self.inner.get(key))
-            .await
+        self.shared_get(key).await
     }
     async fn put(&self, key: &StoreKey, value: Bytes, opts: &PutOptions) -> Result<(), StoreError> {
-        self.run(self.config.write_timeout, self.inner.put(key, value, opts))
-            .await
+        let size = value.len();
+        let result = self
+            .run(self.config.write_timeout, self.inner.put(key, value, opts))
+            .await;
+        if result.is_ok() {
+            self.remember_size(key, size);
+        }
+        result
     }
     async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
         self.run(self.config.write_timeout, self.inner.delete(key))
@@ -285,6 +407,8 @@ mod tests {
         inner: MemoryStore,
         hang: AtomicBool,
         calls: AtomicU32,
+        /// Every get takes this long (a large value on the wire).
+        delay: Duration,
     }
 
     #[async_trait]
@@ -297,6 +421,7 @@ mod tests {
             if self.hang.load(Ordering::SeqCst) {
                 std::future::pending::<()>().await;
             }
+            tokio::time::sleep(self.delay).await;
             self.inner.get(key).await
         }
         async fn put(
@@ -331,6 +456,7 @@ mod tests {
             inner: MemoryStore::new(1 << 20, 1 << 16),
             hang: AtomicBool::new(true),
             calls: AtomicU32::new(0),
+            delay: Duration::ZERO,
         });
         let config = GuardConfig {
             read_timeout: Duration::from_millis(30),
@@ -375,5 +501,76 @@ mod tests {
         assert!(guarded.get(&key).await.unwrap().is_none());
         assert_eq!(guarded.breaker_state(), BreakerState::Closed);
         assert!(guarded.get(&key).await.is_ok());
+    }
+
+    /// Sixteen clients on one large entry are one backend read, and the
+    /// read's bound grows with the size last seen: the breaker stays closed
+    /// for everyone else.
+    #[tokio::test]
+    async fn concurrent_reads_of_one_key_share_one_backend_read() {
+        let backend = Arc::new(Hangable {
+            inner: MemoryStore::new(64 << 20, 8 << 20),
+            hang: AtomicBool::new(false),
+            calls: AtomicU32::new(0),
+            delay: Duration::from_millis(60),
+        });
+        let config = GuardConfig {
+            read_timeout: Duration::from_millis(40),
+            read_timeout_per_mib: Duration::from_millis(20),
+            failure_threshold: 3,
+            ..GuardConfig::default()
+        };
+        let guarded = GuardedStore::new(backend.clone(), config);
+        let key = StoreKey::hash("test", ["big"]);
+        let value = Bytes::from(vec![7u8; 4 << 20]);
+        let opts = PutOptions {
+            expires_at: crate::now_millis() + 60_000,
+            tags: vec![],
+        };
+        guarded.put(&key, value.clone(), &opts).await.unwrap();
+        assert_eq!(guarded.read_limit(&key), Duration::from_millis(120));
+        let reads = (0..16).map(|_| guarded.get(&key));
+        for r in futures_join(reads).await {
+            assert_eq!(r.unwrap().as_deref(), Some(&value[..]));
+        }
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(guarded.breaker_state(), BreakerState::Closed);
+    }
+
+    async fn futures_join<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
+        let mut set = Vec::new();
+        for f in fs {
+            set.push(Box::pin(f));
+        }
+        let mut out = Vec::new();
+        // Poll all together: a join without an extra dependency.
+        let mut pending: Vec<_> = set.into_iter().map(Some).collect();
+        let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+        std::future::poll_fn(|cx| {
+            let mut done = true;
+            for (i, slot) in pending.iter_mut().enumerate() {
+                if let Some(f) = slot {
+                    match f.as_mut().poll(cx) {
+                        std::task::Poll::Ready(v) => {
+                            results[i] = Some(v);
+                            *slot = None;
+                        }
+                        std::task::Poll::Pending => done = false,
+                    }
+                }
+            }
+            if done {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        out.extend(
+            results
+                .into_iter()
+                .map(|r| r.expect("polled to completion")),
+        );
+        out
     }
 }

@@ -17,10 +17,33 @@ use crate::{
     StoreKey, UnixMillis,
 };
 
-/// Fixed per-entry overhead counted against the byte budget besides the
-/// value itself (key, tags, bookkeeping), so many tiny entries cannot
-/// exceed the budget several times over.
-const ENTRY_OVERHEAD: usize = 160;
+/// Fixed per-entry cost counted against the byte budget besides the bytes
+/// an entry holds (moka's nodes, deques and timer wheel, the allocator's
+/// rounding), so many tiny entries cannot exceed the budget several times
+/// over. Measured, with [`TAG_OVERHEAD`]: see docs/hostile-input.md.
+const ENTRY_OVERHEAD: usize = 384;
+
+/// Fixed cost of one tag of one entry besides its bytes: the `String` in
+/// the entry's tag list, the index's map slot, its set (a table of its
+/// own for a tag few entries share) and the set's copy of the key. A
+/// first estimate of 96 B let 500-tag entries reach 2.5 × capacity.
+const TAG_OVERHEAD: usize = 256;
+
+/// Everything the store holds for one entry: the value (body, headers and
+/// tags as encoded), the key in the cache, the entry's own tag list, and
+/// in the tag index one copy of the key per tag plus the tag itself (an
+/// upper bound: a tag shared by many entries is held once).
+fn weight(key: &StoreKey, v: &Stored) -> u32 {
+    let key_len = key.as_str().len();
+    let tags: usize = v
+        .tags
+        .iter()
+        .map(|t| 2 * t.len() + key_len + TAG_OVERHEAD)
+        .sum();
+    (v.value.len() + key_len + tags + ENTRY_OVERHEAD)
+        .try_into()
+        .unwrap_or(u32::MAX)
+}
 
 #[derive(Clone)]
 struct Stored {
@@ -78,18 +101,15 @@ impl moka::Expiry<StoreKey, Stored> for ExpiresAt {
 }
 
 impl MemoryStore {
-    /// A store holding at most `capacity_bytes` (values plus a fixed
-    /// overhead each); values over `max_value_bytes` are refused.
+    /// A store holding at most `capacity_bytes` (everything an entry holds:
+    /// value, key, tags and tag index, plus a fixed overhead each); values
+    /// over `max_value_bytes` are refused.
     pub fn new(capacity_bytes: u64, max_value_bytes: usize) -> Self {
         let tags: TagIndex = Arc::default();
         let index = tags.clone();
         let cache = Cache::builder()
             .max_capacity(capacity_bytes)
-            .weigher(|_: &StoreKey, v: &Stored| {
-                (v.value.len() + ENTRY_OVERHEAD)
-                    .try_into()
-                    .unwrap_or(u32::MAX)
-            })
+            .weigher(weight)
             .expire_after(ExpiresAt)
             .eviction_listener(move |key: Arc<StoreKey>, v: Stored, _: RemovalCause| {
                 // Only this put's records: a newer put of the key recorded

@@ -1,0 +1,500 @@
+//! The canonical request: built once, first, by [`CanonicalRequest::new`]
+//! (the same code for `serve` and Lambda), before anything reads the
+//! request. The route lookup, the cache key and the upstream call all read
+//! this one value, so no spelling of a target can put one route's rule on
+//! another path, and the key is computed from what the upstream is sent.
+//!
+//! - **Path** ([`canonical_path`]): percent-escapes of unreserved
+//!   characters are decoded (`%61` is `a`, `%2E` is `.`), the others
+//!   upper-cased (`%2f` is `%2F`), bytes a path cannot hold are escaped,
+//!   then dot segments are removed (RFC 3986 §5.2.4, §6.2.2). Forms that
+//!   common origins read as dot segments but RFC 3986 does not — a segment
+//!   `..;x` or `.;x` (Tomcat, Jetty and Spring strip `;params`), a dot
+//!   segment behind an escaped slash or backslash (`..%2F`, `..%5C`), a
+//!   raw backslash (browsers, IIS and the URL parser of the upstream
+//!   client read it as `/`) — and malformed escapes are **rejected** with
+//!   400 `ambiguous_path`: resolving them one way would still be wrong for
+//!   the origins that read them the other way, and no real client needs
+//!   them.
+//! - **Query**: kept byte for byte (see [`crate::key::canonical_query`]).
+//! - **Headers**: hop-by-hop headers and every header `Connection` names are
+//!   removed (RFC 9110 §7.6.1) before the key is computed; client-supplied
+//!   forwarding and client-IP headers are removed and cachegate's own are
+//!   set ([`Forwarding`]), unless a route keys on one of them.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method};
+
+use crate::policy;
+use crate::routes::{RouteTable, Rule};
+
+/// The address of the peer that sent the request: the TCP peer in serve
+/// mode, API Gateway's `requestContext` source IP under Lambda. Set by the
+/// adapters as a request extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub IpAddr);
+
+/// Set by the Lambda adapter: the hop in front (API Gateway, a function
+/// URL, an ALB) sets `X-Forwarded-Proto` itself, so its value is the
+/// client-facing scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatewayProto;
+
+/// Why a request target is refused before anything else reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Client-supplied headers naming the client or the way it came in. An
+/// upstream that reflects one into an answer would have a client-chosen
+/// value stored and served to everyone; they are replaced by cachegate's
+/// own (`X-Forwarded-For`, `-Host`, `-Proto`, `Via`). Compared with `_`
+/// read as `-` (CGI gateways read both as the same variable).
+pub const CLIENT_FORWARDING_HEADERS: &[&str] = &[
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "client-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "fastly-client-ip",
+    "x-originating-ip",
+    "x-remote-ip",
+    "x-remote-addr",
+    "x-envoy-external-address",
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// The `Via` entry cachegate adds to requests it forwards (RFC 9110 §7.6.3:
+/// a gateway must send one inbound; it may on responses, which it does not,
+/// so answers reach clients as the upstream sent them).
+pub const VIA: &str = "1.1 cachegate";
+
+/// How client addresses are learnt: only proxies in `trusted` may vouch
+/// for the address of the client behind them (`serve.trusted_proxies`).
+#[derive(Debug, Clone, Default)]
+pub struct Forwarding {
+    pub trusted: Vec<ipnet::IpNet>,
+}
+
+impl Forwarding {
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|n| n.contains(&ip))
+    }
+
+    /// The client chain to send upstream, left (client) to right (peer):
+    /// the peer, and while the rightmost address so far is a trusted
+    /// proxy, the `X-Forwarded-For` entry to its left. The first
+    /// untrusted address is the client; what lies left of it is whatever
+    /// the client wrote, and is dropped. Every entry is a parsed address.
+    pub fn client_chain(&self, peer: IpAddr, forwarded_for: &HeaderMap) -> Vec<IpAddr> {
+        let mut chain = vec![peer];
+        if !self.trusts(peer) {
+            return chain;
+        }
+        let mut listed: Vec<&str> = forwarded_for
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        // A gateway that lists its peer itself (API Gateway appends the
+        // source IP) is not one more hop.
+        if listed.last().and_then(|s| s.parse::<IpAddr>().ok()) == Some(peer) {
+            listed.pop();
+        }
+        for entry in listed.iter().rev() {
+            let Ok(ip) = entry.parse::<IpAddr>() else {
+                break;
+            };
+            chain.push(ip);
+            if !self.trusts(ip) {
+                break;
+            }
+        }
+        chain.reverse();
+        chain
+    }
+}
+
+/// The one normalised form of a client request.
+#[derive(Debug, Clone)]
+pub struct CanonicalRequest {
+    pub method: Method,
+    /// The canonical path ([`canonical_path`]), before the upstream base path.
+    pub path: String,
+    /// The query exactly as sent (bytes a URI cannot hold escaped).
+    pub query: Option<String>,
+    /// Without hop-by-hop or `Connection`-named headers, without `Host`,
+    /// with cachegate's forwarding headers instead of the client's.
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// The client asked for a protocol upgrade (the header itself is
+    /// hop-by-hop and gone from `headers`).
+    pub upgrade: bool,
+    /// `scheme://host` as the client addressed us, when known: what a
+    /// `Location` naming the upstream is rewritten to.
+    pub client_origin: Option<String>,
+}
+
+impl CanonicalRequest {
+    /// Normalise `parts` and `body`, and find the route of the canonical
+    /// path. A forwarding header the route keys on is the client's (the
+    /// route asked for it) and cachegate does not set its own.
+    pub fn new(
+        parts: &http::request::Parts,
+        body: Bytes,
+        forwarding: &Forwarding,
+        routes: &RouteTable,
+    ) -> Result<(CanonicalRequest, Arc<Rule>), Rejected> {
+        let path = canonical_path(parts.uri.path())?;
+        let rule = routes.rule_for(&path);
+        let keyed = &rule.key_headers;
+        let query = parts.uri.query().map(uri_safe_query);
+        let mut headers = parts.headers.clone();
+        let upgrade = headers.contains_key(http::header::UPGRADE);
+        policy::headers::strip_hop_by_hop(&mut headers);
+
+        let proto = match parts.extensions.get::<GatewayProto>() {
+            Some(_) => headers
+                .get(&X_FORWARDED_PROTO)
+                .filter(|p| *p == "http" || *p == "https")
+                .cloned(),
+            None => None,
+        };
+        let peer = parts.extensions.get::<PeerAddr>().map(|p| p.0);
+        let trusted_peer = peer.is_some_and(|p| forwarding.trusts(p));
+        let proto = proto
+            .or_else(|| {
+                // A trusted proxy in front of serve says how the client came in.
+                trusted_peer
+                    .then(|| headers.get(&X_FORWARDED_PROTO).cloned())
+                    .flatten()
+                    .filter(|p| *p == "http" || *p == "https")
+            })
+            .unwrap_or_else(|| {
+                HeaderValue::from_static(match parts.uri.scheme_str() {
+                    Some("https") => "https",
+                    _ => "http",
+                })
+            });
+        let host = headers
+            .get(http::header::HOST)
+            .cloned()
+            .or_else(|| {
+                parts
+                    .uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            })
+            .filter(|h| {
+                h.to_str()
+                    .is_ok_and(|h| h.parse::<http::uri::Authority>().is_ok())
+            });
+        let chain = peer.map(|p| forwarding.client_chain(p, &headers));
+
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| {
+                let dashed = n.as_str().replace('_', "-");
+                CLIENT_FORWARDING_HEADERS.contains(&dashed.as_str())
+                    && !keyed.iter().any(|k| k == n.as_str())
+            })
+            .cloned()
+            .collect();
+        for name in doomed {
+            headers.remove(name);
+        }
+        headers.remove(http::header::HOST);
+        let ours = |h: &HeaderName| !keyed.iter().any(|k| k == h.as_str());
+        if let Some(chain) = chain.filter(|_| ours(&X_FORWARDED_FOR)) {
+            let list = chain
+                .iter()
+                .map(IpAddr::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            if let Ok(v) = HeaderValue::from_str(&list) {
+                headers.insert(X_FORWARDED_FOR, v);
+            }
+        }
+        if ours(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO, proto.clone());
+        }
+        if let Some(host) = host.as_ref().filter(|_| ours(&X_FORWARDED_HOST)) {
+            headers.insert(X_FORWARDED_HOST, host.clone());
+        }
+        headers.append(http::header::VIA, HeaderValue::from_static(VIA));
+        let client_origin =
+            host.and_then(|h| Some(format!("{}://{}", proto.to_str().ok()?, h.to_str().ok()?)));
+        Ok((
+            CanonicalRequest {
+                method: parts.method.clone(),
+                path,
+                query,
+                headers,
+                body,
+                upgrade,
+                client_origin,
+            },
+            rule,
+        ))
+    }
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// What a path segment may hold unescaped (RFC 3986 `pchar`), and `/`.
+fn is_path_byte(b: u8) -> bool {
+    is_unreserved(b) || b"!$&'()*+,;=:@/".contains(&b)
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+fn ambiguous(message: impl Into<String>) -> Rejected {
+    Rejected {
+        code: "ambiguous_path",
+        message: message.into(),
+    }
+}
+
+/// The canonical form of a request path (see the module documentation);
+/// `Err` for forms origins read differently from RFC 3986.
+pub fn canonical_path(raw: &str) -> Result<String, Rejected> {
+    let bytes = raw.as_bytes();
+    if !raw.starts_with('/') {
+        return Err(ambiguous("the request target must start with /"));
+    }
+    if bytes.contains(&b'\\') {
+        return Err(ambiguous(
+            "a backslash in the path is read as / by some servers and not by others",
+        ));
+    }
+    let mut decoded = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let (Some(h), Some(l)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            ) else {
+                return Err(ambiguous("a % in the path that is not a %XX escape"));
+            };
+            let v = h * 16 + l;
+            if is_unreserved(v) {
+                decoded.push(v as char);
+            } else {
+                decoded.push_str(&format!("%{v:02X}"));
+            }
+            i += 3;
+        } else if is_path_byte(b) {
+            decoded.push(b as char);
+            i += 1;
+        } else {
+            decoded.push_str(&format!("%{b:02X}"));
+            i += 1;
+        }
+    }
+    // Segments origins read as dot segments though RFC 3986 does not.
+    for segment in decoded.split('/') {
+        if segment == "." || segment == ".." {
+            continue;
+        }
+        let lenient = segment.replace("%2F", "/").replace("%5C", "/");
+        for piece in lenient.split('/') {
+            let piece = piece.split(';').next().unwrap_or("");
+            if piece == "." || piece == ".." {
+                return Err(ambiguous(format!(
+                    "the path segment `{segment}` is a dot segment to some servers and not to others"
+                )));
+            }
+        }
+    }
+    Ok(remove_dot_segments(&decoded))
+}
+
+/// RFC 3986 §5.2.4 on an absolute path: `.` and `..` segments removed,
+/// never climbing above `/`.
+fn remove_dot_segments(path: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path[1..].split('/').collect();
+    let last = segments.len() - 1;
+    for (i, seg) in segments.iter().enumerate() {
+        match *seg {
+            "." | ".." => {
+                if *seg == ".." {
+                    out.pop();
+                }
+                if i == last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    format!("/{}", out.join("/"))
+}
+
+/// Escape what a URI query cannot hold (a raw space or non-ASCII byte
+/// arriving through a Lambda event); every other byte, `%` escapes
+/// included, is kept exactly as sent.
+pub fn uri_safe_query(q: &str) -> String {
+    let mut out = String::with_capacity(q.len());
+    for b in q.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(raw: &str) -> Result<String, &'static str> {
+        canonical_path(raw).map_err(|r| r.code)
+    }
+
+    #[test]
+    fn dot_segments_resolve_after_unreserved_escapes_are_decoded() {
+        assert_eq!(p("/a/../b").unwrap(), "/b");
+        assert_eq!(p("/a/%2e%2E/b").unwrap(), "/b");
+        assert_eq!(p("/a/%2E/b").unwrap(), "/a/b");
+        assert_eq!(p("/../../admin").unwrap(), "/admin");
+        assert_eq!(p("/a/b/..").unwrap(), "/a/");
+        assert_eq!(p("/a/.").unwrap(), "/a/");
+        assert_eq!(p("/").unwrap(), "/");
+        assert_eq!(p("/%61ssets/%7Ex").unwrap(), "/assets/~x");
+        assert_eq!(p("/a%2fb").unwrap(), "/a%2Fb");
+        assert_eq!(p("/a b/\u{e9}").unwrap(), "/a%20b/%C3%A9");
+        assert_eq!(p("/items//1").unwrap(), "/items//1");
+        assert_eq!(p("/items/1;x").unwrap(), "/items/1;x");
+        assert_eq!(p("/%2531").unwrap(), "/%2531");
+    }
+
+    #[test]
+    fn forms_origins_read_differently_are_rejected() {
+        for raw in [
+            "/assets/..;/account",
+            "/assets/..;x/account",
+            "/assets/.;x/account",
+            "/assets/%2e%2e;/account",
+            "/assets/..\\account",
+            "/assets\\..\\account",
+            "/assets/..%2Faccount",
+            "/assets/..%2faccount",
+            "/assets/..%5Caccount",
+            "/a/..;x/../b",
+            "/a/%zz",
+            "/a/%4",
+            "a/b",
+        ] {
+            assert_eq!(p(raw), Err("ambiguous_path"), "{raw}");
+        }
+    }
+
+    #[test]
+    fn canonical_is_a_fixed_point() {
+        for raw in ["/a/../b/%7e/%2f/x%20y/", "/%C3%A9/./q", "/a;b=c/d"] {
+            let once = p(raw).unwrap();
+            assert_eq!(p(&once).unwrap(), once, "{raw}");
+        }
+    }
+
+    #[test]
+    fn only_trusted_proxies_vouch_for_the_client() {
+        let f = Forwarding {
+            trusted: vec!["10.0.0.0/8".parse().unwrap()],
+        };
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 203.0.113.9, 10.1.1.1"),
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // An untrusted peer is the client, whatever it wrote.
+        assert_eq!(
+            f.client_chain(ip("198.51.100.1"), &h),
+            vec![ip("198.51.100.1")]
+        );
+        // A trusted one vouches up to the first untrusted address.
+        assert_eq!(
+            f.client_chain(ip("10.0.0.2"), &h),
+            vec![ip("203.0.113.9"), ip("10.1.1.1"), ip("10.0.0.2")]
+        );
+        h.insert("x-forwarded-for", HeaderValue::from_static("<script>"));
+        assert_eq!(f.client_chain(ip("10.0.0.2"), &h), vec![ip("10.0.0.2")]);
+    }
+
+    /// Random paths and queries from an alphabet of the bytes that matter
+    /// (a deterministic generator, so a failure reproduces): normalising
+    /// twice gives the same path and key; the URL sent upstream carries
+    /// exactly the canonical path; and two requests that share a key are
+    /// sent upstream identically. `fuzz/fuzz_targets/key.rs` checks the
+    /// same on any bytes.
+    #[test]
+    fn normalisation_properties_hold_for_random_targets() {
+        use crate::key::Target;
+        const ALPHABET: &[&str] = &[
+            "/", "/", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "%25", "%41", "%7e", "a", "B",
+            ";", ";x", "=", "&", "?", "+", "%20", " ", "~", "\u{e9}", "%E9", "%zz", "%", ":", "@",
+        ];
+        let base = reqwest::Url::parse("https://api.example.com/v1").unwrap();
+        let none = HeaderMap::new();
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut by_key = std::collections::HashMap::new();
+        for _ in 0..8_000 {
+            let len = 1 + next() % 8;
+            let mut path = String::from("/");
+            for _ in 0..len {
+                path.push_str(ALPHABET[(next() % ALPHABET.len() as u64) as usize]);
+            }
+            let query = [
+                "a=1&b=2", "b=2&a=1", "q=a+b", "q=a%20b", "id=%E9", "id=%E8", "",
+            ][(next() % 7) as usize];
+            let Ok(canonical) = canonical_path(&path) else {
+                continue;
+            };
+            assert_eq!(canonical_path(&canonical).unwrap(), canonical, "{path:?}");
+            let t = Target::from_canonical(&base, &canonical, Some(query), &[]);
+            assert_eq!(t.url.path(), format!("/v1{canonical}"), "{path:?}");
+            let again = Target::resolve(&base, &canonical, t.url.query(), &[]).unwrap();
+            let key = t.primary_key("*", &[], &none);
+            assert_eq!(again.primary_key("*", &[], &none), key, "{path:?}");
+            if let Some(url) = by_key.insert(key, t.url.clone()) {
+                assert_eq!(url, t.url, "two upstream URLs share a key");
+            }
+        }
+        assert!(
+            by_key.len() > 400,
+            "the generator produced too few valid paths"
+        );
+    }
+}
