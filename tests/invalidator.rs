@@ -248,7 +248,7 @@ fn the_invalidator_refuses_the_memory_backend() {
     ];
     let out = cachegate_cli(&["config"], &env);
     assert!(out.status.success(), "{}", describe(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("Invalidator"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("role = \"invalidator\""));
 }
 
 #[test]
