@@ -60,32 +60,46 @@
 //! [`StoreError::Backend`]. Chunked puts, deletes and purges make several
 //! calls, each so bounded.
 
-use std::collections::HashMap;
+mod batch;
+mod codec;
+mod connect;
+mod errors;
+mod items;
+mod purge_log;
+mod table;
+
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, DeleteRequest, KeySchemaElement, KeyType,
-    KeysAndAttributes, ReturnValue, ReturnValuesOnConditionCheckFailure, ScalarAttributeType,
-    TableStatus as SdkTableStatus, TimeToLiveSpecification, TimeToLiveStatus, WriteRequest,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 use aws_sdk_dynamodb::Client;
-use bytes::{Bytes, BytesMut};
-use cachegate_store::coherence::{LOG_READ_MAX, LOG_RETENTION};
+use bytes::Bytes;
+use cachegate_store::shared::{prepare_put, PutPlan};
 use cachegate_store::{
-    is_expired, now_millis, CacheStore, Capabilities, LockToken, PurgeFeed, PurgeLogEntry,
-    PurgeNotice, PutOptions, StoreError, StoreKey, UnixMillis,
+    is_expired, now_millis, CacheStore, Capabilities, LockToken, PurgeLogEntry, PurgeNotice,
+    PutOptions, StoreError, StoreKey, UnixMillis,
 };
 use futures_util::{stream, StreamExt, TryStreamExt};
-use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 pub use aws_config;
 pub use aws_sdk_dynamodb;
+
+pub use cachegate_store::settings::DynamoConfig;
+pub use connect::{connect, connect_with, ConnectError};
+pub use table::{TableError, TableStatus, TtlState};
+
+use batch::PARALLEL_WRITES;
+use codec::{compress, cpu, decompress};
+use errors::condition_failed;
+use items::{
+    chunk_sk, from_item, key_of, lock_pk, num, tag_hash, tag_pk, to_item, ttl_secs, was_live,
+    ChunkItem, Item, LockItem, MemberItem, ValueItem, LOCK_SK, VALUE_SK,
+};
 
 /// The backend's name in logs, metrics, errors and `Cache-Status`.
 pub const BACKEND: &str = "dynamodb";
@@ -101,70 +115,6 @@ pub const CHUNK_BYTES: usize = 350 * 1024;
 /// Total bytes of tag hashes one value may carry (they live in the value
 /// item): about 250 tags.
 const MAX_TAG_BYTES: usize = 16 * 1024;
-
-/// Chunk keys read per BatchGetItem (at most 100 keys, 16 MB per response).
-const BATCH_GET_KEYS: usize = 40;
-/// Items per BatchWriteItem (DynamoDB's limit).
-const BATCH_WRITE_ITEMS: usize = 25;
-/// Chunk puts, member puts and purge deletes in flight at once.
-const PARALLEL_WRITES: usize = 8;
-
-const VALUE_SK: &str = "v";
-const LOCK_SK: &str = "l";
-
-pub use cachegate_store::settings::DynamoConfig;
-
-/// Why [`connect`] could not make a store.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("invalid [dynamodb] configuration: {0}")]
-    InvalidConfig(String),
-    #[error("no AWS region configured (set AWS_REGION or a profile region)")]
-    NoRegion,
-}
-
-/// Why [`DynamoStore::ensure_table`] failed.
-#[derive(Debug, thiserror::Error)]
-pub enum TableError {
-    #[error("table `{table}`: {op}: {message}")]
-    Sdk {
-        table: String,
-        op: &'static str,
-        message: String,
-    },
-    #[error("table `{table}` exists with another key schema: {found} (expected pk (S) HASH, sk (S) RANGE)")]
-    Schema { table: String, found: String },
-    #[error("table `{table}` not ACTIVE after {waited:?} (status {status})")]
-    NotActive {
-        table: String,
-        waited: Duration,
-        status: String,
-    },
-}
-
-/// What [`DynamoStore::ensure_table`] found or did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableStatus {
-    pub table: String,
-    /// True when this call created the table.
-    pub created: bool,
-    pub ttl: TtlState,
-}
-
-/// The table's TTL setting after [`DynamoStore::ensure_table`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TtlState {
-    /// TTL on `ttl` was already enabled (or being enabled).
-    Enabled,
-    /// This call enabled TTL on `ttl`.
-    EnabledNow,
-    /// The server has no TTL API (dynalite): expired items stay in the
-    /// table; reads still never return them.
-    Unsupported(String),
-    /// TTL is set up differently (another attribute) and was left alone:
-    /// expired items stay in the table; reads still never return them.
-    Other(String),
-}
 
 /// The DynamoDB store. Cloning shares the client and its connection pool;
 /// build it once per process with [`connect`].
@@ -192,298 +142,6 @@ impl fmt::Debug for DynamoStore {
             .finish()
     }
 }
-
-/// A store on `cfg.table` with the AWS SDK's default configuration chain
-/// (region, credentials, `AWS_ENDPOINT_URL_DYNAMODB`). Makes no request.
-pub async fn connect(cfg: &DynamoConfig) -> Result<DynamoStore, ConnectError> {
-    connect_with(
-        cfg,
-        aws_config::defaults(aws_config::BehaviorVersion::latest()),
-    )
-    .await
-}
-
-/// Like [`connect`], from a given SDK configuration loader (tests set the
-/// endpoint, region and credentials on it). Timeouts and retries are
-/// always taken from `cfg`.
-pub async fn connect_with(
-    cfg: &DynamoConfig,
-    loader: aws_config::ConfigLoader,
-) -> Result<DynamoStore, ConnectError> {
-    cfg.validate()
-        .map_err(|e| ConnectError::InvalidConfig(e.to_string()))?;
-    let sdk = loader.load().await;
-    if sdk.region().is_none() {
-        return Err(ConnectError::NoRegion);
-    }
-    let op = cfg.operation_timeout;
-    // Each attempt may use half the budget, so one retry still fits after
-    // a hung attempt; the operation timeout caps everything.
-    let timeouts = aws_config::timeout::TimeoutConfig::builder()
-        .operation_timeout(op)
-        .operation_attempt_timeout(op / 2)
-        .connect_timeout(op / 2)
-        .build();
-    let retries = aws_config::retry::RetryConfig::standard()
-        .with_max_attempts(3)
-        .with_initial_backoff((op / 20).max(Duration::from_millis(1)))
-        .with_max_backoff((op / 4).max(Duration::from_millis(1)));
-    let conf = aws_sdk_dynamodb::config::Builder::from(&sdk)
-        .timeout_config(timeouts)
-        .retry_config(retries)
-        .build();
-    Ok(DynamoStore {
-        inner: Arc::new(Inner {
-            client: Client::from_conf(conf),
-            table: cfg.table.clone(),
-            consistent_read: cfg.consistent_read,
-            operation_timeout: op,
-            compression_level: cfg.compression_level,
-            caps: Capabilities {
-                name: BACKEND,
-                max_value_bytes: cfg.max_value_bytes,
-                shared: true,
-                purge_feed: PurgeFeed::Log,
-            },
-        }),
-    })
-}
-
-// ---------------------------------------------------------------------------
-// Items
-
-/// How the stored bytes relate to the value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum Encoding {
-    Raw,
-    Zstd,
-}
-
-/// The value item (`sk = "v"`).
-#[derive(Debug, Serialize, Deserialize)]
-struct ValueItem {
-    pk: String,
-    sk: String,
-    exp: UnixMillis,
-    ttl: u64,
-    enc: Encoding,
-    len: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    val: Option<ByteBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    gen: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    nch: Option<u32>,
-    #[serde(
-        default,
-        with = "serde_dynamo::string_set",
-        skip_serializing_if = "Vec::is_empty"
-    )]
-    tags: Vec<String>,
-}
-
-/// One piece of a chunked value (`sk = "c#<gen>#<n>"`).
-#[derive(Debug, Serialize, Deserialize)]
-struct ChunkItem {
-    pk: String,
-    sk: String,
-    val: ByteBuf,
-    ttl: u64,
-}
-
-/// A tag's member (`pk = "tag#<tag hash>"`, `sk = <key>`).
-#[derive(Debug, Serialize, Deserialize)]
-struct MemberItem {
-    pk: String,
-    sk: String,
-    exp: UnixMillis,
-    ttl: u64,
-    w: String,
-}
-
-/// One purge in the purge log (`pk = "purge-log"`, `sk =
-/// "<at, 16 digits>#<id>"`): what other instances' L1s read.
-#[derive(Debug, Serialize, Deserialize)]
-struct PurgeLogItem {
-    pk: String,
-    sk: String,
-    /// The purged tag itself (not its hash): readers drop it from their L1.
-    tag: String,
-    soft: bool,
-    exp: UnixMillis,
-    ttl: u64,
-}
-
-const PURGE_LOG_PK: &str = "purge-log";
-
-fn purge_log_sk(at: UnixMillis, id: &str) -> String {
-    format!("{at:016}#{id}")
-}
-
-/// A lock (`pk = "lock#<key>"`, `sk = "l"`).
-#[derive(Debug, Serialize, Deserialize)]
-struct LockItem {
-    pk: String,
-    sk: String,
-    own: String,
-    exp: UnixMillis,
-    ttl: u64,
-}
-
-type Item = HashMap<String, AttributeValue>;
-
-fn to_item<T: Serialize>(v: &T) -> Result<Item, StoreError> {
-    serde_dynamo::to_item(v).map_err(|e| StoreError::backend(BACKEND, format!("encode item: {e}")))
-}
-
-fn from_item<T: for<'de> Deserialize<'de>>(item: Item, what: &str) -> Result<T, StoreError> {
-    serde_dynamo::from_item(item)
-        .map_err(|e| StoreError::backend(BACKEND, format!("malformed {what} item: {e}")))
-}
-
-fn key_of(pk: &str, sk: &str) -> Item {
-    HashMap::from([
-        ("pk".to_string(), AttributeValue::S(pk.to_string())),
-        ("sk".to_string(), AttributeValue::S(sk.to_string())),
-    ])
-}
-
-fn chunk_sk(gen: &str, n: u32) -> String {
-    format!("c#{gen}#{n:05}")
-}
-
-fn tag_hash(tag: &str) -> String {
-    StoreKey::for_tag(tag).digest().to_string()
-}
-
-fn tag_pk(tag: &str) -> String {
-    format!("tag#{}", tag_hash(tag))
-}
-
-fn lock_pk(key: &StoreKey) -> String {
-    format!("lock#{}", key.as_str())
-}
-
-/// `exp` (unix millis) rounded up to epoch seconds, for the TTL attribute.
-fn ttl_secs(exp: UnixMillis) -> u64 {
-    exp.div_ceil(1000)
-}
-
-fn num(n: u64) -> AttributeValue {
-    AttributeValue::N(n.to_string())
-}
-
-// ---------------------------------------------------------------------------
-// Errors
-
-impl DynamoStore {
-    fn sdk_err<E, R>(&self, op: &'static str, e: SdkError<E, R>) -> StoreError
-    where
-        E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
-        R: fmt::Debug + Send + Sync + 'static,
-    {
-        if let SdkError::TimeoutError(_) = e {
-            return StoreError::Timeout {
-                backend: BACKEND,
-                after: self.inner.operation_timeout,
-            };
-        }
-        // Errors no retry can fix: said shortly, with what to do (the SDK's
-        // full context runs to a kilobyte and says neither).
-        let table = &self.inner.table;
-        let unusable = match e.code() {
-            Some("ResourceNotFoundException") => Some(format!(
-                "{op}: table `{table}` does not exist (in this region and endpoint): \
-                 run `cachegate init` to create it, or set dynamodb.table"
-            )),
-            Some(
-                code @ ("UnrecognizedClientException"
-                | "InvalidSignatureException"
-                | "AccessDeniedException"
-                | "MissingAuthenticationTokenException"),
-            ) => Some(format!(
-                "{op}: credentials refused ({code}: {}); check the AWS credentials and the \
-                 IAM policy for table `{table}`",
-                e.message().unwrap_or("no message")
-            )),
-            _ => None,
-        };
-        match unusable {
-            Some(message) => StoreError::Unusable {
-                backend: BACKEND,
-                message,
-            },
-            None => StoreError::backend(BACKEND, format!("{op}: {}", DisplayErrorContext(&e))),
-        }
-    }
-}
-
-/// True when `e` is a failed condition of a conditional write.
-fn condition_failed<E, R>(e: &SdkError<E, R>) -> bool
-where
-    E: ProvideErrorMetadata,
-{
-    e.as_service_error()
-        .is_some_and(|s| s.code() == Some("ConditionalCheckFailedException"))
-}
-
-// ---------------------------------------------------------------------------
-// Compression
-
-fn compress(value: &[u8], level: i32) -> Result<(Encoding, Vec<u8>), StoreError> {
-    if value.is_empty() {
-        return Ok((Encoding::Raw, Vec::new()));
-    }
-    let z = zstd::bulk::compress(value, level)
-        .map_err(|e| StoreError::backend(BACKEND, format!("zstd compress: {e}")))?;
-    Ok(if z.len() < value.len() {
-        (Encoding::Zstd, z)
-    } else {
-        (Encoding::Raw, value.to_vec())
-    })
-}
-
-fn decompress(enc: Encoding, stored: Bytes, len: u64, limit: usize) -> Result<Bytes, StoreError> {
-    let bad = |m: String| StoreError::backend(BACKEND, format!("malformed value item: {m}"));
-    let len = usize::try_from(len).map_err(|_| bad(format!("len {len}")))?;
-    match enc {
-        Encoding::Raw if stored.len() == len => Ok(stored),
-        Encoding::Raw => Err(bad(format!("{} bytes, len says {len}", stored.len()))),
-        Encoding::Zstd => {
-            // Never allocate more than a value could legitimately be.
-            if len > limit.max(64 * 1024 * 1024) {
-                return Err(bad(format!("len {len} over any limit")));
-            }
-            let out = zstd::bulk::decompress(&stored, len).map_err(|e| bad(e.to_string()))?;
-            if out.len() != len {
-                return Err(bad(format!(
-                    "{} bytes decompressed, len says {len}",
-                    out.len()
-                )));
-            }
-            Ok(Bytes::from(out))
-        }
-    }
-}
-
-/// Runs CPU-heavy work on the blocking pool when it is large enough to
-/// stall other tasks.
-async fn cpu<T: Send + 'static>(
-    big: bool,
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    if big {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| StoreError::backend(BACKEND, format!("compression task: {e}")))?
-    } else {
-        f()
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Operations
 
 impl DynamoStore {
     /// The SDK client (shared; for tests and tools that need raw access).
@@ -514,394 +172,34 @@ impl DynamoStore {
         Ok((!is_expired(v.exp, now_millis())).then_some(v))
     }
 
-    /// All chunks of `gen`, in order, or `None` when any is missing (the
-    /// generation was replaced and removed since its value item was read).
-    async fn read_chunks(
-        &self,
-        key: &StoreKey,
-        gen: &str,
-        count: u32,
-    ) -> Result<Option<Bytes>, StoreError> {
-        let mut pieces: HashMap<String, Bytes> = HashMap::with_capacity(count as usize);
-        let sks: Vec<String> = (0..count).map(|n| chunk_sk(gen, n)).collect();
-        for batch in sks.chunks(BATCH_GET_KEYS) {
-            let mut pending: Vec<Item> = batch.iter().map(|sk| key_of(key.as_str(), sk)).collect();
-            let mut rounds = 0;
-            while !pending.is_empty() {
-                rounds += 1;
-                if rounds > 1 {
-                    // Unprocessed keys (throttling, 16 MB cap): back off a little.
-                    tokio::time::sleep(Duration::from_millis(10 * rounds.min(10))).await;
-                }
-                let ka = KeysAndAttributes::builder()
-                    .set_keys(Some(std::mem::take(&mut pending)))
-                    .consistent_read(true)
-                    .build()
-                    .map_err(|e| StoreError::backend(BACKEND, format!("BatchGetItem: {e}")))?;
-                let out = self
-                    .inner
-                    .client
-                    .batch_get_item()
-                    .request_items(&self.inner.table, ka)
-                    .send()
-                    .await
-                    .map_err(|e| self.sdk_err("BatchGetItem", e))?;
-                for item in out
-                    .responses
-                    .and_then(|mut r| r.remove(&self.inner.table))
-                    .unwrap_or_default()
-                {
-                    let c: ChunkItem = from_item(item, "chunk")?;
-                    pieces.insert(c.sk, Bytes::from(c.val.into_vec()));
-                }
-                if let Some(mut left) = out.unprocessed_keys {
-                    if let Some(ka) = left.remove(&self.inner.table) {
-                        pending = ka.keys;
-                    }
-                }
-                if rounds > 50 && !pending.is_empty() {
-                    return Err(StoreError::backend(
-                        BACKEND,
-                        "BatchGetItem: keys left unprocessed after 50 rounds",
-                    ));
-                }
-            }
-        }
-        let mut whole = BytesMut::new();
-        for sk in &sks {
-            match pieces.remove(sk) {
-                Some(p) => whole.extend_from_slice(&p),
-                None => return Ok(None),
-            }
-        }
-        Ok(Some(whole.freeze()))
-    }
-
-    /// Deletes items by key, best effort in batches (BatchWriteItem).
-    async fn delete_keys(&self, keys: Vec<Item>) -> Result<(), StoreError> {
-        for batch in keys.chunks(BATCH_WRITE_ITEMS) {
-            let mut pending: Vec<WriteRequest> = batch
-                .iter()
-                .map(|k| {
-                    DeleteRequest::builder()
-                        .set_key(Some(k.clone()))
-                        .build()
-                        .map(|d| WriteRequest::builder().delete_request(d).build())
-                })
-                .collect::<Result<_, _>>()
-                .map_err(|e| StoreError::backend(BACKEND, format!("BatchWriteItem: {e}")))?;
-            let mut rounds = 0u64;
-            while !pending.is_empty() {
-                rounds += 1;
-                if rounds > 1 {
-                    tokio::time::sleep(Duration::from_millis(10 * rounds.min(10))).await;
-                }
-                if rounds > 50 {
-                    return Err(StoreError::backend(
-                        BACKEND,
-                        "BatchWriteItem: items left unprocessed after 50 rounds",
-                    ));
-                }
-                let out = self
-                    .inner
-                    .client
-                    .batch_write_item()
-                    .request_items(&self.inner.table, std::mem::take(&mut pending))
-                    .send()
-                    .await
-                    .map_err(|e| self.sdk_err("BatchWriteItem", e))?;
-                pending = out
-                    .unprocessed_items
-                    .and_then(|mut u| u.remove(&self.inner.table))
-                    .unwrap_or_default();
-            }
-        }
-        Ok(())
-    }
-
-    /// Removes the chunks of a replaced or deleted value item (if it had
-    /// any), unless they are generation `keep` (the writer's own, seen again
-    /// when the SDK retried a put that had already been applied). Failures
-    /// are logged: the chunks then expire through `ttl`.
-    async fn drop_chunks_of(&self, key: &str, old: Option<Item>, keep: Option<&str>) {
-        let Some(old) = old else { return };
-        let (Some(AttributeValue::S(gen)), Some(AttributeValue::N(n))) =
-            (old.get("gen"), old.get("nch"))
-        else {
-            return;
-        };
-        if keep == Some(gen.as_str()) {
-            return;
-        }
-        let Ok(n) = n.parse::<u32>() else { return };
-        let keys = (0..n).map(|i| key_of(key, &chunk_sk(gen, i))).collect();
-        if let Err(e) = self.delete_keys(keys).await {
-            tracing::warn!(key = %key, gen = %gen, error = %e, "dynamodb: stale chunks not deleted; they expire through ttl");
-        }
-    }
-
-    async fn put_items(&self, items: Vec<Item>) -> Result<(), StoreError> {
-        stream::iter(items.into_iter().map(|item| async move {
-            self.inner
-                .client
-                .put_item()
-                .table_name(&self.inner.table)
-                .set_item(Some(item))
-                .send()
-                .await
-                .map(drop)
-                .map_err(|e| self.sdk_err("PutItem", e))
-        }))
-        .buffer_unordered(PARALLEL_WRITES)
-        .try_collect::<Vec<()>>()
-        .await
-        .map(drop)
-    }
-
-    /// `cachegate init`: creates the table (on-demand, `pk`/`sk`) when
-    /// missing, waits until it is ACTIVE and enables TTL on `ttl`. Safe to
-    /// run concurrently and repeatedly. A server without the TTL API
-    /// (dynalite) is reported in [`TtlState::Unsupported`] with a warning.
-    pub async fn ensure_table(&self) -> Result<TableStatus, TableError> {
-        let table = self.inner.table.clone();
-        let sdk = |op: &'static str, message: String| TableError::Sdk {
-            table: table.clone(),
-            op,
-            message,
-        };
-        // The control plane answers in seconds, not the data plane's
-        // milliseconds that `operation_timeout` is sized for.
-        let client = &control_plane_client(&self.inner.client);
-        let mut created = false;
-        let described = client.describe_table().table_name(&table).send().await;
-        let desc = match described {
-            Ok(out) => out.table,
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_resource_not_found_exception()) =>
-            {
-                let pk = |name: &str, kt: KeyType| {
-                    KeySchemaElement::builder()
-                        .attribute_name(name)
-                        .key_type(kt)
-                        .build()
-                };
-                let attr = |name: &str| {
-                    AttributeDefinition::builder()
-                        .attribute_name(name)
-                        .attribute_type(ScalarAttributeType::S)
-                        .build()
-                };
-                let req = client
-                    .create_table()
-                    .table_name(&table)
-                    .billing_mode(BillingMode::PayPerRequest)
-                    .key_schema(
-                        pk("pk", KeyType::Hash).map_err(|e| sdk("CreateTable", e.to_string()))?,
-                    )
-                    .key_schema(
-                        pk("sk", KeyType::Range).map_err(|e| sdk("CreateTable", e.to_string()))?,
-                    )
-                    .attribute_definitions(
-                        attr("pk").map_err(|e| sdk("CreateTable", e.to_string()))?,
-                    )
-                    .attribute_definitions(
-                        attr("sk").map_err(|e| sdk("CreateTable", e.to_string()))?,
-                    );
-                match req.send().await {
-                    Ok(out) => {
-                        created = true;
-                        tracing::info!(table = %table, "dynamodb: table created");
-                        out.table_description
-                    }
-                    // Someone else created it meanwhile.
-                    Err(e)
-                        if e.as_service_error()
-                            .is_some_and(|s| s.is_resource_in_use_exception()) =>
-                    {
-                        None
-                    }
-                    Err(e) => return Err(sdk("CreateTable", DisplayErrorContext(&e).to_string())),
-                }
-            }
-            Err(e) => return Err(sdk("DescribeTable", DisplayErrorContext(&e).to_string())),
-        };
-
-        if let Some(schema) = desc.as_ref().map(|d| d.key_schema()) {
-            if !schema.is_empty() {
-                check_schema(&table, schema)?;
-            }
-        }
-
-        // Wait until ACTIVE (CreateTable returns CREATING).
-        let start = Instant::now();
-        let limit = Duration::from_secs(120);
-        let mut status = desc.and_then(|d| d.table_status);
+    /// Every member item of the tag set `pk`: (member key, write id).
+    async fn query_members(&self, pk: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let mut members: Vec<(String, String)> = Vec::new();
+        let mut start: Option<Item> = None;
         loop {
-            if status == Some(SdkTableStatus::Active) {
-                break;
-            }
-            if start.elapsed() > limit {
-                return Err(TableError::NotActive {
-                    table: table.clone(),
-                    waited: limit,
-                    status: status.map_or("unknown".into(), |s| s.as_str().to_string()),
-                });
-            }
-            if status.is_some() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            let out = client
-                .describe_table()
-                .table_name(&table)
+            let out = self
+                .inner
+                .client
+                .query()
+                .table_name(&self.inner.table)
+                .key_condition_expression("#pk = :pk")
+                .expression_attribute_names("#pk", "pk")
+                .expression_attribute_values(":pk", AttributeValue::S(pk.to_owned()))
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
                 .send()
                 .await
-                .map_err(|e| sdk("DescribeTable", DisplayErrorContext(&e).to_string()))?;
-            if let Some(d) = out.table {
-                check_schema(&table, d.key_schema())?;
-                status = d.table_status.or(Some(SdkTableStatus::Creating));
-            } else {
-                status = Some(SdkTableStatus::Creating);
+                .map_err(|e| self.sdk_err("Query (tag members)", e))?;
+            for item in out.items.unwrap_or_default() {
+                let m: MemberItem = from_item(item, "tag member")?;
+                members.push((m.sk, m.w));
             }
-        }
-
-        let ttl = self.ensure_ttl(client).await?;
-        if let TtlState::Unsupported(m) | TtlState::Other(m) = &ttl {
-            tracing::warn!(
-                table = %table,
-                "dynamodb: TTL not enabled on `ttl` ({m}); expired items stay in the table (reads never return them)"
-            );
-        }
-        Ok(TableStatus {
-            table: self.inner.table.clone(),
-            created,
-            ttl,
-        })
-    }
-
-    async fn ensure_ttl(&self, client: &Client) -> Result<TtlState, TableError> {
-        let table = &self.inner.table;
-        let unsupported = |code: Option<&str>| {
-            matches!(
-                code,
-                Some("UnknownOperationException") | Some("UnrecognizedClientException")
-            )
-        };
-        let current = match client
-            .describe_time_to_live()
-            .table_name(table)
-            .send()
-            .await
-        {
-            Ok(out) => out.time_to_live_description,
-            Err(e) if unsupported(e.code()) => {
-                return Ok(TtlState::Unsupported(
-                    "server has no DescribeTimeToLive".into(),
-                ))
+            match out.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => return Ok(members),
             }
-            Err(e) => {
-                return Err(TableError::Sdk {
-                    table: table.clone(),
-                    op: "DescribeTimeToLive",
-                    message: DisplayErrorContext(&e).to_string(),
-                })
-            }
-        };
-        if let Some(d) = &current {
-            let on = matches!(
-                d.time_to_live_status,
-                Some(TimeToLiveStatus::Enabled) | Some(TimeToLiveStatus::Enabling)
-            );
-            match d.attribute_name.as_deref() {
-                Some("ttl") if on => return Ok(TtlState::Enabled),
-                Some(other) if on => {
-                    return Ok(TtlState::Other(format!(
-                        "TTL is enabled on attribute `{other}`"
-                    )))
-                }
-                _ => {}
-            }
-            if d.time_to_live_status == Some(TimeToLiveStatus::Disabling) {
-                return Ok(TtlState::Other(
-                    "TTL is being disabled; run init again later".into(),
-                ));
-            }
-        }
-        let spec = TimeToLiveSpecification::builder()
-            .enabled(true)
-            .attribute_name("ttl")
-            .build()
-            .map_err(|e| TableError::Sdk {
-                table: table.clone(),
-                op: "UpdateTimeToLive",
-                message: e.to_string(),
-            })?;
-        match client
-            .update_time_to_live()
-            .table_name(table)
-            .time_to_live_specification(spec)
-            .send()
-            .await
-        {
-            Ok(_) => {
-                tracing::info!(table = %table, "dynamodb: TTL enabled on `ttl`");
-                Ok(TtlState::EnabledNow)
-            }
-            Err(e) if unsupported(e.code()) => Ok(TtlState::Unsupported(format!(
-                "UpdateTimeToLive: {}",
-                e.code().unwrap_or("unsupported")
-            ))),
-            // A concurrent init enabled it first.
-            Err(e)
-                if e.code() == Some("ValidationException")
-                    && e.message().is_some_and(|m| m.contains("already enabled")) =>
-            {
-                Ok(TtlState::Enabled)
-            }
-            Err(e) => Err(TableError::Sdk {
-                table: table.clone(),
-                op: "UpdateTimeToLive",
-                message: DisplayErrorContext(&e).to_string(),
-            }),
         }
     }
-}
-
-/// `client` with timeouts for table management (`cachegate init`): the
-/// same endpoint, region, credentials and retries.
-fn control_plane_client(client: &Client) -> Client {
-    let timeouts = aws_config::timeout::TimeoutConfig::builder()
-        .operation_timeout(Duration::from_secs(30))
-        .operation_attempt_timeout(Duration::from_secs(10))
-        .connect_timeout(Duration::from_secs(5))
-        .build();
-    Client::from_conf(
-        client
-            .config()
-            .to_builder()
-            .timeout_config(timeouts)
-            .build(),
-    )
-}
-
-fn check_schema(table: &str, schema: &[KeySchemaElement]) -> Result<(), TableError> {
-    let has = |name: &str, kt: KeyType| {
-        schema
-            .iter()
-            .any(|k| k.attribute_name() == name && *k.key_type() == kt)
-    };
-    if schema.len() == 2 && has("pk", KeyType::Hash) && has("sk", KeyType::Range) {
-        return Ok(());
-    }
-    let found = schema
-        .iter()
-        .map(|k| format!("{} {}", k.attribute_name(), k.key_type().as_str()))
-        .collect::<Vec<_>>()
-        .join(", ");
-    Err(TableError::Schema {
-        table: table.to_string(),
-        found,
-    })
 }
 
 #[async_trait]
@@ -943,21 +241,13 @@ impl CacheStore for DynamoStore {
     }
 
     async fn put(&self, key: &StoreKey, value: Bytes, opts: &PutOptions) -> Result<(), StoreError> {
-        let limit = self.inner.caps.max_value_bytes;
-        if value.len() > limit {
-            return Err(StoreError::TooLarge {
-                backend: BACKEND,
-                size: value.len(),
-                limit,
-            });
-        }
-        if is_expired(opts.expires_at, now_millis()) {
-            self.delete(key).await?;
-            return Ok(());
-        }
-        let mut tags: Vec<String> = opts.tags.iter().map(|t| tag_hash(t)).collect();
-        tags.sort();
-        tags.dedup();
+        let tags: Vec<String> = match prepare_put(&self.inner.caps, value.len(), opts)? {
+            PutPlan::Store(put) => put.tags.into_iter().map(tag_hash).collect(),
+            PutPlan::Remove => {
+                self.delete(key).await?;
+                return Ok(());
+            }
+        };
         let tag_bytes: usize = tags.iter().map(|t| t.len() + 1).sum();
         if tag_bytes > MAX_TAG_BYTES {
             return Err(StoreError::backend(
@@ -1085,14 +375,7 @@ impl CacheStore for DynamoStore {
             .send()
             .await
             .map_err(|e| self.sdk_err("DeleteItem", e))?;
-        let live = out
-            .attributes
-            .as_ref()
-            .and_then(|a| match a.get("exp") {
-                Some(AttributeValue::N(n)) => n.parse::<u64>().ok(),
-                _ => None,
-            })
-            .is_some_and(|exp| !is_expired(exp, now_millis()));
+        let live = was_live(out.attributes.as_ref());
         self.drop_chunks_of(key.as_str(), out.attributes, None)
             .await;
         Ok(live)
@@ -1190,14 +473,7 @@ impl CacheStore for DynamoStore {
                     .await;
                 let live = match out {
                     Ok(out) => {
-                        let live = out
-                            .attributes
-                            .as_ref()
-                            .and_then(|a| match a.get("exp") {
-                                Some(AttributeValue::N(n)) => n.parse::<u64>().ok(),
-                                _ => None,
-                            })
-                            .is_some_and(|exp| !is_expired(exp, now_millis()));
+                        let live = was_live(out.attributes.as_ref());
                         self.drop_chunks_of(&member, out.attributes, None).await;
                         live
                     }
@@ -1238,100 +514,14 @@ impl CacheStore for DynamoStore {
             .collect())
     }
 
-    /// One log item per purge, kept [`LOG_RETENTION`].
+    /// One log item per purge, kept [`LOG_RETENTION`](cachegate_store::coherence::LOG_RETENTION).
     async fn announce_purge(&self, notice: &PurgeNotice) -> Result<(), StoreError> {
-        let at = now_millis();
-        let id = LockToken::generate();
-        let exp = at + LOG_RETENTION.as_millis() as u64;
-        let item = to_item(&PurgeLogItem {
-            pk: PURGE_LOG_PK.into(),
-            sk: purge_log_sk(at, id.as_str()),
-            tag: notice.tag.clone(),
-            soft: notice.soft,
-            exp,
-            ttl: ttl_secs(exp),
-        })?;
-        self.inner
-            .client
-            .put_item()
-            .table_name(&self.inner.table)
-            .set_item(Some(item))
-            .send()
-            .await
-            .map_err(|e| self.sdk_err("PutItem (purge log)", e))?;
-        Ok(())
+        self.append_purge_log(notice).await
     }
 
-    /// One Query (consistent: a purge logged a moment ago is seen), more
-    /// only past 1 MB of items; at most [`LOG_READ_MAX`] entries.
+    /// The purge log from `since` (see [`DynamoStore::query_purge_log`]).
     async fn read_purge_log(&self, since: UnixMillis) -> Result<Vec<PurgeLogEntry>, StoreError> {
-        let mut entries = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let out = self
-                .inner
-                .client
-                .query()
-                .table_name(&self.inner.table)
-                .key_condition_expression("#pk = :pk AND #sk >= :since")
-                .expression_attribute_names("#pk", "pk")
-                .expression_attribute_names("#sk", "sk")
-                .expression_attribute_values(":pk", AttributeValue::S(PURGE_LOG_PK.into()))
-                .expression_attribute_values(":since", AttributeValue::S(format!("{since:016}")))
-                .consistent_read(true)
-                .limit((LOG_READ_MAX - entries.len()) as i32)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| self.sdk_err("Query (purge log)", e))?;
-            for item in out.items.unwrap_or_default() {
-                let logged: PurgeLogItem = from_item(item, "purge log")?;
-                let (at, id) = logged.sk.split_once('#').unwrap_or((&logged.sk, ""));
-                entries.push(PurgeLogEntry {
-                    at: at.parse().unwrap_or(0),
-                    id: id.to_owned(),
-                    notice: PurgeNotice {
-                        tag: logged.tag,
-                        soft: logged.soft,
-                    },
-                });
-            }
-            match out.last_evaluated_key {
-                Some(k) if !k.is_empty() && entries.len() < LOG_READ_MAX => start = Some(k),
-                _ => return Ok(entries),
-            }
-        }
-    }
-}
-
-impl DynamoStore {
-    /// Every member item of the tag set `pk`: (member key, write id).
-    async fn query_members(&self, pk: &str) -> Result<Vec<(String, String)>, StoreError> {
-        let mut members: Vec<(String, String)> = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let out = self
-                .inner
-                .client
-                .query()
-                .table_name(&self.inner.table)
-                .key_condition_expression("#pk = :pk")
-                .expression_attribute_names("#pk", "pk")
-                .expression_attribute_values(":pk", AttributeValue::S(pk.to_owned()))
-                .consistent_read(true)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| self.sdk_err("Query (tag members)", e))?;
-            for item in out.items.unwrap_or_default() {
-                let m: MemberItem = from_item(item, "tag member")?;
-                members.push((m.sk, m.w));
-            }
-            match out.last_evaluated_key {
-                Some(k) if !k.is_empty() => start = Some(k),
-                _ => return Ok(members),
-            }
-        }
+        self.query_purge_log(since).await
     }
 }
 
@@ -1381,90 +571,5 @@ mod tests {
         assert_eq!(partial.operation_timeout, Duration::from_secs(1));
         assert!(serde_json::from_str::<DynamoConfig>(r#"{"tabel": "x"}"#).is_err());
         assert!(serde_json::from_str::<DynamoConfig>(r#"{"operation_timeout": 5}"#).is_err());
-    }
-
-    #[test]
-    fn value_item_layout() {
-        let item = to_item(&ValueItem {
-            pk: "cg1:ab".into(),
-            sk: VALUE_SK.into(),
-            exp: 1_700_000_000_123,
-            ttl: ttl_secs(1_700_000_000_123),
-            enc: Encoding::Zstd,
-            len: 3,
-            val: Some(ByteBuf::from(vec![0u8, 255, 7])),
-            gen: None,
-            nch: None,
-            tags: vec![tag_hash("a"), tag_hash("b")],
-        })
-        .unwrap();
-        assert_eq!(item["ttl"], AttributeValue::N("1700000001".into()));
-        assert_eq!(item["exp"], AttributeValue::N("1700000000123".into()));
-        assert_eq!(item["enc"], AttributeValue::S("zstd".into()));
-        assert!(
-            matches!(item["val"], AttributeValue::B(_)),
-            "{:?}",
-            item["val"]
-        );
-        assert_eq!(
-            item["tags"],
-            AttributeValue::Ss(vec![tag_hash("a"), tag_hash("b")])
-        );
-        assert!(!item.contains_key("gen"));
-        let back: ValueItem = from_item(item, "value").unwrap();
-        assert_eq!(back.val.unwrap().into_vec(), vec![0u8, 255, 7]);
-
-        let untagged = to_item(&ValueItem {
-            pk: "k".into(),
-            sk: VALUE_SK.into(),
-            exp: 1,
-            ttl: 1,
-            enc: Encoding::Raw,
-            len: 0,
-            val: None,
-            gen: Some("g".into()),
-            nch: Some(2),
-            tags: vec![],
-        })
-        .unwrap();
-        assert!(
-            !untagged.contains_key("tags"),
-            "empty string sets are invalid"
-        );
-        let back: ValueItem = from_item(untagged, "value").unwrap();
-        assert!(back.tags.is_empty());
-    }
-
-    #[test]
-    fn compression_round_trip_and_incompressible_kept_raw() {
-        let text = Bytes::from("hello ".repeat(10_000));
-        let (enc, z) = compress(&text, 3).unwrap();
-        assert_eq!(enc, Encoding::Zstd);
-        assert!(z.len() < text.len() / 10);
-        assert_eq!(
-            decompress(enc, Bytes::from(z), text.len() as u64, 1 << 20).unwrap(),
-            text
-        );
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let noise: Vec<u8> = (0..10_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        let (enc, raw) = compress(&noise, 3).unwrap();
-        assert_eq!(enc, Encoding::Raw);
-        assert_eq!(raw, noise);
-        assert!(decompress(Encoding::Zstd, Bytes::from_static(b"junk"), 4, 100).is_err());
-    }
-
-    #[test]
-    fn key_namespaces_are_apart() {
-        let k = StoreKey::hash("t", ["x"]);
-        assert_ne!(lock_pk(&k), k.as_str());
-        assert!(tag_pk("a").starts_with("tag#"));
-        assert_eq!(chunk_sk("g", 7), "c#g#00007");
     }
 }

@@ -55,27 +55,31 @@
 //! returned past its `expires_at` even in the milliseconds before Redis
 //! drops it.
 
+mod conn;
+mod connect;
+mod pubsub;
+mod purge;
+mod scripts;
+
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, RwLock, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use cachegate_store::shared::{prepare_put, PutPlan};
 use cachegate_store::{
-    is_expired, now_millis, CacheStore, Capabilities, LockToken, PurgeFeed, PurgeListener,
-    PurgeNotice, PutOptions, StoreError, StoreKey, UnixMillis,
+    is_expired, now_millis, CacheStore, Capabilities, LockToken, PurgeListener, PurgeNotice,
+    PutOptions, StoreError, StoreKey, UnixMillis,
 };
-use futures_util::StreamExt;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
-use redis::cluster_async::ClusterConnection;
-use redis::{
-    Client, Cmd, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture,
-    Script, ServerErrorKind, TlsCertificates, Value,
-};
+use redis::Client;
 
 pub use cachegate_store::settings::{redact_url, RedisConfig};
+pub use connect::{connect, ConnectError};
+
+use conn::Shared;
+use connect::send_allowance;
+use scripts::{tag_field, DELETE, PUT, TAG_ADD, UNLOCK};
 
 const BACKEND: &str = "redis";
 
@@ -88,180 +92,6 @@ const TAG_TTL_SLACK_MS: u64 = 60_000;
 /// Longest Redis TTL set (ten years); `expires_at` further out is still
 /// stored and checked exactly, Redis just evicts by this bound.
 const MAX_TTL_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
-/// Candidates read from a tag set per round while purging.
-const PURGE_BATCH: usize = 256;
-
-/// Why [`connect`] failed. Messages name what failed (which setting, which
-/// server) and never contain the password.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("redis.{field}: {message}")]
-    Config {
-        field: &'static str,
-        message: String,
-    },
-    #[error("redis.ca_file: cannot read {path}: {source}")]
-    CaFile {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("redis at {target}: authentication failed{user}: {message}")]
-    Auth {
-        target: String,
-        user: String,
-        message: String,
-    },
-    #[error("redis at {target}: no answer within {after:?} (connect_timeout); is it reachable, and is TLS (rediss://) right for it?")]
-    Timeout { target: String, after: Duration },
-    #[error("redis at {target}: {message}")]
-    Connect { target: String, message: String },
-}
-
-/// The connection every clone of a [`RedisStore`] shares.
-#[derive(Clone)]
-enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
-/// Makes a fresh connection of the configured kind without waiting for it
-/// (it connects on first use).
-enum Factory {
-    Single {
-        client: Client,
-        config: ConnectionManagerConfig,
-    },
-    Cluster {
-        client: ClusterClient,
-        config: ClusterConfig,
-    },
-}
-
-impl Factory {
-    fn fresh(&self) -> Result<Conn, RedisError> {
-        match self {
-            Factory::Single { client, config } => {
-                ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
-                    .map(Conn::Single)
-            }
-            Factory::Cluster { client, config } => Ok(Conn::Cluster(
-                client.get_pending_async_connection_with_config(config.clone()),
-            )),
-        }
-    }
-}
-
-/// Commands in a row that got no reply at all before a fresh connection
-/// replaces the current one.
-const STALL_LIMIT: u32 = 2;
-/// At most one replacement per this interval.
-const MIN_REPLACE_INTERVAL: Duration = Duration::from_secs(1);
-
-/// What every clone of a [`RedisStore`] shares.
-///
-/// The connection manager reconnects by itself when the connection fails
-/// (reset, refused, closed), but not when it goes silent: a reply that
-/// never comes is a timeout, which it retries on the same socket. That is
-/// what a connection dropped without a reset looks like, e.g. one that sat
-/// idle in a frozen Lambda execution environment past the 350 s idle limit
-/// of Lambda's VPC networking. So commands that get no reply (they time out
-/// here, or the caller's own timeout drops them first) are counted, and
-/// after [`STALL_LIMIT`] in a row with no reply in between the connection is
-/// replaced by a fresh one.
-struct Shared {
-    conn: RwLock<Conn>,
-    factory: Factory,
-    stalled: AtomicU32,
-    last_replaced: Mutex<Option<Instant>>,
-}
-
-impl Shared {
-    fn conn(&self) -> Conn {
-        if self.stalled.load(Ordering::Relaxed) >= STALL_LIMIT {
-            self.replace_connection();
-        }
-        self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn replace_connection(&self) {
-        let mut last = self.last_replaced.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| t.elapsed() < MIN_REPLACE_INTERVAL) {
-            return;
-        }
-        *last = Some(Instant::now());
-        let stalled = self.stalled.swap(0, Ordering::Relaxed);
-        match self.factory.fresh() {
-            Ok(fresh) => {
-                *self.conn.write().unwrap_or_else(|p| p.into_inner()) = fresh;
-                tracing::warn!(
-                    backend = BACKEND,
-                    unanswered = stalled,
-                    "redis connection stopped answering; replaced it with a fresh one"
-                );
-            }
-            Err(e) => tracing::warn!(
-                backend = BACKEND,
-                error = %e,
-                "redis connection stopped answering and a fresh one could not be made"
-            ),
-        }
-    }
-}
-
-/// Counts a command as unanswered unless it is marked answered before it
-/// is dropped (which also covers the caller's timeout dropping it).
-struct InFlight<'a> {
-    shared: &'a Shared,
-    answered: bool,
-}
-
-impl InFlight<'_> {
-    fn answered(mut self) {
-        self.answered = true;
-        self.shared.stalled.store(0, Ordering::Relaxed);
-    }
-    /// Failed without a reply from the server, but not by silence (refused,
-    /// reset): the connection manager reconnects by itself.
-    fn failed_fast(mut self) {
-        self.answered = true;
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if !self.answered {
-            self.shared.stalled.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
 
 /// A [`CacheStore`] on Redis. Cheap to clone; clones share the connection.
 #[derive(Clone)]
@@ -299,119 +129,6 @@ impl fmt::Debug for RedisStore {
     }
 }
 
-// --- scripts (each touches exactly one key: KEYS[1]) ---
-
-/// Replace a value: its bytes, expiry and tag fields, with a relative TTL.
-/// ARGV: bytes, expires_at, ttl_ms, then one `t:<tag>` field name per tag.
-static PUT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'b', ARGV[1], 'e', ARGV[2])
-for i = 4, #ARGV do
-  redis.call('HSET', KEYS[1], ARGV[i], '1')
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-",
-    )
-});
-
-/// Delete a value; 1 if it was there and live at ARGV[1] (now).
-static DELETE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local e = redis.call('HGET', KEYS[1], 'e')
-if redis.call('DEL', KEYS[1]) == 0 then return 0 end
-if e and tonumber(e) > tonumber(ARGV[1]) then return 1 end
-return 0
-",
-    )
-});
-
-/// Add a member to a tag's set. ARGV: member, its expires_at, now - trim
-/// slack (members expired before it are dropped), the set's minimum TTL.
-/// A member's score only grows, and so does the set's TTL: the set outlives
-/// every value recorded in it.
-static TAG_ADD: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
-local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if (not old) or tonumber(old) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-end
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl < tonumber(ARGV[4]) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-end
-return 1
-",
-    )
-});
-
-/// Delete a value if its current version carries the tag field ARGV[1];
-/// 1 if a live (expires_at > ARGV[2]) value was removed.
-static PURGE_ONE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
-local e = redis.call('HGET', KEYS[1], 'e')
-redis.call('DEL', KEYS[1])
-if e and tonumber(e) > tonumber(ARGV[2]) then return 1 end
-return 0
-",
-    )
-});
-
-/// Release a lock only if ARGV[1] (the token) still holds it.
-static UNLOCK: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-",
-    )
-});
-
-/// Remove treated members from a tag set, each only if its score is still
-/// the one read (ARGV: member, score, member, score, ...).
-static FORGET: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local n = 0
-for i = 1, #ARGV, 2 do
-  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if score and tonumber(score) == tonumber(ARGV[i + 1]) then
-    n = n + redis.call('ZREM', KEYS[1], ARGV[i])
-  end
-end
-return n
-",
-    )
-});
-
-fn tag_field(tag: &str) -> Vec<u8> {
-    let mut f = Vec::with_capacity(2 + tag.len());
-    f.extend_from_slice(b"t:");
-    f.extend_from_slice(tag.as_bytes());
-    f
-}
-
-/// A Redis error as a store error. Redis error texts name the command and
-/// the server's reply, never credentials.
-fn backend_err(err: RedisError) -> StoreError {
-    if err.is_timeout() {
-        return StoreError::Backend {
-            backend: BACKEND,
-            message: format!("timed out: {err}"),
-        };
-    }
-    StoreError::backend(BACKEND, err)
-}
-
 impl RedisStore {
     fn value_key(&self, key: &StoreKey) -> String {
         format!("{}v:{{{}}}", self.prefix, key.as_str())
@@ -423,58 +140,6 @@ impl RedisStore {
 
     fn tag_key(&self, tag: &str) -> String {
         format!("{}t:{{{}}}", self.prefix, StoreKey::for_tag(tag).as_str())
-    }
-
-    fn conn(&self) -> Conn {
-        self.shared.conn()
-    }
-
-    /// One command (or script call), bounded by the response timeout, which
-    /// also covers waiting for a reconnect in progress.
-    async fn run<T, F>(&self, what: &'static str, op: F) -> Result<T, StoreError>
-    where
-        F: std::future::Future<Output = Result<T, RedisError>>,
-    {
-        self.run_within(what, self.response_timeout, op).await
-    }
-
-    async fn run_within<T, F>(
-        &self,
-        what: &'static str,
-        limit: Duration,
-        op: F,
-    ) -> Result<T, StoreError>
-    where
-        F: std::future::Future<Output = Result<T, RedisError>>,
-    {
-        let in_flight = InFlight {
-            shared: &self.shared,
-            answered: false,
-        };
-        match tokio::time::timeout(limit, op).await {
-            Ok(Ok(v)) => {
-                in_flight.answered();
-                Ok(v)
-            }
-            Ok(Err(e)) => {
-                if e.is_timeout() {
-                    drop(in_flight);
-                } else if e.is_io_error() || e.is_connection_dropped() {
-                    in_flight.failed_fast();
-                } else {
-                    // The server replied, with an error.
-                    in_flight.answered();
-                }
-                Err(backend_err(e))
-            }
-            Err(_) => {
-                drop(in_flight);
-                Err(StoreError::Backend {
-                    backend: BACKEND,
-                    message: format!("{what}: no reply within {limit:?} (response_timeout)"),
-                })
-            }
-        }
     }
 
     /// A round trip to the server (for `cachegate init` and health checks).
@@ -497,72 +162,6 @@ impl RedisStore {
     /// Where this store points (URLs with any password redacted).
     pub fn target(&self) -> &str {
         &self.target
-    }
-
-    /// The first candidates of a tag set, with their scores as Redis
-    /// wrote them.
-    async fn read_members(&self, set: &str) -> Result<Vec<(String, String)>, StoreError> {
-        let mut conn = self.conn();
-        self.run(
-            "ZRANGE",
-            redis::cmd("ZRANGE")
-                .arg(set)
-                .arg(0)
-                .arg(PURGE_BATCH - 1)
-                .arg("WITHSCORES")
-                .query_async(&mut conn),
-        )
-        .await
-    }
-
-    /// Drop treated candidates from the set, unless a put re-recorded one
-    /// meanwhile (its score moved).
-    async fn forget_members(
-        &self,
-        set: &str,
-        members: &[(String, String)],
-    ) -> Result<(), StoreError> {
-        let mut forget = FORGET.key(set);
-        for (member, score) in members {
-            forget.arg(member).arg(score);
-        }
-        let mut conn = self.conn();
-        self.run("forget", forget.invoke_async::<i64>(&mut conn))
-            .await
-            .map(drop)
-    }
-
-    async fn purge_batch(
-        &self,
-        field: &[u8],
-        members: &[(String, String)],
-        now: UnixMillis,
-    ) -> Result<u64, StoreError> {
-        let calls = members.iter().map(|(member, _)| {
-            let mut conn = self.conn();
-            async move {
-                // Members are our own StoreKeys; anything else is not ours.
-                let Some(key) = StoreKey::parse(member) else {
-                    return Ok(0);
-                };
-                let vkey = self.value_key(&key);
-                self.run(
-                    "purge",
-                    PURGE_ONE
-                        .key(vkey)
-                        .arg(field)
-                        .arg(now)
-                        .invoke_async::<u64>(&mut conn),
-                )
-                .await
-            }
-        });
-        let results = futures_util::future::join_all(calls).await;
-        let mut removed = 0;
-        for r in results {
-            removed += r?;
-        }
-        Ok(removed)
     }
 }
 
@@ -591,31 +190,23 @@ impl CacheStore for RedisStore {
     }
 
     async fn put(&self, key: &StoreKey, value: Bytes, opts: &PutOptions) -> Result<(), StoreError> {
-        if value.len() > self.caps.max_value_bytes {
-            return Err(StoreError::TooLarge {
-                backend: BACKEND,
-                size: value.len(),
-                limit: self.caps.max_value_bytes,
-            });
-        }
-        let now = now_millis();
         let vkey = self.value_key(key);
-        if is_expired(opts.expires_at, now) {
-            // Dead on arrival: whatever was there is replaced by nothing.
-            let mut conn = self.conn();
-            self.run(
-                "DEL",
-                redis::cmd("DEL").arg(&vkey).query_async::<i64>(&mut conn),
-            )
-            .await?;
-            return Ok(());
-        }
+        let (now, tags) = match prepare_put(&self.caps, value.len(), opts)? {
+            PutPlan::Store(put) => (put.now, put.tags),
+            PutPlan::Remove => {
+                // Dead on arrival: whatever was there is replaced by nothing.
+                let mut conn = self.conn();
+                self.run(
+                    "DEL",
+                    redis::cmd("DEL").arg(&vkey).query_async::<i64>(&mut conn),
+                )
+                .await?;
+                return Ok(());
+            }
+        };
         let ttl_ms = (opts.expires_at - now).min(MAX_TTL_MS);
 
         // Tags first (see the crate docs for why this order).
-        let mut tags: Vec<&str> = opts.tags.iter().map(String::as_str).collect();
-        tags.sort_unstable();
-        tags.dedup();
         // All tag sets at once (one round trip on the multiplexed
         // connection), each a single-key script in its own slot.
         let adds = tags.iter().map(|tag| {
@@ -762,383 +353,11 @@ impl CacheStore for RedisStore {
     /// makes it again (on a cluster, through the next node) until the
     /// listener is dropped.
     fn watch_purges(&self, listener: Weak<dyn PurgeListener>) {
-        tokio::spawn(keep_subscribed(
+        tokio::spawn(pubsub::keep_subscribed(
             self.subscribe_via.clone(),
             self.channel.clone(),
             listener,
             self.connect_timeout.max(self.response_timeout),
         ));
     }
-}
-
-/// How often the purge subscription's connection is pinged.
-const SUBSCRIPTION_PING_EVERY: Duration = Duration::from_secs(1);
-
-/// Classic pub/sub on one channel rather than sharded (SSUBSCRIBE): every
-/// node of a cluster delivers every PUBLISH, so a subscription through any
-/// node (the configuration endpoint's, or the next one after a failover)
-/// hears every purge, with no slot to follow. Purges are rare next to
-/// requests, so the cluster bus carrying each to every node costs nothing
-/// that matters.
-async fn keep_subscribed(
-    via: Arc<[Client]>,
-    channel: Arc<str>,
-    listener: Weak<dyn PurgeListener>,
-    limit: Duration,
-) {
-    let mut attempt = 0usize;
-    let mut backoff = Duration::from_millis(20);
-    loop {
-        if listener.strong_count() == 0 {
-            return;
-        }
-        let client = &via[attempt % via.len()];
-        attempt += 1;
-        let made = tokio::time::timeout(limit, async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&*channel).await?;
-            Ok::<_, RedisError>(pubsub)
-        })
-        .await;
-        let pubsub = match made {
-            Ok(Ok(pubsub)) => pubsub,
-            failed => {
-                let error = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("no answer within {limit:?}"),
-                };
-                tracing::debug!(
-                    backend = BACKEND,
-                    error,
-                    "purge subscription failed; retrying"
-                );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(20);
-        let Some(l) = listener.upgrade() else { return };
-        l.subscribed(true).await;
-        drop(l);
-        let (mut sink, mut stream) = pubsub.split();
-        let mut ping = tokio::time::interval(SUBSCRIPTION_PING_EVERY);
-        ping.tick().await;
-        loop {
-            tokio::select! {
-                msg = stream.next() => {
-                    let Some(msg) = msg else { break };
-                    let Some(l) = listener.upgrade() else { return };
-                    match PurgeNotice::decode(msg.get_payload_bytes()) {
-                        Some(notice) => l.purged(notice).await,
-                        // Not ours (someone else publishing on the channel):
-                        // flushing is the safe reading of it.
-                        None => l.subscribed(true).await,
-                    }
-                }
-                _ = ping.tick() => {
-                    if listener.strong_count() == 0 {
-                        return;
-                    }
-                    let pong = tokio::time::timeout(limit, sink.ping::<Value>()).await;
-                    if !matches!(pong, Ok(Ok(_))) {
-                        break;
-                    }
-                }
-            }
-        }
-        let Some(l) = listener.upgrade() else { return };
-        tracing::warn!(
-            backend = BACKEND,
-            "redis purge subscription lost; subscribing again"
-        );
-        l.subscribed(false).await;
-    }
-}
-
-// --- connecting ---
-
-/// The URL(s) of `cfg` with passwords redacted, for messages.
-fn describe_target(cfg: &RedisConfig) -> String {
-    redact_url(cfg.url.trim())
-}
-
-fn node_urls(cfg: &RedisConfig) -> Result<Vec<String>, ConnectError> {
-    let urls: Vec<String> = cfg
-        .url
-        .split(',')
-        .map(|u| u.trim().to_owned())
-        .filter(|u| !u.is_empty())
-        .collect();
-    if urls.is_empty() {
-        return Err(ConnectError::Config {
-            field: "url",
-            message: "is empty".into(),
-        });
-    }
-    if urls.len() > 1 && !cfg.cluster {
-        return Err(ConnectError::Config {
-            field: "url",
-            message: "a list of several URLs needs redis.cluster = true".into(),
-        });
-    }
-    Ok(urls)
-}
-
-fn connection_info(url: &str, cfg: &RedisConfig) -> Result<ConnectionInfo, ConnectError> {
-    let info = url
-        .into_connection_info()
-        .map_err(|e| ConnectError::Config {
-            field: "url",
-            // The parser's messages never echo the URL; neither do we (it may
-            // hold a password), only its redacted form.
-            message: format!("{}: {}", redact_url(url), e),
-        })?;
-    let mut settings = info.redis_settings().clone();
-    if let Some(user) = &cfg.username {
-        settings = settings.set_username(user);
-    }
-    if let Some(password) = &cfg.password {
-        settings = settings.set_password(password);
-    }
-    Ok(info.set_redis_settings(settings))
-}
-
-fn tls_certificates(
-    cfg: &RedisConfig,
-    urls: &[String],
-) -> Result<Option<TlsCertificates>, ConnectError> {
-    let tls = urls
-        .iter()
-        .any(|u| u.starts_with("rediss://") || u.starts_with("valkeys://"));
-    if tls {
-        // rustls needs a process-wide crypto provider when more than one is
-        // compiled in; install ours unless someone already did.
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    }
-    let Some(path) = &cfg.ca_file else {
-        return Ok(None);
-    };
-    if !tls {
-        return Err(ConnectError::Config {
-            field: "ca_file",
-            message: "is set but redis.url is not rediss://".into(),
-        });
-    }
-    let pem = std::fs::read(path).map_err(|source| ConnectError::CaFile {
-        path: path.display().to_string(),
-        source,
-    })?;
-    Ok(Some(TlsCertificates {
-        client_tls: None,
-        root_cert: Some(pem),
-    }))
-}
-
-/// A failed connection attempt as a [`ConnectError`] naming what failed.
-fn connect_error(err: RedisError, cfg: &RedisConfig, target: &str) -> ConnectError {
-    let auth = err.kind() == ErrorKind::AuthenticationFailed
-        || matches!(err.kind(), ErrorKind::Server(ServerErrorKind::NoPerm))
-        || err
-            .code()
-            .is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH");
-    if auth {
-        return ConnectError::Auth {
-            target: target.to_owned(),
-            user: cfg
-                .username
-                .as_ref()
-                .map(|u| format!(" as user {u:?}"))
-                .unwrap_or_default(),
-            message: if cfg.password.is_none() {
-                format!("{err} (no redis.password configured)")
-            } else {
-                err.to_string()
-            },
-        };
-    }
-    // The cluster client wraps the node's I/O error in its own message.
-    if err.is_timeout() || err.to_string().contains("timed out") {
-        return ConnectError::Timeout {
-            target: target.to_owned(),
-            after: cfg.connect_timeout,
-        };
-    }
-    let mut message = err.to_string();
-    if message.contains("certificate") && cfg.ca_file.is_none() {
-        message.push_str(" (for a private CA, set redis.ca_file)");
-    }
-    ConnectError::Connect {
-        target: target.to_owned(),
-        message,
-    }
-}
-
-/// Connects to the Redis (or Redis Cluster) of `cfg` and checks it answers,
-/// within `connect_timeout` (a few attempts' worth at most). Call it once at
-/// start-up and share the store: it reconnects by itself later.
-pub async fn connect(cfg: &RedisConfig) -> Result<RedisStore, ConnectError> {
-    cfg.validate().map_err(|e| ConnectError::Config {
-        field: e.key.strip_prefix("redis.").unwrap_or(e.key),
-        message: e.problem,
-    })?;
-    let max_value_bytes = cfg.max_value_bytes.as_u64() as usize;
-    let urls = node_urls(cfg)?;
-    let target = describe_target(cfg);
-    let certs = tls_certificates(cfg, &urls)?;
-    let infos = urls
-        .iter()
-        .map(|u| connection_info(u, cfg))
-        .collect::<Result<Vec<_>, _>>()?;
-    let subscribe_via = infos
-        .iter()
-        .map(|info| match &certs {
-            Some(certs) => Client::build_with_tls(info.clone(), certs.clone()),
-            None => Client::open(info.clone()),
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ConnectError::Config {
-            field: "url",
-            message: e.to_string(),
-        })?;
-
-    // The whole start-up is bounded too: the libraries' own retries could
-    // otherwise add up to several connect timeouts.
-    let overall = cfg.connect_timeout * 2 + cfg.response_timeout;
-    let (conn, factory) = tokio::time::timeout(overall, open(cfg, infos, certs, &target))
-        .await
-        .map_err(|_| ConnectError::Timeout {
-            target: target.clone(),
-            after: cfg.connect_timeout,
-        })??;
-
-    let store = RedisStore {
-        shared: Arc::new(Shared {
-            conn: RwLock::new(conn),
-            factory,
-            stalled: AtomicU32::new(0),
-            last_replaced: Mutex::new(None),
-        }),
-        subscribe_via: subscribe_via.into(),
-        channel: format!("{}purges", cfg.key_prefix).into(),
-        connect_timeout: cfg.connect_timeout,
-        cluster: cfg.cluster,
-        prefix: cfg.key_prefix.as_str().into(),
-        target: target.as_str().into(),
-        response_timeout: cfg.response_timeout,
-        caps: Capabilities {
-            name: BACKEND,
-            max_value_bytes,
-            shared: true,
-            purge_feed: PurgeFeed::Push,
-        },
-    };
-    // One real command, so a server that accepts connections but refuses
-    // our commands (NOAUTH, ACL, not a cluster) fails start-up clearly.
-    let mut conn = store.conn();
-    match tokio::time::timeout(
-        cfg.connect_timeout + cfg.response_timeout,
-        redis::cmd("PING").query_async::<String>(&mut conn),
-    )
-    .await
-    {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(connect_error(e, cfg, &target)),
-        Err(_) => {
-            return Err(ConnectError::Timeout {
-                target,
-                after: cfg.connect_timeout,
-            })
-        }
-    }
-    tracing::info!(backend = BACKEND, target = %target, cluster = cfg.cluster, "connected to redis");
-    Ok(store)
-}
-
-/// Extra time a put of `len` bytes gets on top of the response timeout.
-fn send_allowance(len: u64) -> Duration {
-    Duration::from_millis(len / 32_768)
-}
-
-/// The redis library's own per-command timeout: the response timeout plus
-/// the allowance of the largest put. Each command is bounded more tightly
-/// by [`RedisStore::run`]; this is the second line.
-fn library_response_timeout(cfg: &RedisConfig) -> Duration {
-    cfg.response_timeout + send_allowance(cfg.max_value_bytes.as_u64())
-}
-
-async fn open(
-    cfg: &RedisConfig,
-    infos: Vec<ConnectionInfo>,
-    certs: Option<TlsCertificates>,
-    target: &str,
-) -> Result<(Conn, Factory), ConnectError> {
-    if cfg.cluster {
-        let mut builder = ClusterClientBuilder::new(infos)
-            .connection_timeout(cfg.connect_timeout)
-            .response_timeout(library_response_timeout(cfg))
-            .retries(2)
-            .min_retry_wait(10)
-            .max_retry_wait(200);
-        if let Some(user) = &cfg.username {
-            builder = builder.username(user);
-        }
-        if let Some(password) = &cfg.password {
-            builder = builder.password(password);
-        }
-        if let Some(certs) = certs {
-            builder = builder.certs(certs);
-        }
-        let client = builder.build().map_err(|e| ConnectError::Config {
-            field: "url",
-            message: e.to_string(),
-        })?;
-        // Both timeouts again: a ClusterConfig replaces the builder's.
-        let config = ClusterConfig::new()
-            .set_connection_timeout(cfg.connect_timeout)
-            .set_response_timeout(library_response_timeout(cfg));
-        let conn = client
-            .get_async_connection_with_config(config.clone())
-            .await
-            .map_err(|e| connect_error(e, cfg, target))?;
-        return Ok((Conn::Cluster(conn), Factory::Cluster { client, config }));
-    }
-
-    let info = infos
-        .into_iter()
-        .next()
-        .expect("node_urls returns at least one");
-    let client = match certs {
-        Some(certs) => Client::build_with_tls(info, certs),
-        None => Client::open(info),
-    }
-    .map_err(|e| ConnectError::Config {
-        field: "url",
-        message: e.to_string(),
-    })?;
-
-    // One plain attempt first, for a clear error: the connection manager
-    // retries every failure (a wrong password too) with backoff.
-    let probe_config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(cfg.connect_timeout))
-        .set_response_timeout(Some(cfg.connect_timeout));
-    let probe = client
-        .get_multiplexed_async_connection_with_config(&probe_config)
-        .await
-        .map_err(|e| connect_error(e, cfg, target))?;
-    drop(probe);
-
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(cfg.connect_timeout))
-        .set_response_timeout(Some(library_response_timeout(cfg)))
-        // Reconnects happen in the background while requests fail fast on
-        // their own timeout; keep each reconnect round short so the next
-        // request after an outage starts a fresh one soon.
-        .set_number_of_retries(3)
-        .set_min_delay(Duration::from_millis(20))
-        .set_max_delay(Duration::from_millis(500));
-    let manager = ConnectionManager::new_with_config(client.clone(), config.clone())
-        .await
-        .map_err(|e| connect_error(e, cfg, target))?;
-    Ok((Conn::Single(manager), Factory::Single { client, config }))
 }

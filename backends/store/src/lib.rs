@@ -17,6 +17,7 @@ pub mod lazy;
 pub mod memory;
 pub mod record;
 pub mod settings;
+pub mod shared;
 pub mod tiered;
 
 #[cfg(feature = "conformance")]

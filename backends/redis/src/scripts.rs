@@ -1,0 +1,105 @@
+//! The Lua scripts of the backend. Each touches exactly one key
+//! (`KEYS[1]`), so they all work on a cluster.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Replace a value: its bytes, expiry and tag fields, with a relative TTL.
+/// ARGV: bytes, expires_at, ttl_ms, then one `t:<tag>` field name per tag.
+pub(crate) static PUT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'b', ARGV[1], 'e', ARGV[2])
+for i = 4, #ARGV do
+  redis.call('HSET', KEYS[1], ARGV[i], '1')
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+",
+    )
+});
+
+/// Delete a value; 1 if it was there and live at ARGV[1] (now).
+pub(crate) static DELETE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local e = redis.call('HGET', KEYS[1], 'e')
+if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+if e and tonumber(e) > tonumber(ARGV[1]) then return 1 end
+return 0
+",
+    )
+});
+
+/// Add a member to a tag's set. ARGV: member, its expires_at, now - trim
+/// slack (members expired before it are dropped), the set's minimum TTL.
+/// A member's score only grows, and so does the set's TTL: the set outlives
+/// every value recorded in it.
+pub(crate) static TAG_ADD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if (not old) or tonumber(old) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < tonumber(ARGV[4]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+return 1
+",
+    )
+});
+
+/// Delete a value if its current version carries the tag field ARGV[1];
+/// 1 if a live (expires_at > ARGV[2]) value was removed.
+pub(crate) static PURGE_ONE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+local e = redis.call('HGET', KEYS[1], 'e')
+redis.call('DEL', KEYS[1])
+if e and tonumber(e) > tonumber(ARGV[2]) then return 1 end
+return 0
+",
+    )
+});
+
+/// Release a lock only if ARGV[1] (the token) still holds it.
+pub(crate) static UNLOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+",
+    )
+});
+
+/// Remove treated members from a tag set, each only if its score is still
+/// the one read (ARGV: member, score, member, score, ...).
+pub(crate) static FORGET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local n = 0
+for i = 1, #ARGV, 2 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == tonumber(ARGV[i + 1]) then
+    n = n + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return n
+",
+    )
+});
+
+pub(crate) fn tag_field(tag: &str) -> Vec<u8> {
+    let mut f = Vec::with_capacity(2 + tag.len());
+    f.extend_from_slice(b"t:");
+    f.extend_from_slice(tag.as_bytes());
+    f
+}
