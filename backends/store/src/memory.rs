@@ -12,6 +12,7 @@ use bytes::Bytes;
 use moka::future::Cache;
 use moka::notification::RemovalCause;
 
+use crate::shared::{prepare_put, PutPlan};
 use crate::{
     is_expired, now_millis, CacheStore, Capabilities, LockToken, PurgeFeed, PutOptions, StoreError,
     StoreKey, UnixMillis,
@@ -170,21 +171,17 @@ impl CacheStore for MemoryStore {
     }
 
     async fn put(&self, key: &StoreKey, value: Bytes, opts: &PutOptions) -> Result<(), StoreError> {
-        if value.len() > self.caps.max_value_bytes {
-            return Err(StoreError::TooLarge {
-                backend: "memory",
-                size: value.len(),
-                limit: self.caps.max_value_bytes,
-            });
-        }
-        if is_expired(opts.expires_at, now_millis()) {
-            self.cache.invalidate(key).await;
-            return Ok(());
-        }
+        let tags: Arc<[String]> = match prepare_put(&self.caps, value.len(), opts)? {
+            PutPlan::Remove => {
+                self.cache.invalidate(key).await;
+                return Ok(());
+            }
+            PutPlan::Store(put) => put.tags.iter().map(|t| (*t).to_owned()).collect(),
+        };
         let put = self.puts.fetch_add(1, Ordering::Relaxed);
         {
             let mut index = self.tags.lock().unwrap_or_else(|p| p.into_inner());
-            for tag in &opts.tags {
+            for tag in tags.iter() {
                 index
                     .entry(tag.clone())
                     .or_default()
@@ -194,7 +191,7 @@ impl CacheStore for MemoryStore {
         let stored = Stored {
             value,
             expires_at: opts.expires_at,
-            tags: opts.tags.clone().into(),
+            tags,
             put,
         };
         self.cache.insert(key.clone(), stored).await;
