@@ -179,7 +179,7 @@ async fn corrupt_redis_entries_are_misses_and_are_overwritten() {
     );
     let mut redis = Resp::connect().await;
     let future = (now_ms() + 600_000).to_string();
-    let host = cg.addr.to_string();
+    let host = common::TEST_HOST.to_owned();
     let value_key =
         |path: &str| format!("{prefix}v:{{{}}}", primary_key(path, Some(&host)).as_str());
 
@@ -455,7 +455,7 @@ async fn corrupt_dynamodb_items_are_misses_and_are_overwritten() {
     ]);
     for (i, (case, attrs)) in cases.into_iter().enumerate() {
         let path = format!("/corrupt-dynamo/{i}");
-        let key = primary_key(&path, Some(&cg.addr.to_string()));
+        let key = primary_key(&path, Some(common::TEST_HOST));
         let mut put = client
             .put_item()
             .table_name(&table)

@@ -283,8 +283,21 @@ pub fn cachegate(upstream_url: &str, env: &[(&str, &str)]) -> Cachegate {
     Cachegate { child, addr, url }
 }
 
+/// The `Host` every request of [`client`] carries. Instances of a test
+/// listen on different ports, but behind a load balancer they share one
+/// client-facing host; cachegate's `X-Forwarded-Host` (the client's `Host`)
+/// is part of the key, so without one name the instances would never share
+/// an entry.
+pub const TEST_HOST: &str = "cachegate.test";
+
 pub fn client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::HOST,
+        reqwest::header::HeaderValue::from_static(TEST_HOST),
+    );
     reqwest::Client::builder()
+        .default_headers(headers)
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap()
