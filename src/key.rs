@@ -179,9 +179,13 @@ pub fn canonical_query(raw: &str, ignored: &[String]) -> Option<String> {
     fn name_of(piece: &str) -> &str {
         piece.split('=').next().unwrap_or("")
     }
-    let mut pieces: Vec<&str> = raw
+    // Sorted as sent: the URL parser percent-encodes what a query may not
+    // hold raw, and sorting the raw bytes would order `\u{e9}` after `b`
+    // but send `%C3%A9` before it (a second pass would then reorder).
+    let mut pieces: Vec<std::borrow::Cow<'_, str>> = raw
         .split('&')
         .filter(|p| !p.is_empty())
+        .map(as_sent)
         .filter(|p| {
             let decoded = form_urlencoded::parse(name_of(p).as_bytes())
                 .next()
@@ -193,8 +197,27 @@ pub fn canonical_query(raw: &str, ignored: &[String]) -> Option<String> {
     if pieces.is_empty() {
         return None;
     }
-    pieces.sort_by_key(|p| name_of(p));
+    pieces.sort_by(|a, b| name_of(a).cmp(name_of(b)));
     Some(pieces.join("&"))
+}
+
+/// A query piece as the URL parser sends it for an http(s) URL: controls,
+/// space, `"`, `#`, `<`, `>`, `'` and non-ASCII bytes percent-encoded
+/// (WHATWG special-query set); every other byte as the client sent it.
+fn as_sent(piece: &str) -> std::borrow::Cow<'_, str> {
+    let raw_ok = |b: u8| b.is_ascii_graphic() && !matches!(b, b'"' | b'#' | b'<' | b'>' | b'\'');
+    if piece.bytes().all(raw_ok) {
+        return std::borrow::Cow::Borrowed(piece);
+    }
+    let mut out = String::with_capacity(piece.len() * 3);
+    for b in piece.bytes() {
+        if raw_ok(b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// The `Vary` header names of a response: lower case, sorted, de-duplicated.

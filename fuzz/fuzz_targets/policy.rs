@@ -115,7 +115,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(t < 253_402_300_800_000, "{v:?} read as {t}");
         }
     }
-    let cc = CacheControl::parse(&resp);
+    let cc = CacheControl::for_storing(&resp);
     for delta in [
         cc.max_age,
         cc.s_maxage,
