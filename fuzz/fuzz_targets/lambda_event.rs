@@ -8,8 +8,8 @@
 use cachegate::config::{CacheConfig, RouteConfig};
 use cachegate::key::Target;
 use cachegate::lambda;
-use cachegate::request::{CanonicalRequest, Forwarding};
 use cachegate::policy::request_policy;
+use cachegate::request::{CanonicalRequest, Forwarding};
 use cachegate::routes::RouteTable;
 use libfuzzer_sys::fuzz_target;
 use reqwest::Url;
@@ -34,7 +34,9 @@ fuzz_target!(|data: &[u8]| {
     let (parts, body) = req.into_parts();
     let has_body = !body.is_empty();
     let base = Url::parse("https://api.example.com/v1").expect("literal");
-    let Ok((canon, rule)) = CanonicalRequest::new(&parts, body.clone(), &Forwarding::default(), &routes()) else {
+    let Ok((canon, rule)) =
+        CanonicalRequest::new(&parts, body.clone(), &Forwarding::default(), &routes())
+    else {
         return;
     };
     let t = Target::from_canonical(
