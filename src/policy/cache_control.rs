@@ -68,6 +68,15 @@ impl CacheControl {
                 MALFORMED.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(value = ?value, "malformed cache directives; read as no-store");
                 cc.no_store = true;
+                // `private` anywhere in it is honoured too (it also keeps
+                // the answer out of shared caches downstream).
+                if value
+                    .as_bytes()
+                    .windows(7)
+                    .any(|w| w.eq_ignore_ascii_case(b"private"))
+                {
+                    cc.private = true;
+                }
                 continue;
             };
             for (name, arg) in directives {
