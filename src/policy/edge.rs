@@ -51,6 +51,11 @@ pub fn edge_headers(headers: &mut HeaderMap, facts: EdgeFacts<'_>) {
     if mark_keyed(headers, facts.rule, facts.edge_key_headers, true) {
         return;
     }
+    if !facts.route_supplied && facts.rule.edge_ttl.is_none() {
+        // Nothing to supply or cap (the common hit): the upstream's
+        // headers go out as stored, without parsing them again.
+        return;
+    }
     let cc = CacheControl::parse(headers);
     if cc.no_store || cc.private {
         return;

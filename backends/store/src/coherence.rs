@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::memory::MemoryStore;
-use crate::{now_millis, CacheStore, StoreError, UnixMillis};
+use crate::{now_millis, CacheStore, UnixMillis};
 
 /// How other instances' L1s hear of a purge made through a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,14 +235,7 @@ impl L1 {
                 true
             }
             Err(e) => {
-                if matches!(e, StoreError::Unusable { .. }) {
-                    // The guard hands out an unusable backend's cause once
-                    // (then the breaker answers): this read may be the one
-                    // that got it, and the operator must see it.
-                    tracing::warn!(error = %e, "purge log unreadable; L1 flushed and bypassed");
-                } else {
-                    tracing::debug!(error = %e, "purge log unreadable; L1 flushed and bypassed");
-                }
+                tracing::debug!(error = %e, "purge log unreadable; L1 flushed and bypassed");
                 self.flush();
                 false
             }

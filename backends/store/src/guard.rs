@@ -295,9 +295,18 @@ impl GuardedStore {
                         same
                     })
                     .unwrap_or(false);
-                if reported {
-                    return Err(self.open_error(UNUSABLE_OPEN_FOR));
+                // Reported here, once per cause, where it is classified;
+                // every caller then sees an open breaker (logged at debug),
+                // whichever read or write met it first.
+                if !reported {
+                    tracing::warn!(
+                        backend = self.inner.capabilities().name,
+                        error = %message,
+                        "cache backend unusable; skipped, probed every {}s",
+                        UNUSABLE_OPEN_FOR.as_secs()
+                    );
                 }
+                return Err(self.open_error(UNUSABLE_OPEN_FOR));
             }
             Err(_) => {
                 let n = self
