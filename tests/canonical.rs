@@ -8,66 +8,11 @@ mod common;
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
+use common::raw::Raw;
 use common::{cachegate, upstream};
 
-struct Raw {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
-}
-
-impl Raw {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-    fn x_cache(&self) -> &str {
-        self.header("x-cache").unwrap_or("")
-    }
-    fn cache_status(&self) -> &str {
-        self.header("cache-status").unwrap_or("")
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {}", self.text()))
-    }
-}
-
-/// `METHOD target` with `headers` (as given) on a fresh connection; the
-/// answers here are never chunked (the upstream sends lengths).
 async fn send(cg: &common::Cachegate, method: &str, target: &str, headers: &[(&str, &str)]) -> Raw {
-    let mut req = format!("{method} {target} HTTP/1.1\r\n");
-    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
-        req.push_str(&format!("Host: {}\r\n", cg.addr));
-    }
-    for (n, v) in headers {
-        req.push_str(&format!("{n}: {v}\r\n"));
-    }
-    if method != "GET" && method != "HEAD" {
-        req.push_str("Content-Length: 0\r\n");
-    }
-    req.push_str("Connection: close\r\n\r\n");
-    let mut s = TcpStream::connect(cg.addr).await.unwrap();
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
-        .await
-        .expect("an answer within 20s")
-        .unwrap();
-    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&out[..split]).into_owned();
-    Raw {
-        status: head.split(' ').nth(1).unwrap().parse().unwrap(),
-        head,
-        body: out[split + 4..].to_vec(),
-    }
+    common::raw::send(cg, method, target, headers).await
 }
 
 async fn get(cg: &common::Cachegate, target: &str, headers: &[(&str, &str)]) -> Raw {

@@ -14,98 +14,12 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use common::raw::{parse, raw, Raw};
 use common::{cachegate, upstream};
-
-/// A response read off the wire.
-#[derive(Debug)]
-struct Raw {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
-}
-
-impl Raw {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-    fn x_cache(&self) -> &str {
-        self.header("x-cache").unwrap_or("")
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {}", self.text()))
-    }
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
-            return out;
-        };
-        let size = std::str::from_utf8(&b[..eol])
-            .unwrap()
-            .split(';')
-            .next()
-            .unwrap();
-        let n = usize::from_str_radix(size.trim(), 16).unwrap();
-        if n == 0 {
-            return out;
-        }
-        out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
-        b = &b[eol + 2 + n + 2..];
-    }
-}
-
-/// Send `request` as is (it should ask for `Connection: close`) and read
-/// the whole answer.
-async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> Raw {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
-        .await
-        .expect("no answer within 20s")
-        .unwrap();
-    parse(&out)
-}
-
-fn parse(out: &[u8]) -> Raw {
-    let split = out
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(out)));
-    let head = String::from_utf8_lossy(&out[..split]).into_owned();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let mut r = Raw {
-        status,
-        head,
-        body: out[split + 4..].to_vec(),
-    };
-    if r.header("transfer-encoding")
-        .is_some_and(|v| v.contains("chunked"))
-    {
-        r.body = dechunk(&r.body);
-    }
-    r
-}
 
 /// `GET target` with `headers` (written exactly as given) on a fresh connection.
 async fn get_raw(cg: &common::Cachegate, target: &str, headers: &[(&str, &str)]) -> Raw {
-    let mut req = format!("GET {target} HTTP/1.1\r\n");
-    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
-        req.push_str(&format!("Host: {}\r\n", cg.addr));
-    }
-    for (n, v) in headers {
-        req.push_str(&format!("{n}: {v}\r\n"));
-    }
-    req.push_str("Connection: close\r\n\r\n");
-    raw(cg.addr, req.as_bytes()).await
+    common::raw::send(cg, "GET", target, headers).await
 }
 
 const CACHEABLE: &str = "cc=max-age%3D60";

@@ -2,6 +2,8 @@
 //! steered by the query string, and the built `cachegate serve` binary.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
