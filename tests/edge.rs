@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -127,15 +127,7 @@ fn set(items: &[&str]) -> BTreeSet<String> {
 /// `cachegate purge ARGS` on Redis, in front of an upstream with a base
 /// path (`/v1`, which edge paths do not have).
 fn purge_cli(args: &[&str], env: &[(String, String)]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cachegate"))
-        .arg("purge")
-        .args(args)
-        .env("CACHEGATE_UPSTREAM__URL", "http://127.0.0.1:9/v1")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env_remove("AWS_LAMBDA_RUNTIME_API")
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap()
+    common::cli("http://127.0.0.1:9/v1", env, &[&["purge"], args].concat())
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -17,14 +17,7 @@ use common::{backend_env, describe, Killed};
 
 /// `cachegate ARGS` to completion, from an empty directory.
 fn cachegate_cli(args: &[&str], env: &[(String, String)]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cachegate"))
-        .args(args)
-        .env("CACHEGATE_UPSTREAM__URL", "http://127.0.0.1:9")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env_remove("AWS_LAMBDA_RUNTIME_API")
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap()
+    common::cli("http://127.0.0.1:9", env, args)
 }
 
 /// The runtime API emulator and the binary in the invalidator role

@@ -25,13 +25,7 @@ fn start(upstream_url: &str, env: &[(String, String)], extra: &[(&str, &str)]) -
 }
 
 fn run_cli(upstream_url: &str, env: &[(String, String)], args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cachegate"))
-        .args(args)
-        .env("CACHEGATE_UPSTREAM__URL", upstream_url)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap();
+    let out = common::cli(upstream_url, env, args);
     assert!(out.status.success(), "{}", common::describe(&out));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -16,13 +16,7 @@ fn start(upstream_url: &str, env: &[(String, String)], extra: &[(&str, &str)]) -
 
 /// `cachegate init` prepares the backend (creates the DynamoDB table).
 fn init(env: &[(String, String)]) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cachegate"))
-        .arg("init")
-        .env("CACHEGATE_UPSTREAM__URL", "http://127.0.0.1:9")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap();
+    let out = common::cli("http://127.0.0.1:9", env, &["init"]);
     assert!(
         out.status.success(),
         "cachegate init failed: {}",
@@ -303,14 +297,7 @@ async fn purge_cli_reaches_every_process(backend: &str) {
 
 /// `cachegate purge ARGS` on the backend `env` names; its stdout.
 fn purge_cli(upstream_url: &str, env: &[(String, String)], args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cachegate"))
-        .arg("purge")
-        .args(args)
-        .env("CACHEGATE_UPSTREAM__URL", upstream_url)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap();
+    let out = common::cli(upstream_url, env, &[&["purge"], args].concat());
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),

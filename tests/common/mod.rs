@@ -285,6 +285,21 @@ pub fn cachegate(upstream_url: &str, env: &[(&str, &str)]) -> Cachegate {
     Cachegate { child, addr, url }
 }
 
+/// The built `cachegate` binary run as a command (`purge`, `init`,
+/// `config`, ...) against `upstream_url` with the environment `env`, outside
+/// any Lambda runtime and outside the repository (so `config/cachegate.toml`
+/// is not read).
+pub fn cli(upstream_url: &str, env: &[(String, String)], args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cachegate"))
+        .args(args)
+        .env("CACHEGATE_UPSTREAM__URL", upstream_url)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env_remove("AWS_LAMBDA_RUNTIME_API")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap()
+}
+
 /// The `Host` every request of [`client`] carries. Instances of a test
 /// listen on different ports, but behind a load balancer they share one
 /// client-facing host; cachegate's `X-Forwarded-Host` (the client's `Host`)
