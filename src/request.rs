@@ -156,7 +156,7 @@ impl CanonicalRequest {
     /// path. A forwarding header the route keys on is the client's (the
     /// route asked for it) and cachegate does not set its own.
     pub fn new(
-        parts: &http::request::Parts,
+        mut parts: http::request::Parts,
         body: Bytes,
         forwarding: &Forwarding,
         routes: &RouteTable,
@@ -165,7 +165,7 @@ impl CanonicalRequest {
         let rule = routes.rule_for(&path);
         let keyed = &rule.key_headers;
         let query = parts.uri.query().map(uri_safe_query);
-        let mut headers = parts.headers.clone();
+        let mut headers = std::mem::take(&mut parts.headers);
         let upgrade = headers.contains_key(http::header::UPGRADE);
         policy::headers::strip_hop_by_hop(&mut headers);
 
@@ -207,18 +207,7 @@ impl CanonicalRequest {
             });
         let chain = peer.map(|p| forwarding.client_chain(p, &headers));
 
-        let doomed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|n| {
-                let dashed = n.as_str().replace('_', "-");
-                CLIENT_FORWARDING_HEADERS.contains(&dashed.as_str())
-                    && !keyed.iter().any(|k| k == n.as_str())
-            })
-            .cloned()
-            .collect();
-        for name in doomed {
-            headers.remove(name);
-        }
+        policy::headers::strip_listed(&mut headers, CLIENT_FORWARDING_HEADERS, keyed);
         headers.remove(http::header::HOST);
         let ours = |h: &HeaderName| !keyed.iter().any(|k| k == h.as_str());
         if let Some(chain) = chain.filter(|_| ours(&X_FORWARDED_FOR)) {
@@ -242,7 +231,7 @@ impl CanonicalRequest {
             host.and_then(|h| Some(format!("{}://{}", proto.to_str().ok()?, h.to_str().ok()?)));
         Ok((
             CanonicalRequest {
-                method: parts.method.clone(),
+                method: parts.method,
                 path,
                 query,
                 headers,

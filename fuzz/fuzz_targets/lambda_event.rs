@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
     let has_body = !body.is_empty();
     let base = Url::parse("https://api.example.com/v1").expect("literal");
     let Ok((canon, rule)) =
-        CanonicalRequest::new(&parts, body.clone(), &Forwarding::default(), &routes())
+        CanonicalRequest::new(parts, body.clone(), &Forwarding::default(), &routes())
     else {
         return;
     };

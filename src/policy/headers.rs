@@ -75,16 +75,26 @@ const UNKEYED_ROUTING_HEADERS: &[&str] = &[
 ];
 
 pub fn strip_unkeyed_routing_headers(headers: &mut HeaderMap, key_headers: &[String]) {
-    // CGI-style gateways (PHP, WSGI/CGI adapters) read `X_Forwarded_Host`
-    // as the same HTTP_X_FORWARDED_HOST variable as `X-Forwarded-Host`:
-    // names are compared with `_` read as `-`. A key header is kept only
-    // under the exact name the key reads.
+    strip_listed(headers, UNKEYED_ROUTING_HEADERS, key_headers);
+}
+
+/// Remove every header named in `listed` (lower case), in any spelling a
+/// CGI-style gateway reads as it: PHP, WSGI and CGI adapters read
+/// `X_Forwarded_Host` as the same HTTP_X_FORWARDED_HOST variable as
+/// `X-Forwarded-Host`, so names are compared with `_` read as `-`. A header
+/// in `keep` (a key header) stays, under the exact name the key reads.
+pub fn strip_listed(headers: &mut HeaderMap, listed: &[&str], keep: &[String]) {
+    let same = |name: &str, listed: &str| {
+        name.len() == listed.len()
+            && name
+                .bytes()
+                .zip(listed.bytes())
+                .all(|(n, l)| n == l || (n == b'_' && l == b'-'))
+    };
     let doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|n| {
-            let dashed = n.as_str().replace('_', "-");
-            UNKEYED_ROUTING_HEADERS.contains(&dashed.as_str())
-                && !key_headers.iter().any(|k| k == n.as_str())
+            listed.iter().any(|l| same(n.as_str(), l)) && !keep.iter().any(|k| k == n.as_str())
         })
         .cloned()
         .collect();
@@ -166,6 +176,10 @@ pub fn rewrite_upstream_locations(
     base: &reqwest::Url,
     client_origin: &str,
 ) {
+    if !headers.contains_key(header::LOCATION) && !headers.contains_key(header::CONTENT_LOCATION) {
+        // Most answers (every plain hit): nothing to look at.
+        return;
+    }
     let origin = base.origin().ascii_serialization();
     let prefix = base.path().trim_end_matches('/');
     for name in [header::LOCATION, header::CONTENT_LOCATION] {

@@ -187,7 +187,7 @@ impl Proxy {
         // 0. One canonical request, before anything reads it: the route, the
         // key and the upstream call all come from it.
         let (canon, rule) =
-            match CanonicalRequest::new(&parts, body, &self.settings.forwarding, &self.routes) {
+            match CanonicalRequest::new(parts, body, &self.settings.forwarding, &self.routes) {
                 Ok(c) => c,
                 Err(rejected) => {
                     let resp =
@@ -195,7 +195,6 @@ impl Proxy {
                     return (resp, Outcome::new(Kind::Rejected));
                 }
             };
-        drop(parts);
         trace.route = Some(rule.clone());
         trace.client_origin = canon.client_origin.clone();
         let CanonicalRequest {
