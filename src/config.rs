@@ -117,8 +117,48 @@ pub struct UpstreamConfig {
     /// Lambda response limit; larger answers 502.
     #[serde(default = "default_max_response", serialize_with = "exact_bytes")]
     pub max_response_bytes: bytesize::ByteSize,
+    /// Extra attempts for a GET or HEAD that could not connect (refused,
+    /// reset before a byte was sent, connect timeout), after 12-25 ms,
+    /// then 25-50 ms, doubling, all within `timeout`. Other methods are
+    /// never retried. Default `2`. Env: `CACHEGATE_UPSTREAM__RETRIES`.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Refused connections, timeouts and 5xx answers in a row (GET and
+    /// HEAD) that open this instance's upstream breaker: for `open_for`
+    /// nothing is sent, entries within stale-if-error answer at once and
+    /// other requests get 503 with `Retry-After`; then one request probes.
+    /// `0` turns the breaker off. Default `5`.
+    /// Env: `CACHEGATE_UPSTREAM__FAILURE_THRESHOLD`.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+    /// How long the upstream breaker stays open. Default `10s`.
+    #[serde(default = "default_open_for", with = "humantime_serde")]
+    pub open_for: Duration,
+    /// How long every instance leaves the upstream alone after a 429 that
+    /// names no (readable) `Retry-After`. Default `1s`.
+    #[serde(default = "default_back_off", with = "humantime_serde")]
+    pub back_off: Duration,
+    /// The longest a `Retry-After` (on a 429, or a 503) holds calls back;
+    /// longer ones are cut to this. Default `5m`.
+    #[serde(default = "default_max_back_off", with = "humantime_serde")]
+    pub max_back_off: Duration,
 }
 
+fn default_retries() -> u32 {
+    2
+}
+fn default_failure_threshold() -> u32 {
+    5
+}
+fn default_open_for() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_back_off() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_back_off() -> Duration {
+    Duration::from_secs(300)
+}
 fn default_upstream_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -725,6 +765,21 @@ impl Config {
         self.check_backends()?;
         if self.upstream.connect_timeout.is_zero() {
             return Err(invalid("upstream.connect_timeout", "must be more than 0s"));
+        }
+        if self.upstream.failure_threshold > 0 && self.upstream.open_for.is_zero() {
+            return Err(invalid(
+                "upstream.open_for",
+                "must be more than 0s (set upstream.failure_threshold = 0 to turn the breaker off)",
+            ));
+        }
+        if self.upstream.retries > 10 {
+            return Err(invalid("upstream.retries", "must be at most 10"));
+        }
+        if self.upstream.back_off > self.upstream.max_back_off {
+            return Err(invalid(
+                "upstream.back_off",
+                "must not be longer than upstream.max_back_off",
+            ));
         }
         if self.upstream.max_response_bytes.as_u64() == 0 {
             return Err(invalid(

@@ -1,6 +1,6 @@
 //! The header parsers and the caching policy: `CacheControl::parse`, the
-//! lenient HTTP date parser, `request_policy`, `response_policy` and the
-//! edge rewrite (`edge_headers`), on any
+//! lenient HTTP date parser, `request_policy`, `response_policy`, the
+//! edge rewrite (`edge_headers`) and the upstream back-off (`signal_of`), on any
 //! header values, statuses and clocks, under several route rules.
 //!
 //! Input, as text lines:
@@ -17,6 +17,7 @@
 use std::time::Duration;
 
 use cachegate::config::CacheConfig;
+use cachegate::policy::back_off::{signal_of, BackOffRules, Signal};
 use cachegate::policy::{
     edge_headers, request_policy, response_policy, Bypass, CacheControl, EdgeFacts, ResponseFacts,
     MAX_DELTA_SECONDS,
@@ -121,6 +122,19 @@ fuzz_target!(|data: &[u8]| {
             // Whatever parses is a real instant before year 10000.
             assert!(t < 253_402_300_800_000, "{v:?} read as {t}");
         }
+    }
+    // A back-off never exceeds its cap, and only 429 and 503 ask for one.
+    let rules = BackOffRules {
+        default_wait: Duration::from_secs(1),
+        max_wait: Duration::from_secs(300),
+    };
+    match signal_of(status, &resp, response_time, rules) {
+        Signal::BackOff { wait, status: s } => {
+            assert!(wait <= rules.max_wait, "back-off {wait:?} past the cap");
+            assert!(s == 429 || s == 503, "back-off asked by {s}");
+        }
+        Signal::Failure => assert!(status.is_server_error()),
+        Signal::Healthy => assert!(!status.is_server_error() && status != StatusCode::TOO_MANY_REQUESTS),
     }
     // Browser-facing directives, and the ones cachegate stores by (RFC 9213
     // targeted fields first).

@@ -17,7 +17,9 @@
 //! - [`headers`]: what is forwarded upstream and what is stored.
 //! - [`edge`]: what the next cache out is told (`s-maxage`, `Vary`, `private`).
 //! - [`date`]: HTTP dates read leniently, as RFC 9110 §5.6.7 asks.
+//! - [`back_off`]: what an upstream answer says about calling it again.
 
+pub mod back_off;
 pub mod cache_control;
 pub mod conditional;
 pub mod date;

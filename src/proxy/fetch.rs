@@ -72,30 +72,54 @@ impl Proxy {
         policy::conditional::upstream_conditionals(&mut headers, stale.as_ref());
         let request_time = now_millis();
         let sent_at = std::time::Instant::now();
-        let sent = self
-            .upstream
-            .send(method.clone(), target.url.clone(), headers, Bytes::new())
-            .await;
+        // The upstream may be off limits (its breaker open, or a back-off
+        // it asked for): then it is not called at all.
+        let sent = match self.admit_upstream().await {
+            Ok(admitted) => {
+                let credentials = super::guard::has_credentials(&headers);
+                let sent = self
+                    .upstream
+                    .send(method.clone(), target.url.clone(), headers, Bytes::new())
+                    .await;
+                self.report_upstream(admitted, credentials, &sent).await;
+                sent
+            }
+            Err(held) => Err(held),
+        };
         let response_time = now_millis();
         let upstream_time = sent_at.elapsed();
-        // 6. Upstream failed: a stale entry within stale-if-error answers.
-        // Otherwise an error is relayed, or, a server error with explicit
-        // freshness, stored like any answer (RFC 9111 §3).
+        // 6. Upstream failed, refused us (429), or may not be called: a
+        // stale entry within stale-if-error answers. Otherwise an error is
+        // relayed, or, a server error with explicit freshness, stored like
+        // any answer (RFC 9111 §3).
         let failed = match &sent {
-            Ok(r) => r.status.is_server_error(),
+            Ok(r) => r.status.is_server_error() || r.status == StatusCode::TOO_MANY_REQUESTS,
             Err(_) => true,
         };
         let stale = match stale {
             Some(s) if failed && response_time < s.stale_if_error_until => {
-                let failure = match &sent {
-                    Ok(r) => UpstreamFailure::Status(r.status.as_u16()),
-                    Err(e) => UpstreamFailure::Error(e.code()),
-                };
                 let stale_for = response_time.saturating_sub(s.fresh_until) / 1000;
-                return Ok(Fetched::Entry(
-                    Arc::new(s),
-                    Outcome::timed(upstream_time, Kind::StaleIfError { stale_for, failure }),
-                ));
+                let outcome = match &sent {
+                    Ok(r) => Outcome::timed(
+                        upstream_time,
+                        Kind::StaleIfError {
+                            stale_for,
+                            failure: UpstreamFailure::Status(r.status.as_u16()),
+                        },
+                    ),
+                    Err(UpstreamError::Held { hold, .. }) => Outcome::new(Kind::StaleIfError {
+                        stale_for,
+                        failure: UpstreamFailure::NotAsked(*hold),
+                    }),
+                    Err(e) => Outcome::timed(
+                        upstream_time,
+                        Kind::StaleIfError {
+                            stale_for,
+                            failure: UpstreamFailure::Error(e.code()),
+                        },
+                    ),
+                };
+                return Ok(Fetched::Entry(Arc::new(s), outcome));
             }
             other => other,
         };

@@ -10,6 +10,7 @@
 
 mod coalesce;
 mod fetch;
+mod guard;
 pub mod outcome;
 mod purge;
 mod respond;
@@ -31,10 +32,12 @@ use crate::policy::{self, Bypass};
 use crate::request::{CanonicalRequest, Forwarding};
 use crate::routes::{RouteTable, Rule};
 use crate::telemetry::{RequestId, RequestRecord, Telemetry};
-use crate::upstream::{Upstream, UpstreamResponse};
+use crate::upstream::{Upstream, UpstreamError, UpstreamResponse};
 
 use coalesce::{OnContention, Shared};
 use fetch::MissCtx;
+pub use guard::GuardSettings;
+use guard::UpstreamGuard;
 use outcome::{Forward, Kind, Outcome, Refresh};
 pub use respond::json_error;
 
@@ -66,6 +69,8 @@ pub struct Settings {
     pub invalidating_methods: Vec<Method>,
     /// Most tags one entry keeps (`cache.max_tags_per_entry`).
     pub max_tags_per_entry: usize,
+    /// The upstream breaker and back-off (`upstream.*`).
+    pub guard: GuardSettings,
 }
 
 /// The proxy: one per process, shared by every request.
@@ -74,6 +79,8 @@ pub struct Proxy {
     routes: RouteTable,
     cache: TieredCache,
     upstream: Upstream,
+    /// The upstream breaker and the back-off it asked for.
+    guard: UpstreamGuard,
     settings: Settings,
     telemetry: Telemetry,
     /// Fetches in flight in this process, by primary key.
@@ -110,6 +117,7 @@ impl Proxy {
             routes,
             cache,
             upstream,
+            guard: UpstreamGuard::new(settings.guard),
             settings,
             telemetry,
             inflight: Mutex::default(),
@@ -351,15 +359,10 @@ impl Proxy {
                 Some((&miss.rule, &self.settings.edge_key_headers)),
             ),
             Err(e) => {
-                tracing::warn!(error = %e, path = %miss.target.path_and_query, "upstream failed");
-                let outcome = Kind::UpstreamFailed {
-                    fwd: Some(miss.fwd),
-                    code: e.code(),
-                };
-                (
-                    json_error(e.status(), e.code(), &e.to_string()),
-                    Outcome::new(outcome),
-                )
+                if !matches!(e, UpstreamError::Held { .. }) {
+                    tracing::warn!(error = %e, path = %miss.target.path_and_query, "upstream failed");
+                }
+                upstream_error_reply(&e, Some(miss.fwd))
             }
         }
     }
@@ -386,7 +389,7 @@ impl Proxy {
                     _ => None,
                 }
             }
-            Some(Record::PurgeMark(_)) | None => None,
+            Some(Record::PurgeMark(_) | Record::UpstreamHold(_)) | None => None,
         };
         match &trouble {
             // The breaker logged when it opened; once per request is noise.
@@ -445,11 +448,27 @@ impl Proxy {
         ) || self.settings.invalidating_methods.contains(&method);
         let head = method == Method::HEAD;
         let sent_at = std::time::Instant::now();
-        match self
-            .upstream
-            .send(method, target.url.clone(), headers, body)
-            .await
-        {
+        // Reads are held back with the cache's own calls; writes always go.
+        let guarded = matches!(method, Method::GET | Method::HEAD);
+        let sent = if guarded {
+            match self.admit_upstream().await {
+                Ok(admitted) => {
+                    let credentials = guard::has_credentials(&headers);
+                    let sent = self
+                        .upstream
+                        .send(method, target.url.clone(), headers, body)
+                        .await;
+                    self.report_upstream(admitted, credentials, &sent).await;
+                    sent
+                }
+                Err(held) => Err(held),
+            }
+        } else {
+            self.upstream
+                .send(method, target.url.clone(), headers, body)
+                .await
+        };
+        match sent {
             Ok(mut resp) => {
                 let upstream_time = sent_at.elapsed();
                 policy::headers::hide_surrogate_keys(
@@ -470,15 +489,33 @@ impl Proxy {
                 );
                 respond::relay(resp, outcome, head, None)
             }
-            Err(e) => (
-                json_error(e.status(), e.code(), &e.to_string()),
-                Outcome::new(Kind::UpstreamFailed {
-                    fwd: None,
-                    code: e.code(),
-                }),
-            ),
+            Err(e) => upstream_error_reply(&e, None),
         }
     }
+}
+
+/// The JSON error for a request the upstream did not answer (`fwd` is
+/// `None` for a bypassed request). Held back, it is a 503 with
+/// `Retry-After` (RFC 9110 §10.2.3).
+fn upstream_error_reply(e: &UpstreamError, fwd: Option<Forward>) -> Reply {
+    let mut resp = json_error(e.status(), e.code(), &e.to_string());
+    let kind = match e {
+        UpstreamError::Held { hold, retry_in } => {
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from(crate::upstream::retry_after_secs(*retry_in)),
+            );
+            Kind::Held {
+                hold: *hold,
+                bypass: fwd.is_none(),
+            }
+        }
+        _ => Kind::UpstreamFailed {
+            fwd,
+            code: e.code(),
+        },
+    };
+    (resp, Outcome::new(kind))
 }
 
 /// What [`Proxy::handle`] learns while the request flows, for its

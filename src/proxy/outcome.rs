@@ -11,6 +11,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 
 use crate::policy::{Bypass, NotStorable};
+use crate::upstream::Hold;
 
 /// RFC 9211 `fwd`: why the upstream was asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +61,8 @@ pub enum UpstreamFailure {
     Status(u16),
     /// It could not be reached or timed out: the error's code.
     Error(&'static str),
+    /// It was not asked: its breaker is open, or it asked us to back off.
+    NotAsked(Hold),
 }
 
 /// What happened to a request, cache-wise.
@@ -98,6 +101,10 @@ pub enum Kind {
         fwd: Option<Forward>,
         code: &'static str,
     },
+    /// The upstream may not be called now (breaker open, or a back-off it
+    /// asked for) and nothing stale could answer: 503 with `Retry-After`.
+    /// `bypass` for a request that does not use the cache.
+    Held { hold: Hold, bypass: bool },
     /// Refused before any cache or upstream work (e.g. `CONNECT`).
     Rejected,
 }
@@ -134,8 +141,10 @@ impl Outcome {
                 revalidated: true, ..
             } => "HIT",
             Kind::Collapsed { .. } | Kind::Fetched { .. } => "MISS",
-            Kind::UpstreamFailed { fwd: Some(_), .. } => "MISS",
-            Kind::Bypass { .. } | Kind::UpstreamFailed { fwd: None, .. } => "BYPASS",
+            Kind::UpstreamFailed { fwd: Some(_), .. } | Kind::Held { bypass: false, .. } => "MISS",
+            Kind::Bypass { .. }
+            | Kind::UpstreamFailed { fwd: None, .. }
+            | Kind::Held { bypass: true, .. } => "BYPASS",
             Kind::Rejected => return None,
         })
     }
@@ -144,7 +153,7 @@ impl Outcome {
     /// the `X-Cache` value, or `ERROR` for answers that are errors of ours.
     pub fn label(&self) -> &'static str {
         match self.kind {
-            Kind::UpstreamFailed { .. } | Kind::Rejected => "ERROR",
+            Kind::UpstreamFailed { .. } | Kind::Held { .. } | Kind::Rejected => "ERROR",
             _ => self.x_cache().unwrap_or("ERROR"),
         }
     }
@@ -180,6 +189,10 @@ impl Outcome {
                         s,
                         "fwd=stale; ttl=-{stale_for}; detail=\"stale-if-error; {code}\""
                     ),
+                    // Not forwarded: a hit on a stale entry, and why.
+                    UpstreamFailure::NotAsked(hold) => {
+                        write!(s, "hit; ttl=-{stale_for}; detail={}", hold.detail())
+                    }
                 };
             }
             Kind::Collapsed { fwd, how } => {
@@ -218,6 +231,10 @@ impl Outcome {
             Kind::UpstreamFailed { fwd, code } => {
                 let fwd = fwd.map_or("bypass", Forward::as_str);
                 let _ = write!(s, "fwd={fwd}; detail={code}");
+            }
+            Kind::Held { hold, bypass: _ } => {
+                // Neither a hit nor forwarded: only why.
+                let _ = write!(s, "detail={}", hold.detail());
             }
             Kind::Rejected => return None,
         }

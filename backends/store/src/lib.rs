@@ -31,7 +31,7 @@ use bytes::Bytes;
 
 pub use coherence::{PurgeFeed, PurgeListener, PurgeLogEntry, PurgeNotice};
 pub use key::StoreKey;
-pub use record::{DecodeError, Entry, PurgeMark, Record, VaryIndex};
+pub use record::{DecodeError, Entry, PurgeMark, Record, UpstreamHold, VaryIndex};
 
 /// Milliseconds since the Unix epoch: the one time unit every backend stores.
 pub type UnixMillis = u64;

@@ -17,6 +17,7 @@ pub const FORMAT_VERSION: u8 = 2;
 const KIND_ENTRY: u8 = 1;
 const KIND_VARY_INDEX: u8 = 2;
 const KIND_PURGE_MARK: u8 = 3;
+const KIND_UPSTREAM_HOLD: u8 = 4;
 const HEADER_LEN: usize = 2 + 1 + 1 + 4;
 
 /// A stored response with its freshness and stale windows.
@@ -93,12 +94,23 @@ pub struct PurgeMark {
     pub expires_at: UnixMillis,
 }
 
+/// Left by the instance that was told to back off (a 429, or a 503 with
+/// `Retry-After`): until `until`, no instance sharing the backend calls
+/// the upstream for what the cache may answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamHold {
+    pub until: UnixMillis,
+    /// The status that asked for it (429 or 503).
+    pub status: u16,
+}
+
 /// Everything a backend can hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     Entry(Entry),
     VaryIndex(VaryIndex),
     PurgeMark(PurgeMark),
+    UpstreamHold(UpstreamHold),
 }
 
 impl Record {
@@ -107,6 +119,7 @@ impl Record {
             Record::Entry(e) => e.expires_at(),
             Record::VaryIndex(v) => v.expires_at,
             Record::PurgeMark(m) => m.expires_at,
+            Record::UpstreamHold(h) => h.until,
         }
     }
     pub fn is_expired(&self, now: UnixMillis) -> bool {
@@ -172,6 +185,7 @@ impl Record {
             ),
             Record::VaryIndex(v) => (KIND_VARY_INDEX, postcard::to_allocvec(v)),
             Record::PurgeMark(m) => (KIND_PURGE_MARK, postcard::to_allocvec(m)),
+            Record::UpstreamHold(h) => (KIND_UPSTREAM_HOLD, postcard::to_allocvec(h)),
         };
         // Serialising owned, in-memory structs into a Vec cannot fail.
         let payload = payload.expect("postcard serialisation into a Vec");
@@ -237,6 +251,14 @@ impl Record {
                 }
                 Ok(Record::PurgeMark(m))
             }
+            KIND_UPSTREAM_HOLD => {
+                let (h, rest): (UpstreamHold, _) =
+                    postcard::take_from_bytes(payload).map_err(bad)?;
+                if !rest.is_empty() {
+                    return Err(DecodeError::Payload("trailing bytes".into()));
+                }
+                Ok(Record::UpstreamHold(h))
+            }
             other => Err(DecodeError::Payload(format!("unknown record kind {other}"))),
         }
     }
@@ -281,6 +303,11 @@ mod tests {
             expires_at: 9,
         });
         assert_eq!(Record::decode(&m.encode()).unwrap(), m);
+        let h = Record::UpstreamHold(UpstreamHold {
+            until: 7,
+            status: 429,
+        });
+        assert_eq!(Record::decode(&h.encode()).unwrap(), h);
     }
 
     #[test]

@@ -321,10 +321,11 @@ impl TieredCache {
 }
 
 /// Keep a copy of what the backend holds in the L1, unless a purge was
-/// applied to the L1 since `generation` was read. Purge marks stay out:
-/// an older copy here would hide a newer mark another instance left.
+/// applied to the L1 since `generation` was read. Purge marks and upstream
+/// holds stay out: an older copy here would hide a newer one another
+/// instance left.
 async fn fill_l1(l1: &L1, generation: u64, key: &StoreKey, record: &Record, bytes: Bytes) {
-    if matches!(record, Record::PurgeMark(_)) {
+    if matches!(record, Record::PurgeMark(_) | Record::UpstreamHold(_)) {
         return;
     }
     let opts = PutOptions {
@@ -346,6 +347,6 @@ async fn fill_l1(l1: &L1, generation: u64, key: &StoreKey, record: &Record, byte
 fn tags_of(record: &Record) -> Vec<String> {
     match record {
         Record::Entry(e) => e.tags.clone(),
-        Record::VaryIndex(_) | Record::PurgeMark(_) => Vec::new(),
+        Record::VaryIndex(_) | Record::PurgeMark(_) | Record::UpstreamHold(_) => Vec::new(),
     }
 }

@@ -1,0 +1,264 @@
+//! The call to the upstream API: a faithful forward of the client request,
+//! bounded in time and size, retried (GET and HEAD only) when no connection
+//! could be made, with failures classified for the client. [`breaker`] is
+//! the per-instance upstream breaker.
+
+pub mod breaker;
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Method, StatusCode};
+use reqwest::Url;
+
+use crate::config::UpstreamConfig;
+use crate::policy::headers::strip_hop_by_hop;
+
+/// What the upstream answered, body read whole.
+#[derive(Debug)]
+pub struct UpstreamResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Why there is no upstream answer to relay.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("could not connect to the upstream: {0}")]
+    Connect(String),
+    #[error("upstream response body exceeds {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("upstream request failed: {0}")]
+    Other(String),
+    /// Not sent: the upstream is being left alone for `retry_in`.
+    #[error("{}; retry in {}s", hold.explain(), retry_after_secs(*retry_in))]
+    Held { hold: Hold, retry_in: Duration },
+}
+
+/// Why the upstream is not being called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// This instance's upstream breaker is open.
+    BreakerOpen,
+    /// The upstream asked every client to back off (a 429, or a 503 with
+    /// `Retry-After`), this instance or another sharing the backend was told.
+    RetryAfter,
+}
+
+impl Hold {
+    /// The RFC 9211 `detail` of an answer given without asking the upstream.
+    pub fn detail(self) -> &'static str {
+        match self {
+            Hold::BreakerOpen => "upstream-open",
+            Hold::RetryAfter => "upstream-retry-after",
+        }
+    }
+    fn explain(self) -> &'static str {
+        match self {
+            Hold::BreakerOpen => "the upstream failed repeatedly and is not being called",
+            Hold::RetryAfter => "the upstream asked to be left alone (Retry-After)",
+        }
+    }
+}
+
+/// Whole seconds for a `Retry-After` header: rounded up, at least 1.
+pub fn retry_after_secs(d: Duration) -> u64 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+impl UpstreamError {
+    /// 504 for a timeout, 502 for everything else (RFC 9110 §15.6.3, §15.6.5).
+    pub fn status(&self) -> StatusCode {
+        match self {
+            UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamError::Held { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+    pub fn code(&self) -> &'static str {
+        match self {
+            UpstreamError::Timeout(_) => "upstream_timeout",
+            UpstreamError::Connect(_) => "upstream_unreachable",
+            UpstreamError::TooLarge { .. } => "upstream_response_too_large",
+            UpstreamError::Other(_) => "upstream_error",
+            UpstreamError::Held {
+                hold: Hold::BreakerOpen,
+                ..
+            } => "upstream_open",
+            UpstreamError::Held {
+                hold: Hold::RetryAfter,
+                ..
+            } => "upstream_retry_after",
+        }
+    }
+
+    /// A timeout, no connection, or a broken exchange: the upstream's
+    /// health is in doubt (a response too large is an answer).
+    pub fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Timeout(_) | UpstreamError::Connect(_) | UpstreamError::Other(_)
+        )
+    }
+}
+
+/// One reusable client (connection pool) per process.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    client: reqwest::Client,
+    timeout: Duration,
+    max_response_bytes: usize,
+    /// Extra attempts for a GET or HEAD that could not connect.
+    retries: u32,
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            // A proxy relays redirects; it does not follow them.
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(cfg.connect_timeout)
+            .timeout(cfg.timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(Upstream {
+            client,
+            timeout: cfg.timeout,
+            max_response_bytes: cfg.max_response_bytes.as_u64() as usize,
+            retries: cfg.retries,
+        })
+    }
+
+    /// Send `method url` with `headers` (already stripped of hop-by-hop
+    /// headers and `Host`) and `body`; read the whole response body. A GET
+    /// or HEAD that could not connect is tried again, after a jittered
+    /// pause, while `upstream.timeout` allows: nothing reached the upstream,
+    /// so nothing is repeated. Other methods are sent once.
+    pub async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        mut headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let deadline = Instant::now() + self.timeout;
+        let retries = if matches!(method, Method::GET | Method::HEAD) {
+            self.retries
+        } else {
+            0
+        };
+        let mut attempt = 0;
+        let mut resp = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // The last attempt takes the headers; only a retry needs a copy.
+            let attempt_headers = if attempt < retries {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            };
+            let mut req = self
+                .client
+                .request(method.clone(), url.clone())
+                .headers(attempt_headers)
+                .timeout(left);
+            if !body.is_empty() {
+                req = req.body(body.clone());
+            }
+            match req.send().await {
+                Ok(resp) => break resp,
+                Err(e) if e.is_connect() && attempt < retries => {
+                    let pause = retry_pause(attempt, fastrand::f64());
+                    if Instant::now() + pause >= deadline {
+                        return Err(self.classify(e));
+                    }
+                    tracing::debug!(attempt, ?pause, error = %error_chain(&e.without_url()), "upstream connect failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(self.classify(e)),
+            }
+        };
+        if resp
+            .content_length()
+            .is_some_and(|n| n as usize > self.max_response_bytes)
+        {
+            return Err(UpstreamError::TooLarge {
+                limit: self.max_response_bytes,
+            });
+        }
+        let status = resp.status();
+        let mut headers = std::mem::take(resp.headers_mut());
+        strip_hop_by_hop(&mut headers);
+        let mut body = BytesMut::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.classify(e))? {
+            if body.len() + chunk.len() > self.max_response_bytes {
+                return Err(UpstreamError::TooLarge {
+                    limit: self.max_response_bytes,
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(UpstreamResponse {
+            status,
+            headers,
+            body: body.freeze(),
+        })
+    }
+
+    fn classify(&self, e: reqwest::Error) -> UpstreamError {
+        if e.is_timeout() {
+            UpstreamError::Timeout(self.timeout)
+        } else if e.is_connect() {
+            // The URL is in the configuration; the cause chain says what broke.
+            UpstreamError::Connect(error_chain(&e.without_url()))
+        } else {
+            UpstreamError::Other(error_chain(&e.without_url()))
+        }
+    }
+}
+
+/// The pause before retry `attempt` (0 for the first): 25 ms doubling,
+/// with "equal jitter" (half fixed, half random by `rand` in [0, 1)) so
+/// instances that lost the upstream together do not return together.
+fn retry_pause(attempt: u32, rand: f64) -> Duration {
+    let full = Duration::from_millis(25u64 << attempt.min(10));
+    full / 2 + full.mul_f64(rand.clamp(0.0, 1.0) / 2.0)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_pauses_double_with_bounded_jitter() {
+        assert_eq!(retry_pause(0, 0.0), Duration::from_micros(12_500));
+        assert_eq!(retry_pause(0, 1.0), Duration::from_millis(25));
+        assert_eq!(retry_pause(1, 0.0), Duration::from_millis(25));
+        assert_eq!(retry_pause(2, 0.5), Duration::from_millis(75));
+        assert!(retry_pause(u32::MAX, 1.0) <= Duration::from_millis(25 << 10));
+    }
+
+    #[test]
+    fn retry_after_seconds_round_up() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+        assert_eq!(retry_after_secs(Duration::from_millis(3_001)), 4);
+    }
+}

@@ -1,0 +1,306 @@
+//! Protecting the upstream (issue #15, items 2-4), end to end: a real
+//! upstream on loopback that can be told to rate-limit (429 with
+//! `Retry-After`), hang or go away, and real `cachegate serve` processes in
+//! front of it, two of them sharing Redis or DynamoDB (dynalite) for the
+//! back-off. Counts of what reached the upstream are asserted; latencies
+//! are printed, never asserted (benchmarks measure those).
+
+mod common;
+
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::State;
+use http::{Request, Response};
+
+use common::{backend_env, cachegate, client, free_port, send, Cachegate, Got};
+
+const OK: u8 = 0;
+const RATE_LIMITED: u8 = 1;
+const HANGING: u8 = 2;
+
+#[derive(Default)]
+struct Limits {
+    mode: AtomicU8,
+    /// Requests that reached the upstream, whatever it answered.
+    seen: AtomicUsize,
+    /// The `Retry-After` it sends while rate-limiting, in seconds.
+    retry_after: AtomicUsize,
+}
+
+/// An upstream that answers `max-age=1, stale-if-error=60` JSON while OK,
+/// 429 with `Retry-After` while rate-limited, and nothing (for a minute)
+/// while hanging.
+struct Upstream {
+    url: String,
+    state: Arc<Limits>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    fn set(&self, mode: u8) {
+        self.state.mode.store(mode, Ordering::SeqCst);
+    }
+    fn seen(&self) -> usize {
+        self.state.seen.load(Ordering::SeqCst)
+    }
+}
+
+async fn answer(State(s): State<Arc<Limits>>, req: Request<Body>) -> Response<Body> {
+    s.seen.fetch_add(1, Ordering::SeqCst);
+    match s.mode.load(Ordering::SeqCst) {
+        RATE_LIMITED => Response::builder()
+            .status(429)
+            .header(
+                "retry-after",
+                s.retry_after.load(Ordering::SeqCst).to_string(),
+            )
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"error":"slow down"}"#))
+            .unwrap(),
+        HANGING => {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Response::new(Body::empty())
+        }
+        _ => Response::builder()
+            .header("cache-control", "max-age=1, stale-if-error=60")
+            .header("content-type", "application/json")
+            .body(Body::from(format!(r#"{{"path":"{}"}}"#, req.uri().path())))
+            .unwrap(),
+    }
+}
+
+async fn upstream_on(listener: tokio::net::TcpListener) -> Upstream {
+    let state = Arc::new(Limits::default());
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new()
+        .fallback(answer)
+        .with_state(state.clone());
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    Upstream { url, state, task }
+}
+
+async fn limited_upstream() -> Upstream {
+    upstream_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()).await
+}
+
+fn start(upstream_url: &str, env: &[(String, String)], extra: &[(&str, &str)]) -> Cachegate {
+    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    all.extend_from_slice(extra);
+    cachegate(upstream_url, &all)
+}
+
+async fn get(at: &Cachegate, path: &str) -> Got {
+    send(client().get(format!("{}{path}", at.url))).await
+}
+
+fn retry_after(got: &Got) -> u64 {
+    got.header("retry-after")
+        .parse()
+        .unwrap_or_else(|_| panic!("no Retry-After: {got:?}"))
+}
+
+/// A 429 one instance got holds both instances back until its
+/// `Retry-After` has passed: entries within stale-if-error answer stale,
+/// other requests get 503 with the time left, and the upstream sees
+/// nothing in the window.
+async fn a_429_holds_every_instance_back(backend: &str) {
+    let env = backend_env(backend, "hold");
+    if backend == "dynamodb" {
+        let out = common::cli("http://127.0.0.1:9", &env, &["init"]);
+        assert!(out.status.success(), "{}", common::describe(&out));
+    }
+    let up = limited_upstream().await;
+    up.state.retry_after.store(3, Ordering::SeqCst);
+    let a = start(&up.url, &env, &[]);
+    let b = start(&up.url, &env, &[]);
+
+    let first = get(&a, "/kept").await;
+    assert_eq!(first.status, 200, "{first:?}");
+    tokio::time::sleep(Duration::from_millis(1_200)).await; // /kept is stale now
+
+    up.set(RATE_LIMITED);
+    let limited = get(&a, "/new").await;
+    assert_eq!(
+        limited.status, 429,
+        "the upstream's own answer is relayed: {limited:?}"
+    );
+    assert_eq!(limited.header("retry-after"), "3");
+    let told = Instant::now();
+    let seen = up.seen();
+
+    // The other instance learns of it through the backend.
+    let stale = get(&b, "/kept").await;
+    assert_eq!(stale.status, 200, "{stale:?}");
+    assert_eq!(stale.x_cache(), "STALE");
+    assert!(
+        stale
+            .header("cache-status")
+            .contains("detail=upstream-retry-after"),
+        "{:?}",
+        stale.header("cache-status")
+    );
+    let held = get(&b, "/other").await;
+    assert_eq!(held.status, 503, "{held:?}");
+    assert_eq!(held.json()["error"]["code"], "upstream_retry_after");
+    assert!((1..=3).contains(&retry_after(&held)), "{held:?}");
+    assert_eq!(held.header("cache-control"), "no-store");
+    // And so does the instance that was told, for a bypassed read too.
+    let bypass = send(
+        client()
+            .get(format!("{}/bypassed", a.url))
+            .header("range", "bytes=0-1"),
+    )
+    .await;
+    assert_eq!(bypass.status, 503, "{bypass:?}");
+    assert_eq!(bypass.x_cache(), "BYPASS");
+    assert_eq!(
+        up.seen(),
+        seen,
+        "nothing reached the upstream in the window"
+    );
+
+    // After the window, calls resume.
+    up.set(OK);
+    let wait = Duration::from_millis(3_100).saturating_sub(told.elapsed());
+    tokio::time::sleep(wait).await;
+    let back = get(&b, "/other").await;
+    assert_eq!(back.status, 200, "{back:?}");
+    assert_eq!(up.seen(), seen + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_a_429_holds_every_instance_back() {
+    a_429_holds_every_instance_back("redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dynamodb_a_429_holds_every_instance_back() {
+    a_429_holds_every_instance_back("dynamodb").await;
+}
+
+/// A client's own rate limit (its request carried credentials) is that
+/// client's answer; it stops no one else.
+#[tokio::test]
+async fn a_credentialed_429_holds_no_one_back() {
+    let up = limited_upstream().await;
+    up.state.retry_after.store(30, Ordering::SeqCst);
+    let gw = cachegate(&up.url, &[]);
+    up.set(RATE_LIMITED);
+    let theirs = send(
+        client()
+            .get(format!("{}/mine", gw.url))
+            .header("authorization", "Bearer one-client"),
+    )
+    .await;
+    assert_eq!(theirs.status, 429, "{theirs:?}");
+    up.set(OK);
+    let others = get(&gw, "/public").await;
+    assert_eq!(others.status, 200, "{others:?}");
+}
+
+/// A hanging upstream opens the breaker after `failure_threshold`
+/// timeouts: then stale entries answer at once, without the timeout, and
+/// the upstream is not called; after `open_for` one probe closes it again.
+#[tokio::test]
+async fn the_breaker_answers_stale_without_waiting_and_a_probe_closes_it() {
+    let up = limited_upstream().await;
+    let gw = cachegate(
+        &up.url,
+        &[
+            ("CACHEGATE_UPSTREAM__TIMEOUT", "500ms"),
+            ("CACHEGATE_UPSTREAM__FAILURE_THRESHOLD", "2"),
+            ("CACHEGATE_UPSTREAM__OPEN_FOR", "2s"),
+        ],
+    );
+    assert_eq!(get(&gw, "/kept").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+
+    up.set(HANGING);
+    // Two timeouts: the first on a stale entry (answered stale after the
+    // timeout), the second on a miss (504).
+    let slow = Instant::now();
+    let first = get(&gw, "/kept").await;
+    let slow = slow.elapsed();
+    assert_eq!(first.x_cache(), "STALE", "{first:?}");
+    assert!(first.header("cache-status").contains("upstream_timeout"));
+    assert_eq!(get(&gw, "/missing").await.status, 504);
+    let seen = up.seen();
+
+    let fast = Instant::now();
+    let stale = get(&gw, "/kept").await;
+    let fast = fast.elapsed();
+    assert_eq!(stale.x_cache(), "STALE", "{stale:?}");
+    assert!(
+        stale
+            .header("cache-status")
+            .contains("detail=upstream-open"),
+        "{:?}",
+        stale.header("cache-status")
+    );
+    let held = get(&gw, "/missing").await;
+    assert_eq!(held.status, 503, "{held:?}");
+    assert_eq!(held.json()["error"]["code"], "upstream_open");
+    assert!((1..=2).contains(&retry_after(&held)), "{held:?}");
+    assert_eq!(up.seen(), seen, "an open breaker calls nothing");
+    println!("stale answer with the upstream hanging: {slow:?} before the breaker opened, {fast:?} after");
+
+    up.set(OK);
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let probe = get(&gw, "/missing").await;
+    assert_eq!(probe.status, 200, "the probe goes through: {probe:?}");
+    assert_eq!(
+        get(&gw, "/after").await.status,
+        200,
+        "and closed the breaker"
+    );
+    assert_eq!(up.seen(), seen + 2);
+}
+
+/// A GET that cannot connect is tried again within the timeout; a POST is
+/// sent once (it may not be repeated, and here it never arrives).
+#[tokio::test]
+async fn connect_failures_are_retried_for_reads_only() {
+    for (method, retried) in [("GET", true), ("POST", false)] {
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let gw = cachegate(
+            &url,
+            &[
+                ("CACHEGATE_UPSTREAM__RETRIES", "8"),
+                ("CACHEGATE_UPSTREAM__TIMEOUT", "10s"),
+            ],
+        );
+        // The upstream comes up a little after the first attempt failed.
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            upstream_on(
+                tokio::net::TcpListener::bind(("127.0.0.1", port))
+                    .await
+                    .unwrap(),
+            )
+            .await
+        });
+        let got = send(client().request(method.parse().unwrap(), format!("{}/r", gw.url))).await;
+        let up = late.await.unwrap();
+        if retried {
+            assert_eq!(got.status, 200, "{method}: {got:?}");
+            assert_eq!(up.seen(), 1);
+        } else {
+            assert_eq!(got.status, 502, "{method}: {got:?}");
+            assert_eq!(got.json()["error"]["code"], "upstream_unreachable");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(up.seen(), 0, "{method} was not sent again");
+        }
+    }
+}
