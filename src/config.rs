@@ -249,6 +249,20 @@ pub struct CacheConfig {
     /// dropped, so one response cannot make the tag index explode.
     /// Default `64` (CloudFront keeps 50).
     pub max_tags_per_entry: usize,
+    /// The last part of an entry's freshness, as a fraction (`0.1`: the
+    /// last 10 %), in which a hit also refreshes the entry in the
+    /// background, so a hot key never misses. One request per process and,
+    /// with a shared backend, one instance (the fetch lock) refreshes; an
+    /// entry is tried once. `serve` only for now (under Lambda nothing runs
+    /// after a response). `0` = off. Default `0`.
+    /// Env: `CACHEGATE_CACHE__REFRESH_AHEAD`.
+    pub refresh_ahead: f64,
+    /// Shorten each stored entry's remaining freshness by a random part of
+    /// up to this fraction (`0.1`: up to 10 %), so entries stored together
+    /// do not expire together. Only ever shorter than the upstream allows,
+    /// and only in this cache: what is relayed (`Cache-Control`, `Age`) is
+    /// unchanged. `0` = off. Default `0`. Env: `CACHEGATE_CACHE__TTL_JITTER`.
+    pub ttl_jitter: f64,
 }
 
 impl Default for CacheConfig {
@@ -271,6 +285,8 @@ impl Default for CacheConfig {
             expose_surrogate_keys: false,
             invalidating_methods: Vec::new(),
             max_tags_per_entry: 64,
+            refresh_ahead: 0.0,
+            ttl_jitter: 0.0,
         }
     }
 }
@@ -789,6 +805,14 @@ impl Config {
         }
         self.serve.trusted_proxy_nets()?;
         self.cache.invalidating_method_list()?;
+        for (key, v) in [
+            ("cache.refresh_ahead", self.cache.refresh_ahead),
+            ("cache.ttl_jitter", self.cache.ttl_jitter),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(invalid(key, "must be a fraction from 0 (off) to below 1"));
+            }
+        }
         if !(1..=10_000).contains(&self.cache.max_tags_per_entry) {
             return Err(invalid("cache.max_tags_per_entry", "must be 1 to 10000"));
         }

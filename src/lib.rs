@@ -88,6 +88,8 @@ pub async fn build_proxy(config: &Config, mode: Mode) -> Result<Arc<Proxy>, Star
         },
         invalidating_methods: config.cache.invalidating_method_list()?,
         max_tags_per_entry: config.cache.max_tags_per_entry,
+        refresh_ahead: config.cache.refresh_ahead,
+        ttl_jitter: config.cache.ttl_jitter,
         guard: proxy::GuardSettings::from_config(&config.upstream),
     };
     let telemetry = telemetry::Telemetry::new(

@@ -28,9 +28,12 @@ struct Limits {
     seen: AtomicUsize,
     /// The `Retry-After` it sends while rate-limiting, in seconds.
     retry_after: AtomicUsize,
+    /// `max-age` of its OK answers, in seconds (0: the default, 1).
+    max_age: AtomicUsize,
 }
 
-/// An upstream that answers `max-age=1, stale-if-error=60` JSON while OK,
+/// An upstream that answers `max-age=1, stale-if-error=60` JSON while OK
+/// (another `max-age` if set),
 /// 429 with `Retry-After` while rate-limited, and nothing (for a minute)
 /// while hanging.
 struct Upstream {
@@ -71,7 +74,13 @@ async fn answer(State(s): State<Arc<Limits>>, req: Request<Body>) -> Response<Bo
             Response::new(Body::empty())
         }
         _ => Response::builder()
-            .header("cache-control", "max-age=1, stale-if-error=60")
+            .header(
+                "cache-control",
+                format!(
+                    "max-age={}, stale-if-error=60",
+                    s.max_age.load(Ordering::SeqCst).max(1)
+                ),
+            )
             .header("content-type", "application/json")
             .body(Body::from(format!(r#"{{"path":"{}"}}"#, req.uri().path())))
             .unwrap(),
@@ -303,4 +312,25 @@ async fn connect_failures_are_retried_for_reads_only() {
             assert_eq!(up.seen(), 0, "{method} was not sent again");
         }
     }
+}
+
+/// With `cache.refresh_ahead`, a key requested all the time never misses:
+/// each entry is refreshed in the background during the last part of its
+/// freshness, once.
+#[tokio::test]
+async fn refresh_ahead_keeps_a_hot_key_from_missing() {
+    let up = limited_upstream().await;
+    up.state.max_age.store(2, Ordering::SeqCst);
+    let gw = cachegate(&up.url, &[("CACHEGATE_CACHE__REFRESH_AHEAD", "0.5")]);
+    assert_eq!(get(&gw, "/hot").await.x_cache(), "MISS");
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    while started.elapsed() < Duration::from_secs(5) {
+        answers.push(get(&gw, "/hot").await.x_cache().to_owned());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answers.iter().all(|x| x == "HIT"), "{answers:?}");
+    // One refresh per entry: about one a second (the last 1 s of 2 s).
+    let seen = up.seen();
+    assert!((4..=8).contains(&seen), "upstream saw {seen}");
 }

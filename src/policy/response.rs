@@ -93,6 +93,33 @@ pub struct ResponseFacts<'a> {
 
 /// Whether and for how long a response to a cache-eligible GET may be stored.
 ///
+/// Shorten `f`'s freshness, counted from `now`, by `fraction * rand` of
+/// what is left (`rand` in [0, 1)): `cache.ttl_jitter`. Never lengthens
+/// it, and never moves the stale windows, which stay what the upstream and
+/// the route allowed.
+pub fn jitter_freshness(f: &mut Freshness, now: UnixMillis, fraction: f64, rand: f64) {
+    let left = f.fresh_until.saturating_sub(now);
+    let cut = (left as f64 * fraction.clamp(0.0, 1.0) * rand.clamp(0.0, 1.0)) as u64;
+    f.fresh_until -= cut.min(left);
+}
+
+/// Whether a hit at `now` on an entry stored at `stored_at` and fresh
+/// until `fresh_until` falls in the last `fraction` of that freshness
+/// (`cache.refresh_ahead`): time to refresh it before it expires.
+pub fn refresh_ahead_due(
+    stored_at: UnixMillis,
+    fresh_until: UnixMillis,
+    now: UnixMillis,
+    fraction: f64,
+) -> bool {
+    if fraction <= 0.0 || now >= fresh_until {
+        return false;
+    }
+    let lifetime = fresh_until.saturating_sub(stored_at);
+    let window = (lifetime as f64 * fraction.min(1.0)) as u64;
+    fresh_until - now <= window
+}
+
 /// The directives obeyed are the targeted field's when there is one
 /// (`Cachegate-Cache-Control`, then `CDN-Cache-Control`: RFC 9213), else
 /// `Cache-Control` with `Expires`.
@@ -250,4 +277,54 @@ fn explicit_lifetime(
 /// A date header, read leniently ([`super::date::parse_http_date`]).
 pub(crate) fn header_time(h: &HeaderMap, name: http::HeaderName) -> Option<UnixMillis> {
     super::date::parse_http_date(h.get(name)?.to_str().ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn freshness(fresh_until: UnixMillis) -> Freshness {
+        Freshness {
+            born_at: 0,
+            fresh_until,
+            stale_while_revalidate_until: fresh_until + 10_000,
+            stale_if_error_until: fresh_until + 60_000,
+            keep_until: fresh_until + 60_000,
+            strip_set_cookie: false,
+        }
+    }
+
+    #[test]
+    fn jitter_only_shortens_what_is_left() {
+        let mut f = freshness(100_000);
+        jitter_freshness(&mut f, 40_000, 0.1, 0.5);
+        assert_eq!(f.fresh_until, 97_000, "5% of the 60 s left");
+        assert_eq!(
+            f.stale_while_revalidate_until, 110_000,
+            "stale windows unchanged"
+        );
+        let mut f = freshness(100_000);
+        jitter_freshness(&mut f, 40_000, 0.1, 0.0);
+        assert_eq!(f.fresh_until, 100_000);
+        // Out-of-range inputs cannot lengthen it or cut below now.
+        let mut f = freshness(100_000);
+        jitter_freshness(&mut f, 40_000, 5.0, 7.0);
+        assert_eq!(f.fresh_until, 40_000);
+        let mut f = freshness(100_000);
+        jitter_freshness(&mut f, 200_000, 0.5, 0.5);
+        assert_eq!(f.fresh_until, 100_000, "already stale: unchanged");
+    }
+
+    #[test]
+    fn refresh_ahead_is_due_in_the_last_part_only() {
+        // Stored at 0, fresh for 100 s; the last 10 % is from 90 s.
+        assert!(!refresh_ahead_due(0, 100_000, 89_999, 0.1));
+        assert!(refresh_ahead_due(0, 100_000, 90_000, 0.1));
+        assert!(refresh_ahead_due(0, 100_000, 99_999, 0.1));
+        assert!(
+            !refresh_ahead_due(0, 100_000, 100_000, 0.1),
+            "stale is not ahead"
+        );
+        assert!(!refresh_ahead_due(0, 100_000, 99_999, 0.0), "off");
+    }
 }

@@ -172,7 +172,7 @@ impl Proxy {
             )
         };
         let fwd_status = resp.status.as_u16();
-        let freshness = match storable {
+        let mut freshness = match storable {
             Ok(f) => f,
             Err(why) => {
                 let outcome = Outcome::timed(
@@ -197,6 +197,14 @@ impl Proxy {
             }
         };
 
+        if self.settings.ttl_jitter > 0.0 {
+            policy::response::jitter_freshness(
+                &mut freshness,
+                response_time,
+                self.settings.ttl_jitter,
+                fastrand::f64(),
+            );
+        }
         policy::headers::cap_tags(
             &mut tags,
             self.settings.max_tags_per_entry,

@@ -69,6 +69,10 @@ pub struct Settings {
     pub invalidating_methods: Vec<Method>,
     /// Most tags one entry keeps (`cache.max_tags_per_entry`).
     pub max_tags_per_entry: usize,
+    /// The last part of freshness in which a hit refreshes (`cache.refresh_ahead`).
+    pub refresh_ahead: f64,
+    /// Random shortening of stored freshness (`cache.ttl_jitter`).
+    pub ttl_jitter: f64,
     /// The upstream breaker and back-off (`upstream.*`).
     pub guard: GuardSettings,
 }
@@ -85,9 +89,15 @@ pub struct Proxy {
     telemetry: Telemetry,
     /// Fetches in flight in this process, by primary key.
     inflight: Mutex<HashMap<StoreKey, watch::Receiver<Option<Shared>>>>,
+    /// Entries a refresh-ahead was started for (key, the entry's
+    /// `fresh_until`): each is tried once, even if its refresh stored nothing.
+    refreshed_ahead: Mutex<HashMap<StoreKey, u64>>,
     /// CloudFront in front, when configured ([`crate::edge`]).
     edge: Option<Arc<crate::edge::Edge>>,
 }
+
+/// Most entries whose refresh-ahead this process remembers having started.
+const REFRESH_AHEAD_MEMORY: usize = 10_000;
 
 /// A response for the client and the outcome it is rendered with.
 type Reply = (Response<Bytes>, Outcome);
@@ -121,6 +131,7 @@ impl Proxy {
             settings,
             telemetry,
             inflight: Mutex::default(),
+            refreshed_ahead: Mutex::default(),
             edge: None,
         }
     }
@@ -292,6 +303,16 @@ impl Proxy {
             // 3. Fresh hit.
             if entry.is_fresh(now) {
                 let ttl = entry.fresh_secs_left(now);
+                if self.settings.mode == Mode::Serve
+                    && policy::response::refresh_ahead_due(
+                        entry.stored_at,
+                        entry.fresh_until,
+                        now,
+                        self.settings.refresh_ahead,
+                    )
+                {
+                    self.refresh_ahead(&miss, entry);
+                }
                 let outcome = Outcome::new(Kind::Hit { ttl });
                 return self.respond_from_entry(entry, &miss.rule, &miss.headers, head, outcome);
             }
@@ -417,6 +438,42 @@ impl Proxy {
             Bypass::Cookie,
         )
         .await
+    }
+
+    /// Refresh a hot entry before it expires, in the background, once per
+    /// entry: skipped when this process is already fetching the key, and,
+    /// with a shared backend, when another instance holds its fetch lock.
+    fn refresh_ahead(self: &Arc<Self>, miss: &MissCtx, entry: &Entry) {
+        if self.is_fetching(&miss.primary) {
+            return;
+        }
+        {
+            let mut tried = self
+                .refreshed_ahead
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if tried.get(&miss.primary) == Some(&entry.fresh_until) {
+                return;
+            }
+            if tried.len() >= REFRESH_AHEAD_MEMORY {
+                // Bounded: forget the entries that have expired, or all.
+                let now = now_millis();
+                tried.retain(|_, fresh_until| *fresh_until > now);
+                if tried.len() >= REFRESH_AHEAD_MEMORY {
+                    tried.clear();
+                }
+            }
+            tried.insert(miss.primary.clone(), entry.fresh_until);
+        }
+        let (this, miss, current) = (self.clone(), miss.clone(), entry.clone());
+        tokio::spawn(async move {
+            if let Err(e) = this
+                .fetch_coalesced(&miss, Some(current), OnContention::ServeStale)
+                .await
+            {
+                tracing::debug!(error = %e, path = %miss.target.path_and_query, "refresh-ahead failed");
+            }
+        });
     }
 
     fn is_fetching(&self, primary: &StoreKey) -> bool {
