@@ -2,10 +2,12 @@
 //!
 //! Backends are dumb, shared byte stores: they keep a value under a
 //! [`StoreKey`] until an absolute expiry, remember which tags each value
-//! carries so a purge needs no scan, and offer an owner-checked lock. They
-//! never interpret the bytes. Everything backends would otherwise repeat
-//! lives here once: the record encoding ([`record`]), key hashing ([`key`]),
-//! expiry checks, and the timeout + circuit breaker wrapper ([`guard`]).
+//! carries so a purge needs no scan, and offer an owner-checked lock and a
+//! rate budget shared by every instance ([`rate`]). They never interpret
+//! the bytes. Everything backends would otherwise repeat lives here once:
+//! the record encoding ([`record`]), key hashing ([`key`]), expiry checks,
+//! the rate arithmetic ([`rate`]), and the timeout + circuit breaker
+//! wrapper ([`guard`]).
 //!
 //! A new backend implements [`CacheStore`] and adds one line to its tests:
 //! `cachegate_store::conformance_tests!(make_store());`.
@@ -15,6 +17,7 @@ pub mod guard;
 pub mod key;
 pub mod lazy;
 pub mod memory;
+pub mod rate;
 pub mod record;
 pub mod settings;
 pub mod shared;
@@ -31,6 +34,7 @@ use bytes::Bytes;
 
 pub use coherence::{PurgeFeed, PurgeListener, PurgeLogEntry, PurgeNotice};
 pub use key::StoreKey;
+pub use rate::{Permit, Rate};
 pub use record::{DecodeError, Entry, PurgeMark, Record, VaryIndex};
 
 /// Milliseconds since the Unix epoch: the one time unit every backend stores.
