@@ -184,6 +184,23 @@ pub trait CacheStore: Send + Sync + fmt::Debug + 'static {
     /// a lock that expired and was taken by someone else is left alone.
     async fn unlock(&self, key: &StoreKey, token: &LockToken) -> Result<bool, StoreError>;
 
+    /// Take one permit of the rate budget named `key`, shared by everyone
+    /// using this store (every instance, for a shared backend), if one is
+    /// free within `max_wait`: [`Permit::Granted`] with how long to wait
+    /// before going (the slot is reserved), or [`Permit::Denied`] with
+    /// when to come back (nothing reserved). One atomic GCRA step (see
+    /// [`rate`]): however many callers, over any window of `T` seconds at
+    /// most `rate.burst + T × rate.per_second` grants have their go-time
+    /// in it. Budgets live in their own namespace (never touching a value
+    /// or lock of the same key) and vanish once idle. An invalid `rate`
+    /// (see [`Rate::check`]) is an error, and the server is not asked.
+    async fn take_permit(
+        &self,
+        key: &StoreKey,
+        rate: Rate,
+        max_wait: Duration,
+    ) -> Result<Permit, StoreError>;
+
     /// Remove every value stored with `tag` (and nothing else). Returns how
     /// many live values were removed.
     async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError>;
