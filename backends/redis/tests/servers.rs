@@ -423,6 +423,29 @@ async fn permit_key_on_the_servers_clock() {
         .unwrap();
 }
 
+/// Separately connected stores (standing for instances) share one budget
+/// and together never get more than it allows, on a server and on a
+/// cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permit_budget_shared_by_separate_connections() {
+    for (url, cluster) in [
+        (required_env("CACHEGATE_TEST_REDIS_URL"), false),
+        (required_env("CACHEGATE_TEST_REDIS_CLUSTER_URL"), true),
+    ] {
+        let mut stores = Vec::new();
+        for _ in 0..4 {
+            let cfg = RedisConfig {
+                url: url.clone(),
+                cluster,
+                key_prefix: "cgtest:servers:".into(),
+                ..RedisConfig::default()
+            };
+            stores.push(connect(&cfg).await.unwrap());
+        }
+        cachegate_store::conformance::permit_rate_holds_across(&stores).await;
+    }
+}
+
 #[tokio::test]
 async fn values_over_the_limit_are_refused() {
     let store = connect(&RedisConfig {

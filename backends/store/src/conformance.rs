@@ -689,14 +689,22 @@ pub async fn permit_waits_are_spaced<S: CacheStore + Clone>(store: &S) {
 /// grants (the go-time of each is its call: `max_wait` 0). And the slots
 /// are not left unused either (a loose lower bound).
 pub async fn permit_rate_holds_under_contention<S: CacheStore + Clone>(store: &S) {
+    permit_rate_holds_across(std::slice::from_ref(store)).await
+}
+
+/// [`permit_rate_holds_under_contention`] with the eight callers spread
+/// over `stores`: separately connected stores of one shared backend stand
+/// for separate instances (backend crates call it from their own tests).
+pub async fn permit_rate_holds_across<S: CacheStore + Clone>(stores: &[S]) {
+    assert!(!stores.is_empty());
     let ns = ns();
     let k = key(&ns, "contended");
     let rate = Rate::new(50.0, 10);
     let run_for = Duration::from_secs(1);
     let started = std::time::Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let s = store.clone();
+    for i in 0..8 {
+        let s = stores[i % stores.len()].clone();
         let k = k.clone();
         tasks.push(tokio::spawn(async move {
             let (mut grants, mut calls) = (0u64, 0u64);
