@@ -592,6 +592,13 @@ async fn all_fail_within(store: &DynamoStore, bound: Duration, what: &str) {
             store.try_lock(&k, Duration::from_secs(5)).await.map(drop),
         ),
         ("purge_tag", store.purge_tag("t").await.map(drop)),
+        (
+            "take_permit",
+            store
+                .take_permit(&k, Rate::new(10.0, 1), Duration::ZERO)
+                .await
+                .map(drop),
+        ),
     ];
     let took = started.elapsed();
     for (op, r) in results {
@@ -607,9 +614,9 @@ async fn all_fail_within(store: &DynamoStore, bound: Duration, what: &str) {
             other => panic!("{what}: {op} did not fail: {other:?}"),
         }
     }
-    // Five operations, each bounded by the operation timeout.
+    // Six operations, each bounded by the operation timeout.
     assert!(
-        took < bound * 5 + Duration::from_secs(2),
+        took < bound * 6 + Duration::from_secs(2),
         "{what}: took {took:?}"
     );
 }
