@@ -64,7 +64,8 @@ pub struct Capabilities {
     /// fail with [`StoreError::TooLarge`]; the proxy checks first and skips them.
     pub max_value_bytes: usize,
     /// True when other processes see what this one stores (Redis, DynamoDB).
-    /// A shared store's lock coordinates instances; a local one's only this process.
+    /// A shared store's lock and rate budgets coordinate instances; a local
+    /// one's only this process.
     pub shared: bool,
     /// How the L1s of other instances hear of purges made through this
     /// backend (see [`coherence`]).

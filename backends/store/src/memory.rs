@@ -257,6 +257,8 @@ impl CacheStore for MemoryStore {
         }
     }
 
+    /// A budget of this process only (the store is not shared): one
+    /// mutex'd step on a monotonic clock.
     async fn take_permit(
         &self,
         key: &StoreKey,
@@ -312,5 +314,31 @@ impl CacheStore for MemoryStore {
             .get(tag)
             .map(|set| set.keys().cloned().collect())
             .unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Idle budgets do not pile up: once enough are held, the ones whose
+    /// TAT has passed are swept out.
+    #[tokio::test]
+    async fn idle_budgets_are_swept() {
+        let store = MemoryStore::new(1 << 20, 1 << 16);
+        let rate = Rate::new(1e5, 1); // 10 µs apart: idle almost at once
+        for i in 0..BUDGETS_SWEEP_MIN {
+            let k = StoreKey::hash("t", [i.to_string()]);
+            store.take_permit(&k, rate, Duration::ZERO).await.unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        let busy = StoreKey::hash("t", ["busy"]);
+        store
+            .take_permit(&busy, Rate::new(1.0, 1), Duration::ZERO)
+            .await
+            .unwrap();
+        let budgets = store.permits.lock().unwrap();
+        assert_eq!(budgets.tats.len(), 1, "idle budgets kept");
+        assert!(budgets.tats.contains_key(&busy));
     }
 }
