@@ -28,7 +28,9 @@ use crate::StoreError;
 /// Valid rates (see [`Rate::check`]) also keep `emission × (burst − 1)`
 /// within [`MAX_SPAN`]: a budget never needs to look further ahead than
 /// that, and the numbers stay exact in every backend (Lua numbers are
-/// doubles).
+/// doubles). Time is whole microseconds, so a rate above a million a
+/// second acts as a million, and any other is kept at or just below
+/// what it says (3/s: one per 333 334 µs).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate {
     /// Permits a second on average (> 0).
