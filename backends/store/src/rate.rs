@@ -13,6 +13,12 @@
 //! however many callers there are, as long as each step is atomic, which
 //! every backend guarantees (a mutex, one Lua script, a conditional write).
 //!
+//! Whose clock `now` is: memory's own monotonic clock; Redis the server's
+//! `TIME` (the instances' clocks do not matter); DynamoDB each caller's
+//! wall clock, so an instance whose clock runs `d` ahead of the others
+//! acts as if its burst were `d × per_second` larger (the bound becomes
+//! `burst + (T + d) × per_second`), and one running behind gets less.
+//!
 //! Time is counted in whole microseconds; `emission` is rounded *up* to a
 //! microsecond so rounding never lets more through than the rate. The
 //! arithmetic lives here once ([`gcra`]); Redis repeats it in its Lua
