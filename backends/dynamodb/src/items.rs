@@ -12,6 +12,7 @@ use crate::BACKEND;
 
 pub(crate) const VALUE_SK: &str = "v";
 pub(crate) const LOCK_SK: &str = "l";
+pub(crate) const PERMIT_SK: &str = "r";
 
 /// How the stored bytes relate to the value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +74,16 @@ pub(crate) struct LockItem {
     pub(crate) ttl: u64,
 }
 
+/// A rate budget (`pk = "rate#<key>"`, `sk = "r"`), written by UpdateItem.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct PermitItem {
+    pub(crate) pk: String,
+    pub(crate) sk: String,
+    /// The theoretical arrival time: unix microseconds, writers' clocks.
+    pub(crate) tat: u64,
+    pub(crate) ttl: u64,
+}
+
 pub(crate) type Item = HashMap<String, AttributeValue>;
 
 pub(crate) fn to_item<T: Serialize>(v: &T) -> Result<Item, StoreError> {
@@ -108,6 +119,10 @@ pub(crate) fn tag_pk(tag: &str) -> String {
 
 pub(crate) fn lock_pk(key: &StoreKey) -> String {
     format!("lock#{}", key.as_str())
+}
+
+pub(crate) fn permit_pk(key: &StoreKey) -> String {
+    format!("rate#{}", key.as_str())
 }
 
 /// `exp` (unix millis) rounded up to epoch seconds, for the TTL attribute.
@@ -189,6 +204,8 @@ mod tests {
     fn key_namespaces_are_apart() {
         let k = StoreKey::hash("t", ["x"]);
         assert_ne!(lock_pk(&k), k.as_str());
+        assert_ne!(permit_pk(&k), k.as_str());
+        assert_ne!(permit_pk(&k), lock_pk(&k));
         assert!(tag_pk("a").starts_with("tag#"));
         assert_eq!(chunk_sk("g", 7), "c#g#00007");
     }

@@ -19,6 +19,7 @@
 //! | chunk       | `<key>`           | `c#<gen>#<n>` (`n` zero-padded, from 0) | `val` B (piece `n` of the stored value), `ttl` N |
 //! | tag member  | `tag#<tag hash>`  | `<key>`                | `exp` N, `ttl` N, `w` S (id of the write that recorded it) |
 //! | lock        | `lock#<key>`      | `l`                    | `own` S (owner token), `exp` N (unix millis), `ttl` N |
+//! | rate budget | `rate#<key>`      | `r`                    | `tat` N (theoretical arrival time, unix micros of the writers' clocks), `ttl` N (about a minute past `tat`) |
 //!
 //! - **Expiry.** `ttl` is `exp` rounded up to whole seconds, so DynamoDB's
 //!   TTL deletes every item eventually; it does so lazily (often hours
@@ -52,6 +53,15 @@
 //!   so a put the SDK retried after it had been applied is recognised as
 //!   ours); release is a delete conditioned on the token and on the lock
 //!   not having expired. `lock#` keeps locks apart from values.
+//! - **Rate budget.** [`CacheStore::take_permit`] makes the GCRA step on
+//!   the client's clock as one UpdateItem conditioned on the step's case:
+//!   a busy budget (`now <= tat <= now + tolerance + max_wait`) gets
+//!   `tat = tat + emission` from DynamoDB itself, so concurrent grants never
+//!   conflict; an idle one (no `tat`, or `tat < now`) gets `now + emission`.
+//!   A failed condition says which case holds (from the item it returns, or
+//!   a strongly consistent read): the other is tried, a bounded number of
+//!   times, then an error; or the call is denied. A denial writes nothing.
+//!   `rate#` keeps budgets apart from values and locks.
 //!
 //! Every SDK call is bounded by [`DynamoConfig::operation_timeout`], retries
 //! included (standard retry mode, at most 3 attempts of at most half the
@@ -65,6 +75,7 @@ mod codec;
 mod connect;
 mod errors;
 mod items;
+mod permit;
 mod purge_log;
 mod table;
 
@@ -80,8 +91,8 @@ use aws_sdk_dynamodb::Client;
 use bytes::Bytes;
 use cachegate_store::shared::{prepare_put, PutPlan};
 use cachegate_store::{
-    is_expired, now_millis, CacheStore, Capabilities, LockToken, PurgeLogEntry, PurgeNotice,
-    PutOptions, StoreError, StoreKey, UnixMillis,
+    is_expired, now_millis, CacheStore, Capabilities, LockToken, Permit, PurgeLogEntry,
+    PurgeNotice, PutOptions, Rate, StoreError, StoreKey, UnixMillis,
 };
 use futures_util::{stream, StreamExt, TryStreamExt};
 use serde_bytes::ByteBuf;
@@ -447,6 +458,16 @@ impl CacheStore for DynamoStore {
             Err(e) if condition_failed(&e) => Ok(false),
             Err(e) => Err(self.sdk_err("DeleteItem (lock)", e)),
         }
+    }
+
+    /// A conditional UpdateItem on the budget's item (see the crate docs).
+    async fn take_permit(
+        &self,
+        key: &StoreKey,
+        rate: Rate,
+        max_wait: Duration,
+    ) -> Result<Permit, StoreError> {
+        self.take_permit_step(key, rate, max_wait).await
     }
 
     async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError> {

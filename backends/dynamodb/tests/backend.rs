@@ -15,7 +15,7 @@ use cachegate_dynamodb::aws_sdk_dynamodb::types::{
     ScalarAttributeType,
 };
 use cachegate_dynamodb::{DynamoConfig, DynamoStore, TableError, TtlState, CHUNK_BYTES};
-use cachegate_store::{now_millis, CacheStore, PutOptions, StoreError, StoreKey};
+use cachegate_store::{now_millis, CacheStore, Permit, PutOptions, Rate, StoreError, StoreKey};
 
 fn key(name: &str) -> StoreKey {
     StoreKey::hash("dynamodb-test", [uuid(), name.to_string()])
@@ -105,6 +105,60 @@ async fn incompressible_2mb_value_round_trips_in_chunks() {
     store.put(&k, value, &opts(60_000, &[])).await.unwrap();
     assert!(store.delete(&k).await.unwrap());
     assert!(items(&store, k.as_str()).await.is_empty());
+}
+
+/// A budget is one item `rate#<key>` / `r` holding the TAT (unix
+/// microseconds) and a `ttl` past it, so DynamoDB removes idle ones; the
+/// value item of the same key is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permit_item_layout() {
+    let store = common::store().await;
+    let k = key("budget");
+    store
+        .put(&k, Bytes::from_static(b"v"), &opts(60_000, &[]))
+        .await
+        .unwrap();
+    let before = now_millis() * 1000;
+    assert_eq!(
+        store
+            .take_permit(&k, Rate::new(10.0, 3), Duration::ZERO)
+            .await
+            .unwrap(),
+        Permit::Granted {
+            wait: Duration::ZERO
+        }
+    );
+    let after = now_millis() * 1000 + 1000;
+    let budget = items(&store, &format!("rate#{}", k.as_str())).await;
+    assert_eq!(budget.len(), 1, "{budget:?}");
+    let item = &budget["r"];
+    let tat: u64 = item["tat"].as_n().unwrap().parse().unwrap();
+    assert!(
+        (before + 100_000..=after + 100_000).contains(&tat),
+        "tat {tat} not one emission after {before}..{after}"
+    );
+    let ttl: u64 = item["ttl"].as_n().unwrap().parse().unwrap();
+    assert!(
+        ttl * 1_000_000 > tat && ttl * 1_000_000 <= tat + 70_000_000,
+        "ttl {ttl} s for tat {tat} µs"
+    );
+    let mut names: Vec<&str> = item.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["pk", "sk", "tat", "ttl"]);
+    let value = items(&store, k.as_str()).await;
+    assert_eq!(value.len(), 1);
+    assert_eq!(store.get(&k).await.unwrap(), Some(Bytes::from_static(b"v")));
+}
+
+/// Separately connected stores (separate SDK clients, standing for
+/// instances) share one budget and together never exceed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permit_budget_shared_by_separate_clients() {
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(common::store().await);
+    }
+    cachegate_store::conformance::permit_rate_holds_across(&stores).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -538,6 +592,13 @@ async fn all_fail_within(store: &DynamoStore, bound: Duration, what: &str) {
             store.try_lock(&k, Duration::from_secs(5)).await.map(drop),
         ),
         ("purge_tag", store.purge_tag("t").await.map(drop)),
+        (
+            "take_permit",
+            store
+                .take_permit(&k, Rate::new(10.0, 1), Duration::ZERO)
+                .await
+                .map(drop),
+        ),
     ];
     let took = started.elapsed();
     for (op, r) in results {
@@ -553,9 +614,9 @@ async fn all_fail_within(store: &DynamoStore, bound: Duration, what: &str) {
             other => panic!("{what}: {op} did not fail: {other:?}"),
         }
     }
-    // Five operations, each bounded by the operation timeout.
+    // Six operations, each bounded by the operation timeout.
     assert!(
-        took < bound * 5 + Duration::from_secs(2),
+        took < bound * 6 + Duration::from_secs(2),
         "{what}: took {took:?}"
     );
 }

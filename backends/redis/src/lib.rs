@@ -19,6 +19,7 @@
 //! |---------------|------|-------|
 //! | `P` `v:{K}`   | hash | `b`: the value bytes; `e`: `expires_at` (decimal unix ms); one field `t:<tag>` per tag the value carries |
 //! | `P` `l:{K}`   | string | a lock: the owner's token, `SET NX PX` |
+//! | `P` `r:{K}`   | string | a rate budget's TAT: decimal unix microseconds of the server's `TIME`, expiring [`PERMIT_SLACK_MS`] after it (see [`CacheStore::take_permit`]) |
 //! | `P` `t:{T}`   | sorted set | one tag's members: the `K`s stored with it, scored by their `expires_at`; `T` = [`StoreKey::for_tag`] |
 //!
 //! Every command touches exactly one key (multi-key work is done as several
@@ -67,10 +68,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use cachegate_store::rate::max_wait_us;
 use cachegate_store::shared::{prepare_put, PutPlan};
 use cachegate_store::{
-    is_expired, now_millis, CacheStore, Capabilities, LockToken, PurgeListener, PurgeNotice,
-    PutOptions, StoreError, StoreKey, UnixMillis,
+    is_expired, now_millis, CacheStore, Capabilities, LockToken, Permit, PurgeListener,
+    PurgeNotice, PutOptions, Rate, StoreError, StoreKey, UnixMillis,
 };
 use redis::Client;
 
@@ -79,7 +81,7 @@ pub use connect::{connect, ConnectError};
 
 use conn::Shared;
 use connect::send_allowance;
-use scripts::{tag_field, DELETE, PUT, TAG_ADD, UNLOCK};
+use scripts::{tag_field, DELETE, PUT, TAG_ADD, TAKE_PERMIT, UNLOCK};
 
 const BACKEND: &str = "redis";
 
@@ -89,6 +91,10 @@ const BACKEND: &str = "redis";
 const TAG_TRIM_SLACK_MS: u64 = 60_000;
 /// Extra lifetime of a tag set beyond its longest-lived member.
 const TAG_TTL_SLACK_MS: u64 = 60_000;
+/// How long a rate budget's key outlives its TAT. Past the TAT the budget
+/// is as good as absent; the slack only spares a budget in use from being
+/// re-created every emission.
+pub const PERMIT_SLACK_MS: u64 = 1_000;
 /// Longest Redis TTL set (ten years); `expires_at` further out is still
 /// stored and checked exactly, Redis just evicts by this bound.
 const MAX_TTL_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
@@ -136,6 +142,10 @@ impl RedisStore {
 
     fn lock_key(&self, key: &StoreKey) -> String {
         format!("{}l:{{{}}}", self.prefix, key.as_str())
+    }
+
+    fn permit_key(&self, key: &StoreKey) -> String {
+        format!("{}r:{{{}}}", self.prefix, key.as_str())
     }
 
     fn tag_key(&self, tag: &str) -> String {
@@ -295,6 +305,38 @@ impl CacheStore for RedisStore {
             )
             .await?;
         Ok(released == 1)
+    }
+
+    /// One script call ([`TAKE_PERMIT`]): the step is atomic on the
+    /// server and uses the server's clock; on a cluster the budget's one
+    /// key lives on one primary (a failover to a replica whose clock is
+    /// off by some milliseconds shifts the budget by as much, once).
+    async fn take_permit(
+        &self,
+        key: &StoreKey,
+        rate: Rate,
+        max_wait: Duration,
+    ) -> Result<Permit, StoreError> {
+        rate.check(BACKEND)?;
+        let mut conn = self.conn();
+        let (granted, micros): (i64, u64) = self
+            .run(
+                "take permit",
+                TAKE_PERMIT
+                    .key(self.permit_key(key))
+                    .arg(rate.emission_us())
+                    .arg(rate.tolerance_us())
+                    .arg(max_wait_us(max_wait))
+                    .arg(PERMIT_SLACK_MS)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        let d = Duration::from_micros(micros);
+        Ok(if granted == 1 {
+            Permit::Granted { wait: d }
+        } else {
+            Permit::Denied { retry_in: d }
+        })
     }
 
     /// Works through the tag's candidates in batches: deletes each one

@@ -97,6 +97,38 @@ return n
     )
 });
 
+/// One GCRA step of a rate budget (see `cachegate_store::rate`) on the
+/// server's clock, so the instances' clocks do not matter. `KEYS[1]`
+/// holds the TAT (decimal unix microseconds, server time). ARGV:
+/// emission, tolerance, max_wait (µs), expiry slack (ms). Returns
+/// `{1, wait}` after storing the new TAT (expiring `slack` after it, so an
+/// idle budget vanishes), or `{0, retry_in}` having stored nothing.
+/// Written with `%.0f`: `tostring` would round a 16-digit number.
+pub(crate) static TAKE_PERMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local emission = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local max_wait = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '') or now
+if tat < now then tat = now end
+local ahead = tat - now
+if ahead > tolerance + max_wait then
+  return {0, ahead - tolerance - max_wait}
+end
+local new_tat = tat + emission
+local px = math.floor((new_tat - now) / 1000) + tonumber(ARGV[4])
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', px)
+local wait = ahead - tolerance
+if wait < 0 then wait = 0 end
+return {1, wait}
+",
+    )
+});
+
 pub(crate) fn tag_field(tag: &str) -> Vec<u8> {
     let mut f = Vec::with_capacity(2 + tag.len());
     f.extend_from_slice(b"t:");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cachegate_redis::{connect, ConnectError, RedisConfig};
-use cachegate_store::{now_millis, CacheStore, PutOptions, StoreError, StoreKey};
+use cachegate_store::{now_millis, CacheStore, PutOptions, Rate, StoreError, StoreKey};
 
 fn opts(ttl_ms: u64) -> PutOptions {
     PutOptions {
@@ -174,20 +174,24 @@ async fn frozen_server_times_out_operations_then_recovers() {
             .await;
         let lock = store.try_lock(&k, Duration::from_secs(5)).await;
         let purge = store.purge_tag("fault").await;
+        let permit = store
+            .take_permit(&k, Rate::new(10.0, 1), Duration::ZERO)
+            .await;
         let took = started.elapsed();
         for (what, err) in [
             ("get", get.err()),
             ("put", put.err()),
             ("lock", lock.err()),
             ("purge", purge.err()),
+            ("permit", permit.err()),
         ] {
             let err =
                 err.unwrap_or_else(|| panic!("round {round}: {what} worked on a frozen server"));
             assert!(is_backend_error(&err), "{what}: {err}");
         }
         assert!(
-            took < bound * 4,
-            "round {round}: four operations took {took:?} on a frozen server"
+            took < bound * 5,
+            "round {round}: five operations took {took:?} on a frozen server"
         );
     }
 

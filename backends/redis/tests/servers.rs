@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cachegate_redis::{connect, ConnectError, RedisConfig};
-use cachegate_store::{now_millis, CacheStore, PutOptions, StoreError, StoreKey};
+use cachegate_store::{now_millis, CacheStore, Permit, PutOptions, Rate, StoreError, StoreKey};
 
 fn required_env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
@@ -324,6 +324,126 @@ async fn keys_prefix_and_ttls() {
         .await
         .unwrap();
     assert!(left.is_empty(), "left after purge: {left:?}");
+}
+
+/// A rate budget is one key under the prefix holding the TAT in the
+/// server's microseconds (`TIME`), expiring `PERMIT_SLACK_MS` after it, so
+/// an idle budget vanishes; a TAT the server's clock puts in the future
+/// is honoured whatever the client's clock says.
+#[tokio::test]
+async fn permit_key_on_the_servers_clock() {
+    let url = required_env("CACHEGATE_TEST_REDIS_URL");
+    let prefix = format!("{}:", unique("cgtest-permit"));
+    let store = connect(&RedisConfig {
+        url: url.clone(),
+        key_prefix: prefix.clone(),
+        ..RedisConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut conn = raw(&url).await;
+    let server_micros = |t: (u64, u64)| t.0 * 1_000_000 + t.1;
+
+    let k = StoreKey::hash("test", ["budget"]);
+    let budget_key = format!("{prefix}r:{{{}}}", k.as_str());
+    let rate = Rate::new(20.0, 1);
+    let before: (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    assert_eq!(
+        store.take_permit(&k, rate, Duration::ZERO).await.unwrap(),
+        Permit::Granted {
+            wait: Duration::ZERO
+        }
+    );
+    let after: (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let tat: String = redis::cmd("GET")
+        .arg(&budget_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let tat: u64 = tat.parse().unwrap_or_else(|_| panic!("TAT {tat:?}"));
+    assert!(
+        (server_micros(before) + 50_000..=server_micros(after) + 50_000).contains(&tat),
+        "TAT {tat} not one emission after the server's TIME {before:?}..{after:?}"
+    );
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&budget_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let slack = cachegate_redis::PERMIT_SLACK_MS as i64;
+    assert!(
+        (slack - 100..=slack + 50).contains(&ttl),
+        "budget TTL {ttl}"
+    );
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        keys,
+        std::slice::from_ref(&budget_key),
+        "a permit wrote other keys"
+    );
+    tokio::time::sleep(Duration::from_millis(slack as u64 + 200)).await;
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&budget_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "idle budget still stored");
+
+    // A TAT ten seconds ahead of the server's clock: denied for about
+    // nine (tolerance 1 s at 1/s, burst 2), however the client's clock runs.
+    let now: (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let ahead = server_micros(now) + 10_000_000;
+    let _: () = redis::cmd("SET")
+        .arg(&budget_key)
+        .arg(ahead.to_string())
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    match store
+        .take_permit(&k, Rate::new(1.0, 2), Duration::ZERO)
+        .await
+        .unwrap()
+    {
+        Permit::Denied { retry_in } => assert!(
+            retry_in > Duration::from_millis(8_500) && retry_in <= Duration::from_secs(9),
+            "retry_in {retry_in:?}"
+        ),
+        other => panic!("{other:?} with the budget 10 s ahead"),
+    }
+    let _: i64 = redis::cmd("DEL")
+        .arg(&budget_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+/// Separately connected stores (standing for instances) share one budget
+/// and together never get more than it allows, on a server and on a
+/// cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permit_budget_shared_by_separate_connections() {
+    for (url, cluster) in [
+        (required_env("CACHEGATE_TEST_REDIS_URL"), false),
+        (required_env("CACHEGATE_TEST_REDIS_CLUSTER_URL"), true),
+    ] {
+        let mut stores = Vec::new();
+        for _ in 0..4 {
+            let cfg = RedisConfig {
+                url: url.clone(),
+                cluster,
+                key_prefix: "cgtest:servers:".into(),
+                ..RedisConfig::default()
+            };
+            stores.push(connect(&cfg).await.unwrap());
+        }
+        cachegate_store::conformance::permit_rate_holds_across(&stores).await;
+    }
 }
 
 #[tokio::test]

@@ -17,7 +17,10 @@ use bytes::Bytes;
 
 use crate::guard::{GuardConfig, GuardedStore};
 use crate::tiered::TieredCache;
-use crate::{now_millis, CacheStore, Entry, PutOptions, Record, StoreError, StoreKey, VaryIndex};
+use crate::{
+    now_millis, CacheStore, Entry, Permit, PutOptions, Rate, Record, StoreError, StoreKey,
+    VaryIndex,
+};
 
 /// Largest value the suite writes, even if a backend advertises more
 /// (memory: bounded by its capacity; a 6 MB Lambda response is the most
@@ -516,6 +519,287 @@ pub async fn corrupt_values_are_misses<S: CacheStore + Clone>(store: &S) {
     assert_eq!(after - before, 5, "corrupt values not counted");
 }
 
+fn granted(p: Permit) -> Option<Duration> {
+    match p {
+        Permit::Granted { wait } => Some(wait),
+        Permit::Denied { .. } => None,
+    }
+}
+
+fn denied(p: Permit) -> Duration {
+    match p {
+        Permit::Denied { retry_in } => retry_in,
+        Permit::Granted { wait } => panic!("granted (wait {wait:?}) where the budget was spent"),
+    }
+}
+
+/// A fresh budget hands out its burst at once, then nothing with
+/// `max_wait` 0; with a `max_wait` beyond the next slot, a wait of about
+/// one emission. Budgets of different keys are apart.
+pub async fn permit_burst_then_wait<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    let k = key(&ns, "burst");
+    // One a second: the whole sequence below fits in its first second
+    // however loaded the machine.
+    let rate = Rate::new(1.0, 5);
+    let started = std::time::Instant::now();
+    for i in 0..5 {
+        let p = store.take_permit(&k, rate, Duration::ZERO).await.unwrap();
+        assert_eq!(
+            p,
+            Permit::Granted {
+                wait: Duration::ZERO
+            },
+            "burst permit {i}"
+        );
+    }
+    let retry_in = denied(store.take_permit(&k, rate, Duration::ZERO).await.unwrap());
+    assert!(
+        retry_in > Duration::ZERO && retry_in <= Duration::from_secs(1),
+        "retry_in {retry_in:?} with one permit a second"
+    );
+    // Not within 100 ms either: the next slot is about a second away.
+    let short = Duration::from_millis(100);
+    let retry_short = denied(store.take_permit(&k, rate, short).await.unwrap());
+    let wait = granted(
+        store
+            .take_permit(&k, rate, Duration::from_secs(5))
+            .await
+            .unwrap(),
+    )
+    .expect("a slot within max_wait denied");
+    let elapsed = started.elapsed();
+    assert!(
+        wait <= Duration::from_secs(1) && wait + elapsed >= Duration::from_millis(990),
+        "wait {wait:?} for the slot one second after the burst ({elapsed:?} in)"
+    );
+    assert!(
+        retry_short + short <= retry_in + Duration::from_millis(1),
+        "retry_in with max_wait {short:?} ({retry_short:?}) vs with 0 ({retry_in:?})"
+    );
+    // That slot is taken now: the one after is a second later still.
+    let next = granted(
+        store
+            .take_permit(&k, rate, Duration::from_secs(5))
+            .await
+            .unwrap(),
+    )
+    .expect("second waiting permit");
+    assert!(
+        next >= wait + Duration::from_millis(900),
+        "waits {wait:?} then {next:?}: not spaced by the emission"
+    );
+
+    let other = key(&ns, "other");
+    assert_eq!(
+        store
+            .take_permit(&other, rate, Duration::ZERO)
+            .await
+            .unwrap(),
+        Permit::Granted {
+            wait: Duration::ZERO
+        },
+        "another key's budget was spent"
+    );
+    assert!(
+        store
+            .take_permit(&k, Rate::new(0.0, 1), Duration::ZERO)
+            .await
+            .is_err(),
+        "a rate of 0 accepted"
+    );
+}
+
+/// A denial reserves nothing: however many calls were denied, the call
+/// after `retry_in` is granted, and takes exactly the one freed slot.
+pub async fn permit_denied_reserves_nothing<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    let k = key(&ns, "denied");
+    // One a second: the denials below all fall within that second.
+    let rate = Rate::new(1.0, 1);
+    assert!(granted(store.take_permit(&k, rate, Duration::ZERO).await.unwrap()).is_some());
+    let mut retry_in = Duration::ZERO;
+    for _ in 0..10 {
+        retry_in = denied(store.take_permit(&k, rate, Duration::ZERO).await.unwrap());
+        assert!(
+            retry_in <= Duration::from_secs(1),
+            "retry_in {retry_in:?} beyond one emission (1 s)"
+        );
+    }
+    tokio::time::sleep(retry_in + Duration::from_millis(20)).await;
+    assert_eq!(
+        store.take_permit(&k, rate, Duration::ZERO).await.unwrap(),
+        Permit::Granted {
+            wait: Duration::ZERO
+        },
+        "denied calls pushed the budget back"
+    );
+    denied(store.take_permit(&k, rate, Duration::ZERO).await.unwrap());
+}
+
+/// Callers willing to wait are queued one emission apart: the go-time
+/// (its call's `now` + its wait) of the i-th is i emissions after the
+/// first's, which went at once. Seen from here, a call's `now` lies
+/// between sending it and its answer, so each go-time is known to within
+/// that call's round trip.
+pub async fn permit_waits_are_spaced<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    let k = key(&ns, "queue");
+    let rate = Rate::new(10.0, 1);
+    let emission = 0.1;
+    let max_wait = Duration::from_secs(10);
+    let slack = 0.001; // microsecond rounding and clock granularity
+    let start = std::time::Instant::now();
+    // (earliest, latest) go-time of the previous call, seconds from `start`.
+    let mut previous: Option<(f64, f64)> = None;
+    for i in 0..8u32 {
+        let sent = start.elapsed().as_secs_f64();
+        let wait = granted(store.take_permit(&k, rate, max_wait).await.unwrap())
+            .unwrap_or_else(|| panic!("call {i} denied with max_wait {max_wait:?}"))
+            .as_secs_f64();
+        let answered = start.elapsed().as_secs_f64();
+        let slot = emission * f64::from(i);
+        assert!(
+            wait <= slot + slack && wait + answered + slack >= slot,
+            "call {i}: wait {wait:.4} s, answered {answered:.4} s in (its slot {slot:.1} s)"
+        );
+        let go = (sent + wait, answered + wait);
+        if let Some((earliest, latest)) = previous {
+            assert!(
+                go.0 - latest <= emission + slack && go.1 - earliest + slack >= emission,
+                "call {i} goes at {go:?} s, the one before at {:?} s: not one emission apart",
+                (earliest, latest)
+            );
+        } else {
+            assert_eq!(wait, 0.0, "the first call of a fresh budget waited");
+        }
+        previous = Some(go);
+    }
+    // Eight slots are reserved ahead: a caller that will not wait is
+    // turned away until they have gone by.
+    let retry_in = denied(store.take_permit(&k, rate, Duration::ZERO).await.unwrap()).as_secs_f64();
+    let answered = start.elapsed().as_secs_f64();
+    assert!(
+        retry_in <= 0.8 + slack && retry_in + answered + slack >= 0.8,
+        "retry_in {retry_in:.4} s, answered {answered:.4} s in"
+    );
+}
+
+/// Many concurrent callers never get more than the rate allows:
+/// over the run's elapsed time `T`, at most `burst + T × per_second`
+/// grants (the go-time of each is its call: `max_wait` 0). And the slots
+/// are not left unused either (a loose lower bound).
+pub async fn permit_rate_holds_under_contention<S: CacheStore + Clone>(store: &S) {
+    permit_rate_holds_across(std::slice::from_ref(store)).await
+}
+
+/// [`permit_rate_holds_under_contention`] with the eight callers spread
+/// over `stores`: separately connected stores of one shared backend stand
+/// for separate instances (backend crates call it from their own tests).
+pub async fn permit_rate_holds_across<S: CacheStore + Clone>(stores: &[S]) {
+    assert!(!stores.is_empty());
+    let ns = ns();
+    let k = key(&ns, "contended");
+    let rate = Rate::new(50.0, 10);
+    let run_for = Duration::from_secs(1);
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = stores[i % stores.len()].clone();
+        let k = k.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut grants, mut calls) = (0u64, 0u64);
+            while started.elapsed() < run_for {
+                calls += 1;
+                match s.take_permit(&k, rate, Duration::ZERO).await.unwrap() {
+                    Permit::Granted { wait } => {
+                        assert_eq!(wait, Duration::ZERO, "max_wait 0 granted a wait");
+                        grants += 1;
+                    }
+                    // At most one emission (20 ms), plus, for a backend
+                    // on the client's clock, the age of its `now` when
+                    // another caller's step landed first.
+                    Permit::Denied { retry_in } => {
+                        assert!(retry_in <= Duration::from_millis(120), "{retry_in:?}");
+                    }
+                }
+            }
+            (grants, calls)
+        }));
+    }
+    let (mut grants, mut calls) = (0, 0);
+    for t in tasks {
+        let (g, c) = t.await.unwrap();
+        grants += g;
+        calls += c;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let allowed = f64::from(rate.burst) + elapsed * rate.per_second;
+    assert!(
+        grants as f64 <= allowed,
+        "{grants} grants in {elapsed:.3} s: more than burst + T × rate = {allowed:.1} ({calls} calls)"
+    );
+    assert!(
+        grants as f64 >= f64::from(rate.burst) + elapsed * rate.per_second / 3.0,
+        "only {grants} grants of {allowed:.1} in {elapsed:.3} s ({calls} calls)"
+    );
+}
+
+/// A budget and a value (and a lock) under the same key are apart:
+/// permits leave the value alone, and storing or deleting the value
+/// neither refills nor spends the budget.
+pub async fn permit_beside_a_value<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    let k = key(&ns, "value-and-permit");
+    let rate = Rate::new(0.5, 2);
+    store
+        .put(&k, Bytes::from_static(b"kept"), &opts(60_000, &[]))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        assert!(granted(store.take_permit(&k, rate, Duration::ZERO).await.unwrap()).is_some());
+    }
+    denied(store.take_permit(&k, rate, Duration::ZERO).await.unwrap());
+    assert_eq!(
+        store.get(&k).await.unwrap(),
+        Some(Bytes::from_static(b"kept"))
+    );
+    store
+        .put(&k, Bytes::from_static(b"again"), &opts(60_000, &[]))
+        .await
+        .unwrap();
+    denied(store.take_permit(&k, rate, Duration::ZERO).await.unwrap());
+    assert!(store.delete(&k).await.unwrap());
+    denied(store.take_permit(&k, rate, Duration::ZERO).await.unwrap());
+    assert_eq!(store.get(&k).await.unwrap(), None);
+    let t = store
+        .try_lock(&k, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("lock beside a spent budget");
+    denied(store.take_permit(&k, rate, Duration::ZERO).await.unwrap());
+    assert!(store.unlock(&k, &t).await.unwrap());
+
+    // And a budget beside a value that is already there.
+    let fresh = key(&ns, "permit-then-value");
+    assert!(granted(
+        store
+            .take_permit(&fresh, rate, Duration::ZERO)
+            .await
+            .unwrap()
+    )
+    .is_some());
+    assert_eq!(
+        store.get(&fresh).await.unwrap(),
+        None,
+        "a permit left a value"
+    );
+    assert!(
+        !store.delete(&fresh).await.unwrap(),
+        "a permit left a value"
+    );
+}
+
 /// Runs every conformance function as its own `#[tokio::test]`.
 /// `$make` is an expression evaluating to a future of the store.
 #[macro_export]
@@ -532,7 +816,12 @@ macro_rules! conformance_tests {
             purge_by_tag,
             large_values,
             concurrent_writers,
-            corrupt_values_are_misses
+            corrupt_values_are_misses,
+            permit_burst_then_wait,
+            permit_denied_reserves_nothing,
+            permit_waits_are_spaced,
+            permit_rate_holds_under_contention,
+            permit_beside_a_value
         );
     };
     (@each $make:expr; $($name:ident),*) => {

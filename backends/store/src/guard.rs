@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::{
-    CacheStore, Capabilities, LockToken, PurgeListener, PurgeLogEntry, PurgeNotice, PutOptions,
-    StoreError, StoreKey, UnixMillis,
+    CacheStore, Capabilities, LockToken, Permit, PurgeListener, PurgeLogEntry, PurgeNotice,
+    PutOptions, Rate, StoreError, StoreKey, UnixMillis,
 };
 
 /// Time bounds and breaker settings of one backend.
@@ -29,7 +29,7 @@ pub struct GuardConfig {
     /// Default `50ms`: on the hit path a slow cache is worse than none.
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
-    /// Longest a write (put, delete, lock, unlock) may take. Default `1s`:
+    /// Longest a write (put, delete, lock, unlock, permit) may take. Default `1s`:
     /// writes are off the hit path, and a DynamoDB put of a large entry
     /// (several chunk items) needs more than a read.
     #[serde(with = "humantime_serde")]
@@ -380,6 +380,22 @@ impl CacheStore for GuardedStore {
         self.run(self.config.write_timeout, self.inner.unlock(key, token))
             .await
     }
+    /// Bounded and classified like [`try_lock`](CacheStore::try_lock): a
+    /// write. An invalid rate is refused here, never counted as a backend
+    /// failure.
+    async fn take_permit(
+        &self,
+        key: &StoreKey,
+        rate: Rate,
+        max_wait: Duration,
+    ) -> Result<Permit, StoreError> {
+        rate.check(self.inner.capabilities().name)?;
+        self.run(
+            self.config.write_timeout,
+            self.inner.take_permit(key, rate, max_wait),
+        )
+        .await
+    }
     async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError> {
         self.run(self.config.purge_timeout, self.inner.purge_tag(tag))
             .await
@@ -454,6 +470,18 @@ mod tests {
         async fn unlock(&self, key: &StoreKey, token: &LockToken) -> Result<bool, StoreError> {
             self.inner.unlock(key, token).await
         }
+        async fn take_permit(
+            &self,
+            key: &StoreKey,
+            rate: Rate,
+            max_wait: Duration,
+        ) -> Result<Permit, StoreError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.hang.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            self.inner.take_permit(key, rate, max_wait).await
+        }
         async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError> {
             self.inner.purge_tag(tag).await
         }
@@ -510,6 +538,62 @@ mod tests {
         assert!(guarded.get(&key).await.unwrap().is_none());
         assert_eq!(guarded.breaker_state(), BreakerState::Closed);
         assert!(guarded.get(&key).await.is_ok());
+    }
+
+    /// A permit is bounded like a lock (the write timeout) and counts
+    /// toward the breaker; an invalid rate is refused without asking the
+    /// backend and without counting as its failure.
+    #[tokio::test]
+    async fn permits_are_bounded_and_invalid_rates_are_not_failures() {
+        let backend = Arc::new(Hangable {
+            inner: MemoryStore::new(1 << 20, 1 << 16),
+            hang: AtomicBool::new(false),
+            calls: AtomicU32::new(0),
+            delay: Duration::ZERO,
+        });
+        let config = GuardConfig {
+            read_timeout: Duration::from_millis(10),
+            write_timeout: Duration::from_millis(80),
+            failure_threshold: 2,
+            ..GuardConfig::default()
+        };
+        let guarded = GuardedStore::new(backend.clone(), config);
+        let key = StoreKey::hash("t", ["budget"]);
+        for _ in 0..3 {
+            assert!(matches!(
+                guarded
+                    .take_permit(&key, Rate::new(0.0, 1), Duration::ZERO)
+                    .await,
+                Err(StoreError::Backend { .. })
+            ));
+        }
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 0);
+        assert_eq!(guarded.breaker_state(), BreakerState::Closed);
+        let rate = Rate::new(10.0, 1);
+        assert_eq!(
+            guarded
+                .take_permit(&key, rate, Duration::ZERO)
+                .await
+                .unwrap(),
+            Permit::Granted {
+                wait: Duration::ZERO
+            }
+        );
+
+        backend.hang.store(true, Ordering::SeqCst);
+        let started = Instant::now();
+        match guarded.take_permit(&key, rate, Duration::ZERO).await {
+            Err(StoreError::Timeout { after, .. }) => {
+                assert_eq!(after, Duration::from_millis(80))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() >= Duration::from_millis(80));
+        assert!(guarded
+            .take_permit(&key, rate, Duration::ZERO)
+            .await
+            .is_err());
+        assert_eq!(guarded.breaker_state(), BreakerState::Open);
     }
 
     /// Sixteen clients on one large entry are one backend read, and the

@@ -20,8 +20,8 @@ use bytes::Bytes;
 use tokio::sync::{Mutex, OnceCell};
 
 use crate::{
-    CacheStore, Capabilities, LockToken, PurgeListener, PurgeLogEntry, PurgeNotice, PutOptions,
-    StoreError, StoreKey, UnixMillis,
+    CacheStore, Capabilities, LockToken, Permit, PurgeListener, PurgeLogEntry, PurgeNotice,
+    PutOptions, Rate, StoreError, StoreKey, UnixMillis,
 };
 
 /// Why a connection attempt failed (no secrets in `message`).
@@ -195,6 +195,14 @@ impl CacheStore for LazyStore {
     }
     async fn unlock(&self, key: &StoreKey, token: &LockToken) -> Result<bool, StoreError> {
         self.store().await?.unlock(key, token).await
+    }
+    async fn take_permit(
+        &self,
+        key: &StoreKey,
+        rate: Rate,
+        max_wait: Duration,
+    ) -> Result<Permit, StoreError> {
+        self.store().await?.take_permit(key, rate, max_wait).await
     }
     async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError> {
         self.store().await?.purge_tag(tag).await

@@ -2,10 +2,12 @@
 //!
 //! Backends are dumb, shared byte stores: they keep a value under a
 //! [`StoreKey`] until an absolute expiry, remember which tags each value
-//! carries so a purge needs no scan, and offer an owner-checked lock. They
-//! never interpret the bytes. Everything backends would otherwise repeat
-//! lives here once: the record encoding ([`record`]), key hashing ([`key`]),
-//! expiry checks, and the timeout + circuit breaker wrapper ([`guard`]).
+//! carries so a purge needs no scan, and offer an owner-checked lock and a
+//! rate budget shared by every instance ([`rate`]). They never interpret
+//! the bytes. Everything backends would otherwise repeat lives here once:
+//! the record encoding ([`record`]), key hashing ([`key`]), expiry checks,
+//! the rate arithmetic ([`rate`]), and the timeout + circuit breaker
+//! wrapper ([`guard`]).
 //!
 //! A new backend implements [`CacheStore`] and adds one line to its tests:
 //! `cachegate_store::conformance_tests!(make_store());`.
@@ -15,6 +17,7 @@ pub mod guard;
 pub mod key;
 pub mod lazy;
 pub mod memory;
+pub mod rate;
 pub mod record;
 pub mod settings;
 pub mod shared;
@@ -31,6 +34,7 @@ use bytes::Bytes;
 
 pub use coherence::{PurgeFeed, PurgeListener, PurgeLogEntry, PurgeNotice};
 pub use key::StoreKey;
+pub use rate::{Permit, Rate};
 pub use record::{DecodeError, Entry, PurgeMark, Record, UpstreamHold, VaryIndex};
 
 /// Milliseconds since the Unix epoch: the one time unit every backend stores.
@@ -60,7 +64,8 @@ pub struct Capabilities {
     /// fail with [`StoreError::TooLarge`]; the proxy checks first and skips them.
     pub max_value_bytes: usize,
     /// True when other processes see what this one stores (Redis, DynamoDB).
-    /// A shared store's lock coordinates instances; a local one's only this process.
+    /// A shared store's lock and rate budgets coordinate instances; a local
+    /// one's only this process.
     pub shared: bool,
     /// How the L1s of other instances hear of purges made through this
     /// backend (see [`coherence`]).
@@ -179,6 +184,23 @@ pub trait CacheStore: Send + Sync + fmt::Debug + 'static {
     /// Release the lock if `token` still holds it. Returns whether it did:
     /// a lock that expired and was taken by someone else is left alone.
     async fn unlock(&self, key: &StoreKey, token: &LockToken) -> Result<bool, StoreError>;
+
+    /// Take one permit of the rate budget named `key`, shared by everyone
+    /// using this store (every instance, for a shared backend), if one is
+    /// free within `max_wait`: [`Permit::Granted`] with how long to wait
+    /// before going (the slot is reserved), or [`Permit::Denied`] with
+    /// when to come back (nothing reserved). One atomic GCRA step (see
+    /// [`rate`]): however many callers, over any window of `T` seconds at
+    /// most `rate.burst + T × rate.per_second` grants have their go-time
+    /// in it. Budgets live in their own namespace (never touching a value
+    /// or lock of the same key) and vanish once idle. An invalid `rate`
+    /// (see [`Rate::check`]) is an error, and the server is not asked.
+    async fn take_permit(
+        &self,
+        key: &StoreKey,
+        rate: Rate,
+        max_wait: Duration,
+    ) -> Result<Permit, StoreError>;
 
     /// Remove every value stored with `tag` (and nothing else). Returns how
     /// many live values were removed.

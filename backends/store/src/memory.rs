@@ -12,10 +12,11 @@ use bytes::Bytes;
 use moka::future::Cache;
 use moka::notification::RemovalCause;
 
+use crate::rate::{self, gcra, Step};
 use crate::shared::{prepare_put, PutPlan};
 use crate::{
-    is_expired, now_millis, CacheStore, Capabilities, LockToken, PurgeFeed, PutOptions, StoreError,
-    StoreKey, UnixMillis,
+    is_expired, now_millis, CacheStore, Capabilities, LockToken, Permit, PurgeFeed, PutOptions,
+    Rate, StoreError, StoreKey, UnixMillis,
 };
 
 /// Fixed per-entry cost counted against the byte budget besides the bytes
@@ -67,6 +68,10 @@ pub struct MemoryStore {
     tags: TagIndex,
     puts: Arc<AtomicU64>,
     locks: Arc<Mutex<HashMap<StoreKey, (LockToken, Instant)>>>,
+    permits: Arc<Mutex<Budgets>>,
+    /// The monotonic origin of the TATs (an in-process budget needs no
+    /// wall clock, and a wall clock stepping back must not free slots).
+    clock: Instant,
     caps: Capabilities,
 }
 
@@ -79,6 +84,18 @@ impl std::fmt::Debug for MemoryStore {
             .finish()
     }
 }
+
+/// Rate budgets: each key's TAT in microseconds since `MemoryStore::clock`.
+#[derive(Default)]
+struct Budgets {
+    tats: HashMap<StoreKey, u64>,
+    /// Size at which idle budgets are next swept out: doubles with the live
+    /// ones, so a sweep costs O(1) per call amortised.
+    sweep_at: usize,
+}
+
+/// Fewest budgets held before idle ones are swept out.
+const BUDGETS_SWEEP_MIN: usize = 4096;
 
 struct ExpiresAt;
 
@@ -134,6 +151,8 @@ impl MemoryStore {
             tags,
             puts: Arc::default(),
             locks: Arc::default(),
+            permits: Arc::default(),
+            clock: Instant::now(),
             caps: Capabilities {
                 name: "memory",
                 max_value_bytes,
@@ -148,8 +167,8 @@ impl MemoryStore {
         self.cache.entry_count()
     }
 
-    /// Drop every value at once (locks are kept). Their tag records go as
-    /// moka removes them.
+    /// Drop every value at once (locks and rate budgets are kept). Their
+    /// tag records go as moka removes them.
     pub fn clear(&self) {
         self.cache.invalidate_all();
     }
@@ -238,6 +257,36 @@ impl CacheStore for MemoryStore {
         }
     }
 
+    /// A budget of this process only (the store is not shared): one
+    /// mutex'd step on a monotonic clock.
+    async fn take_permit(
+        &self,
+        key: &StoreKey,
+        rate: Rate,
+        max_wait: Duration,
+    ) -> Result<Permit, StoreError> {
+        rate.check(self.caps.name)?;
+        let mut budgets = self.permits.lock().unwrap_or_else(|p| p.into_inner());
+        // Read under the lock, so steps are applied in the order of their `now`.
+        let now = u64::try_from(self.clock.elapsed().as_micros()).unwrap_or(u64::MAX);
+        if budgets.tats.len() >= budgets.sweep_at.max(BUDGETS_SWEEP_MIN) {
+            // A TAT in the past is the same as none: idle budgets go.
+            budgets.tats.retain(|_, tat| *tat > now);
+            budgets.sweep_at = 2 * budgets.tats.len();
+        }
+        let step = gcra(
+            budgets.tats.get(key).copied(),
+            now,
+            rate.emission_us(),
+            rate.tolerance_us(),
+            rate::max_wait_us(max_wait),
+        );
+        if let Step::Grant { new_tat, .. } = step {
+            budgets.tats.insert(key.clone(), new_tat);
+        }
+        Ok(step.permit())
+    }
+
     async fn purge_tag(&self, tag: &str) -> Result<u64, StoreError> {
         let members = {
             let mut index = self.tags.lock().unwrap_or_else(|p| p.into_inner());
@@ -265,5 +314,31 @@ impl CacheStore for MemoryStore {
             .get(tag)
             .map(|set| set.keys().cloned().collect())
             .unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Idle budgets do not pile up: once enough are held, the ones whose
+    /// TAT has passed are swept out.
+    #[tokio::test]
+    async fn idle_budgets_are_swept() {
+        let store = MemoryStore::new(1 << 20, 1 << 16);
+        let rate = Rate::new(1e5, 1); // 10 µs apart: idle almost at once
+        for i in 0..BUDGETS_SWEEP_MIN {
+            let k = StoreKey::hash("t", [i.to_string()]);
+            store.take_permit(&k, rate, Duration::ZERO).await.unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        let busy = StoreKey::hash("t", ["busy"]);
+        store
+            .take_permit(&busy, Rate::new(1.0, 1), Duration::ZERO)
+            .await
+            .unwrap();
+        let budgets = store.permits.lock().unwrap();
+        assert_eq!(budgets.tats.len(), 1, "idle budgets kept");
+        assert!(budgets.tats.contains_key(&busy));
     }
 }

@@ -11,8 +11,8 @@ use crate::coherence::{Subscriber, L1};
 use crate::guard::GuardedStore;
 use crate::memory::MemoryStore;
 use crate::{
-    now_millis, CacheStore, LockToken, PurgeFeed, PurgeListener, PurgeNotice, PutOptions, Record,
-    StoreError, StoreKey,
+    now_millis, CacheStore, LockToken, Permit, PurgeFeed, PurgeListener, PurgeNotice, PutOptions,
+    Rate, Record, StoreError, StoreKey,
 };
 
 /// Counters of what went wrong below the proxy, for metrics and tests.
@@ -318,6 +318,17 @@ impl TieredCache {
     pub async fn unlock(&self, key: &StoreKey, token: &LockToken) -> Result<bool, StoreError> {
         self.main.unlock(key, token).await
     }
+
+    /// A permit of the budget `key`, always from the main backend: the
+    /// budget is shared by every instance, and an L1 is this process's only.
+    pub async fn take_permit(
+        &self,
+        key: &StoreKey,
+        rate: Rate,
+        max_wait: Duration,
+    ) -> Result<Permit, StoreError> {
+        self.main.take_permit(key, rate, max_wait).await
+    }
 }
 
 /// Keep a copy of what the backend holds in the L1, unless a purge was
@@ -348,5 +359,48 @@ fn tags_of(record: &Record) -> Vec<String> {
     match record {
         Record::Entry(e) => e.tags.clone(),
         Record::VaryIndex(_) | Record::PurgeMark(_) | Record::UpstreamHold(_) => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guard::GuardConfig;
+
+    /// The budget is the main backend's (shared by every instance), never
+    /// the L1's (this process's only).
+    #[tokio::test]
+    async fn permits_come_from_the_main_backend() {
+        let main = MemoryStore::new(1 << 20, 1 << 16);
+        let l1 = MemoryStore::new(1 << 20, 1 << 16);
+        let cache = TieredCache::new(
+            GuardedStore::new(Arc::new(main.clone()), GuardConfig::default()),
+            Some(L1Config {
+                store: l1.clone(),
+                ttl: Duration::from_secs(60),
+                check_every: Duration::from_secs(1),
+            }),
+        );
+        let k = StoreKey::hash("t", ["budget"]);
+        let rate = Rate::new(0.5, 2);
+        for _ in 0..2 {
+            assert_eq!(
+                cache.take_permit(&k, rate, Duration::ZERO).await.unwrap(),
+                Permit::Granted {
+                    wait: Duration::ZERO
+                }
+            );
+        }
+        assert!(matches!(
+            main.take_permit(&k, rate, Duration::ZERO).await.unwrap(),
+            Permit::Denied { .. }
+        ));
+        assert_eq!(
+            l1.take_permit(&k, rate, Duration::ZERO).await.unwrap(),
+            Permit::Granted {
+                wait: Duration::ZERO
+            },
+            "the L1's budget was spent"
+        );
     }
 }
