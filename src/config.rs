@@ -142,6 +142,41 @@ pub struct UpstreamConfig {
     /// longer ones are cut to this. Default `5m`.
     #[serde(default = "default_max_back_off", with = "humantime_serde")]
     pub max_back_off: Duration,
+    /// Requests a second that all instances sharing the backend send the
+    /// upstream together, at most: the GET and HEAD requests the proxy
+    /// sends (misses, revalidations, refreshes, bypassed reads; writes are
+    /// never held). Kept in the backend (one Redis script, a conditional
+    /// DynamoDB update; in-process on `memory`). Unset: no budget.
+    /// Env: `CACHEGATE_UPSTREAM__MAX_RPS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rps: Option<f64>,
+    /// Requests the budget lets go at once after a quiet spell, on top of
+    /// its pace. Default `1` (an even pace: what a per-second limit upstream
+    /// accepts). Env: `CACHEGATE_UPSTREAM__BURST`.
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+    /// The longest a client's miss waits for the budget (or for
+    /// `max_concurrency`); then an entry within stale-if-error answers, or
+    /// 503 with `Retry-After`. Background refreshes never wait: they yield
+    /// to client misses. Default `1s`. Env: `CACHEGATE_UPSTREAM__QUEUE_WAIT`.
+    #[serde(default = "default_queue_wait", with = "humantime_serde")]
+    pub queue_wait: Duration,
+    /// Upstream calls (GET and HEAD) in flight at once from this instance;
+    /// `0` = no limit. Default `0`. Env: `CACHEGATE_UPSTREAM__MAX_CONCURRENCY`.
+    #[serde(default)]
+    pub max_concurrency: u32,
+    /// Requests a second this instance allows itself while the backend
+    /// cannot be asked for the shared budget. Default: a quarter of
+    /// `max_rps` (room for four instances). Env: `CACHEGATE_UPSTREAM__FALLBACK_RPS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_rps: Option<f64>,
+}
+
+fn default_burst() -> u32 {
+    1
+}
+fn default_queue_wait() -> Duration {
+    Duration::from_secs(1)
 }
 
 fn default_retries() -> u32 {
@@ -790,6 +825,25 @@ impl Config {
         }
         if self.upstream.retries > 10 {
             return Err(invalid("upstream.retries", "must be at most 10"));
+        }
+        for (key, rps) in [
+            ("upstream.max_rps", self.upstream.max_rps),
+            ("upstream.fallback_rps", self.upstream.fallback_rps),
+        ] {
+            if let Some(rps) = rps {
+                if !(rps.is_finite() && (0.001..=1_000_000.0).contains(&rps)) {
+                    return Err(invalid(
+                        key,
+                        "must be from 0.001 to 1000000 requests a second",
+                    ));
+                }
+            }
+        }
+        if self.upstream.fallback_rps.is_some() && self.upstream.max_rps.is_none() {
+            return Err(invalid("upstream.fallback_rps", "needs upstream.max_rps"));
+        }
+        if !(1..=100_000).contains(&self.upstream.burst) {
+            return Err(invalid("upstream.burst", "must be 1 to 100000"));
         }
         if self.upstream.back_off > self.upstream.max_back_off {
             return Err(invalid(

@@ -30,6 +30,8 @@ struct Limits {
     retry_after: AtomicUsize,
     /// `max-age` of its OK answers, in seconds (0: the default, 1).
     max_age: AtomicUsize,
+    /// When each request arrived.
+    arrivals: std::sync::Mutex<Vec<Instant>>,
 }
 
 /// An upstream that answers `max-age=1, stale-if-error=60` JSON while OK
@@ -59,6 +61,7 @@ impl Upstream {
 
 async fn answer(State(s): State<Arc<Limits>>, req: Request<Body>) -> Response<Body> {
     s.seen.fetch_add(1, Ordering::SeqCst);
+    s.arrivals.lock().unwrap().push(Instant::now());
     match s.mode.load(Ordering::SeqCst) {
         RATE_LIMITED => Response::builder()
             .status(429)
@@ -333,4 +336,150 @@ async fn refresh_ahead_keeps_a_hot_key_from_missing() {
     // One refresh per entry: about one a second (the last 1 s of 2 s).
     let seen = up.seen();
     assert!((4..=8).contains(&seen), "upstream saw {seen}");
+}
+
+/// GET every URL at once.
+async fn get_all(urls: Vec<String>) -> Vec<Got> {
+    let mut set = tokio::task::JoinSet::new();
+    for url in urls {
+        set.spawn(async move { send(client().get(url)).await });
+    }
+    set.join_all().await
+}
+
+/// The most requests the upstream saw within any `window`.
+fn busiest(arrivals: &[Instant], window: Duration) -> usize {
+    let mut a = arrivals.to_vec();
+    a.sort();
+    (0..a.len())
+        .map(|i| a[i..].iter().take_while(|t| **t < a[i] + window).count())
+        .max()
+        .unwrap_or(0)
+}
+
+/// `upstream.max_rps` holds across instances: misses spread over two
+/// instances never reach the upstream faster than the budget, those that
+/// cannot get a slot within `queue_wait` get 503 `upstream_budget`.
+async fn the_budget_holds_across_instances(backend: &str) {
+    let env = backend_env(backend, "budget");
+    if backend == "dynamodb" {
+        let out = common::cli("http://127.0.0.1:9", &env, &["init"]);
+        assert!(out.status.success(), "{}", common::describe(&out));
+    }
+    let up = limited_upstream().await;
+    let budget = [
+        ("CACHEGATE_UPSTREAM__MAX_RPS", "5"),
+        ("CACHEGATE_UPSTREAM__QUEUE_WAIT", "2s"),
+    ];
+    let a = start(&up.url, &env, &budget);
+    let b = start(&up.url, &env, &budget);
+    let started = Instant::now();
+    let answers = get_all(
+        (0..40)
+            .map(|i| {
+                let at = if i % 2 == 0 { &a } else { &b };
+                format!("{}/cold/{i}", at.url)
+            })
+            .collect(),
+    )
+    .await;
+    let elapsed = started.elapsed();
+    let ok = answers.iter().filter(|g| g.status == 200).count();
+    for g in answers.iter().filter(|g| g.status != 200) {
+        assert_eq!(g.status, 503, "{g:?}");
+        assert_eq!(g.json()["error"]["code"], "upstream_budget");
+        assert!(retry_after(g) >= 1);
+    }
+    let arrivals = up.state.arrivals.lock().unwrap().clone();
+    let busiest = busiest(&arrivals, Duration::from_secs(1));
+    println!(
+        "{backend}: {ok} of 40 answered in {elapsed:?}, the rest 503; busiest second upstream: {busiest}"
+    );
+    assert_eq!(up.seen(), ok, "every answer is one upstream call");
+    // burst 1 + 2 s x 5/s = 11 may go within queue_wait of the first
+    // request (a few more for those sent a little later); at least a few do.
+    assert!((5..=14).contains(&ok), "{ok} answered");
+    // GCRA: at most burst + 1 s x 5/s = 6 in any second (one more for
+    // the jitter between a slot's time and the request's arrival).
+    assert!(busiest <= 7, "{busiest} requests within one second");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_the_budget_holds_across_instances() {
+    the_budget_holds_across_instances("redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dynamodb_the_budget_holds_across_instances() {
+    the_budget_holds_across_instances("dynamodb").await;
+}
+
+/// Over budget, an entry within stale-if-error answers (`detail=
+/// upstream-budget`); `max_concurrency` bounds the calls in flight.
+#[tokio::test]
+async fn over_budget_answers_stale_and_concurrency_is_bounded() {
+    let up = limited_upstream().await;
+    let gw = cachegate(
+        &up.url,
+        &[
+            ("CACHEGATE_UPSTREAM__MAX_RPS", "0.2"),
+            ("CACHEGATE_UPSTREAM__QUEUE_WAIT", "0s"),
+        ],
+    );
+    assert_eq!(get(&gw, "/kept").await.status, 200); // the one permit for 5 s
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let stale = get(&gw, "/kept").await;
+    assert_eq!(stale.x_cache(), "STALE", "{stale:?}");
+    assert!(
+        stale
+            .header("cache-status")
+            .contains("detail=upstream-budget"),
+        "{:?}",
+        stale.header("cache-status")
+    );
+    let held = get(&gw, "/other").await;
+    assert_eq!(held.status, 503, "{held:?}");
+    assert_eq!(held.json()["error"]["code"], "upstream_budget");
+    assert_eq!(up.seen(), 1);
+
+    let gw = cachegate(
+        &up.url,
+        &[
+            ("CACHEGATE_UPSTREAM__MAX_CONCURRENCY", "1"),
+            ("CACHEGATE_UPSTREAM__QUEUE_WAIT", "200ms"),
+            ("CACHEGATE_UPSTREAM__TIMEOUT", "2s"),
+        ],
+    );
+    up.set(HANGING);
+    let url = gw.url.clone();
+    let hanging = tokio::spawn(async move { send(client().get(format!("{url}/slow"))).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = get(&gw, "/also-slow").await;
+    assert_eq!(
+        second.status, 503,
+        "one call in flight at a time: {second:?}"
+    );
+    assert_eq!(second.json()["error"]["code"], "upstream_budget");
+    assert_eq!(hanging.await.unwrap().status, 504);
+}
+
+/// A backend that cannot be asked leaves each instance its fallback share.
+#[tokio::test]
+async fn without_the_backend_each_instance_keeps_to_its_fallback() {
+    let up = limited_upstream().await;
+    let dead = format!("redis://127.0.0.1:{}", free_port());
+    let gw = cachegate(
+        &up.url,
+        &[
+            ("CACHEGATE_BACKEND", "redis"),
+            ("CACHEGATE_REDIS__URL", dead.as_str()),
+            ("CACHEGATE_UPSTREAM__MAX_RPS", "100"),
+            ("CACHEGATE_UPSTREAM__FALLBACK_RPS", "0.5"),
+            ("CACHEGATE_UPSTREAM__QUEUE_WAIT", "0s"),
+        ],
+    );
+    let answers = get_all((0..6).map(|i| format!("{}/f/{i}", gw.url)).collect()).await;
+    let ok = answers.iter().filter(|g| g.status == 200).count();
+    assert_eq!(ok, 1, "burst 1 of the 0.5/s fallback: {answers:?}");
+    assert_eq!(up.seen(), 1);
 }

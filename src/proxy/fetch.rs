@@ -8,6 +8,7 @@ use http::{HeaderMap, Method, StatusCode};
 
 use cachegate_store::{now_millis, Entry, Record, StoreError, StoreKey, UnixMillis, VaryIndex};
 
+use super::guard::Caller;
 use super::outcome::{Forward, Kind, Outcome, UpstreamFailure};
 use super::{Fetched, Proxy};
 use crate::key::{self, Target};
@@ -29,6 +30,8 @@ pub(super) struct MissCtx {
     pub(super) cache_down: bool,
     /// When the request arrived (after its lookup).
     pub(super) arrived_at: UnixMillis,
+    /// A client waits for the request budget; a background refresh does not.
+    pub(super) caller: Caller,
 }
 
 impl MissCtx {
@@ -63,6 +66,7 @@ impl Proxy {
             fwd,
             cache_down,
             arrived_at: _,
+            caller,
         } = miss;
         let (policy, cache_down) = (*policy, *cache_down);
         let mut headers = client_headers.clone();
@@ -74,7 +78,7 @@ impl Proxy {
         let sent_at = std::time::Instant::now();
         // The upstream may be off limits (its breaker open, or a back-off
         // it asked for): then it is not called at all.
-        let sent = match self.admit_upstream().await {
+        let sent = match self.admit_upstream(*caller).await {
             Ok(admitted) => {
                 let credentials = super::guard::has_credentials(&headers);
                 let sent = self

@@ -283,6 +283,7 @@ impl Proxy {
             },
             cache_down: cache_trouble.is_some(),
             arrived_at: now,
+            caller: guard::Caller::Client,
             primary,
             target,
             method,
@@ -325,7 +326,11 @@ impl Proxy {
                 let refresh = match (running, self.settings.mode) {
                     (true, _) => Some(Refresh::InProgress),
                     (false, Mode::Serve) => {
-                        let (this, miss, stale) = (self.clone(), miss.clone(), entry.clone());
+                        let (this, stale) = (self.clone(), entry.clone());
+                        let miss = MissCtx {
+                            caller: guard::Caller::Background,
+                            ..miss.clone()
+                        };
                         tokio::spawn(async move {
                             if let Err(e) = this
                                 .fetch_coalesced(&miss, Some(stale), OnContention::Wait)
@@ -465,7 +470,11 @@ impl Proxy {
             }
             tried.insert(miss.primary.clone(), entry.fresh_until);
         }
-        let (this, miss, current) = (self.clone(), miss.clone(), entry.clone());
+        let (this, current) = (self.clone(), entry.clone());
+        let miss = MissCtx {
+            caller: guard::Caller::Background,
+            ..miss.clone()
+        };
         tokio::spawn(async move {
             if let Err(e) = this
                 .fetch_coalesced(&miss, Some(current), OnContention::ServeStale)
@@ -508,7 +517,7 @@ impl Proxy {
         // Reads are held back with the cache's own calls; writes always go.
         let guarded = matches!(method, Method::GET | Method::HEAD);
         let sent = if guarded {
-            match self.admit_upstream().await {
+            match self.admit_upstream(guard::Caller::Client).await {
                 Ok(admitted) => {
                     let credentials = guard::has_credentials(&headers);
                     let sent = self

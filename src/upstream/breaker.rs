@@ -63,6 +63,18 @@ impl Breaker {
         }
     }
 
+    /// An admitted request that will not be sent after all (held back by
+    /// the request budget): if it was the probe, the next request probes.
+    pub fn abandon(&self, admitted: Admit, now: Instant) {
+        if admitted != Admit::Probe {
+            return;
+        }
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let State::Probing { .. } = *state {
+            *state = State::Open { until: now };
+        }
+    }
+
     /// Report how an admitted request went (`failed`: refused, timed out or
     /// a server error).
     pub fn report(&self, admitted: Admit, failed: bool, now: Instant) {
@@ -151,6 +163,18 @@ mod tests {
         b.report(Admit::Go, true, t + OPEN_FOR); // admitted long before
         b.report(Admit::Probe, false, t + OPEN_FOR);
         assert_eq!(b.admit(t + OPEN_FOR), Admit::Go);
+    }
+
+    #[test]
+    fn an_abandoned_probe_lets_the_next_request_probe() {
+        let b = Breaker::new(1, OPEN_FOR);
+        let t = Instant::now();
+        b.report(Admit::Go, true, t);
+        assert_eq!(b.admit(t + OPEN_FOR), Admit::Probe);
+        b.abandon(Admit::Probe, t + OPEN_FOR);
+        assert_eq!(b.admit(t + OPEN_FOR), Admit::Probe);
+        b.abandon(Admit::Go, t + OPEN_FOR); // not the probe: no change
+        assert!(matches!(b.admit(t + OPEN_FOR), Admit::Refused { .. }));
     }
 
     #[test]

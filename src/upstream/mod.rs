@@ -46,6 +46,9 @@ pub enum Hold {
     /// The upstream asked every client to back off (a 429, or a 503 with
     /// `Retry-After`), this instance or another sharing the backend was told.
     RetryAfter,
+    /// The request budget (`upstream.max_rps`, `max_concurrency`) had no
+    /// room within `upstream.queue_wait`.
+    Budget,
 }
 
 impl Hold {
@@ -54,12 +57,14 @@ impl Hold {
         match self {
             Hold::BreakerOpen => "upstream-open",
             Hold::RetryAfter => "upstream-retry-after",
+            Hold::Budget => "upstream-budget",
         }
     }
     fn explain(self) -> &'static str {
         match self {
             Hold::BreakerOpen => "the upstream failed repeatedly and is not being called",
             Hold::RetryAfter => "the upstream asked to be left alone (Retry-After)",
+            Hold::Budget => "the upstream request budget (upstream.max_rps) is spent",
         }
     }
 }
@@ -93,6 +98,9 @@ impl UpstreamError {
                 hold: Hold::RetryAfter,
                 ..
             } => "upstream_retry_after",
+            UpstreamError::Held {
+                hold: Hold::Budget, ..
+            } => "upstream_budget",
         }
     }
 
