@@ -123,8 +123,10 @@ pub struct UpstreamConfig {
     /// never retried. Default `2`. Env: `CACHEGATE_UPSTREAM__RETRIES`.
     #[serde(default = "default_retries")]
     pub retries: u32,
-    /// Refused connections, timeouts and 5xx answers in a row (GET and
-    /// HEAD) that open this instance's upstream breaker: for `open_for`
+    /// Refused connections, timeouts and gateway failures (502, 503 without
+    /// `Retry-After`, 504) in a row, for GET and HEAD, that open this
+    /// instance's upstream breaker (a 500 is one request's error, not the
+    /// upstream's state, and does not count): for `open_for`
     /// nothing is sent, entries within stale-if-error answer at once and
     /// other requests get 503 with `Retry-After`; then one request probes.
     /// `0` turns the breaker off. Default `5`.

@@ -181,7 +181,9 @@ async fn bench_url_reports_what_the_proxy_and_upstream_did() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_counts_errors_by_kind() {
     let up = upstream().await;
-    let cg = cachegate(&up.url, &[]);
+    // Six 503s in a row would open the upstream breaker at five: this test
+    // is about what bench counts, so every request must reach the upstream.
+    let cg = cachegate(&up.url, &[("CACHEGATE_UPSTREAM__FAILURE_THRESHOLD", "0")]);
 
     let (out, report) = bench_async(
         [

@@ -1,8 +1,10 @@
 //! What an upstream answer says about calling the upstream again: a 429,
 //! or a 503 with `Retry-After`, asks every client to hold off (RFC 6585
-//! §4, RFC 9110 §10.2.3); server errors, timeouts and refused connections
-//! count towards the upstream breaker; anything else shows it healthy.
-//! Pure code: the clock comes in.
+//! §4, RFC 9110 §10.2.3); gateway failures (502, 503, 504, like timeouts
+//! and refused connections) count towards the upstream breaker. Other
+//! answers, a 500 among them, say nothing about the upstream as a whole:
+//! one endpoint's bug must not stop calls to every other. Pure code: the
+//! clock comes in.
 
 use std::time::Duration;
 
@@ -14,9 +16,11 @@ use super::date::parse_http_date;
 /// What one upstream answer (or failure) tells the guard in front of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
-    /// It answered: not a server error, not a request to back off.
-    Healthy,
-    /// A server error, a timeout or no connection: one more towards the breaker.
+    /// It answered for itself: neither a gateway failure nor a request to
+    /// back off (a 500 is this request's error, not the upstream's state).
+    Answered,
+    /// A gateway failure (502, 503, 504), a timeout or no connection: one
+    /// more towards the breaker.
     Failure,
     /// Hold off for this long (already capped), asked for with this status.
     BackOff { wait: Duration, status: u16 },
@@ -41,13 +45,19 @@ pub fn signal_of(
     let wait = match (status, asked) {
         (StatusCode::TOO_MANY_REQUESTS, asked) => asked.unwrap_or(rules.default_wait),
         (StatusCode::SERVICE_UNAVAILABLE, Some(asked)) => asked,
-        (s, _) if s.is_server_error() => return Signal::Failure,
-        _ => return Signal::Healthy,
+        (s, _) if is_gateway_failure(s) => return Signal::Failure,
+        _ => return Signal::Answered,
     };
     Signal::BackOff {
         wait: wait.min(rules.max_wait),
         status: status.as_u16(),
     }
+}
+
+/// 502, 503 and 504: the upstream (or the gateway in front of it) could
+/// not answer, whatever was asked.
+pub fn is_gateway_failure(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 502..=504)
 }
 
 /// The wait a `Retry-After` asks for (RFC 9110 §10.2.3): delay-seconds or
@@ -144,13 +154,16 @@ mod tests {
 
     #[test]
     fn statuses_classify() {
-        assert_eq!(sig(200, &[]), Signal::Healthy);
-        assert_eq!(sig(304, &[]), Signal::Healthy);
-        assert_eq!(sig(404, &[]), Signal::Healthy);
+        assert_eq!(sig(200, &[]), Signal::Answered);
+        assert_eq!(sig(304, &[]), Signal::Answered);
+        assert_eq!(sig(404, &[]), Signal::Answered);
         // A Retry-After on a redirect or a 200 is not a request to back off.
-        assert_eq!(sig(301, &["60"]), Signal::Healthy);
-        assert_eq!(sig(500, &[]), Signal::Failure);
+        assert_eq!(sig(301, &["60"]), Signal::Answered);
+        // One endpoint's error is not the upstream's state.
+        assert_eq!(sig(500, &[]), Signal::Answered);
+        assert_eq!(sig(501, &[]), Signal::Answered);
         assert_eq!(sig(502, &["10"]), Signal::Failure);
+        assert_eq!(sig(504, &[]), Signal::Failure);
         assert_eq!(sig(503, &[]), Signal::Failure);
         assert_eq!(sig(503, &["10"]), back_off(10, 503));
         assert_eq!(sig(429, &["7"]), back_off(7, 429));

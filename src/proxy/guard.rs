@@ -269,7 +269,7 @@ impl Proxy {
         let signal = match sent {
             Ok(r) => signal_of(r.status, &r.headers, now, guard.rules),
             Err(e) if e.is_failure() => Signal::Failure,
-            Err(_) => Signal::Healthy,
+            Err(_) => Signal::Answered,
         };
         guard.breaker.report(
             admission.admitted,

@@ -1,5 +1,5 @@
 //! The upstream breaker of one instance: after `threshold` failures in a
-//! row (refused connections, timeouts, server errors) it opens and nothing
+//! row (refused connections, timeouts, 502/503/504) it opens and nothing
 //! is sent for `open_for`; then one request goes through as a probe. Its
 //! success closes the breaker, its failure opens it again. A probe that
 //! never reports (its task was dropped) is given up after `open_for`, and
@@ -76,7 +76,7 @@ impl Breaker {
     }
 
     /// Report how an admitted request went (`failed`: refused, timed out or
-    /// a server error).
+    /// a gateway failure).
     pub fn report(&self, admitted: Admit, failed: bool, now: Instant) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match (*state, failed) {
