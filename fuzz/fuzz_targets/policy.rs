@@ -125,13 +125,16 @@ fuzz_target!(|data: &[u8]| {
     }
     // A back-off never exceeds its cap, only 429 and 503 ask for one, and
     // only gateway failures count towards the breaker.
-    let rules = BackOffRules {
+    let back_off_rules = BackOffRules {
         default_wait: Duration::from_secs(1),
         max_wait: Duration::from_secs(300),
     };
-    match signal_of(status, &resp, response_time, rules) {
+    match signal_of(status, &resp, response_time, back_off_rules) {
         Signal::BackOff { wait, status: s } => {
-            assert!(wait <= rules.max_wait, "back-off {wait:?} past the cap");
+            assert!(
+                wait <= back_off_rules.max_wait,
+                "back-off {wait:?} past the cap"
+            );
             assert!(s == 429 || s == 503, "back-off asked by {s}");
         }
         Signal::Failure => assert!(matches!(status.as_u16(), 502..=504)),
