@@ -76,20 +76,17 @@ impl Proxy {
         policy::conditional::upstream_conditionals(&mut headers, stale.as_ref());
         let request_time = now_millis();
         let sent_at = std::time::Instant::now();
-        // The upstream may be off limits (its breaker open, or a back-off
-        // it asked for): then it is not called at all.
-        let sent = match self.admit_upstream(*caller).await {
-            Ok(admitted) => {
-                let credentials = super::guard::has_credentials(&headers);
-                let sent = self
-                    .upstream
-                    .send(method.clone(), target.url.clone(), headers, Bytes::new())
-                    .await;
-                self.report_upstream(admitted, credentials, &sent).await;
-                sent
-            }
-            Err(held) => Err(held),
-        };
+        // The upstream may be off limits (its breaker open, a back-off it
+        // asked for, the budget spent): then it is not called at all.
+        let sent = self
+            .send_upstream(
+                method.clone(),
+                target.url.clone(),
+                headers,
+                Bytes::new(),
+                *caller,
+            )
+            .await;
         let response_time = now_millis();
         let upstream_time = sent_at.elapsed();
         // 6. Upstream failed, refused us (429), or may not be called: a

@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::HeaderMap;
+use bytes::Bytes;
+use http::{HeaderMap, Method};
+use reqwest::Url;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use cachegate_store::rate::{gcra, max_wait_us, Step};
@@ -157,9 +159,30 @@ fn budget_key() -> StoreKey {
 }
 
 impl Proxy {
+    /// Send a request upstream. GET and HEAD go through the guard (they
+    /// may be held back, and what they get teaches it); other methods are
+    /// sent as they are.
+    pub(super) async fn send_upstream(
+        &self,
+        method: Method,
+        url: Url,
+        headers: HeaderMap,
+        body: Bytes,
+        caller: Caller,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        if !matches!(method, Method::GET | Method::HEAD) {
+            return self.upstream.send(method, url, headers, body).await;
+        }
+        let admission = self.admit_upstream(caller).await?;
+        let credentials = has_credentials(&headers);
+        let sent = self.upstream.send(method, url, headers, body).await;
+        self.report_upstream(admission, credentials, &sent).await;
+        sent
+    }
+
     /// May a GET or HEAD go upstream now? `Err` is the answer to give
     /// instead (a stale entry, or 503 with `Retry-After`).
-    pub(super) async fn admit_upstream(&self, caller: Caller) -> Result<Admission, UpstreamError> {
+    async fn admit_upstream(&self, caller: Caller) -> Result<Admission, UpstreamError> {
         let guard = &self.guard;
         let now = now_millis();
         let mut until = guard.hold_until.load(Ordering::Relaxed);
@@ -258,7 +281,7 @@ impl Proxy {
 
     /// Learn from what an admitted call got: feed the breaker, and set
     /// (and share) a back-off the upstream asked for.
-    pub(super) async fn report_upstream(
+    async fn report_upstream(
         &self,
         admission: Admission,
         sent_headers_had_credentials: bool,
@@ -304,6 +327,6 @@ impl Proxy {
 }
 
 /// Whether forwarded request headers carry a client's credentials.
-pub(super) fn has_credentials(headers: &HeaderMap) -> bool {
+fn has_credentials(headers: &HeaderMap) -> bool {
     headers.contains_key(http::header::AUTHORIZATION) || headers.contains_key(http::header::COOKIE)
 }

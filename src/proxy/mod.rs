@@ -514,26 +514,15 @@ impl Proxy {
         ) || self.settings.invalidating_methods.contains(&method);
         let head = method == Method::HEAD;
         let sent_at = std::time::Instant::now();
-        // Reads are held back with the cache's own calls; writes always go.
-        let guarded = matches!(method, Method::GET | Method::HEAD);
-        let sent = if guarded {
-            match self.admit_upstream(guard::Caller::Client).await {
-                Ok(admitted) => {
-                    let credentials = guard::has_credentials(&headers);
-                    let sent = self
-                        .upstream
-                        .send(method, target.url.clone(), headers, body)
-                        .await;
-                    self.report_upstream(admitted, credentials, &sent).await;
-                    sent
-                }
-                Err(held) => Err(held),
-            }
-        } else {
-            self.upstream
-                .send(method, target.url.clone(), headers, body)
-                .await
-        };
+        let sent = self
+            .send_upstream(
+                method,
+                target.url.clone(),
+                headers,
+                body,
+                guard::Caller::Client,
+            )
+            .await;
         match sent {
             Ok(mut resp) => {
                 let upstream_time = sent_at.elapsed();
