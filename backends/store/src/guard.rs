@@ -436,6 +436,19 @@ mod tests {
         delay: Duration,
     }
 
+    impl Hangable {
+        /// A memory store that hangs while `hang` is set and makes every
+        /// get take `delay`.
+        fn new(capacity: u64, max_value: usize, hang: bool, delay: Duration) -> Arc<Self> {
+            Arc::new(Hangable {
+                inner: MemoryStore::new(capacity, max_value),
+                hang: AtomicBool::new(hang),
+                calls: AtomicU32::new(0),
+                delay,
+            })
+        }
+    }
+
     #[async_trait]
     impl CacheStore for Hangable {
         fn capabilities(&self) -> &Capabilities {
@@ -489,12 +502,7 @@ mod tests {
 
     #[tokio::test]
     async fn breaker_opens_fails_fast_probes_and_closes() {
-        let backend = Arc::new(Hangable {
-            inner: MemoryStore::new(1 << 20, 1 << 16),
-            hang: AtomicBool::new(true),
-            calls: AtomicU32::new(0),
-            delay: Duration::ZERO,
-        });
+        let backend = Hangable::new(1 << 20, 1 << 16, true, Duration::ZERO);
         let config = GuardConfig {
             read_timeout: Duration::from_millis(30),
             write_timeout: Duration::from_millis(30),
@@ -545,12 +553,7 @@ mod tests {
     /// backend and without counting as its failure.
     #[tokio::test]
     async fn permits_are_bounded_and_invalid_rates_are_not_failures() {
-        let backend = Arc::new(Hangable {
-            inner: MemoryStore::new(1 << 20, 1 << 16),
-            hang: AtomicBool::new(false),
-            calls: AtomicU32::new(0),
-            delay: Duration::ZERO,
-        });
+        let backend = Hangable::new(1 << 20, 1 << 16, false, Duration::ZERO);
         let config = GuardConfig {
             read_timeout: Duration::from_millis(10),
             write_timeout: Duration::from_millis(80),
@@ -601,12 +604,7 @@ mod tests {
     /// for everyone else.
     #[tokio::test]
     async fn concurrent_reads_of_one_key_share_one_backend_read() {
-        let backend = Arc::new(Hangable {
-            inner: MemoryStore::new(64 << 20, 8 << 20),
-            hang: AtomicBool::new(false),
-            calls: AtomicU32::new(0),
-            delay: Duration::from_millis(60),
-        });
+        let backend = Hangable::new(64 << 20, 8 << 20, false, Duration::from_millis(60));
         let config = GuardConfig {
             read_timeout: Duration::from_millis(40),
             read_timeout_per_mib: Duration::from_millis(20),
