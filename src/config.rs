@@ -290,8 +290,9 @@ pub struct CacheConfig {
     /// last 10 %), in which a hit also refreshes the entry in the
     /// background, so a hot key never misses. One request per process and,
     /// with a shared backend, one instance (the fetch lock) refreshes; an
-    /// entry is tried once. `serve` only for now (under Lambda nothing runs
-    /// after a response). `0` = off. Default `0`.
+    /// entry is tried once. Under Lambda it runs after the response, held
+    /// open by the after-response extension, and is off if that could not
+    /// register. `0` = off. Default `0`.
     /// Env: `CACHEGATE_CACHE__REFRESH_AHEAD`.
     pub refresh_ahead: f64,
     /// Shorten each stored entry's remaining freshness by a random part of

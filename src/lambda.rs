@@ -8,6 +8,10 @@ use http::{Request, Response, StatusCode};
 use lambda_http::request::LambdaRequest;
 use lambda_http::{Body, LambdaEvent};
 
+use lambda_http::lambda_runtime::LambdaInvocation;
+use tokio_util::task::TaskTracker;
+
+use crate::background::{Background, Finished, Waited};
 use crate::proxy::{json_error, Proxy};
 use crate::request::{GatewayProto, PeerAddr};
 use crate::telemetry::RequestId;
@@ -235,14 +239,146 @@ pub async fn invoke(proxy: &Arc<Proxy>, req: lambda_http::Request) -> Response<B
     lambda_body(resp)
 }
 
-/// Run the Lambda runtime loop until the environment ends it.
-pub async fn run(proxy: Arc<Proxy>) -> Result<(), lambda_http::Error> {
+/// Run the Lambda runtime loop until the environment ends it; with the
+/// after-response extension beside it when it registered.
+pub async fn run(
+    proxy: Arc<Proxy>,
+    extension: Option<AfterResponseExtension>,
+) -> Result<(), lambda_http::Error> {
+    use lambda_http::lambda_runtime::{layers::TracingLayer, Runtime};
     // lambda_http::run with the repair step in front of its adapter.
     let handler = lambda_http::service_fn(move |req: lambda_http::Request| {
         let proxy = proxy.clone();
         async move { Ok::<_, std::convert::Infallible>(invoke(&proxy, req).await) }
     });
-    lambda_http::lambda_runtime::run(Convertible(lambda_http::Adapter::from(handler))).await
+    let runtime =
+        Runtime::new(Convertible(lambda_http::Adapter::from(handler))).layer(TracingLayer::new());
+    match extension {
+        None => runtime.run().await,
+        Some(AfterResponseExtension {
+            events, finished, ..
+        }) => {
+            // Outermost: its inner service has posted the response when it
+            // returns, whatever the event was.
+            let runtime = runtime.layer(tower::layer::layer_fn(move |inner| ReportFinished {
+                inner,
+                finished: finished.clone(),
+            }));
+            tokio::try_join!(runtime.run(), events).map(|_| ())
+        }
+    }
+}
+
+/// The internal extension that holds each invocation open until the work
+/// it left after its response has ended ([`crate::background`]).
+pub struct AfterResponseExtension {
+    /// The extension's event loop, run beside the runtime's.
+    events: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), lambda_http::Error>>>>,
+    finished: Finished,
+    tracker: TaskTracker,
+}
+
+/// The name the extension registers under (Lambda logs it at start-up).
+const EXTENSION_NAME: &str = "cachegate-after-response";
+
+/// A Runtime API that never answers the registration must not hold the
+/// start-up; cachegate then runs without the extension.
+const REGISTER_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl AfterResponseExtension {
+    /// Register with the Lambda Extensions API (during init, before the
+    /// runtime asks for its first event). `None`, with a warning, when it
+    /// cannot: stale-while-revalidate refreshes then run inline and
+    /// refresh-ahead is off.
+    pub async fn register() -> Option<AfterResponseExtension> {
+        let (tracker, finished, waiter) = crate::background::after_response();
+        let waiter = Arc::new(tokio::sync::Mutex::new(waiter));
+        let processor = lambda_extension::service_fn(
+            move |event: lambda_extension::LambdaEvent| {
+                let waiter = waiter.clone();
+                async move {
+                    if let lambda_extension::NextEvent::Invoke(invoke) = event.next {
+                        let started = std::time::Instant::now();
+                        let deadline =
+                            crate::background::deadline_from_epoch_ms(invoke.deadline_ms);
+                        let waited = waiter.lock().await.wait(&invoke.request_id, deadline).await;
+                        match waited {
+                            Waited::Done => tracing::debug!(
+                                request_id = %invoke.request_id,
+                                held_ms = started.elapsed().as_millis() as u64,
+                                "invocation complete: its response and the work after it are done"
+                            ),
+                            Waited::Deadline => tracing::warn!(
+                                request_id = %invoke.request_id,
+                                deadline_ms = invoke.deadline_ms,
+                                "work after the response was still running at the invocation's deadline"
+                            ),
+                        }
+                    }
+                    Ok::<(), lambda_extension::Error>(())
+                }
+            },
+        );
+        let registering = lambda_extension::Extension::new()
+            .with_events(&["INVOKE"])
+            .with_events_processor(processor)
+            .with_extension_name(EXTENSION_NAME)
+            .register();
+        match tokio::time::timeout(REGISTER_LIMIT, registering).await {
+            Ok(Ok(registered)) => Some(AfterResponseExtension {
+                events: Box::pin(registered.run()),
+                finished,
+                tracker,
+            }),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the after-response extension could not register; refreshes run inline");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("the Extensions API did not answer the registration within {REGISTER_LIMIT:?}; refreshes run inline");
+                None
+            }
+        }
+    }
+
+    /// How the proxy runs work after a response with this extension.
+    pub fn background(&self) -> Background {
+        Background::AfterResponse(self.tracker.clone())
+    }
+}
+
+/// Tells the extension when the runtime has posted an invocation's response.
+struct ReportFinished<S> {
+    inner: S,
+    finished: Finished,
+}
+
+impl<S> lambda_http::Service<LambdaInvocation> for ReportFinished<S>
+where
+    S: lambda_http::Service<LambdaInvocation, Response = (), Error = lambda_http::Error>,
+    S::Future: 'static,
+{
+    type Response = ();
+    type Error = lambda_http::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Self::Error>>>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, invocation: LambdaInvocation) -> Self::Future {
+        let request_id = invocation.context.request_id.clone();
+        let finished = self.finished.clone();
+        let posted = self.inner.call(invocation);
+        Box::pin(async move {
+            let result = posted.await;
+            finished.report(&request_id);
+            result
+        })
+    }
 }
 
 #[cfg(test)]

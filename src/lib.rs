@@ -7,12 +7,15 @@
 //! - [`routes`]: per-route rules.
 //! - [`proxy`]: the request flow, top to bottom.
 //! - [`serve`] and [`lambda`]: thin adapters over [`proxy::Proxy::handle`].
+//! - [`background`]: work after a response (serve, and Lambda's
+//!   after-response extension).
 //! - [`edge`]: CloudFront in front: cache tags on responses, invalidations.
 //! - [`invalidate`]: purging by URL and tag (`cachegate purge`) and the
 //!   invalidator role's Lambda handler (EventBridge, SQS).
 //! - [`output`]: the command line's output, quiet on a closed pipe.
 
 pub mod backend;
+pub mod background;
 pub mod config;
 pub mod edge;
 pub mod invalidate;
@@ -59,7 +62,22 @@ impl StartError {
 }
 
 /// Build the proxy for `config`: routes, cache backend, upstream client.
+/// Work after a response is spawned in serve mode and done inline under
+/// Lambda; [`build_proxy_with`] chooses.
 pub async fn build_proxy(config: &Config, mode: Mode) -> Result<Arc<Proxy>, StartError> {
+    let background = match mode {
+        Mode::Serve => background::Background::Spawned,
+        Mode::Lambda => background::Background::Inline,
+    };
+    build_proxy_with(config, mode, background).await
+}
+
+/// [`build_proxy`], with work after a response run as `background` says.
+pub async fn build_proxy_with(
+    config: &Config,
+    mode: Mode,
+    background: background::Background,
+) -> Result<Arc<Proxy>, StartError> {
     let base = reqwest::Url::parse(&config.upstream.url)
         .map_err(|e| config::invalid_key("upstream.url", e.to_string()))?;
     let routes = routes::RouteTable::build(&config.routes, &config.cache)?;
@@ -67,6 +85,7 @@ pub async fn build_proxy(config: &Config, mode: Mode) -> Result<Arc<Proxy>, Star
     let upstream = upstream::Upstream::new(&config.upstream)?;
     let settings = proxy::Settings {
         mode,
+        background,
         coalesce_wait: config.cache.coalesce_wait,
         // A fetch lock outlives the longest upstream call its holder can make.
         lock_ttl: config.upstream.timeout + std::time::Duration::from_secs(1),

@@ -128,14 +128,24 @@ fn main() -> ExitCode {
                 Err(e) => Err(Failed(e.to_string(), e.exit_code())),
             },
             Some(Command::Bench { .. }) => unreachable!("bench runs before the configuration is loaded"),
-            None if in_lambda => match cachegate::build_proxy(&config, Mode::Lambda).await {
-                Ok(proxy) => match config.role {
-                    Role::Proxy => cachegate::lambda::run(proxy).await,
-                    Role::Invalidator => cachegate::invalidate::run(proxy).await,
+            None if in_lambda => {
+                // Registered during init, before the runtime's first event.
+                let extension = match config.role {
+                    Role::Proxy => cachegate::lambda::AfterResponseExtension::register().await,
+                    Role::Invalidator => None,
+                };
+                let background = extension
+                    .as_ref()
+                    .map_or(cachegate::background::Background::Inline, |e| e.background());
+                match cachegate::build_proxy_with(&config, Mode::Lambda, background).await {
+                    Ok(proxy) => match config.role {
+                        Role::Proxy => cachegate::lambda::run(proxy, extension).await,
+                        Role::Invalidator => cachegate::invalidate::run(proxy).await,
+                    }
+                    .map_err(|e| Failed::from(format!("lambda: {e}"))),
+                    Err(e) => Err(Failed(e.to_string(), e.exit_code())),
                 }
-                .map_err(|e| Failed::from(format!("lambda: {e}"))),
-                Err(e) => Err(Failed(e.to_string(), e.exit_code())),
-            },
+            }
             None => {
                 cachegate::output::eprintln("cachegate: no subcommand (and not inside AWS Lambda); try `cachegate serve` or `cachegate --help`");
                 return ExitCode::from(2);

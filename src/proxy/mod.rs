@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use cachegate_store::tiered::TieredCache;
 use cachegate_store::{now_millis, Entry, Record, StoreError, StoreKey};
 
+use crate::background::Background;
 use crate::key::{self, Target};
 use crate::policy::{self, Bypass};
 use crate::request::{CanonicalRequest, Forwarding};
@@ -41,8 +42,8 @@ use guard::UpstreamGuard;
 use outcome::{Forward, Kind, Outcome, Refresh};
 pub use respond::json_error;
 
-/// Where the handler runs; it decides how a stale-while-revalidate refresh
-/// happens (nothing may run after a Lambda response is returned).
+/// Where the handler runs (telemetry and the edge read it; how work after
+/// a response runs is [`Settings::background`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Serve,
@@ -53,6 +54,9 @@ pub enum Mode {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub mode: Mode,
+    /// How stale-while-revalidate refreshes and refresh-ahead run after the
+    /// response ([`crate::background`]).
+    pub background: Background,
     /// How long a miss waits for the same key's fetch (`cache.coalesce_wait`).
     pub coalesce_wait: Duration,
     /// How long a cross-instance fetch lock lives if its holder dies.
@@ -304,7 +308,7 @@ impl Proxy {
             // 3. Fresh hit.
             if entry.is_fresh(now) {
                 let ttl = entry.fresh_secs_left(now);
-                if self.settings.mode == Mode::Serve
+                if self.settings.background.available()
                     && policy::response::refresh_ahead_due(
                         entry.stored_at,
                         entry.fresh_until,
@@ -318,30 +322,28 @@ impl Proxy {
                 return self.respond_from_entry(entry, &miss.rule, &miss.headers, head, outcome);
             }
             // 4. Stale, within stale-while-revalidate: answer stale and let one
-            // request refresh: in the background in serve mode; inline in
-            // Lambda (nothing may run after the response), by the request
-            // that wins the refresh here and, with a shared store, the lock.
+            // request refresh after the response (serve, and Lambda with the
+            // after-response extension); where nothing may run after it, the
+            // request that wins the refresh here (and, with a shared store,
+            // the lock) refreshes inline.
             if now < entry.stale_while_revalidate_until {
-                let running = self.is_fetching(&miss.primary);
-                let refresh = match (running, self.settings.mode) {
-                    (true, _) => Some(Refresh::InProgress),
-                    (false, Mode::Serve) => {
-                        let (this, stale) = (self.clone(), entry.clone());
-                        let miss = MissCtx {
-                            caller: guard::Caller::Background,
-                            ..miss.clone()
-                        };
-                        tokio::spawn(async move {
-                            if let Err(e) = this
-                                .fetch_coalesced(&miss, Some(stale), OnContention::Wait)
-                                .await
-                            {
-                                tracing::warn!(error = %e, path = %miss.target.path_and_query, "background refresh failed");
-                            }
-                        });
-                        Some(Refresh::Background)
-                    }
-                    (false, Mode::Lambda) => None,
+                let refresh = if self.is_fetching(&miss.primary) {
+                    Some(Refresh::InProgress)
+                } else {
+                    let (this, stale) = (self.clone(), entry.clone());
+                    let miss = MissCtx {
+                        caller: guard::Caller::Background,
+                        ..miss.clone()
+                    };
+                    let spawned = self.settings.background.spawn(async move {
+                        if let Err(e) = this
+                            .fetch_coalesced(&miss, Some(stale), OnContention::Wait)
+                            .await
+                        {
+                            tracing::warn!(error = %e, path = %miss.target.path_and_query, "background refresh failed");
+                        }
+                    });
+                    spawned.then_some(Refresh::Background)
                 };
                 if let Some(refresh) = refresh {
                     let outcome = coalesce::stale_while_revalidate(entry, now, refresh);
@@ -475,7 +477,7 @@ impl Proxy {
             caller: guard::Caller::Background,
             ..miss.clone()
         };
-        tokio::spawn(async move {
+        self.settings.background.spawn(async move {
             if let Err(e) = this
                 .fetch_coalesced(&miss, Some(current), OnContention::ServeStale)
                 .await

@@ -134,6 +134,11 @@ async fn answer(State(state): State<Arc<UpstreamState>>, req: Request<Body>) -> 
     if let Some(ms) = q.get("delay_ms") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
     }
+    // `delay_v2_ms`: only once the test has moved the path past version 1
+    // (a refresh that takes long, after a first fetch that did not).
+    if let (Some(ms), false) = (q.get("delay_v2_ms"), version == "1") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+    }
     if state.failing.load(Ordering::SeqCst) {
         return Response::builder()
             .status(503)
