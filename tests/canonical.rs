@@ -440,9 +440,6 @@ mod lambda {
 /// key answered `detail=cache-unavailable` 49 times in 153. Needs the
 /// suite's Redis (`CACHEGATE_TEST_REDIS_URL`).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "open: still fails (11 of 30 bystander answers not from the cache in a debug \
-            build on a loaded 2-core machine) after read coalescing and size-scaled read \
-            bounds; see docs/hostile-input.md"]
 async fn a_large_entry_does_not_open_the_breaker_for_everyone() {
     let up = upstream().await;
     let prefix = format!("canon-big-{}:", std::process::id());

@@ -7,7 +7,7 @@
 //! success closes the breaker, its failure opens it again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -43,8 +43,10 @@ pub struct GuardConfig {
     #[serde(with = "humantime_serde")]
     pub open_for: Duration,
     /// Added to `read_timeout` per MiB of a value this process has seen
-    /// under the key (stored or read), so a large value that takes long to
-    /// transfer is not mistaken for a failing backend. Default `20ms`.
+    /// under the key (stored or read), and of the large values being read
+    /// beside it, so a large value that takes long to transfer (and the
+    /// small reads queued behind it) is not mistaken for a failing
+    /// backend. Default `20ms`.
     #[serde(with = "humantime_serde")]
     pub read_timeout_per_mib: Duration,
 }
@@ -74,8 +76,12 @@ pub enum BreakerState {
 /// The breaker must count backend failures, not large values: concurrent
 /// reads of one key share one backend read (sixteen clients on a 4 MB
 /// entry are one transfer, not sixteen queued on the connection in front
-/// of everyone else's keys), and a read's bound grows with the size of the
-/// value last seen under its key.
+/// of everyone else's keys); a read's bound grows with the size of the
+/// value last seen under its key and with the large values being read
+/// beside it (a small read queues behind them on the connection); and a
+/// read that times out while the backend is visibly answering (a large
+/// read in flight, or any operation answered since it started) is a miss
+/// for its request but no failure of the backend.
 #[derive(Debug, Clone)]
 pub struct GuardedStore {
     inner: Arc<dyn CacheStore>,
@@ -83,6 +89,28 @@ pub struct GuardedStore {
     breaker: Arc<Breaker>,
     reads: Arc<Mutex<HashMap<StoreKey, watch::Receiver<Option<SharedRead>>>>>,
     large: Arc<Mutex<HashMap<StoreKey, usize>>>,
+    /// Sum of the remembered sizes of the reads in flight.
+    large_in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts a read's remembered size in [`GuardedStore::large_in_flight`]
+/// for as long as the read runs (however it ends).
+struct InFlight<'a> {
+    total: &'a AtomicUsize,
+    bytes: usize,
+}
+
+impl<'a> InFlight<'a> {
+    fn add(total: &'a AtomicUsize, bytes: usize) -> Self {
+        total.fetch_add(bytes, Ordering::AcqRel);
+        InFlight { total, bytes }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// A read's result as the requests that waited for it get it.
@@ -127,6 +155,8 @@ struct Breaker {
     /// Monotonic milliseconds (since [`epoch`]) until which the breaker is
     /// open; 0 when closed.
     open_until: AtomicU64,
+    /// Monotonic milliseconds of the last operation the backend answered.
+    last_answer: AtomicU64,
 }
 
 fn epoch() -> Instant {
@@ -148,6 +178,7 @@ impl GuardedStore {
             breaker: Arc::default(),
             reads: Arc::default(),
             large: Arc::default(),
+            large_in_flight: Arc::default(),
         }
     }
 
@@ -163,18 +194,56 @@ impl GuardedStore {
         large.insert(key.clone(), size);
     }
 
-    /// `read_timeout`, plus `read_timeout_per_mib` for each MiB of the
-    /// value last seen under `key`.
-    fn read_limit(&self, key: &StoreKey) -> Duration {
-        let size = self
-            .large
+    /// The size of the value last seen under `key`, if it was large.
+    fn remembered_size(&self, key: &StoreKey) -> usize {
+        self.large
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(key)
             .copied()
-            .unwrap_or(0);
-        let mib = size as f64 / (1024.0 * 1024.0);
+            .unwrap_or(0)
+    }
+
+    /// `read_timeout`, plus `read_timeout_per_mib` for each MiB of the
+    /// value last seen under `key`.
+    #[cfg(test)]
+    fn read_limit(&self, key: &StoreKey) -> Duration {
+        self.read_bound(self.remembered_size(key))
+    }
+
+    /// `read_timeout`, plus `read_timeout_per_mib` for each MiB of `bytes`.
+    fn read_bound(&self, bytes: usize) -> Duration {
+        let mib = bytes as f64 / (1024.0 * 1024.0);
         self.config.read_timeout + self.config.read_timeout_per_mib.mul_f64(mib)
+    }
+
+    /// One read of `key` from the backend, bounded by its own remembered
+    /// size plus the large reads already in flight (it waits behind them).
+    async fn bounded_get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
+        let own = self.remembered_size(key);
+        let beside = self.large_in_flight.load(Ordering::Acquire);
+        let _in_flight = InFlight::add(&self.large_in_flight, own);
+        let limit = self.read_bound(own + beside);
+        self.admit()?;
+        let started = mono_millis();
+        match tokio::time::timeout(limit, self.inner.get(key)).await {
+            Ok(result) => self.record(result),
+            Err(_) => {
+                let timeout = StoreError::Timeout {
+                    backend: self.inner.capabilities().name,
+                    after: limit,
+                };
+                let answering = self.large_in_flight.load(Ordering::Acquire) > own
+                    || self.breaker.last_answer.load(Ordering::Acquire) > started;
+                if answering {
+                    // Congestion: the backend is answering, just not this
+                    // read in time. A miss for this request only.
+                    Err(timeout)
+                } else {
+                    self.record(Err(timeout))
+                }
+            }
+        }
     }
 
     /// One backend read for `key`, however many requests ask at once.
@@ -196,7 +265,7 @@ impl GuardedStore {
                     reads: &self.reads,
                     key,
                 };
-                let result = self.run(self.read_limit(key), self.inner.get(key)).await;
+                let result = self.bounded_get(key).await;
                 if let Ok(Some(v)) = &result {
                     self.remember_size(key, v.len());
                 }
@@ -220,7 +289,7 @@ impl GuardedStore {
                     }),
                 },
                 // The leading read's request went away: read ourselves.
-                Err(_) => self.run(self.read_limit(key), self.inner.get(key)).await,
+                Err(_) => self.bounded_get(key).await,
             },
         }
     }
@@ -269,6 +338,9 @@ impl GuardedStore {
     fn record<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
         match &result {
             Ok(_) | Err(StoreError::TooLarge { .. }) => {
+                self.breaker
+                    .last_answer
+                    .store(mono_millis(), Ordering::Release);
                 self.breaker
                     .consecutive_failures
                     .store(0, Ordering::Relaxed);
@@ -626,6 +698,63 @@ mod tests {
         }
         assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
         assert_eq!(guarded.breaker_state(), BreakerState::Closed);
+    }
+
+    /// A small read waits behind a large one on the connection: its bound
+    /// grows with the large read in flight, so it is answered; alone, the
+    /// same slow answers still time out and open the breaker.
+    #[tokio::test]
+    async fn a_read_beside_a_large_one_gets_its_time() {
+        let backend = Hangable::new(64 << 20, 8 << 20, false, Duration::from_millis(60));
+        let config = GuardConfig {
+            read_timeout: Duration::from_millis(40),
+            read_timeout_per_mib: Duration::from_millis(20),
+            failure_threshold: 2,
+            ..GuardConfig::default()
+        };
+        let guarded = GuardedStore::new(backend.clone(), config);
+        let opts = PutOptions {
+            expires_at: crate::now_millis() + 60_000,
+            tags: vec![],
+        };
+        let big = StoreKey::hash("test", ["big"]);
+        let small = StoreKey::hash("test", ["small"]);
+        guarded
+            .put(&big, Bytes::from(vec![7u8; 4 << 20]), &opts)
+            .await
+            .unwrap();
+        guarded
+            .put(&small, Bytes::from_static(b"s"), &opts)
+            .await
+            .unwrap();
+        let (g, b, s) = (&guarded, &big, &small);
+        let both = futures_join(
+            [
+                Box::pin(async move { g.get(b).await.map(|v| v.map(|v| v.len())) })
+                    as std::pin::Pin<Box<dyn std::future::Future<Output = _>>>,
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    g.get(s).await.map(|v| v.map(|v| v.len()))
+                }),
+            ]
+            .into_iter(),
+        )
+        .await;
+        assert_eq!(both[0].as_ref().unwrap(), &Some(4 << 20));
+        assert_eq!(
+            both[1].as_ref().unwrap(),
+            &Some(1),
+            "the small read timed out"
+        );
+        assert_eq!(guarded.breaker_state(), BreakerState::Closed);
+        // Alone, a 60 ms answer is past the 40 ms bound: a failing backend.
+        for _ in 0..2 {
+            assert!(matches!(
+                guarded.get(&small).await,
+                Err(StoreError::Timeout { .. })
+            ));
+        }
+        assert_eq!(guarded.breaker_state(), BreakerState::Open);
     }
 
     async fn futures_join<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
