@@ -909,7 +909,9 @@ impl Config {
                 return Err(invalid(key("ttl"), "override_upstream needs a ttl"));
             }
         }
-        crate::routes::RouteTable::new(&self.routes)?;
+        // The same build `build_proxy` makes, with the same global rules,
+        // so what loads is what runs (patterns, templates, overlaps).
+        crate::routes::RouteTable::build(&self.routes, &self.cache)?;
         Ok(())
     }
 }

@@ -143,11 +143,6 @@ fn fill(template: &str, params: &matchit::Params) -> String {
 }
 
 impl RouteTable {
-    /// Validates the patterns only (used by config validation).
-    pub fn new(routes: &[RouteConfig]) -> Result<Self, ConfigError> {
-        Self::build(routes, &CacheConfig::default())
-    }
-
     pub fn build(routes: &[RouteConfig], global: &CacheConfig) -> Result<Self, ConfigError> {
         let lower_sorted = |a: &[String], b: &[String]| {
             let mut v: Vec<String> = a.iter().chain(b).map(|s| s.to_ascii_lowercase()).collect();
