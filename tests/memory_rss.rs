@@ -5,7 +5,7 @@
 //! issue set (1.5 × capacity plus the process's base). Run it alone:
 //!
 //! ```text
-//! cargo test --release --test memory_rss -- --ignored --nocapture --test-threads 1
+//! cargo test --test memory_rss -- --ignored --nocapture --test-threads 1
 //! ```
 
 mod common;
