@@ -27,7 +27,7 @@
 use http::HeaderMap;
 use reqwest::Url;
 
-use cachegate_store::StoreKey;
+use cachegate_store::{KeyHasher, StoreKey};
 
 /// A request resolved against the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,14 +91,13 @@ impl Target {
         key_headers: &[String],
         headers: &HeaderMap,
     ) -> StoreKey {
-        let mut parts: Vec<Vec<u8>> = vec![
-            b"GET".to_vec(),
-            self.path_and_query.as_bytes().to_vec(),
-            route.as_bytes().to_vec(),
-        ];
-        push_header_values(&mut parts, FORWARDED_ORIGIN, headers);
-        push_header_values(&mut parts, key_headers, headers);
-        StoreKey::hash("response", parts)
+        let mut h = KeyHasher::new("response");
+        h.part(b"GET")
+            .part(self.path_and_query.as_bytes())
+            .part(route.as_bytes());
+        hash_header_values(&mut h, FORWARDED_ORIGIN, headers);
+        hash_header_values(&mut h, key_headers, headers);
+        h.finish()
     }
 }
 
@@ -157,17 +156,15 @@ pub fn variant_key(primary: &StoreKey, vary: &[String], headers: &HeaderMap) -> 
 
 /// Name, number of values, then each value (trimmed): unambiguous because
 /// every part is length-prefixed when hashed and the count fixes the shape.
-fn push_header_values<N: AsRef<str>>(parts: &mut Vec<Vec<u8>>, names: &[N], headers: &HeaderMap) {
+fn hash_header_values<N: AsRef<str>>(h: &mut KeyHasher, names: &[N], headers: &HeaderMap) {
     for name in names {
         let name = name.as_ref();
-        let values: Vec<&[u8]> = headers
-            .get_all(name)
-            .iter()
-            .map(|v| v.as_bytes().trim_ascii())
-            .collect();
-        parts.push(name.as_bytes().to_vec());
-        parts.push((values.len() as u64).to_be_bytes().to_vec());
-        parts.extend(values.into_iter().map(<[u8]>::to_vec));
+        let values = headers.get_all(name);
+        h.part(name.as_bytes())
+            .part(&(values.iter().count() as u64).to_be_bytes());
+        for v in values {
+            h.part(v.as_bytes().trim_ascii());
+        }
     }
 }
 

@@ -33,7 +33,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use coherence::{PurgeFeed, PurgeListener, PurgeLogEntry, PurgeNotice};
-pub use key::StoreKey;
+pub use key::{KeyHasher, StoreKey};
 pub use rate::{Permit, Rate};
 pub use record::{DecodeError, Entry, PurgeMark, Record, UpstreamHold, VaryIndex};
 
