@@ -12,6 +12,7 @@
 //! - [`edge`]: CloudFront in front: cache tags on responses, invalidations.
 //! - [`invalidate`]: purging by URL and tag (`cachegate purge`) and the
 //!   invalidator role's Lambda handler (EventBridge, SQS).
+//! - [`tls`]: the one TLS crypto provider (rustls + ring).
 //! - [`output`]: the command line's output, quiet on a closed pipe.
 
 pub mod backend;
@@ -28,6 +29,7 @@ pub mod request;
 pub mod routes;
 pub mod serve;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 use std::sync::Arc;

@@ -228,6 +228,7 @@ async fn outage_under_load(backend: &str, server: &mut Server, cg: &common::Cach
     let done = Arc::new(AtomicUsize::new(0));
     // One pool for all clients: building a TLS-capable client per task
     // costs more CPU than the requests themselves in a debug build.
+    cachegate::tls::install_crypto_provider();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(15))
         .pool_max_idle_per_host(plan.clients)

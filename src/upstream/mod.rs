@@ -126,6 +126,7 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, reqwest::Error> {
+        crate::tls::install_crypto_provider();
         let client = reqwest::Client::builder()
             // A proxy relays redirects; it does not follow them.
             .redirect(reqwest::redirect::Policy::none())

@@ -313,6 +313,7 @@ pub fn cli(upstream_url: &str, env: &[(String, String)], args: &[&str]) -> std::
 pub const TEST_HOST: &str = "cachegate.test";
 
 pub fn client() -> reqwest::Client {
+    cachegate::tls::install_crypto_provider();
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
         reqwest::header::HOST,

@@ -98,7 +98,7 @@ fn tls_certificates(
     if tls {
         // rustls needs a process-wide crypto provider when more than one is
         // compiled in; install ours unless someone already did.
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let _ = rustls::crypto::ring::default_provider().install_default();
     }
     let Some(path) = &cfg.ca_file else {
         return Ok(None);
