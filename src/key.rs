@@ -24,6 +24,7 @@
 //! - the route's identity is in the key: an entry stored under one
 //!   route's rule is never answered under another's.
 
+use http::header::HeaderName;
 use http::HeaderMap;
 use reqwest::Url;
 
@@ -95,7 +96,7 @@ impl Target {
         h.part(b"GET")
             .part(self.path_and_query.as_bytes())
             .part(route.as_bytes());
-        hash_header_values(&mut h, FORWARDED_ORIGIN, headers);
+        hash_header_values(&mut h, &FORWARDED_ORIGIN, headers);
         hash_header_values(&mut h, key_headers, headers);
         h.finish()
     }
@@ -104,7 +105,10 @@ impl Target {
 /// The request headers cachegate sets that tell the upstream the
 /// client-facing origin: part of every key, since upstreams build
 /// absolute URLs from them.
-const FORWARDED_ORIGIN: &[&str] = &["x-forwarded-host", "x-forwarded-proto"];
+const FORWARDED_ORIGIN: [HeaderName; 2] = [
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-proto"),
+];
 
 /// The key of one `Vary` variant under a primary key. Requests that differ
 /// only in how they write a list select the same variant (RFC 9111 §4.1
@@ -156,11 +160,13 @@ pub fn variant_key(primary: &StoreKey, vary: &[String], headers: &HeaderMap) -> 
 
 /// Name, number of values, then each value (trimmed): unambiguous because
 /// every part is length-prefixed when hashed and the count fixes the shape.
-fn hash_header_values<N: AsRef<str>>(h: &mut KeyHasher, names: &[N], headers: &HeaderMap) {
+fn hash_header_values<N: AsRef<str>>(h: &mut KeyHasher, names: &[N], headers: &HeaderMap)
+where
+    for<'a> &'a N: http::header::AsHeaderName,
+{
     for name in names {
-        let name = name.as_ref();
         let values = headers.get_all(name);
-        h.part(name.as_bytes())
+        h.part(name.as_ref().as_bytes())
             .part(&(values.iter().count() as u64).to_be_bytes());
         for v in values {
             h.part(v.as_bytes().trim_ascii());

@@ -211,11 +211,12 @@ impl CanonicalRequest {
         headers.remove(http::header::HOST);
         let ours = |h: &HeaderName| !keyed.iter().any(|k| k == h.as_str());
         if let Some(chain) = chain.filter(|_| ours(&X_FORWARDED_FOR)) {
-            let list = chain
-                .iter()
-                .map(IpAddr::to_string)
-                .collect::<Vec<_>>()
-                .join(", ");
+            let mut list = String::with_capacity(chain.len() * 17);
+            for (i, ip) in chain.iter().enumerate() {
+                use std::fmt::Write;
+                let sep = if i == 0 { "" } else { ", " };
+                let _ = write!(list, "{sep}{ip}");
+            }
             if let Ok(v) = HeaderValue::from_str(&list) {
                 headers.insert(X_FORWARDED_FOR, v);
             }
@@ -227,8 +228,14 @@ impl CanonicalRequest {
             headers.insert(X_FORWARDED_HOST, host.clone());
         }
         headers.append(http::header::VIA, HeaderValue::from_static(VIA));
-        let client_origin =
-            host.and_then(|h| Some(format!("{}://{}", proto.to_str().ok()?, h.to_str().ok()?)));
+        let client_origin = host.and_then(|h| {
+            let (proto, host) = (proto.to_str().ok()?, h.to_str().ok()?);
+            let mut origin = String::with_capacity(proto.len() + 3 + host.len());
+            origin.push_str(proto);
+            origin.push_str("://");
+            origin.push_str(host);
+            Some(origin)
+        });
         Ok((
             CanonicalRequest {
                 method: parts.method,

@@ -7,22 +7,28 @@ use http::header::{self, HeaderName};
 use http::HeaderMap;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the transport sets.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Drop hop-by-hop headers, including any the `Connection` header names.
+/// One pass over the request's few headers: most have none of them, and
+/// nine removals by name (each a hash lookup) were a measurable part of a
+/// cache hit.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
-        .get_all(http::header::CONNECTION)
+        .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -31,8 +37,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for n in HOP_BY_HOP {
-        headers.remove(*n);
+    for n in &HOP_BY_HOP {
+        headers.remove(n);
     }
 }
 
