@@ -26,26 +26,26 @@ use crate::{
 const ENTRY_OVERHEAD: usize = 384;
 
 /// Fixed cost of one tag of one entry besides its bytes, on 64-bit: the
-/// `String` in the entry's tag list (24 B) and the allocator's rounding of
-/// its bytes (~20 B); the index's map slot (72 B, ~120 B at hashbrown's
-/// load factor and growth) and its copy of the tag (~20 B rounding); the
-/// member set, a table of its own for a tag few entries share (4 buckets
-/// of 32 B and control bytes: ~160 B); the set's copy of the key (~10 B
-/// rounding). About 354 B; 384 with the allocator's headers. A first
-/// estimate of 96 B let 500-tag entries reach 2.5 × capacity, 256 B
-/// 1.53–1.61 ×.
+/// `Arc<str>` in the entry's tag list (16 B) and the allocator's rounding
+/// of its bytes with the Arc's counts (~36 B); the index's map slot
+/// (56 B, ~100 B at hashbrown's load factor and growth; its key is the
+/// same `Arc<str>`); the member set, a table of its own for a tag few
+/// entries share (4 buckets of 32 B and control bytes: ~160 B); the set's
+/// copy of the key (~10 B rounding). About 320 B; 384 with the
+/// allocator's headers. A first estimate of 96 B let 500-tag entries
+/// reach 2.5 × capacity, 256 B 1.53–1.61 ×.
 const TAG_OVERHEAD: usize = 384;
 
 /// Everything the store holds for one entry: the value (body, headers and
-/// tags as encoded), the key in the cache, the entry's own tag list, and
-/// in the tag index one copy of the key per tag plus the tag itself (an
-/// upper bound: a tag shared by many entries is held once).
+/// tags as encoded), the key in the cache, the entry's own tag list (whose
+/// strings the tag index shares), and in the tag index one copy of the key
+/// per tag.
 fn weight(key: &StoreKey, v: &Stored) -> u32 {
     let key_len = key.as_str().len();
     let tags: usize = v
         .tags
         .iter()
-        .map(|t| 2 * t.len() + key_len + TAG_OVERHEAD)
+        .map(|t| t.len() + key_len + TAG_OVERHEAD)
         .sum();
     (v.value.len() + key_len + tags + ENTRY_OVERHEAD)
         .try_into()
@@ -56,7 +56,9 @@ fn weight(key: &StoreKey, v: &Stored) -> u32 {
 struct Stored {
     value: Bytes,
     expires_at: UnixMillis,
-    tags: Arc<[String]>,
+    /// Shared with the tag index: a long tag (the URL tag of a long URL)
+    /// is held once, not once here and once in the index.
+    tags: Arc<[Arc<str>]>,
     /// Which put stored it: the tag index names the put that recorded each
     /// member, so removing an old value (replaced, invalidated by a flush,
     /// evicted) never unrecords the same key stored again since.
@@ -64,7 +66,7 @@ struct Stored {
 }
 
 /// Tag -> the keys stored with it, each with the put that recorded it.
-type TagIndex = Arc<Mutex<HashMap<String, HashMap<StoreKey, u64>>>>;
+type TagIndex = Arc<Mutex<HashMap<Arc<str>, HashMap<StoreKey, u64>>>>;
 
 /// In-process store. Cloning shares the same cache.
 #[derive(Clone)]
@@ -195,12 +197,12 @@ impl CacheStore for MemoryStore {
     }
 
     async fn put(&self, key: &StoreKey, value: Bytes, opts: &PutOptions) -> Result<(), StoreError> {
-        let tags: Arc<[String]> = match prepare_put(&self.caps, value.len(), opts)? {
+        let tags: Arc<[Arc<str>]> = match prepare_put(&self.caps, value.len(), opts)? {
             PutPlan::Remove => {
                 self.cache.invalidate(key).await;
                 return Ok(());
             }
-            PutPlan::Store(put) => put.tags.iter().map(|t| (*t).to_owned()).collect(),
+            PutPlan::Store(put) => put.tags.iter().map(|t| Arc::from(*t)).collect(),
         };
         let put = self.puts.fetch_add(1, Ordering::Relaxed);
         {
@@ -303,7 +305,7 @@ impl CacheStore for MemoryStore {
             let Some(current) = self.cache.get(&key).await else {
                 continue;
             };
-            if current.tags.iter().any(|t| t == tag) {
+            if current.tags.iter().any(|t| &**t == tag) {
                 self.cache.invalidate(&key).await;
                 if !is_expired(current.expires_at, now_millis()) {
                     removed += 1;
