@@ -12,12 +12,17 @@ use cachegate_store::{Permit, Rate, StoreError, StoreKey};
 use crate::items::{from_item, key_of, num, permit_pk, ttl_secs, Item, PermitItem, PERMIT_SK};
 use crate::{DynamoStore, BACKEND};
 
-/// Conditional writes tried per call before giving up with an error. A
-/// write that fails its condition either finds the budget spent (denied at
-/// once) or finds it crossed between idle and busy since it was read (see
-/// [`DynamoStore::take_permit_step`]), so two or three do in practice; the
-/// bound is against a livelock, and running out is an error, never a
-/// grant the condition did not confirm.
+/// Conditional writes tried per call before the call is denied. A write
+/// that fails its condition either finds the budget spent (denied at once)
+/// or finds it crossed between idle and busy since it was read (see
+/// [`DynamoStore::take_permit_step`]), so two or three do when few callers
+/// contend. Many callers on a budget that keeps going idle (a round trip
+/// longer than one emission) can each lose every idle write to another
+/// caller's: those others took the slots, so running out is a denial for
+/// one emission, never a grant the condition did not confirm. (It used to
+/// be an error, and the guard answers a store error with the instance's
+/// own `fallback_rps`: contention then let each instance send at its
+/// fallback rate beside the shared one.)
 pub(crate) const PERMIT_ATTEMPTS: usize = 8;
 
 /// How long a budget's item outlives its TAT (through `ttl`, which
@@ -147,10 +152,13 @@ impl DynamoStore {
                 }
             });
         }
-        Err(StoreError::backend(
-            BACKEND,
-            format!("permit: the budget changed under {PERMIT_ATTEMPTS} conditional writes"),
-        ))
+        tracing::debug!(
+            attempts = PERMIT_ATTEMPTS,
+            "permit: other callers took the budget's slots under every conditional write; denied"
+        );
+        Ok(Permit::Denied {
+            retry_in: Duration::from_micros(emission),
+        })
     }
 
     async fn read_permit_tat(&self, pk: &str) -> Result<Option<u64>, StoreError> {
