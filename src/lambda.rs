@@ -59,6 +59,24 @@ pub fn lambda_body(resp: Response<Bytes>) -> Response<Body> {
     Response::from_parts(parts, body)
 }
 
+/// A response whose body is already in the form it goes out in
+/// ([`lambda_body`]), handed to lambda_http as it is. lambda_http's own
+/// `IntoResponse` for `Response<Body>` reads the body again by its
+/// content type: a text type is decoded with its charset into UTF-8 (a
+/// `charset=iso-8859-1` body would reach the client as UTF-8 still labelled
+/// ISO-8859-1), and a response without `Content-Type` is decoded as UTF-8,
+/// lossily (binary bytes would become U+FFFD). What the upstream said must
+/// arrive byte for byte.
+pub struct AsIs(pub Response<Body>);
+
+impl lambda_http::IntoResponse for AsIs {
+    fn into_response(
+        self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> {
+        Box::pin(std::future::ready(self.0))
+    }
+}
+
 /// The handler's request for a lambda_http request. The peer is the
 /// source IP API Gateway saw (its `X-Forwarded-For` ends with it; what
 /// lies left of it is whatever the client wrote); behind an ALB, which
@@ -249,7 +267,7 @@ pub async fn run(
     // lambda_http::run with the repair step in front of its adapter.
     let handler = lambda_http::service_fn(move |req: lambda_http::Request| {
         let proxy = proxy.clone();
-        async move { Ok::<_, std::convert::Infallible>(invoke(&proxy, req).await) }
+        async move { Ok::<_, std::convert::Infallible>(AsIs(invoke(&proxy, req).await)) }
     });
     let runtime =
         Runtime::new(Convertible(lambda_http::Adapter::from(handler))).layer(TracingLayer::new());

@@ -147,6 +147,39 @@ async fn redis_backend_under_the_lambda_emulator() {
     miss_then_hit(&env).await;
 }
 
+/// What the upstream said arrives byte for byte whatever its content
+/// type, from the upstream and from the cache. lambda_http's response
+/// conversion, left to itself, transcodes a text body by its charset into
+/// UTF-8 and decodes a body without `Content-Type` as UTF-8, lossily
+/// (src/lambda.rs, `AsIs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_reach_the_client_byte_for_byte() {
+    let up = common::upstream().await;
+    let lambda = emulated(&up.url, &[]).await;
+    // Not UTF-8: bytes 0x80-0xFF on their own.
+    let expected: Vec<u8> = (0..300).map(|i| (i * 7 % 256) as u8).collect();
+    let cases = [
+        (
+            "text%2Fplain%3B%20charset%3Diso-8859-1",
+            Some("text/plain; charset=iso-8859-1"),
+        ),
+        ("text%2Fhtml", Some("text/html")),
+        ("-", None),
+    ];
+    for (i, (bin_ct, content_type)) in cases.into_iter().enumerate() {
+        for want in ["MISS", "HIT"] {
+            let path = format!("/bytes/{i}?bin=300&bin_ct={bin_ct}&cc=max-age%3D60");
+            let r = get(&lambda.url(&path)).await;
+            assert_eq!(r.status, 200, "{path}: {r:?}");
+            assert_eq!(r.x_cache(), want, "{path}");
+            if let Some(ct) = content_type {
+                assert_eq!(r.headers.get("content-type").unwrap(), ct, "{path}");
+            }
+            assert_eq!(&r.body[..], &expected[..], "{path}: the body was rewritten");
+        }
+    }
+}
+
 /// An event that is not an HTTP event gets an error response from the
 /// runtime, and the function keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -80,7 +80,7 @@ impl Drop for TestUpstream {
 /// The upstream answers according to its query parameters:
 /// `cc` Cache-Control, `status`, `delay_ms`, `etag` (and 304 on a matching
 /// If-None-Match), `lm` Last-Modified, `vary`, `set_cookie`, `bin` (N
-/// binary bytes), `surrogate` (Surrogate-Key), `location`, `echo` (the
+/// binary bytes; `bin_ct` their content type, `-` for none), `surrogate` (Surrogate-Key), `location`, `echo` (the
 /// JSON body gets a `headers` object of every request header received),
 /// `h=name:value` (any header, repeatable; `h200=` on full answers only,
 /// `h304=` on 304s only).
@@ -211,7 +211,12 @@ async fn answer(State(state): State<Arc<UpstreamState>>, req: Request<Body>) -> 
     }
     if let Some(n) = q.get("bin") {
         let n: usize = n.parse().unwrap();
-        set("content-type", "application/octet-stream");
+        // `bin_ct`: another content type for them (`-`: none at all).
+        match q.get("bin_ct").map(String::as_str) {
+            Some("-") => {}
+            Some(ct) => set("content-type", ct),
+            None => set("content-type", "application/octet-stream"),
+        }
         let bytes: Vec<u8> = (0..n).map(|i| (i * 7 % 256) as u8).collect();
         return resp.body(Body::from(bytes)).unwrap();
     }
