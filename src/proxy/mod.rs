@@ -329,7 +329,7 @@ impl Proxy {
             if now < entry.stale_while_revalidate_until {
                 let refresh = if self.is_fetching(&miss.primary) {
                     Some(Refresh::InProgress)
-                } else {
+                } else if self.settings.background.available() {
                     let (this, stale) = (self.clone(), entry.clone());
                     let miss = MissCtx {
                         caller: guard::Caller::Background,
@@ -344,6 +344,8 @@ impl Proxy {
                         }
                     });
                     spawned.then_some(Refresh::Background)
+                } else {
+                    None
                 };
                 if let Some(refresh) = refresh {
                     let outcome = coalesce::stale_while_revalidate(entry, now, refresh);
