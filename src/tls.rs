@@ -12,14 +12,3 @@
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
-
-/// The HTTPS client for AWS SDK configurations: rustls with ring, the
-/// system's root certificates. Set it on every SDK config or loader: with
-/// the SDK's `default-https-client` feature off there is no default.
-#[cfg(feature = "edge")]
-pub fn aws_https_client() -> aws_sdk_sqs::config::SharedHttpClient {
-    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
-    aws_smithy_http_client::Builder::new()
-        .tls_provider(Provider::Rustls(CryptoMode::Ring))
-        .build_https()
-}

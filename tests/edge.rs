@@ -38,7 +38,7 @@ fn aws_env(cloudfront_endpoint: &str) -> Vec<(String, String)> {
 async fn cloudfront_client(endpoint: &str) -> aws_sdk_cloudfront::Client {
     let conf = aws_sdk_cloudfront::Config::builder()
         .behavior_version(aws_sdk_cloudfront::config::BehaviorVersion::latest())
-        .http_client(cachegate::tls::aws_https_client())
+        .http_client(cachegate_aws_http::https_client())
         .endpoint_url(endpoint)
         .region(aws_sdk_cloudfront::config::Region::new("us-east-1"))
         .credentials_provider(aws_sdk_cloudfront::config::Credentials::new(
@@ -445,7 +445,7 @@ async fn with_a_queue_writes_enqueue_their_purges_for_the_invalidator() {
     let sqs = aws_sdk_sqs::Client::from_conf(
         aws_sdk_sqs::Config::builder()
             .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
-            .http_client(cachegate::tls::aws_https_client())
+            .http_client(cachegate_aws_http::https_client())
             .endpoint_url(&moto)
             .region(aws_sdk_sqs::config::Region::new("eu-west-1"))
             .credentials_provider(aws_sdk_sqs::config::Credentials::new(

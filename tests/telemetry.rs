@@ -188,3 +188,54 @@ fn a_bad_metrics_namespace_stops_start_up_naming_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("metrics.namespace"), "{err}");
 }
+
+/// `RUST_LOG` takes a level and `target=level` directives; a value that
+/// does not parse is warned about and `info` used, so what is logged never
+/// changes silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_log_directives_and_a_value_that_does_not_parse() {
+    let up = common::upstream().await;
+    let is = |l: &serde_json::Value, target: &str, level: &str| {
+        l["target"] == target && l["level"] == level
+    };
+
+    // The access log alone: the start-up line (info, cachegate::serve) is not.
+    let cg = start(&up.url, &[("RUST_LOG", "warn,cachegate::access=info")]);
+    common::get(&format!("{}/log-a?cc=max-age%3D60", cg.url)).await;
+    let log = json_lines(&cg.stderr, Duration::from_millis(500));
+    assert!(
+        log.iter().any(|l| is(l, "cachegate::access", "INFO")),
+        "{log:#?}"
+    );
+    assert!(
+        !log.iter().any(|l| is(l, "cachegate::serve", "INFO")),
+        "{log:#?}"
+    );
+
+    // Everything at info but the access log.
+    let cg = start(&up.url, &[("RUST_LOG", "info,cachegate::access=off")]);
+    common::get(&format!("{}/log-b?cc=max-age%3D60", cg.url)).await;
+    let log = json_lines(&cg.stderr, Duration::from_millis(500));
+    assert!(
+        log.iter().any(|l| is(l, "cachegate::serve", "INFO")),
+        "{log:#?}"
+    );
+    assert!(
+        !log.iter().any(|l| l["target"] == "cachegate::access"),
+        "{log:#?}"
+    );
+
+    // Not a level: a warning naming the value, then info as the default.
+    let cg = start(&up.url, &[("RUST_LOG", "cachegate=loud")]);
+    common::get(&format!("{}/log-c?cc=max-age%3D60", cg.url)).await;
+    let log = json_lines(&cg.stderr, Duration::from_millis(500));
+    assert!(
+        log.iter()
+            .any(|l| l["level"] == "WARN" && l["fields"]["rust_log"] == "cachegate=loud"),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter().any(|l| is(l, "cachegate::access", "INFO")),
+        "{log:#?}"
+    );
+}

@@ -40,7 +40,7 @@ impl Sinks {
     pub(super) async fn build(config: &EdgeConfig, runs: Runs) -> Result<Sinks, EdgeError> {
         let sdk = || async {
             aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .http_client(crate::tls::aws_https_client())
+                .http_client(cachegate_aws_http::https_client())
                 .load()
                 .await
         };

@@ -18,16 +18,6 @@ pub enum ConnectError {
     NoRegion,
 }
 
-/// The SDK's HTTPS client: rustls with ring, the crypto provider every TLS
-/// user in cachegate shares (the SDK's `default-https-client` feature would
-/// bring aws-lc-rs as a second one). Root certificates are the system's.
-pub fn https_client() -> aws_sdk_dynamodb::config::SharedHttpClient {
-    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
-    aws_smithy_http_client::Builder::new()
-        .tls_provider(Provider::Rustls(CryptoMode::Ring))
-        .build_https()
-}
-
 /// A store on `cfg.table` with the AWS SDK's default configuration chain
 /// (region, credentials, `AWS_ENDPOINT_URL_DYNAMODB`). Makes no request.
 pub async fn connect(cfg: &DynamoConfig) -> Result<DynamoStore, ConnectError> {
@@ -47,7 +37,10 @@ pub async fn connect_with(
 ) -> Result<DynamoStore, ConnectError> {
     cfg.validate()
         .map_err(|e| ConnectError::InvalidConfig(e.to_string()))?;
-    let sdk = loader.http_client(https_client()).load().await;
+    let sdk = loader
+        .http_client(cachegate_aws_http::https_client())
+        .load()
+        .await;
     if sdk.region().is_none() {
         return Err(ConnectError::NoRegion);
     }

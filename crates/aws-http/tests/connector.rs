@@ -1,0 +1,190 @@
+//! The connector against real HTTP/1.1 servers on loopback (raw TCP, so
+//! the test sees the bytes on the wire): what the SDK signed goes out
+//! unchanged, what the server said comes back, and failures are sorted
+//! into the kinds the SDK's retry strategy reads.
+
+use std::time::Duration;
+
+use aws_smithy_runtime_api::client::http::{HttpConnector, HttpConnectorSettings};
+use aws_smithy_runtime_api::client::orchestrator::HttpRequest;
+use aws_smithy_types::body::SdkBody;
+use cachegate_aws_http::ReqwestHttpClient;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn settings(connect: Duration, read: Duration) -> HttpConnectorSettings {
+    HttpConnectorSettings::builder()
+        .connect_timeout(connect)
+        .read_timeout(read)
+        .build()
+}
+
+fn request(port: u16, path_and_query: &str, body: &'static str) -> HttpRequest {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{port}{path_and_query}"))
+        .header("x-amz-target", "DynamoDB_20120810.GetItem")
+        .header(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=AKID/x, Signature=abc",
+        )
+        .header("content-type", "application/x-amz-json-1.0")
+        .header("content-length", body.len().to_string())
+        .body(SdkBody::from(body))
+        .unwrap();
+    HttpRequest::try_from(req).unwrap()
+}
+
+/// Reads one request head and its `content-length` body.
+async fn read_request(sock: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = sock.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "client closed before a whole request");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+            if buf.len() >= end + 4 + len {
+                return text;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn request_goes_out_as_signed_and_the_answer_comes_back() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let seen = read_request(&mut sock).await;
+        sock.write_all(
+            b"HTTP/1.1 400 Bad Request\r\nx-amzn-requestid: r-1\r\ncontent-length: 11\r\n\r\n{\"a\":\"b c\"}",
+        )
+        .await
+        .unwrap();
+        seen
+    });
+    let client = ReqwestHttpClient::default();
+    let connector = client.connector(&settings(Duration::from_secs(2), Duration::from_secs(2)));
+    let resp = connector
+        .call(request(port, "/a%2Fb/?x=1&y=%20z", "{\"TableName\":\"t\"}"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    assert_eq!(resp.headers().get("x-amzn-requestid"), Some("r-1"));
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"{\"a\":\"b c\"}");
+
+    let seen = server.await.unwrap();
+    let (head, body) = seen.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    assert_eq!(lines.next(), Some("POST /a%2Fb/?x=1&y=%20z HTTP/1.1"));
+    let headers: Vec<&str> = lines.collect();
+    for expected in [
+        "x-amz-target: DynamoDB_20120810.GetItem",
+        "authorization: AWS4-HMAC-SHA256 Credential=AKID/x, Signature=abc",
+        "content-type: application/x-amz-json-1.0",
+        "content-length: 17",
+        &format!("host: 127.0.0.1:{port}"),
+    ] {
+        assert!(
+            headers.contains(&expected),
+            "{expected:?} not in {headers:?}"
+        );
+    }
+    assert_eq!(body, "{\"TableName\":\"t\"}");
+}
+
+#[tokio::test]
+async fn one_connector_and_pool_per_settings() {
+    let client = ReqwestHttpClient::default();
+    let a = settings(Duration::from_secs(1), Duration::from_secs(2));
+    let b = settings(Duration::from_secs(1), Duration::from_secs(3));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Two calls on the same settings reuse one kept-alive connection: the
+    // server accepts once and answers twice.
+    let server = tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        for _ in 0..2 {
+            read_request(&mut sock).await;
+            sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+        }
+    });
+    for _ in 0..2 {
+        let resp = client
+            .connector(&a)
+            .call(request(port, "/", "{}"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        resp.into_body().collect().await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("second request on a new connection")
+        .unwrap();
+    // Other settings: another client (the server above has gone, so this
+    // call must open its own connection and be refused).
+    let err = client
+        .connector(&b)
+        .call(request(port, "/", "{}"))
+        .await
+        .unwrap_err();
+    assert!(err.is_io(), "{err:?}");
+}
+
+#[tokio::test]
+async fn refused_connection_is_io() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let client = ReqwestHttpClient::default();
+    let connector = client.connector(&settings(Duration::from_secs(1), Duration::from_secs(1)));
+    let err = connector.call(request(port, "/", "{}")).await.unwrap_err();
+    assert!(err.is_io(), "{err:?}");
+}
+
+#[tokio::test]
+async fn server_that_never_answers_is_a_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _server = tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        read_request(&mut sock).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(sock);
+    });
+    let client = ReqwestHttpClient::default();
+    let connector = client.connector(&settings(
+        Duration::from_secs(1),
+        Duration::from_millis(300),
+    ));
+    let err = connector.call(request(port, "/", "{}")).await.unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+}
+
+#[tokio::test]
+async fn connection_closed_before_the_answer_is_io() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _server = tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        read_request(&mut sock).await;
+        drop(sock);
+    });
+    let client = ReqwestHttpClient::default();
+    let connector = client.connector(&settings(Duration::from_secs(1), Duration::from_secs(5)));
+    let err = connector.call(request(port, "/", "{}")).await.unwrap_err();
+    assert!(err.is_io(), "{err:?}");
+}
