@@ -7,6 +7,9 @@
 //! ```text
 //! cargo test --test memory_rss -- --ignored --nocapture --test-threads 1
 //! ```
+//!
+//! That runs the debug binary; with `CACHEGATE_TEST_SERVE_BIN=target/release/cachegate`
+//! it runs the release build (the one the figures are quoted for).
 
 mod common;
 

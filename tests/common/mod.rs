@@ -268,9 +268,13 @@ impl Drop for Cachegate {
 }
 
 /// Start the built binary in front of `upstream_url` on the memory backend
-/// (unless `env` says otherwise), on a free port.
+/// (unless `env` says otherwise), on a free port. `CACHEGATE_TEST_SERVE_BIN`
+/// names another binary to start instead (measurements of a release build,
+/// tests/memory_rss.rs); the suite never sets it.
 pub fn cachegate(upstream_url: &str, env: &[(&str, &str)]) -> Cachegate {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachegate"));
+    let binary = std::env::var_os("CACHEGATE_TEST_SERVE_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_cachegate").into());
+    let mut cmd = Command::new(binary);
     cmd.args(["serve", "--listen", "127.0.0.1:0"])
         .env("CACHEGATE_UPSTREAM__URL", upstream_url)
         .env("CACHEGATE_BACKEND", "memory")
