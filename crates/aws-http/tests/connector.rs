@@ -155,36 +155,33 @@ async fn refused_connection_is_io() {
     assert!(err.is_io(), "{err:?}");
 }
 
-#[tokio::test]
-async fn server_that_never_answers_is_a_timeout() {
+/// The error of one call to a server that reads the request, holds the
+/// connection for `hold` without answering, then closes it.
+async fn call_a_server_that_holds(
+    hold: Duration,
+    read_timeout: Duration,
+) -> aws_smithy_runtime_api::client::result::ConnectorError {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let _server = tokio::spawn(async move {
         let (mut sock, _) = listener.accept().await.unwrap();
         read_request(&mut sock).await;
-        tokio::time::sleep(Duration::from_secs(30)).await;
+        tokio::time::sleep(hold).await;
         drop(sock);
     });
     let client = ReqwestHttpClient::default();
-    let connector = client.connector(&settings(
-        Duration::from_secs(1),
-        Duration::from_millis(300),
-    ));
-    let err = connector.call(request(port, "/", "{}")).await.unwrap_err();
+    let connector = client.connector(&settings(Duration::from_secs(1), read_timeout));
+    connector.call(request(port, "/", "{}")).await.unwrap_err()
+}
+
+#[tokio::test]
+async fn server_that_never_answers_is_a_timeout() {
+    let err = call_a_server_that_holds(Duration::from_secs(30), Duration::from_millis(300)).await;
     assert!(err.is_timeout(), "{err:?}");
 }
 
 #[tokio::test]
 async fn connection_closed_before_the_answer_is_io() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let _server = tokio::spawn(async move {
-        let (mut sock, _) = listener.accept().await.unwrap();
-        read_request(&mut sock).await;
-        drop(sock);
-    });
-    let client = ReqwestHttpClient::default();
-    let connector = client.connector(&settings(Duration::from_secs(1), Duration::from_secs(5)));
-    let err = connector.call(request(port, "/", "{}")).await.unwrap_err();
+    let err = call_a_server_that_holds(Duration::ZERO, Duration::from_secs(5)).await;
     assert!(err.is_io(), "{err:?}");
 }
