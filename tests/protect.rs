@@ -62,6 +62,16 @@ impl Upstream {
 async fn answer(State(s): State<Arc<Limits>>, req: Request<Body>) -> Response<Body> {
     s.seen.fetch_add(1, Ordering::SeqCst);
     s.arrivals.lock().unwrap().push(Instant::now());
+    if req.uri().path() == "/late-429" {
+        // A request that was already on its way when the limit came in:
+        // answered late, with a shorter wait than the one in force.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        return Response::builder()
+            .status(429)
+            .header("retry-after", "1")
+            .body(Body::empty())
+            .unwrap();
+    }
     match s.mode.load(Ordering::SeqCst) {
         RATE_LIMITED => Response::builder()
             .status(429)
@@ -199,6 +209,56 @@ async fn redis_a_429_holds_every_instance_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dynamodb_a_429_holds_every_instance_back() {
     a_429_holds_every_instance_back("dynamodb").await;
+}
+
+/// A 429 with a shorter `Retry-After`, to a request that was on its way
+/// before a longer hold was shared, does not shorten that hold: an
+/// instance that has not called the upstream since is still held.
+async fn a_late_shorter_429_does_not_shorten_the_shared_hold(backend: &str) {
+    let env = backend_env(backend, "hold-longest");
+    if backend == "dynamodb" {
+        let out = common::cli("http://127.0.0.1:9", &env, &["init"]);
+        assert!(out.status.success(), "{}", common::describe(&out));
+    }
+    let up = limited_upstream().await;
+    up.state.retry_after.store(6, Ordering::SeqCst);
+    let (a, b, c) = (
+        start(&up.url, &env, &[]),
+        start(&up.url, &env, &[]),
+        start(&up.url, &env, &[]),
+    );
+    // b's request reaches the upstream first and is answered a second later.
+    let late = {
+        let url = format!("{}/late-429", b.url);
+        tokio::spawn(async move { send(client().get(url)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    up.set(RATE_LIMITED);
+    let limited = get(&a, "/now").await;
+    assert_eq!(limited.status, 429, "{limited:?}");
+    let told = Instant::now();
+    let late = late.await.unwrap();
+    assert_eq!(late.status, 429, "{late:?}");
+    assert_eq!(late.header("retry-after"), "1");
+
+    // Past the late answer's second, well within a's six.
+    tokio::time::sleep(Duration::from_millis(2_000).saturating_sub(told.elapsed())).await;
+    let seen = up.seen();
+    let held = get(&c, "/fresh").await;
+    assert_eq!(held.status, 503, "c called the upstream: {held:?}");
+    assert_eq!(held.json()["error"]["code"], "upstream_retry_after");
+    assert!(retry_after(&held) >= 3, "{held:?}");
+    assert_eq!(up.seen(), seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_a_late_shorter_429_does_not_shorten_the_shared_hold() {
+    a_late_shorter_429_does_not_shorten_the_shared_hold("redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dynamodb_a_late_shorter_429_does_not_shorten_the_shared_hold() {
+    a_late_shorter_429_does_not_shorten_the_shared_hold("dynamodb").await;
 }
 
 /// A client's own rate limit (its request carried credentials) is that

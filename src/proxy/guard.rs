@@ -318,6 +318,17 @@ impl Proxy {
             "upstream asked to back off: not calling it until then"
         );
         if self.cache.is_shared() {
+            // Never shorten a hold another instance shared: an answer that
+            // left before its 429 came back with a shorter Retry-After
+            // would let every other instance call again early. (Read, then
+            // write: two instances writing at the same moment can still
+            // leave the shorter one; each keeps its own either way.)
+            if let Some(Record::UpstreamHold(shared)) = self.cache.get(&hold_key()).await.record {
+                if shared.until >= until {
+                    guard.hold_until.fetch_max(shared.until, Ordering::Relaxed);
+                    return;
+                }
+            }
             let hold = Record::UpstreamHold(UpstreamHold { until, status });
             if let Err(e) = self.cache.put(&hold_key(), &hold).await {
                 tracing::debug!(error = %e, "could not share the upstream back-off; this instance keeps it");
