@@ -116,6 +116,17 @@ async fn limited_upstream() -> Upstream {
     upstream_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()).await
 }
 
+/// The settings of a shared `backend` under its own `namespace`, its
+/// table created first for DynamoDB.
+fn shared_backend_env(backend: &str, namespace: &str) -> Vec<(String, String)> {
+    let env = backend_env(backend, namespace);
+    if backend == "dynamodb" {
+        let out = common::cli("http://127.0.0.1:9", &env, &["init"]);
+        assert!(out.status.success(), "{}", common::describe(&out));
+    }
+    env
+}
+
 fn start(upstream_url: &str, env: &[(String, String)], extra: &[(&str, &str)]) -> Cachegate {
     let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     all.extend_from_slice(extra);
@@ -137,11 +148,7 @@ fn retry_after(got: &Got) -> u64 {
 /// other requests get 503 with the time left, and the upstream sees
 /// nothing in the window.
 async fn a_429_holds_every_instance_back(backend: &str) {
-    let env = backend_env(backend, "hold");
-    if backend == "dynamodb" {
-        let out = common::cli("http://127.0.0.1:9", &env, &["init"]);
-        assert!(out.status.success(), "{}", common::describe(&out));
-    }
+    let env = shared_backend_env(backend, "hold");
     let up = limited_upstream().await;
     up.state.retry_after.store(3, Ordering::SeqCst);
     let a = start(&up.url, &env, &[]);
@@ -215,11 +222,7 @@ async fn dynamodb_a_429_holds_every_instance_back() {
 /// before a longer hold was shared, does not shorten that hold: an
 /// instance that has not called the upstream since is still held.
 async fn a_late_shorter_429_does_not_shorten_the_shared_hold(backend: &str) {
-    let env = backend_env(backend, "hold-longest");
-    if backend == "dynamodb" {
-        let out = common::cli("http://127.0.0.1:9", &env, &["init"]);
-        assert!(out.status.success(), "{}", common::describe(&out));
-    }
+    let env = shared_backend_env(backend, "hold-longest");
     let up = limited_upstream().await;
     up.state.retry_after.store(6, Ordering::SeqCst);
     let (a, b, c) = (
@@ -421,11 +424,7 @@ fn busiest(arrivals: &[Instant], window: Duration) -> usize {
 /// instances never reach the upstream faster than the budget, those that
 /// cannot get a slot within `queue_wait` get 503 `upstream_budget`.
 async fn the_budget_holds_across_instances(backend: &str) {
-    let env = backend_env(backend, "budget");
-    if backend == "dynamodb" {
-        let out = common::cli("http://127.0.0.1:9", &env, &["init"]);
-        assert!(out.status.success(), "{}", common::describe(&out));
-    }
+    let env = shared_backend_env(backend, "budget");
     let up = limited_upstream().await;
     let budget = [
         ("CACHEGATE_UPSTREAM__MAX_RPS", "5"),
