@@ -83,16 +83,14 @@ fn init_tracing(json: bool) {
         _ => (default, None),
     };
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    if json {
-        let fmt = fmt.json().with_current_span(false);
-        tracing_subscriber::registry()
-            .with(fmt.with_filter(targets))
-            .init();
+    let fmt = if json {
+        fmt.json().with_current_span(false).boxed()
     } else {
-        tracing_subscriber::registry()
-            .with(fmt.with_filter(targets))
-            .init();
-    }
+        fmt.boxed()
+    };
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(targets))
+        .init();
     if let Some((value, e)) = bad {
         tracing::warn!(rust_log = %value, error = %e, "RUST_LOG not understood; logging at info");
     }
