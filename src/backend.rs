@@ -211,7 +211,13 @@ async fn init_redis(_: &Config) -> Result<(), BackendError> {
 async fn init_dynamodb(config: &Config) -> Result<(), BackendError> {
     let store = cachegate_dynamodb::connect(&config.dynamodb)
         .await
-        .map_err(|e| BackendError::Connect(format!("dynamodb: {e}")))?;
+        .map_err(|e| match e {
+            // As at start-up (`connect_dynamodb`): no call can work.
+            cachegate_dynamodb::ConnectError::NoRegion => {
+                BackendError::Setup(format!("dynamodb: {e}"))
+            }
+            _ => BackendError::Connect(format!("dynamodb: {e}")),
+        })?;
     let status = store
         .ensure_table()
         .await

@@ -74,9 +74,15 @@ enum Command {
 fn init_tracing(json: bool) {
     use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::prelude::*;
-    let default = Targets::new().with_default(LevelFilter::INFO);
+    // Without RUST_LOG: info, but not the SDK's warning that instance
+    // metadata had no region. Off EC2 that lookup always fails (twice, in
+    // two long lines); when no region is found anywhere the backend stops
+    // start-up saying so and which variable to set.
+    let default = Targets::new()
+        .with_default(LevelFilter::INFO)
+        .with_target("aws_config::imds::region", LevelFilter::ERROR);
     let (targets, bad) = match std::env::var("RUST_LOG") {
-        Ok(value) if !value.trim().is_empty() => match value.parse::<Targets>() {
+        Ok(value) if !value.trim().is_empty() => match parse_rust_log(&value) {
             Ok(targets) => (targets, None),
             Err(e) => (default, Some((value, e))),
         },
@@ -94,6 +100,26 @@ fn init_tracing(json: bool) {
     if let Some((value, e)) = bad {
         tracing::warn!(rust_log = %value, error = %e, "RUST_LOG not understood; logging at info");
     }
+}
+
+/// `RUST_LOG` as [`Targets`], except that a directive without `=` must be
+/// a level. `Targets` reads any other word alone as a target to log at
+/// every level and turns everything else off, so `RUST_LOG=verbose` (a
+/// level misspelt, far likelier than a target named `verbose`) would
+/// silence every line without a word.
+fn parse_rust_log(value: &str) -> Result<tracing_subscriber::filter::Targets, String> {
+    use tracing_subscriber::filter::LevelFilter;
+    let not_a_level = value
+        .split(',')
+        .map(str::trim)
+        .find(|d| !d.is_empty() && !d.contains('=') && d.parse::<LevelFilter>().is_err());
+    if let Some(word) = not_a_level {
+        return Err(format!(
+            "`{word}` is not a level (trace, debug, info, warn, error, off); \
+             a target takes one after `=`, as in `{word}=debug`"
+        ));
+    }
+    value.parse().map_err(|e| format!("{e}"))
 }
 
 fn main() -> ExitCode {
@@ -125,9 +151,12 @@ fn main() -> ExitCode {
                 .map(|text| cachegate::output::print(&text))
                 .map_err(Failed::from),
             Some(Command::Purge { urls, tags, soft }) => purge(&config, &urls, &tags, soft).await.map_err(Failed::from),
-            Some(Command::Init) => cachegate::backend::init(&config)
-                .await
-                .map_err(|e| Failed::from(e.to_string())),
+            // Judged as at start-up: a setup that cannot work (no AWS
+            // region) exits 2, as `serve` does.
+            Some(Command::Init) => cachegate::backend::init(&config).await.map_err(|e| {
+                let e = cachegate::StartError::from(e);
+                Failed(e.to_string(), e.exit_code())
+            }),
             Some(Command::Serve { .. }) if config.role == Role::Invalidator => Err(Failed(
                 "configuration key `role`: `invalidator` runs only as the Lambda function; \
                  `cachegate serve` needs role = \"proxy\""

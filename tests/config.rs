@@ -229,30 +229,70 @@ fn bad_backend_settings_stop_start_up_naming_the_key() {
     }
 }
 
-/// backend = dynamodb and no AWS region anywhere the SDK looks (env,
-/// profile files; instance metadata switched off): start-up stops, exit 2,
-/// saying what to set.
-#[test]
-fn dynamodb_without_a_region_stops_start_up() {
-    let home = std::env::temp_dir().join(format!("cachegate-no-region-{}", std::process::id()));
+/// `cachegate ARGS` with backend = dynamodb and no AWS region anywhere the
+/// SDK looks: no variable, no profile files, and instance metadata asked
+/// on loopback port 9, where nothing listens (so the lookup fails as it does
+/// off EC2, without leaving loopback). `RUST_LOG` unset, as a new user has
+/// it. Returns the exit status and stderr.
+fn without_a_region(args: &[&str]) -> (Option<i32>, String) {
+    let home = std::env::temp_dir().join(format!(
+        "cachegate-no-region-{}-{}",
+        std::process::id(),
+        args[0]
+    ));
     std::fs::create_dir_all(&home).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachegate"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+    cmd.args(args)
         .current_dir(&home)
         .env("HOME", &home)
         .env("CACHEGATE_UPSTREAM__URL", "http://127.0.0.1:9")
         .env("CACHEGATE_BACKEND", "dynamodb")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", home.join("none"))
-        .env("AWS_SHARED_CREDENTIALS_FILE", home.join("none"));
-    for var in ["AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"] {
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9");
+    for var in [
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_PROFILE",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_EC2_METADATA_DISABLED",
+        "RUST_LOG",
+    ] {
         cmd.env_remove(var);
     }
     let out = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("AWS_REGION"), "{stderr}");
     let _ = std::fs::remove_dir_all(&home);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// backend = dynamodb and no AWS region: start-up stops, exit 2, saying
+/// what to set.
+#[test]
+fn dynamodb_without_a_region_stops_start_up() {
+    let (code, stderr) = without_a_region(&["serve", "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("AWS_REGION"), "{stderr}");
+}
+
+/// `cachegate init` without a region fails as `serve` does: exit 2 (a
+/// setup that cannot work, not a failure to retry) and the same message,
+/// without the SDK's warnings about instance metadata before it.
+#[test]
+fn init_without_a_region_says_what_serve_says() {
+    let (serve_code, serve) = without_a_region(&["serve", "--listen", "127.0.0.1:0"]);
+    let (code, init) = without_a_region(&["init"]);
+    assert_eq!(
+        (code, serve_code),
+        (Some(2), Some(2)),
+        "init: {init}\nserve: {serve}"
+    );
+    assert_eq!(init, serve, "init and serve say different things");
+    assert_eq!(
+        init,
+        "cachegate: dynamodb: no AWS region configured (set AWS_REGION or a profile region)\n"
+    );
 }
 
 /// `cachegate config` prints TOML that `--config` reads back to the same
