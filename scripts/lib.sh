@@ -74,3 +74,24 @@ pip_install() {
   hash -r
   command -v "$cmd" >/dev/null 2>&1 || die "$cmd not on PATH after pip install $spec"
 }
+
+# npm_install PACKAGE VERSION BIN: PACKAGE@VERSION from npm into
+# "$RUN_DIR/PACKAGE-npm" (kept between runs; reinstalled when the pinned
+# version changes), install scripts skipped. Sets NPM_BIN to the path of
+# its executable BIN.
+npm_install() {
+  local package=$1 version=$2 prefix="$RUN_DIR/$1-npm"
+  NPM_BIN="$prefix/node_modules/.bin/$3"
+  if [ -x "$NPM_BIN" ] && grep -q "\"version\": \"$version\"" \
+    "$prefix/node_modules/$package/package.json" 2>/dev/null; then
+    return 0
+  fi
+  command -v node >/dev/null || die "node not found: install Node.js (apt-get install nodejs npm) for $package"
+  command -v npm >/dev/null || die "npm not found: install npm for $package"
+  log "npm install $package@$version"
+  mkdir -p "$prefix"
+  npm install --prefix "$prefix" --no-audit --no-fund --no-save --ignore-scripts --loglevel=error \
+    "$package@$version" >"$prefix.log" 2>&1 \
+    || { tail -n 20 "$prefix.log" >&2; die "npm install $package@$version failed"; }
+  [ -x "$NPM_BIN" ] || die "$3 not found at $NPM_BIN after npm install"
+}

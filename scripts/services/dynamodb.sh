@@ -46,26 +46,13 @@ SERVICES+=(start_dynamodb)
 
 DYNALITE_VERSION="4.0.0"
 
-# dynalite_install: dynalite from npm into "$RUN_DIR/dynamodb-npm" (kept
-# between runs; reinstalled when the pinned version changes). Install
+# dynalite_install: dynalite from npm (scripts/lib.sh npm_install). Install
 # scripts are skipped: the only one would build classic-level (the on-disk
 # LevelDB store, used with --path only), which ships prebuilt binaries for
 # Linux anyway; the tests run dynalite in memory.
 dynalite_install() {
-  local prefix="$RUN_DIR/dynamodb-npm"
-  DYNALITE_BIN="$prefix/node_modules/.bin/dynalite"
-  if [ -x "$DYNALITE_BIN" ] && grep -q "\"version\": \"$DYNALITE_VERSION\"" \
-    "$prefix/node_modules/dynalite/package.json" 2>/dev/null; then
-    return 0
-  fi
-  command -v node >/dev/null || die "node not found: install Node.js (apt-get install nodejs npm) for dynalite"
-  command -v npm >/dev/null || die "npm not found: install npm for dynalite"
-  log "npm install dynalite@$DYNALITE_VERSION"
-  mkdir -p "$prefix"
-  npm install --prefix "$prefix" --no-audit --no-fund --no-save --ignore-scripts --loglevel=error \
-    "dynalite@$DYNALITE_VERSION" >"$RUN_DIR/dynamodb-npm.log" 2>&1 \
-    || { tail -n 20 "$RUN_DIR/dynamodb-npm.log" >&2; die "npm install dynalite@$DYNALITE_VERSION failed"; }
-  [ -x "$DYNALITE_BIN" ] || die "dynalite not found at $DYNALITE_BIN after npm install"
+  npm_install dynalite "$DYNALITE_VERSION" dynalite
+  DYNALITE_BIN="$NPM_BIN"
 }
 
 start_dynamodb() {

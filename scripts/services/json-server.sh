@@ -14,23 +14,10 @@ SERVICES+=(start_json_server)
 
 JSON_SERVER_VERSION="0.17.4"
 
-# json_server_install: json-server from npm into "$RUN_DIR/json-server-npm"
-# (kept between runs; reinstalled when the pinned version changes).
+# json_server_install: json-server from npm (scripts/lib.sh npm_install).
 json_server_install() {
-  local prefix="$RUN_DIR/json-server-npm"
-  JSON_SERVER_BIN="$prefix/node_modules/.bin/json-server"
-  if [ -x "$JSON_SERVER_BIN" ] && grep -q "\"version\": \"$JSON_SERVER_VERSION\"" \
-    "$prefix/node_modules/json-server/package.json" 2>/dev/null; then
-    return 0
-  fi
-  command -v node >/dev/null || die "node not found: install Node.js (apt-get install nodejs npm) for json-server"
-  command -v npm >/dev/null || die "npm not found: install npm for json-server"
-  log "npm install json-server@$JSON_SERVER_VERSION"
-  mkdir -p "$prefix"
-  npm install --prefix "$prefix" --no-audit --no-fund --no-save --ignore-scripts --loglevel=error \
-    "json-server@$JSON_SERVER_VERSION" >"$RUN_DIR/json-server-npm.log" 2>&1 \
-    || { tail -n 20 "$RUN_DIR/json-server-npm.log" >&2; die "npm install json-server@$JSON_SERVER_VERSION failed"; }
-  [ -x "$JSON_SERVER_BIN" ] || die "json-server not found at $JSON_SERVER_BIN after npm install"
+  npm_install json-server "$JSON_SERVER_VERSION" json-server
+  JSON_SERVER_BIN="$NPM_BIN"
 }
 
 start_json_server() {
