@@ -30,6 +30,15 @@ use reqwest::Url;
 
 use cachegate_store::{KeyHasher, StoreKey};
 
+/// The prefix of the URL tag every entry carries ([`Target::url_tag`]):
+/// `url:` and the upstream path and query. The edge purges such tags as
+/// paths, not as tags.
+pub const URL_TAG_PREFIX: &str = "url:";
+
+/// The response's `Vary` names select what a key includes; the policy
+/// owns how they are read.
+pub use crate::policy::headers::vary_names;
+
 /// A request resolved against the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -79,7 +88,7 @@ impl Target {
     /// The tag every entry of this URL carries, so a purge by URL removes
     /// all of its `Vary` variants.
     pub fn url_tag(&self) -> String {
-        format!("url:{}", self.path_and_query)
+        format!("{URL_TAG_PREFIX}{}", self.path_and_query)
     }
 
     /// The key of this URL before `Vary`: the method the cache serves it
@@ -221,26 +230,6 @@ fn as_sent(piece: &str) -> std::borrow::Cow<'_, str> {
         }
     }
     std::borrow::Cow::Owned(out)
-}
-
-/// The `Vary` header names of a response: lower case, sorted, de-duplicated.
-/// `None` for `Vary: *` (never storable).
-pub fn vary_names(headers: &HeaderMap) -> Option<Vec<String>> {
-    let mut names = Vec::new();
-    for v in headers.get_all(http::header::VARY) {
-        for name in v.to_str().unwrap_or("*").split(',') {
-            let name = name.trim().to_ascii_lowercase();
-            if name == "*" {
-                return None;
-            }
-            if !name.is_empty() {
-                names.push(name);
-            }
-        }
-    }
-    names.sort();
-    names.dedup();
-    Some(names)
 }
 
 #[cfg(test)]
