@@ -231,7 +231,12 @@ pub async fn run(
     }
 
     let chart_path = args.chart.display().to_string();
-    crate::chart::write_svg(&args.chart, &runs, args.upstream_latency)?;
+    // Runs without a hit are left out of the chart.
+    let hits: Vec<(&str, &hdrhistogram::Histogram<u64>)> = runs
+        .iter()
+        .filter_map(|r| r.report.histograms.get("HIT").map(|h| (r.backend, h)))
+        .collect();
+    crate::chart::write_svg(&args.chart, &hits, args.upstream_latency)?;
     let comparison = Comparison {
         upstream_latency_ms: args.upstream_latency.as_secs_f64() * 1000.0,
         body_bytes: BODY_BYTES,
