@@ -26,6 +26,7 @@
 //! CloudFront cannot invalidate twice.
 
 use http::{HeaderMap, HeaderName, HeaderValue};
+use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -57,16 +58,13 @@ pub const USD_PER_PATH: f64 = 0.005;
 /// longer than [`MAX_TAG_BYTES`]: such a tag is not sent (and not
 /// invalidated at the edge; the purge output says so).
 pub fn edge_tag(tag: &str) -> Option<String> {
-    let mut out = String::with_capacity(tag.len());
-    for b in tag.bytes() {
-        if (33..=126).contains(&b) && b != b',' && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
+    let out = utf8_percent_encode(tag, NOT_IN_A_CLOUDFRONT_TAG).to_string();
     (!out.is_empty() && out.len() <= MAX_TAG_BYTES).then_some(out)
 }
+
+/// What [`edge_tag`] escapes (with every non-ASCII byte): controls, space,
+/// `,` and `%`.
+const NOT_IN_A_CLOUDFRONT_TAG: &AsciiSet = &CONTROLS.add(b' ').add(b',').add(b'%');
 
 /// The `Cache-Tag` value for an entry's tags: its route tags and surrogate
 /// keys (not its URL tag), escaped by [`edge_tag`], the first
@@ -359,6 +357,17 @@ pub async fn after_write(edge: &Edge, purged: &[String]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_byte_is_escaped_as_before() {
+        let every_ascii_byte: String = (1u8..128).map(char::from).chain(['é']).collect();
+        assert_eq!(
+            edge_tag(&every_ascii_byte).as_deref(),
+            Some(
+                r##"%01%02%03%04%05%06%07%08%09%0A%0B%0C%0D%0E%0F%10%11%12%13%14%15%16%17%18%19%1A%1B%1C%1D%1E%1F%20!"#$%25&'()*+%2C-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\]^_`abcdefghijklmnopqrstuvwxyz{|}~%7F%C3%A9"##
+            )
+        );
+    }
 
     #[test]
     fn tags_are_escaped_into_cloudfronts_alphabet_or_left_out() {

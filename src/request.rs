@@ -28,6 +28,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method};
+use percent_encoding::{percent_encode_byte, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use crate::policy;
 use crate::routes::{RouteTable, Rule};
@@ -298,14 +299,14 @@ pub fn canonical_path(raw: &str) -> Result<String, Rejected> {
             if is_unreserved(v) {
                 decoded.push(v as char);
             } else {
-                decoded.push_str(&format!("%{v:02X}"));
+                decoded.push_str(percent_encode_byte(v));
             }
             i += 3;
         } else if is_path_byte(b) {
             decoded.push(b as char);
             i += 1;
         } else {
-            decoded.push_str(&format!("%{b:02X}"));
+            decoded.push_str(percent_encode_byte(b));
             i += 1;
         }
     }
@@ -353,20 +354,60 @@ fn remove_dot_segments(path: &str) -> String {
 /// arriving through a Lambda event); every other byte, `%` escapes
 /// included, is kept exactly as sent.
 pub fn uri_safe_query(q: &str) -> String {
-    let mut out = String::with_capacity(q.len());
-    for b in q.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    utf8_percent_encode(q, NOT_IN_A_URI_QUERY).to_string()
 }
+
+/// What [`uri_safe_query`] escapes: all but RFC 3986's unreserved
+/// characters, sub-delims, `:`, `@`, `/`, `?` and `%` (every non-ASCII
+/// byte too).
+const NOT_IN_A_URI_QUERY: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'!')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b'+')
+    .remove(b',')
+    .remove(b';')
+    .remove(b'=')
+    .remove(b':')
+    .remove(b'@')
+    .remove(b'/')
+    .remove(b'?')
+    .remove(b'%');
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every ASCII byte but NUL, and a two-byte character.
+    fn every_ascii_byte() -> String {
+        (1u8..128).map(char::from).chain(['é']).collect()
+    }
+
+    /// The bytes a query and a path go upstream (and into the key) with:
+    /// pinned, since a change would change keys.
+    #[test]
+    fn queries_and_paths_are_escaped_byte_for_byte_as_before() {
+        assert_eq!(
+            uri_safe_query(&every_ascii_byte()),
+            r##"%01%02%03%04%05%06%07%08%09%0A%0B%0C%0D%0E%0F%10%11%12%13%14%15%16%17%18%19%1A%1B%1C%1D%1E%1F%20!%22%23$%&'()*+,-./0123456789:;%3C=%3E?@ABCDEFGHIJKLMNOPQRSTUVWXYZ%5B%5C%5D%5E_%60abcdefghijklmnopqrstuvwxyz%7B%7C%7D~%7F%C3%A9"##
+        );
+        let path: String = (1u8..128)
+            .map(char::from)
+            .filter(|c| !"\\%/".contains(*c))
+            .collect();
+        assert_eq!(
+            canonical_path(&format!("/{path}%41%2f%7E%e9%20%3Bé")).unwrap(),
+            r##"/%01%02%03%04%05%06%07%08%09%0A%0B%0C%0D%0E%0F%10%11%12%13%14%15%16%17%18%19%1A%1B%1C%1D%1E%1F%20!%22%23$&'()*+,-.0123456789:;%3C=%3E%3F@ABCDEFGHIJKLMNOPQRSTUVWXYZ%5B%5D%5E_%60abcdefghijklmnopqrstuvwxyz%7B%7C%7D~%7FA%2F~%E9%20%3B%C3%A9"##
+        );
+    }
 
     fn p(raw: &str) -> Result<String, &'static str> {
         canonical_path(raw).map_err(|r| r.code)
