@@ -11,10 +11,11 @@ use figment::providers::{Format, Toml};
 use figment::Figment;
 use http::{HeaderMap, HeaderValue, Request, StatusCode};
 
-use cachegate::config::{CacheConfig, Config};
+use cachegate::config::CacheConfig;
+use cachegate::config::Mode;
 use cachegate::key::Target;
 use cachegate::policy::{response_policy, ResponseFacts};
-use cachegate::proxy::Mode;
+use cachegate::resolved::ResolvedConfig;
 use cachegate::routes::RouteTable;
 use cachegate_store::{now_millis, Entry, Record};
 
@@ -132,7 +133,7 @@ fn in_process_hit(c: &mut Criterion) {
         format!("http://{addr}")
     });
     let toml = format!("[upstream]\nurl = \"{upstream}\"\n");
-    let config = Config::from_figment(Figment::new().merge(Toml::string(&toml))).unwrap();
+    let config = ResolvedConfig::from_figment(Figment::new().merge(Toml::string(&toml))).unwrap();
     let proxy = rt
         .block_on(cachegate::build_proxy(&config, Mode::Serve))
         .unwrap();

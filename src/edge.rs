@@ -25,14 +25,14 @@
 //! the same `CallerReference`, so a retry of a call that did reach
 //! CloudFront cannot invalidate twice.
 
+use http::{HeaderMap, HeaderName, HeaderValue};
+use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, HeaderValue};
-use serde::{Deserialize, Serialize};
-
-use crate::config::{invalid_key, ConfigError};
+use crate::config::EdgeConfig;
+use crate::key::URL_TAG_PREFIX;
 
 #[cfg(feature = "edge")]
 mod aws;
@@ -47,118 +47,6 @@ pub const MAX_PATHS_PER_CALL: usize = 3000;
 pub const FREE_PATHS_PER_MONTH: u64 = 1000;
 pub const USD_PER_PATH: f64 = 0.005;
 
-/// The `[edge]` section: CloudFront in front of cachegate.
-#[derive(Clone, Deserialize, serde::Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct EdgeConfig {
-    /// Request headers the cache in front keys on (lower case). An answer
-    /// keyed on any other request header (route `key_headers`,
-    /// `cache.key_headers`, the upstream's `Vary`) goes out `private`, so
-    /// that a shared cache that cannot tell the requests apart never stores
-    /// it; cachegate still caches it. Default `["accept-encoding"]`, what
-    /// template.yaml's CloudFront cache policy keys on besides the URL and
-    /// `Authorization` (which always goes out `private`).
-    /// Env: `CACHEGATE_EDGE__KEY_HEADERS` (e.g. `["accept-encoding","x-tenant"]`).
-    pub key_headers: Vec<String>,
-    /// The CloudFront distribution in front of this proxy. Set, every purge
-    /// (CLI, invalidator, purge endpoint, writes) also invalidates it, and
-    /// responses carry their tags in `cache_tag_header`. Default: unset.
-    /// Env: `CACHEGATE_EDGE__CLOUDFRONT_DISTRIBUTION_ID`.
-    pub cloudfront_distribution_id: Option<String>,
-    /// The invalidator's SQS queue. Set, the proxy running in Lambda (and
-    /// `cachegate serve`) sends the purges its writes cause there instead
-    /// of calling CloudFront itself; it also turns on `cache_tag_header`.
-    /// Required in Lambda when the distribution is set. Default: unset.
-    /// Env: `CACHEGATE_EDGE__INVALIDATION_QUEUE_URL`.
-    pub invalidation_queue_url: Option<String>,
-    /// The response header carrying an entry's tags, as the distribution's
-    /// `CacheTagConfig.HeaderName` names it. Sent only when the edge is
-    /// configured (either key above). Default `Cache-Tag`.
-    pub cache_tag_header: String,
-    /// `cachegate serve`: how long purges are collected into one
-    /// `CreateInvalidation`. Default `2s`; at most `60s`.
-    #[serde(with = "humantime_serde")]
-    pub batch_window: Duration,
-    /// Tries per `CreateInvalidation` (throttling, transient errors), with
-    /// jittered exponential backoff from 500 ms (at most 20 s between
-    /// tries). Default `6`.
-    pub max_attempts: u32,
-}
-
-impl Default for EdgeConfig {
-    fn default() -> Self {
-        EdgeConfig {
-            key_headers: vec!["accept-encoding".into()],
-            cloudfront_distribution_id: None,
-            invalidation_queue_url: None,
-            cache_tag_header: "Cache-Tag".into(),
-            batch_window: Duration::from_secs(2),
-            max_attempts: 6,
-        }
-    }
-}
-
-impl std::fmt::Debug for EdgeConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Nothing secret here; spelled out so the fields stay in order.
-        f.debug_struct("EdgeConfig")
-            .field("key_headers", &self.key_headers)
-            .field(
-                "cloudfront_distribution_id",
-                &self.cloudfront_distribution_id,
-            )
-            .field("invalidation_queue_url", &self.invalidation_queue_url)
-            .field("cache_tag_header", &self.cache_tag_header)
-            .field("batch_window", &self.batch_window)
-            .field("max_attempts", &self.max_attempts)
-            .finish()
-    }
-}
-
-impl EdgeConfig {
-    /// Whether an edge sits in front: responses then carry their tags.
-    pub fn is_configured(&self) -> bool {
-        self.cloudfront_distribution_id.is_some() || self.invalidation_queue_url.is_some()
-    }
-
-    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(id) = &self.cloudfront_distribution_id {
-            if id.is_empty() || id.len() > 32 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
-                return Err(invalid_key(
-                    "edge.cloudfront_distribution_id",
-                    format!(
-                        "`{id}` is not a distribution id (letters and digits, e.g. E2QWRUHAPOMQZL)"
-                    ),
-                ));
-            }
-        }
-        if let Some(url) = &self.invalidation_queue_url {
-            match reqwest::Url::parse(url) {
-                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-                _ => {
-                    return Err(invalid_key(
-                        "edge.invalidation_queue_url",
-                        format!("`{url}` is not an http(s) queue URL"),
-                    ))
-                }
-            }
-        }
-        if HeaderName::from_bytes(self.cache_tag_header.as_bytes()).is_err() {
-            return Err(invalid_key(
-                "edge.cache_tag_header",
-                format!("`{}` is not a header name", self.cache_tag_header),
-            ));
-        }
-        if self.batch_window > Duration::from_secs(60) {
-            return Err(invalid_key("edge.batch_window", "must be at most 60s"));
-        }
-        if !(1..=20).contains(&self.max_attempts) {
-            return Err(invalid_key("edge.max_attempts", "must be 1 to 20"));
-        }
-        Ok(())
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Tags and paths as CloudFront takes them
 // ---------------------------------------------------------------------------
@@ -170,20 +58,13 @@ impl EdgeConfig {
 /// longer than [`MAX_TAG_BYTES`]: such a tag is not sent (and not
 /// invalidated at the edge; the purge output says so).
 pub fn edge_tag(tag: &str) -> Option<String> {
-    let mut out = String::with_capacity(tag.len());
-    for b in tag.bytes() {
-        if (33..=126).contains(&b) && b != b',' && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
+    let out = utf8_percent_encode(tag, NOT_IN_A_CLOUDFRONT_TAG).to_string();
     (!out.is_empty() && out.len() <= MAX_TAG_BYTES).then_some(out)
 }
 
-/// The prefix of the URL tags the proxy gives every entry (`url:` and the
-/// upstream path and query): they are purged as paths, not as tags.
-pub(crate) const URL_TAG_PREFIX: &str = "url:";
+/// What [`edge_tag`] escapes (with every non-ASCII byte): controls, space,
+/// `,` and `%`.
+const NOT_IN_A_CLOUDFRONT_TAG: &AsciiSet = &CONTROLS.add(b' ').add(b',').add(b'%');
 
 /// The `Cache-Tag` value for an entry's tags: its route tags and surrogate
 /// keys (not its URL tag), escaped by [`edge_tag`], the first
@@ -232,10 +113,6 @@ impl EdgeItems {
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
-    pub fn extend(&mut self, other: EdgeItems) {
-        self.items.extend(other.items);
-        self.skipped.extend(other.skipped);
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -253,16 +130,14 @@ pub enum Dispatch {
 }
 
 /// What the edge did with a purge, for the purge report.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EdgeReport {
     /// Paths (`/path`, `#tag`) sent to CloudFront, or handed on to be sent.
     pub paths: Vec<String>,
     /// The invalidation CloudFront created (when sent at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub invalidation_id: Option<String>,
-    /// `sent`, `batched` (serve's background task sends it within
-    /// `edge.batch_window`) or `queued` (to the invalidator's queue).
-    pub status: String,
+    pub status: EdgeStatus,
     /// What these paths cost once the month's free paths are used up.
     pub usd_beyond_free_tier: f64,
     /// Tags not invalidated at the edge (too long for CloudFront).
@@ -270,13 +145,37 @@ pub struct EdgeReport {
     pub skipped: Vec<String>,
 }
 
+/// Where a purge's edge invalidation went; serialised in lower case
+/// (`"status": "sent"`) in purge reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EdgeStatus {
+    /// Sent to CloudFront, which answered with an invalidation id.
+    Sent,
+    /// Handed to serve's background task, which sends it within
+    /// `edge.batch_window`.
+    Batched,
+    /// Sent to the invalidator's queue.
+    Queued,
+}
+
+impl EdgeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EdgeStatus::Sent => "sent",
+            EdgeStatus::Batched => "batched",
+            EdgeStatus::Queued => "queued",
+        }
+    }
+}
+
 impl EdgeReport {
     #[cfg_attr(not(feature = "edge"), allow(dead_code))]
-    pub(crate) fn new(items: &EdgeItems, status: &str) -> EdgeReport {
+    pub(crate) fn new(items: &EdgeItems, status: EdgeStatus) -> EdgeReport {
         EdgeReport {
             paths: items.items.iter().cloned().collect(),
             invalidation_id: None,
-            status: status.into(),
+            status,
             usd_beyond_free_tier: cost_usd(items.items.len()),
             skipped: items.skipped.clone(),
         }
@@ -285,9 +184,9 @@ impl EdgeReport {
     /// One line for `cachegate purge`.
     pub fn summary(&self) -> String {
         let n = self.paths.len();
-        let what = match (self.status.as_str(), &self.invalidation_id) {
-            ("sent", Some(id)) => format!("sent in invalidation {id}"),
-            (status, _) => status.to_owned(),
+        let what = match (self.status, &self.invalidation_id) {
+            (EdgeStatus::Sent, Some(id)) => format!("sent in invalidation {id}"),
+            (status, _) => status.as_str().to_owned(),
         };
         let mut line = format!(
             "cloudfront: {n} path{} {what} ({:.3} USD beyond the {FREE_PATHS_PER_MONTH} free paths a month, at {USD_PER_PATH} USD a path)",
@@ -317,8 +216,8 @@ pub enum EdgeError {
     },
     #[error("sending to the invalidation queue: {0}")]
     Queue(String),
-    #[error("{0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// The edge in front of this process: how its responses are tagged and
@@ -354,27 +253,27 @@ pub enum Runs {
 }
 
 impl Edge {
-    /// The edge for `config`, or `None` when none is configured. Builds the
+    /// The edge for `config`, or `None` when none is configured; `header`
+    /// is `config.cache_tag_header` parsed. Builds the
     /// SDK clients (no request is made) and, in serve mode, starts the
     /// batching task.
     pub async fn build(
         config: &EdgeConfig,
+        header: HeaderName,
         upstream_base: &reqwest::Url,
         runs: Runs,
     ) -> Result<Option<Arc<Edge>>, EdgeError> {
         if !config.is_configured() {
             return Ok(None);
         }
-        let header = HeaderName::from_bytes(config.cache_tag_header.as_bytes())
-            .map_err(|e| EdgeError::Config(format!("edge.cache_tag_header: {e}")))?;
         #[cfg(not(feature = "edge"))]
         {
             let _ = (header, upstream_base, runs);
-            Err(EdgeError::Config(
-                "configuration keys `edge.*`: this cachegate was built without the `edge` \
-                 feature (CloudFront and SQS clients)"
-                    .into(),
-            ))
+            Err(EdgeError::Config(crate::config::invalid(
+                "edge",
+                "is set, but this cachegate was built without the `edge` feature \
+                 (CloudFront and SQS clients)",
+            )))
         }
         #[cfg(feature = "edge")]
         Ok(Some(Arc::new(Edge {
@@ -460,6 +359,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_byte_is_escaped_as_before() {
+        assert_eq!(
+            edge_tag(&crate::request::every_ascii_byte()).as_deref(),
+            Some(
+                r##"%01%02%03%04%05%06%07%08%09%0A%0B%0C%0D%0E%0F%10%11%12%13%14%15%16%17%18%19%1A%1B%1C%1D%1E%1F%20!"#$%25&'()*+%2C-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\]^_`abcdefghijklmnopqrstuvwxyz{|}~%7F%C3%A9"##
+            )
+        );
+    }
+
+    #[test]
     fn tags_are_escaped_into_cloudfronts_alphabet_or_left_out() {
         assert_eq!(edge_tag("item-1").as_deref(), Some("item-1"));
         assert_eq!(edge_tag("a b,c%").as_deref(), Some("a%20b%2Cc%25"));
@@ -495,33 +404,6 @@ mod tests {
         assert_eq!(edge_path("/v1", "/v1"), None);
         assert_eq!(edge_path("/other/x", "/v1"), None);
         assert_eq!(edge_path("/a*b", ""), Some("/a%2Ab".into()));
-    }
-
-    #[test]
-    fn bad_values_name_their_key() {
-        let check = |c: EdgeConfig| c.validate().unwrap_err().to_string();
-        let base = EdgeConfig::default();
-        assert!(check(EdgeConfig {
-            cloudfront_distribution_id: Some("E1/../x".into()),
-            ..base.clone()
-        })
-        .contains("edge.cloudfront_distribution_id"));
-        assert!(check(EdgeConfig {
-            cache_tag_header: "Cache Tag".into(),
-            ..base.clone()
-        })
-        .contains("edge.cache_tag_header"));
-        assert!(check(EdgeConfig {
-            invalidation_queue_url: Some("queue".into()),
-            ..base.clone()
-        })
-        .contains("edge.invalidation_queue_url"));
-        assert!(check(EdgeConfig {
-            max_attempts: 0,
-            ..base.clone()
-        })
-        .contains("edge.max_attempts"));
-        assert!(base.validate().is_ok() && !base.is_configured());
     }
 
     #[test]

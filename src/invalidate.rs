@@ -14,34 +14,7 @@ use serde_json::Value;
 
 use crate::edge::{Dispatch, EdgeReport};
 use crate::proxy::Proxy;
-
-/// Most URLs plus tags one request may name: a purge is a store round trip
-/// (or several) per item, and one message must finish well within the
-/// function timeout and the queue's visibility timeout.
-pub const MAX_ITEMS: usize = 100;
-
-/// Longest URL or tag accepted; anything longer is a mistake, not a key.
-pub const MAX_ITEM_BYTES: usize = 4096;
-
-/// What to purge: every stored variant of each URL, every entry carrying
-/// each tag.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PurgeRequest {
-    /// Paths with optional query as clients request them (`/items/1?lang=en`),
-    /// or absolute URLs whose scheme and host are ignored.
-    #[serde(default)]
-    pub urls: Vec<String>,
-    /// Route tags or surrogate keys.
-    #[serde(default)]
-    pub tags: Vec<String>,
-    /// Mark the entries stale instead of removing them: the next requests
-    /// are answered stale within the entry's stale-while-revalidate window
-    /// (or `cache.stale_while_revalidate`) while one refresh runs; with no
-    /// such window, a hard purge. Default `false`.
-    #[serde(default)]
-    pub soft: bool,
-}
+pub use crate::purge_request::{PurgeError, PurgeRequest, MAX_ITEMS, MAX_ITEM_BYTES};
 
 /// How many entries each URL and tag removed. Serialises as
 /// `{"urls": {"/a": 1}, "tags": {"t": 3}, "removed": 4}`, the same shape
@@ -55,78 +28,6 @@ pub struct PurgeReport {
     /// What CloudFront was asked to invalidate ([`crate::edge`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edge: Option<EdgeReport>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum PurgeError {
-    /// The request itself is wrong: sending it again cannot help.
-    #[error("invalid purge request: {0}")]
-    Invalid(String),
-    /// The backend failed (unreachable, timed out): sending it again may.
-    #[error("purge {what}: {message}")]
-    Store { what: String, message: String },
-    /// The shared cache was purged, CloudFront was not: sending the
-    /// request again purges both (purging is idempotent).
-    #[error("the shared cache was purged ({removed} entries), CloudFront was not: {message}")]
-    Edge { removed: u64, message: String },
-}
-
-impl PurgeRequest {
-    /// Parse a JSON purge request (a message) and check it.
-    pub fn from_json(body: &[u8]) -> Result<PurgeRequest, PurgeError> {
-        let request: PurgeRequest = serde_json::from_slice(body).map_err(|e| {
-            PurgeError::Invalid(format!(
-                "expected {{\"urls\": [...], \"tags\": [...]}}: {e}"
-            ))
-        })?;
-        request.validate_message()?;
-        Ok(request)
-    }
-
-    fn from_value(value: Value) -> Result<PurgeRequest, PurgeError> {
-        let request: PurgeRequest = serde_json::from_value(value).map_err(|e| {
-            PurgeError::Invalid(format!(
-                "expected {{\"urls\": [...], \"tags\": [...]}}: {e}"
-            ))
-        })?;
-        request.validate_message()?;
-        Ok(request)
-    }
-
-    /// A message's checks: [`PurgeRequest::validate`], and at most
-    /// [`MAX_ITEMS`] items.
-    fn validate_message(&self) -> Result<(), PurgeError> {
-        self.validate()?;
-        let n = self.urls.len() + self.tags.len();
-        if n > MAX_ITEMS {
-            return Err(PurgeError::Invalid(format!(
-                "{n} URLs and tags in one request; at most {MAX_ITEMS} (split it)"
-            )));
-        }
-        Ok(())
-    }
-
-    /// Something to purge, and no empty or absurdly long item.
-    pub fn validate(&self) -> Result<(), PurgeError> {
-        let invalid = |m: String| Err(PurgeError::Invalid(m));
-        if self.urls.is_empty() && self.tags.is_empty() {
-            return invalid("name at least one URL (`urls`) or tag (`tags`)".into());
-        }
-        for (kind, items) in [("url", &self.urls), ("tag", &self.tags)] {
-            for item in items {
-                if item.trim().is_empty() {
-                    return invalid(format!("an empty {kind}"));
-                }
-                if item.len() > MAX_ITEM_BYTES {
-                    return invalid(format!(
-                        "a {kind} of {} bytes; at most {MAX_ITEM_BYTES}",
-                        item.len()
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Purge what `request` names from the shared cache and then from the
@@ -386,32 +287,6 @@ pub async fn run(proxy: Arc<Proxy>) -> Result<(), lambda_http::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn requests_are_checked() {
-        let err = |body: &str| match PurgeRequest::from_json(body.as_bytes()) {
-            Err(PurgeError::Invalid(m)) => m,
-            other => panic!("{body}: {other:?}"),
-        };
-        assert!(err("{}").contains("at least one"));
-        assert!(err(r#"{"urls": [], "tags": []}"#).contains("at least one"));
-        assert!(err(r#"{"url": ["/a"]}"#).contains("unknown field `url`"));
-        assert!(err(r#"{"urls": "/a"}"#).contains("expected a sequence"));
-        assert!(err(r#"{"tags": [" "]}"#).contains("empty tag"));
-        assert!(err("not json").contains("expected {\"urls\""));
-        let many = serde_json::json!({ "tags": vec!["t"; MAX_ITEMS + 1] }).to_string();
-        assert!(err(&many).contains("at most 100"));
-        let long = serde_json::json!({ "urls": ["/".repeat(MAX_ITEM_BYTES + 1)] }).to_string();
-        assert!(err(&long).contains("bytes"));
-        assert_eq!(
-            PurgeRequest::from_json(br#"{"urls": ["/a?b=1"], "tags": ["t"]}"#).unwrap(),
-            PurgeRequest {
-                urls: vec!["/a?b=1".into()],
-                tags: vec!["t".into()],
-                soft: false,
-            }
-        );
-    }
 
     #[test]
     fn the_batch_response_has_lambdas_field_names() {

@@ -26,9 +26,19 @@
 
 use http::header::HeaderName;
 use http::HeaderMap;
+use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use reqwest::Url;
 
 use cachegate_store::{KeyHasher, StoreKey};
+
+/// The prefix of the URL tag every entry carries ([`Target::url_tag`]):
+/// `url:` and the upstream path and query. The edge purges such tags as
+/// paths, not as tags.
+pub const URL_TAG_PREFIX: &str = "url:";
+
+/// The response's `Vary` names select what a key includes; the policy
+/// owns how they are read.
+pub use crate::policy::headers::vary_names;
 
 /// A request resolved against the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,7 +89,7 @@ impl Target {
     /// The tag every entry of this URL carries, so a purge by URL removes
     /// all of its `Vary` variants.
     pub fn url_tag(&self) -> String {
-        format!("url:{}", self.path_and_query)
+        format!("{URL_TAG_PREFIX}{}", self.path_and_query)
     }
 
     /// The key of this URL before `Vary`: the method the cache serves it
@@ -204,49 +214,38 @@ pub fn canonical_query(raw: &str, ignored: &[String]) -> Option<String> {
     Some(pieces.join("&"))
 }
 
-/// A query piece as the URL parser sends it for an http(s) URL: controls,
-/// space, `"`, `#`, `<`, `>`, `'` and non-ASCII bytes percent-encoded
-/// (WHATWG special-query set); every other byte as the client sent it.
-fn as_sent(piece: &str) -> std::borrow::Cow<'_, str> {
-    let raw_ok = |b: u8| b.is_ascii_graphic() && !matches!(b, b'"' | b'#' | b'<' | b'>' | b'\'');
-    if piece.bytes().all(raw_ok) {
-        return std::borrow::Cow::Borrowed(piece);
-    }
-    let mut out = String::with_capacity(piece.len() * 3);
-    for b in piece.bytes() {
-        if raw_ok(b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    std::borrow::Cow::Owned(out)
-}
+/// What the URL parser percent-encodes in the query of an http(s) URL
+/// (WHATWG special-query set): controls, space, `"`, `#`, `<`, `>`, `'`
+/// (and every non-ASCII byte).
+const SPECIAL_QUERY: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'<')
+    .add(b'>')
+    .add(b'\'');
 
-/// The `Vary` header names of a response: lower case, sorted, de-duplicated.
-/// `None` for `Vary: *` (never storable).
-pub fn vary_names(headers: &HeaderMap) -> Option<Vec<String>> {
-    let mut names = Vec::new();
-    for v in headers.get_all(http::header::VARY) {
-        for name in v.to_str().unwrap_or("*").split(',') {
-            let name = name.trim().to_ascii_lowercase();
-            if name == "*" {
-                return None;
-            }
-            if !name.is_empty() {
-                names.push(name);
-            }
-        }
-    }
-    names.sort();
-    names.dedup();
-    Some(names)
+/// A query piece as the URL parser sends it for an http(s) URL: every
+/// byte as the client sent it but those [`SPECIAL_QUERY`] escapes.
+fn as_sent(piece: &str) -> std::borrow::Cow<'_, str> {
+    utf8_percent_encode(piece, SPECIAL_QUERY).into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    /// The bytes a query piece is sent (and keyed) with: pinned, since a
+    /// change would change every key with such a byte in its query.
+    #[test]
+    fn query_pieces_are_escaped_byte_for_byte_as_before() {
+        assert_eq!(
+            as_sent(&crate::request::every_ascii_byte()),
+            r##"%01%02%03%04%05%06%07%08%09%0A%0B%0C%0D%0E%0F%10%11%12%13%14%15%16%17%18%19%1A%1B%1C%1D%1E%1F%20!%22%23$%&%27()*+,-./0123456789:;%3C=%3E?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\]^_`abcdefghijklmnopqrstuvwxyz{|}~%7F%C3%A9"##
+        );
+        assert!(matches!(as_sent("a=b&c"), std::borrow::Cow::Borrowed(_)));
+    }
 
     fn base() -> Url {
         Url::parse("https://api.example.com/v1").unwrap()
@@ -430,5 +429,56 @@ mod tests {
         h.append("vary", HeaderValue::from_static("*"));
         assert_eq!(vary_names(&h), None);
         assert_eq!(vary_names(&HeaderMap::new()), Some(vec![]));
+    }
+
+    /// Random paths and queries from an alphabet of the bytes that matter
+    /// (a deterministic generator, so a failure reproduces): normalising
+    /// twice gives the same path and key; the URL sent upstream carries
+    /// exactly the canonical path; and two requests that share a key are
+    /// sent upstream identically. `fuzz/fuzz_targets/key.rs` checks the
+    /// same on any bytes.
+    #[test]
+    fn normalisation_properties_hold_for_random_targets() {
+        use crate::request::canonical_path;
+        const ALPHABET: &[&str] = &[
+            "/", "/", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "%25", "%41", "%7e", "a", "B",
+            ";", ";x", "=", "&", "?", "+", "%20", " ", "~", "\u{e9}", "%E9", "%zz", "%", ":", "@",
+        ];
+        let base = reqwest::Url::parse("https://api.example.com/v1").unwrap();
+        let none = HeaderMap::new();
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut by_key = std::collections::HashMap::new();
+        for _ in 0..8_000 {
+            let len = 1 + next() % 8;
+            let mut path = String::from("/");
+            for _ in 0..len {
+                path.push_str(ALPHABET[(next() % ALPHABET.len() as u64) as usize]);
+            }
+            let query = [
+                "a=1&b=2", "b=2&a=1", "q=a+b", "q=a%20b", "id=%E9", "id=%E8", "",
+            ][(next() % 7) as usize];
+            let Ok(canonical) = canonical_path(&path) else {
+                continue;
+            };
+            assert_eq!(canonical_path(&canonical).unwrap(), canonical, "{path:?}");
+            let t = Target::from_canonical(&base, &canonical, Some(query), &[]);
+            assert_eq!(t.url.path(), format!("/v1{canonical}"), "{path:?}");
+            let again = Target::resolve(&base, &canonical, t.url.query(), &[]).unwrap();
+            let key = t.primary_key("*", &[], &none);
+            assert_eq!(again.primary_key("*", &[], &none), key, "{path:?}");
+            if let Some(url) = by_key.insert(key, t.url.clone()) {
+                assert_eq!(url, t.url, "two upstream URLs share a key");
+            }
+        }
+        assert!(
+            by_key.len() > 400,
+            "the generator produced too few valid paths"
+        );
     }
 }

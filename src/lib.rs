@@ -1,6 +1,7 @@
 //! cachegate: a caching proxy for REST APIs.
 //!
 //! - [`config`]: figment configuration (defaults < TOML < `CACHEGATE_*`).
+//! - [`resolved`]: the configuration with its values parsed, once.
 //! - [`request`]: the canonical request, built once before anything reads it.
 //! - [`key`]: canonical request -> upstream URL and cache key.
 //! - [`policy`]: what may be cached and for how long (pure, RFC 9111).
@@ -10,6 +11,7 @@
 //! - [`background`]: work after a response (serve, and Lambda's
 //!   after-response extension).
 //! - [`edge`]: CloudFront in front: cache tags on responses, invalidations.
+//! - [`purge_request`]: what a purge names, and why one fails.
 //! - [`invalidate`]: purging by URL and tag (`cachegate purge`) and the
 //!   invalidator role's Lambda handler (EventBridge, SQS).
 //! - [`tls`]: the one TLS crypto provider (rustls + ring).
@@ -25,7 +27,9 @@ pub mod lambda;
 pub mod output;
 pub mod policy;
 pub mod proxy;
+pub mod purge_request;
 pub mod request;
+pub mod resolved;
 pub mod routes;
 pub mod serve;
 pub mod telemetry;
@@ -34,8 +38,9 @@ pub mod upstream;
 
 use std::sync::Arc;
 
-use config::Config;
-use proxy::{Mode, Proxy};
+use config::Mode;
+use proxy::Proxy;
+use resolved::ResolvedConfig;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +71,7 @@ impl StartError {
 /// Build the proxy for `config`: routes, cache backend, upstream client.
 /// Work after a response is spawned in serve mode and done inline under
 /// Lambda; [`build_proxy_with`] chooses.
-pub async fn build_proxy(config: &Config, mode: Mode) -> Result<Arc<Proxy>, StartError> {
+pub async fn build_proxy(config: &ResolvedConfig, mode: Mode) -> Result<Arc<Proxy>, StartError> {
     let background = match mode {
         Mode::Serve => background::Background::Spawned,
         Mode::Lambda => background::Background::Inline,
@@ -76,38 +81,26 @@ pub async fn build_proxy(config: &Config, mode: Mode) -> Result<Arc<Proxy>, Star
 
 /// [`build_proxy`], with work after a response run as `background` says.
 pub async fn build_proxy_with(
-    config: &Config,
+    config: &ResolvedConfig,
     mode: Mode,
     background: background::Background,
 ) -> Result<Arc<Proxy>, StartError> {
-    let base = reqwest::Url::parse(&config.upstream.url)
-        .map_err(|e| config::invalid_key("upstream.url", e.to_string()))?;
-    let routes = routes::RouteTable::build(&config.routes, &config.cache)?;
     let cache = backend::build_cache(config).await?;
     let upstream = upstream::Upstream::new(&config.upstream)?;
+    let header_strings =
+        |names: &[http::HeaderName]| names.iter().map(|h| h.as_str().to_owned()).collect();
     let settings = proxy::Settings {
-        mode,
         background,
         coalesce_wait: config.cache.coalesce_wait,
         // A fetch lock outlives the longest upstream call its holder can make.
         lock_ttl: config.upstream.timeout + std::time::Duration::from_secs(1),
-        surrogate_key_headers: config
-            .cache
-            .surrogate_key_headers
-            .iter()
-            .map(|h| h.to_ascii_lowercase())
-            .collect(),
+        surrogate_key_headers: header_strings(&config.surrogate_key_headers),
         expose_surrogate_keys: config.cache.expose_surrogate_keys,
-        edge_key_headers: config
-            .edge
-            .key_headers
-            .iter()
-            .map(|h| h.to_ascii_lowercase())
-            .collect(),
+        edge_key_headers: header_strings(&config.edge_key_headers),
         forwarding: request::Forwarding {
-            trusted: config.serve.trusted_proxy_nets()?,
+            trusted: config.trusted_proxies.clone(),
         },
-        invalidating_methods: config.cache.invalidating_method_list()?,
+        invalidating_methods: config.invalidating_methods.clone(),
         max_tags_per_entry: config.cache.max_tags_per_entry,
         refresh_ahead: config.cache.refresh_ahead,
         ttl_jitter: config.cache.ttl_jitter,
@@ -124,8 +117,22 @@ pub async fn build_proxy_with(
         (Mode::Lambda, config::Role::Proxy) => edge::Runs::LambdaProxy,
         (Mode::Lambda, config::Role::Invalidator) => edge::Runs::Direct,
     };
-    let edge = edge::Edge::build(&config.edge, &base, runs).await?;
+    let edge = edge::Edge::build(
+        &config.edge,
+        config.cache_tag_header.clone(),
+        &config.upstream_url,
+        runs,
+    )
+    .await?;
     Ok(Arc::new(
-        Proxy::new(base, routes, cache, upstream, settings, telemetry).with_edge(edge),
+        Proxy::new(
+            config.upstream_url.clone(),
+            config.routes.clone(),
+            cache,
+            upstream,
+            settings,
+            telemetry,
+        )
+        .with_edge(edge),
     ))
 }

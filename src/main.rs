@@ -5,9 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use cachegate::config::{Config, Role};
+use cachegate::config::{Mode, Role};
 use cachegate::invalidate::PurgeRequest;
-use cachegate::proxy::Mode;
+use cachegate::resolved::ResolvedConfig;
 
 /// A caching proxy for REST APIs: in front of a slow or rate-limited API,
 /// it answers repeated GETs from a cache (memory, Redis or DynamoDB).
@@ -133,7 +133,7 @@ fn main() -> ExitCode {
     let in_lambda = std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some();
     init_tracing(in_lambda || !std::io::stderr().is_terminal());
 
-    let config = match Config::load(cli.config.as_deref()) {
+    let config = match ResolvedConfig::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             cachegate::output::eprintln(&format!("cachegate: {e}"));
@@ -158,9 +158,11 @@ fn main() -> ExitCode {
                 Failed(e.to_string(), e.exit_code())
             }),
             Some(Command::Serve { .. }) if config.role == Role::Invalidator => Err(Failed(
-                "configuration key `role`: `invalidator` runs only as the Lambda function; \
-                 `cachegate serve` needs role = \"proxy\""
-                    .into(),
+                cachegate::config::invalid(
+                    "role",
+                    "`invalidator` runs only as the Lambda function; `cachegate serve` needs role = \"proxy\"",
+                )
+                .to_string(),
                 2,
             )),
             Some(Command::Serve { listen }) => match cachegate::build_proxy(&config, Mode::Serve).await {
@@ -217,7 +219,7 @@ impl From<String> for Failed {
 }
 
 async fn purge(
-    config: &Config,
+    config: &ResolvedConfig,
     urls: &[String],
     tags: &[String],
     soft: bool,

@@ -4,68 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{invalid_key, CacheConfig, ConfigError, RouteConfig};
-
-/// The effective rule of one request: route settings with the global ones
-/// filled in. Pure data, read by the policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
-    /// The route pattern, or `*` for the global defaults (for logs and metrics).
-    pub name: String,
-    pub cache: bool,
-    pub ttl: Option<Duration>,
-    /// Freshness by status (negative caching), ahead of `ttl`; sorted.
-    pub status_ttl: Vec<(u16, Duration)>,
-    pub override_upstream: bool,
-    pub stale_while_revalidate: Duration,
-    pub stale_if_error: Duration,
-    /// With the route's placeholders filled in from the request path.
-    pub tags: Vec<String>,
-    /// What a successful unsafe request on the route purges, placeholders
-    /// filled in.
-    pub invalidate_tags: Vec<String>,
-    pub ignored_query_params: Vec<String>,
-    /// Lower case, sorted, de-duplicated.
-    pub key_headers: Vec<String>,
-    pub edge_ttl: Option<Duration>,
-    pub store_set_cookie_responses: bool,
-    pub honor_client_no_cache: bool,
-    pub max_entry_bytes: usize,
-    /// How long a stale entry with validators is kept to be revalidated.
-    pub keep_for_revalidation: Duration,
-    /// Cookie names whose values are part of the key (`key_cookies`).
-    pub key_cookies: Vec<String>,
-    /// Requests with `Cookie` use the cache like any other (`ignore_cookies`).
-    pub ignore_cookies: bool,
-}
-
-impl Rule {
-    /// Whether requests carrying `Authorization` may use the cache (each
-    /// credential then has its own keys).
-    pub fn keys_on_authorization(&self) -> bool {
-        self.key_headers.iter().any(|h| h == "authorization")
-    }
-
-    /// The configured freshness for a response with `status` and none of
-    /// its own: the route's `status_ttl` for it, else `ttl` for the
-    /// statuses RFC 9110 §15.1 calls heuristically cacheable.
-    pub fn ttl_for(&self, status: http::StatusCode) -> Option<Duration> {
-        match self.status_ttl.iter().find(|(s, _)| *s == status.as_u16()) {
-            Some((_, ttl)) => Some(*ttl),
-            None if crate::policy::response::heuristically_cacheable(status) => self.ttl,
-            None => None,
-        }
-    }
-
-    /// Whether a request carrying `Cookie` may use the cache whatever the
-    /// upstream answers: the route keys on the cookies, or says they do
-    /// not matter.
-    pub fn cookies_are_keyed(&self) -> bool {
-        self.ignore_cookies
-            || !self.key_cookies.is_empty()
-            || self.key_headers.iter().any(|h| h == "cookie")
-    }
-}
+use crate::config::{header_names, invalid, CacheConfig, ConfigError, RouteConfig};
+use crate::policy::rule::lower_sorted_unique;
+pub use crate::policy::Rule;
 
 /// Finds the rule of a request path.
 #[derive(Debug, Clone)]
@@ -91,14 +32,14 @@ fn check_template(tag: &str, params: &[&str], key: &str) -> Result<bool, ConfigE
         let after = &rest[open..];
         let close = after.find('}').filter(|_| after.starts_with('{'));
         let Some(close) = close else {
-            return Err(invalid_key(
+            return Err(invalid(
                 key,
                 format!("`{tag}`: a `{{` or `}}` that is not part of a {{placeholder}}"),
             ));
         };
         let name = &after[1..close];
         if !params.contains(&name) {
-            return Err(invalid_key(
+            return Err(invalid(
                 key,
                 format!(
                     "`{tag}` names {{{name}}}, which the route's path does not have (it has: {})",
@@ -143,42 +84,22 @@ fn fill(template: &str, params: &matchit::Params) -> String {
 }
 
 impl RouteTable {
+    /// The table for the configured routes, each checked (patterns,
+    /// overlaps, tag templates, header names) with the global `[cache]`
+    /// settings filled in.
     pub fn build(routes: &[RouteConfig], global: &CacheConfig) -> Result<Self, ConfigError> {
-        let lower_sorted = |a: &[String], b: &[String]| {
-            let mut v: Vec<String> = a.iter().chain(b).map(|s| s.to_ascii_lowercase()).collect();
-            v.sort();
-            v.dedup();
-            v
-        };
-        let base = Rule {
-            name: "*".into(),
-            cache: true,
-            ttl: global.default_ttl,
-            status_ttl: Vec::new(),
-            override_upstream: false,
-            stale_while_revalidate: global.stale_while_revalidate,
-            stale_if_error: global.stale_if_error,
-            tags: Vec::new(),
-            invalidate_tags: Vec::new(),
-            ignored_query_params: global.ignored_query_params.clone(),
-            key_headers: lower_sorted(&global.key_headers, &[]),
-            edge_ttl: global.edge_max_ttl,
-            store_set_cookie_responses: global.store_set_cookie_responses,
-            honor_client_no_cache: global.honor_client_no_cache,
-            max_entry_bytes: global.max_entry_bytes.as_u64() as usize,
-            keep_for_revalidation: global.keep_for_revalidation,
-            key_cookies: Vec::new(),
-            ignore_cookies: false,
-        };
+        header_names("cache.key_headers", &global.key_headers)?;
+        let base = Rule::global(global);
         let mut router = matchit::Router::new();
         for (i, r) in routes.iter().enumerate() {
+            header_names(&format!("routes[{i}].key_headers"), &r.key_headers)?;
             let params = pattern_params(&r.path);
             let mut templated = false;
             for (field, tags) in [("tags", &r.tags), ("invalidate_tags", &r.invalidate_tags)] {
                 for tag in tags {
                     let key = format!("routes[{i}].{field}");
                     if tag.trim().is_empty() {
-                        return Err(invalid_key(key, "an empty tag"));
+                        return Err(invalid(key, "an empty tag"));
                     }
                     templated |= check_template(tag, &params, &key)?;
                 }
@@ -198,7 +119,7 @@ impl RouteTable {
                 tags: r.tags.clone(),
                 invalidate_tags: r.invalidate_tags.clone(),
                 ignored_query_params: ignored,
-                key_headers: lower_sorted(&base.key_headers, &r.key_headers),
+                key_headers: lower_sorted_unique(base.key_headers.iter().chain(&r.key_headers)),
                 edge_ttl: r.edge_ttl.or(base.edge_ttl),
                 key_cookies: {
                     let mut c = r.key_cookies.clone();
@@ -213,9 +134,9 @@ impl RouteTable {
                 rule: Arc::new(rule),
                 templated,
             };
-            router.insert(r.path.clone(), route).map_err(|e| {
-                invalid_key(format!("routes[{i}].path"), format!("`{}`: {e}", r.path))
-            })?;
+            router
+                .insert(r.path.clone(), route)
+                .map_err(|e| invalid(format!("routes[{i}].path"), format!("`{}`: {e}", r.path)))?;
         }
         Ok(RouteTable {
             router,
@@ -254,7 +175,7 @@ fn status_ttls(i: usize, r: &RouteConfig) -> Result<Vec<(u16, Duration)>, Config
             .ok()
             .filter(|c| (200..=599).contains(c) && *c != 206 && *c != 304)
             .ok_or_else(|| {
-                invalid_key(
+                invalid(
                     format!("routes[{i}].status_ttl"),
                     format!("`{status}` is not a storable status code (200-599, not 206 or 304)"),
                 )

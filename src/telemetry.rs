@@ -21,8 +21,7 @@ use prometheus_client::registry::Registry;
 
 use cachegate_store::tiered::CacheStats;
 
-use crate::config::MetricsConfig;
-use crate::proxy::Mode;
+use crate::config::{MetricsConfig, Mode};
 
 /// The id of the request being handled, put in the request's extensions
 /// by the adapter (Lambda's request id; in serve mode the client's

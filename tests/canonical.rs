@@ -381,9 +381,9 @@ async fn only_writes_and_configured_methods_invalidate() {
 
 mod lambda {
     use super::*;
-    use cachegate::config::Config;
+    use cachegate::config::Mode;
     use cachegate::lambda::invoke;
-    use cachegate::proxy::Mode;
+    use cachegate::resolved::ResolvedConfig;
     use figment::providers::{Format, Toml};
     use figment::Figment;
 
@@ -413,7 +413,8 @@ mod lambda {
              [[routes]]\npath = \"/assets/{{*rest}}\"\nttl = \"1h\"\noverride_upstream = true\n",
             up.url
         );
-        let config = Config::from_figment(Figment::new().merge(Toml::string(&toml))).unwrap();
+        let config =
+            ResolvedConfig::from_figment(Figment::new().merge(Toml::string(&toml))).unwrap();
         let p = cachegate::build_proxy(&config, Mode::Lambda).await.unwrap();
 
         let r = invoke(&p, event("/assets/..;/account", "", "")).await;

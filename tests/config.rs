@@ -18,33 +18,69 @@ fn run(env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Each error names the key as the file writes it and the environment
+/// variable that sets it (a list entry's is its whole list's).
 #[test]
-fn bad_values_stop_start_up_naming_the_key() {
+fn bad_values_stop_start_up_naming_the_key_and_its_variable() {
     let up = ("CACHEGATE_UPSTREAM__URL", "http://127.0.0.1:9");
-    for (env, key) in [
-        (vec![], "upstream"),
+    for (env, key, variable) in [
+        // Nothing sets the one key without a default.
+        (vec![], "upstream.url", "CACHEGATE_UPSTREAM__URL"),
         (
             vec![up, ("CACHEGATE_UPSTREAM__TIMEOUT", "banana")],
             "upstream.timeout",
+            "CACHEGATE_UPSTREAM__TIMEOUT",
         ),
-        (vec![("CACHEGATE_UPSTREAM__URL", "ftp://x")], "upstream.url"),
+        (
+            vec![("CACHEGATE_UPSTREAM__URL", "ftp://x")],
+            "upstream.url",
+            "CACHEGATE_UPSTREAM__URL",
+        ),
         (
             vec![("CACHEGATE_UPSTREAM__URL", "not a url")],
             "upstream.url",
+            "CACHEGATE_UPSTREAM__URL",
         ),
-        (vec![up, ("CACHEGATE_BACKEND", "memcached")], "backend"),
+        (
+            vec![up, ("CACHEGATE_BACKEND", "memcached")],
+            "backend",
+            "CACHEGATE_BACKEND",
+        ),
         (
             vec![up, ("CACHEGATE_CACHE__DEFAULT_TTL", "-3")],
             "cache.default_ttl",
+            "CACHEGATE_CACHE__DEFAULT_TTL",
         ),
         (
             vec![up, ("CACHEGATE_MEMORY__CAPACITY", "12")],
             "memory.capacity",
+            "CACHEGATE_MEMORY__CAPACITY",
         ),
-        (vec![up, ("CACHEGATE_CACHE__TYPO", "1")], "typo"),
+        (
+            vec![up, ("CACHEGATE_CACHE__TYPO", "1")],
+            "cache.typo",
+            "CACHEGATE_CACHE__TYPO",
+        ),
         (
             vec![up, ("CACHEGATE_EDGE__CACHE_TAG_HEADER", "Cache Tag")],
             "edge.cache_tag_header",
+            "CACHEGATE_EDGE__CACHE_TAG_HEADER",
+        ),
+        (
+            vec![
+                up,
+                ("CACHEGATE_SERVE__TRUSTED_PROXIES", "[\"10.0.0.0/33\"]"),
+            ],
+            "serve.trusted_proxies",
+            "CACHEGATE_SERVE__TRUSTED_PROXIES",
+        ),
+        (
+            vec![
+                up,
+                ("CACHEGATE_CACHE__INVALIDATING_METHODS", "[\"BAD METHOD\"]"),
+            ],
+            "cache.invalidating_methods",
+            "CACHEGATE_CACHE__INVALIDATING_METHODS",
         ),
         (
             vec![
@@ -55,10 +91,12 @@ fn bad_values_stop_start_up_naming_the_key() {
                 ),
             ],
             "routes[0].invalidate_tags",
+            "CACHEGATE_ROUTES",
         ),
         (
             vec![up, ("CACHEGATE_ROUTES", "[{path=\"items\"}]")],
             "routes[0].path",
+            "CACHEGATE_ROUTES",
         ),
         (
             vec![
@@ -66,13 +104,28 @@ fn bad_values_stop_start_up_naming_the_key() {
                 ("CACHEGATE_ROUTES", "[{path=\"/a/{x}\"},{path=\"/a/{y}\"}]"),
             ],
             "routes[1].path",
+            "CACHEGATE_ROUTES",
+        ),
+        (
+            vec![up, ("CACHEGATE_ROUTES", "[{ttl=\"1s\"}]")],
+            "routes[0].path",
+            "CACHEGATE_ROUTES",
+        ),
+        (
+            vec![
+                up,
+                ("CACHEGATE_ROUTES", "[{path=\"/a\", key_headers=[\"a b\"]}]"),
+            ],
+            "routes[0].key_headers",
+            "CACHEGATE_ROUTES",
         ),
     ] {
         let (code, _, stderr) = run(&env, &["serve", "--listen", "127.0.0.1:0"]);
         assert_eq!(code, 2, "{env:?}: {stderr}");
+        let named = format!("configuration key `{key}` ({variable}): ");
         assert!(
-            stderr.contains(key),
-            "{env:?}: error does not name `{key}`: {stderr}"
+            stderr.contains(&named),
+            "{env:?}: error does not say {named:?}: {stderr}"
         );
     }
 }

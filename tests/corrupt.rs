@@ -273,11 +273,12 @@ async fn corrupt_reads_are_counted() {
         up.url,
         need("CACHEGATE_TEST_REDIS_URL")
     );
-    let config =
-        cachegate::config::Config::from_figment(figment::Figment::new().merge(Toml::string(&toml)))
-            .unwrap();
+    let config = cachegate::resolved::ResolvedConfig::from_figment(
+        figment::Figment::new().merge(Toml::string(&toml)),
+    )
+    .unwrap();
     let proxy: Arc<cachegate::proxy::Proxy> =
-        cachegate::build_proxy(&config, cachegate::proxy::Mode::Serve)
+        cachegate::build_proxy(&config, cachegate::config::Mode::Serve)
             .await
             .unwrap();
     let mut redis = Resp::connect().await;

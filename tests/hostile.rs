@@ -814,10 +814,11 @@ async fn over_lambdas_response_limit_is_a_clear_502_in_lambda_mode() {
     use figment::providers::{Format, Toml};
     let up = upstream().await;
     let toml = format!("backend = \"memory\"\n[upstream]\nurl = \"{}\"\n", up.url);
-    let config =
-        cachegate::config::Config::from_figment(figment::Figment::new().merge(Toml::string(&toml)))
-            .unwrap();
-    let proxy = cachegate::build_proxy(&config, cachegate::proxy::Mode::Lambda)
+    let config = cachegate::resolved::ResolvedConfig::from_figment(
+        figment::Figment::new().merge(Toml::string(&toml)),
+    )
+    .unwrap();
+    let proxy = cachegate::build_proxy(&config, cachegate::config::Mode::Lambda)
         .await
         .unwrap();
     let event = |query: &str| {

@@ -11,9 +11,10 @@ use figment::providers::{Format, Toml};
 use figment::Figment;
 use lambda_http::Body;
 
-use cachegate::config::Config;
+use cachegate::config::Mode;
 use cachegate::lambda::invoke;
-use cachegate::proxy::{Mode, Proxy};
+use cachegate::proxy::Proxy;
+use cachegate::resolved::ResolvedConfig;
 
 async fn proxy(upstream: &str) -> Arc<Proxy> {
     proxy_with(upstream, "").await
@@ -21,7 +22,7 @@ async fn proxy(upstream: &str) -> Arc<Proxy> {
 
 async fn proxy_with(upstream: &str, extra: &str) -> Arc<Proxy> {
     let toml = format!("backend = \"memory\"\n[upstream]\nurl = \"{upstream}\"\n{extra}");
-    let config = Config::from_figment(Figment::new().merge(Toml::string(&toml))).unwrap();
+    let config = ResolvedConfig::from_figment(Figment::new().merge(Toml::string(&toml))).unwrap();
     cachegate::build_proxy(&config, Mode::Lambda).await.unwrap()
 }
 

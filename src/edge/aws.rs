@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use aws_sdk_cloudfront::error::ProvideErrorMetadata;
 
+use crate::config::EdgeConfig;
+
 use super::{
-    cost_usd, Dispatch, EdgeConfig, EdgeError, EdgeItems, EdgeReport, Runs, MAX_PATHS_PER_CALL,
-    URL_TAG_PREFIX,
+    cost_usd, Dispatch, EdgeError, EdgeItems, EdgeReport, EdgeStatus, Runs, MAX_PATHS_PER_CALL,
 };
+use crate::key::URL_TAG_PREFIX;
 
 /// Where this process's invalidations go.
 pub(super) struct Sinks {
@@ -67,12 +69,12 @@ impl Sinks {
             && config.cloudfront_distribution_id.is_some()
             && queue.is_none()
         {
-            return Err(EdgeError::Config(
-                "configuration key `edge.invalidation_queue_url`: the proxy in Lambda sends \
-                 CloudFront invalidations to the invalidator's queue (it never calls CloudFront \
-                 on a request's path): set it, or unset edge.cloudfront_distribution_id"
-                    .into(),
-            ));
+            return Err(EdgeError::Config(crate::config::invalid(
+                "edge.invalidation_queue_url",
+                "the proxy in Lambda sends CloudFront invalidations to the invalidator's queue \
+                 (it never calls CloudFront on a request's path): set it, or unset \
+                 edge.cloudfront_distribution_id",
+            )));
         }
         let batcher = match (&cloudfront, &queue, runs) {
             (Some(cf), None, Runs::Serve) => Some(spawn_batcher(cf.clone(), config.batch_window)),
@@ -95,7 +97,7 @@ impl Sinks {
     ) -> Result<Option<EdgeReport>, EdgeError> {
         match (dispatch, &self.batcher, &self.queue, &self.cloudfront) {
             (Dispatch::Background, Some(tx), _, _) => {
-                let report = EdgeReport::new(&items, "batched");
+                let report = EdgeReport::new(&items, EdgeStatus::Batched);
                 // The task runs as long as the process; a send can only
                 // fail while it shuts down.
                 let _ = tx.send(items);
@@ -103,17 +105,17 @@ impl Sinks {
             }
             (Dispatch::Background, None, Some(queue), _) => {
                 queue.send(tags, base_prefix).await?;
-                Ok(Some(EdgeReport::new(&items, "queued")))
+                Ok(Some(EdgeReport::new(&items, EdgeStatus::Queued)))
             }
             (_, _, _, Some(cf)) => {
                 let id = cf.invalidate(&items.items).await?;
-                let mut report = EdgeReport::new(&items, "sent");
+                let mut report = EdgeReport::new(&items, EdgeStatus::Sent);
                 report.invalidation_id = id;
                 Ok(Some(report))
             }
             (Dispatch::Now, _, Some(queue), None) => {
                 queue.send(tags, base_prefix).await?;
-                Ok(Some(EdgeReport::new(&items, "queued")))
+                Ok(Some(EdgeReport::new(&items, EdgeStatus::Queued)))
             }
             _ => Ok(None),
         }
@@ -161,7 +163,7 @@ impl Queue {
     /// for what the write purged. The invalidator purges the shared backend
     /// once more (idempotent) and then CloudFront.
     async fn send(&self, tags: &[String], base_prefix: &str) -> Result<(), EdgeError> {
-        let mut request = crate::invalidate::PurgeRequest::default();
+        let mut request = crate::purge_request::PurgeRequest::default();
         for tag in tags {
             match tag.strip_prefix(URL_TAG_PREFIX) {
                 Some(upstream) => {

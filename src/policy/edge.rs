@@ -30,7 +30,7 @@ use http::HeaderMap;
 
 use super::cache_control::split_directives;
 use super::CacheControl;
-use crate::routes::Rule;
+use super::Rule;
 
 /// What the edge rewrite needs to know about an entry going out.
 #[derive(Debug, Clone, Copy)]
@@ -90,7 +90,7 @@ pub fn mark_keyed(
     edge_key_headers: &[String],
     with_vary: bool,
 ) -> bool {
-    let vary = crate::key::vary_names(headers).unwrap_or_default();
+    let vary = super::headers::vary_names(headers).unwrap_or_default();
     let missing: Vec<&str> = rule
         .key_headers
         .iter()
@@ -161,14 +161,10 @@ fn rewrite(headers: &mut HeaderMap, drop: &[&str], add: &str) {
 mod tests {
     use super::*;
     use crate::config::CacheConfig;
-    use crate::routes::RouteTable;
     use std::time::Duration;
 
     fn rule() -> Rule {
-        (*RouteTable::build(&[], &CacheConfig::default())
-            .unwrap()
-            .rule_for("/"))
-        .clone()
+        Rule::global(&CacheConfig::default())
     }
 
     fn out(cc: Option<&str>, facts: impl FnOnce(&Rule) -> EdgeFacts<'_>, r: &Rule) -> HeaderMap {

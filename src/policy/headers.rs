@@ -210,6 +210,26 @@ pub fn rewrite_upstream_locations(
     }
 }
 
+/// The `Vary` header names of a response: lower case, sorted, de-duplicated.
+/// `None` for `Vary: *` (never storable).
+pub fn vary_names(headers: &HeaderMap) -> Option<Vec<String>> {
+    let mut names = Vec::new();
+    for v in headers.get_all(header::VARY) {
+        for name in v.to_str().unwrap_or("*").split(',') {
+            let name = name.trim().to_ascii_lowercase();
+            if name == "*" {
+                return None;
+            }
+            if !name.is_empty() {
+                names.push(name);
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    Some(names)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

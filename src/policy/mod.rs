@@ -18,6 +18,7 @@
 //! - [`edge`]: what the next cache out is told (`s-maxage`, `Vary`, `private`).
 //! - [`date`]: HTTP dates read leniently, as RFC 9110 §5.6.7 asks.
 //! - [`back_off`]: what an upstream answer says about calling it again.
+//! - [`rule`]: the effective route rule the policy reads.
 
 pub mod back_off;
 pub mod cache_control;
@@ -27,18 +28,18 @@ pub mod edge;
 pub mod headers;
 pub mod request;
 pub mod response;
+pub mod rule;
 
 pub use cache_control::{CacheControl, MAX_DELTA_SECONDS};
 pub use edge::{edge_headers, mark_keyed, EdgeFacts};
 pub use request::{explicitly_shareable, request_policy, Bypass, RequestPolicy};
 pub use response::{response_policy, Freshness, NotStorable, ResponseFacts};
+pub use rule::Rule;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::CacheConfig;
-    use crate::routes::RouteTable;
-    use crate::routes::Rule;
     use cachegate_store::UnixMillis;
     use http::HeaderValue;
     use http::{HeaderMap, Method, StatusCode};
@@ -47,10 +48,7 @@ mod tests {
     const T0: UnixMillis = 1_700_000_000_000;
 
     fn rule() -> Rule {
-        (*RouteTable::build(&[], &CacheConfig::default())
-            .unwrap()
-            .rule_for("/"))
-        .clone()
+        Rule::global(&CacheConfig::default())
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

@@ -3,7 +3,7 @@
 use http::{HeaderMap, Method};
 
 use super::CacheControl;
-use crate::routes::Rule;
+use super::Rule;
 
 /// Why a request does not use the cache at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

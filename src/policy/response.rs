@@ -8,7 +8,7 @@ use cachegate_store::UnixMillis;
 
 use super::cache_control::{delta_seconds, millis};
 use super::CacheControl;
-use crate::routes::Rule;
+use super::Rule;
 
 /// Why a response is not stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,7 +140,7 @@ pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshnes
     if cc.private {
         return Err(NotStorable::Private);
     }
-    if crate::key::vary_names(h).is_none() {
+    if super::headers::vary_names(h).is_none() {
         return Err(NotStorable::VaryStar);
     }
     // A 200 with Content-Range is the complete representation (RFC 9110
@@ -160,7 +160,7 @@ pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshnes
     }
 
     let date = header_time(h, http::header::DATE);
-    let route_ttl = rule.ttl_for(status);
+    let route_ttl = ttl_for(rule, status);
     // §3: any status may be stored with explicit freshness; a configured
     // one only where the route names the status or it is heuristically
     // cacheable (RFC 9110 §15.1).
@@ -240,11 +240,22 @@ pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshnes
     })
 }
 
+/// The configured freshness for a response with `status` and none of its
+/// own: the route's `status_ttl` for it, else `ttl` for the statuses RFC
+/// 9110 §15.1 calls heuristically cacheable.
+pub fn ttl_for(rule: &Rule, status: StatusCode) -> Option<Duration> {
+    match rule.status_ttl.iter().find(|(s, _)| *s == status.as_u16()) {
+        Some((_, ttl)) => Some(*ttl),
+        None if heuristically_cacheable(status) => rule.ttl,
+        None => None,
+    }
+}
+
 /// Whether the freshness of a stored response with these headers came from
 /// the route (`ttl`, `status_ttl`) rather than from the upstream: then the
 /// edge is told it in `s-maxage`.
 pub fn route_supplied_freshness(status: StatusCode, h: &HeaderMap, rule: &Rule) -> bool {
-    let Some(_) = rule.ttl_for(status) else {
+    let Some(_) = ttl_for(rule, status) else {
         return false;
     };
     if rule.override_upstream {

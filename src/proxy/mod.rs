@@ -42,18 +42,9 @@ use guard::UpstreamGuard;
 use outcome::{Forward, Kind, Outcome, Refresh};
 pub use respond::json_error;
 
-/// Where the handler runs (telemetry and the edge read it; how work after
-/// a response runs is [`Settings::background`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Serve,
-    Lambda,
-}
-
 /// Process-wide settings of the request flow.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub mode: Mode,
     /// How stale-while-revalidate refreshes and refresh-ahead run after the
     /// response ([`crate::background`]).
     pub background: Background,

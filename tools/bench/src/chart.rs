@@ -9,8 +9,6 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
 
-use crate::compare::BackendRun;
-
 /// Furthest percentile drawn: 99.99% (x = 4).
 const X_MAX: f64 = 4.0;
 
@@ -42,24 +40,19 @@ const COLORS: [RGBColor; 5] = [
     RGBColor(255, 127, 14),
 ];
 
-/// Write the chart of the runs' `HIT` latencies to `path` (parent folders
-/// are created). Runs without a hit are left out.
+/// Write the chart of each backend's `HIT` latencies (its name and its
+/// histogram) to `path` (parent folders are created).
 pub fn write_svg(
     path: &Path,
-    runs: &[BackendRun],
+    hits: &[(&str, &Histogram<u64>)],
     upstream_latency: Duration,
 ) -> Result<(), String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| format!("chart: {}: {e}", dir.display()))?;
     }
-    let series: Vec<(&str, Vec<(f64, f64)>)> = runs
+    let series: Vec<(&str, Vec<(f64, f64)>)> = hits
         .iter()
-        .filter_map(|r| {
-            r.report
-                .histograms
-                .get("HIT")
-                .map(|h| (r.backend, percentile_points(h)))
-        })
+        .map(|&(backend, h)| (backend, percentile_points(h)))
         .collect();
     let values = || series.iter().flat_map(|(_, p)| p.iter().map(|&(_, y)| y));
     let y_min = values().fold(f64::INFINITY, f64::min).max(0.001) * 0.8;

@@ -14,8 +14,9 @@ use serde::Serialize;
 
 use crate::load::{self, Report, Stop, Workload};
 use crate::BenchArgs;
+use cachegate::config::Mode;
 use cachegate::config::{BackendKind, Config};
-use cachegate::proxy::Mode;
+use cachegate::resolved::ResolvedConfig;
 
 /// Body size of every synthetic upstream answer.
 pub const BODY_BYTES: usize = 1024;
@@ -179,7 +180,7 @@ fn backend_config(
     backend: BackendKind,
     upstream_url: &str,
     keep_l1: bool,
-) -> Result<Config, String> {
+) -> Result<ResolvedConfig, String> {
     let mut fig = Config::figment(config_file)
         .map_err(|e| e.to_string())?
         .merge(("backend", backend.as_str()))
@@ -187,7 +188,8 @@ fn backend_config(
     if !keep_l1 {
         fig = fig.merge(("cache.l1_ttl", "0s"));
     }
-    Config::from_figment(fig).map_err(|e| format!("{} configuration: {e}", backend.as_str()))
+    ResolvedConfig::from_figment(fig)
+        .map_err(|e| format!("{} configuration: {e}", backend.as_str()))
 }
 
 pub async fn run(
@@ -229,7 +231,12 @@ pub async fn run(
     }
 
     let chart_path = args.chart.display().to_string();
-    crate::chart::write_svg(&args.chart, &runs, args.upstream_latency)?;
+    // Runs without a hit are left out of the chart.
+    let hits: Vec<(&str, &hdrhistogram::Histogram<u64>)> = runs
+        .iter()
+        .filter_map(|r| r.report.histograms.get("HIT").map(|h| (r.backend, h)))
+        .collect();
+    crate::chart::write_svg(&args.chart, &hits, args.upstream_latency)?;
     let comparison = Comparison {
         upstream_latency_ms: args.upstream_latency.as_secs_f64() * 1000.0,
         body_bytes: BODY_BYTES,

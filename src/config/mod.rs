@@ -2,7 +2,17 @@
 //! variables (`__` separates nesting levels), layered with figment.
 //!
 //! Every field documents its default. A bad value stops start-up with an
-//! error naming the key (figment reports the path, e.g. `upstream.timeout`).
+//! error naming the key and its environment variable ([`invalid`]).
+//!
+//! [`Config`] is the configuration as read, with its plain values checked;
+//! the values that need parsing (the upstream URL, address ranges, methods,
+//! header names, the route table) are parsed once, into
+//! [`crate::resolved::ResolvedConfig`], which is what runs. This module
+//! imports nothing else of the crate.
+
+mod edge;
+
+pub use edge::EdgeConfig;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -50,6 +60,14 @@ pub enum Role {
     Invalidator,
 }
 
+/// Where the handler runs: `cachegate serve`, or the Lambda function.
+/// Not a key: the command line decides. Telemetry and the edge read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Serve,
+    Lambda,
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -90,9 +108,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The cache in front of cachegate (CloudFront, a CDN): the request
     /// headers it keys on, invalidations and cache tags (see
-    /// [`crate::edge::EdgeConfig`]). Default: no CloudFront configured.
+    /// [`EdgeConfig`]). Default: no CloudFront configured.
     #[serde(default)]
-    pub edge: crate::edge::EdgeConfig,
+    pub edge: EdgeConfig,
     /// Per-route rules, matched on the request path; the most specific
     /// pattern wins (see [`RouteConfig`]).
     #[serde(default)]
@@ -172,6 +190,27 @@ pub struct UpstreamConfig {
     /// `max_rps` (room for four instances). Env: `CACHEGATE_UPSTREAM__FALLBACK_RPS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_rps: Option<f64>,
+}
+
+impl UpstreamConfig {
+    /// `url` parsed: an http(s) URL with a host and no query or fragment.
+    pub fn base_url(&self) -> Result<reqwest::Url, ConfigError> {
+        let url = reqwest::Url::parse(&self.url)
+            .map_err(|e| invalid("upstream.url", format!("`{}` is not a URL: {e}", self.url)))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid(
+                "upstream.url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if url.host_str().is_none() {
+            return Err(invalid("upstream.url", "has no host"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid("upstream.url", "must not have a query or fragment"));
+        }
+        Ok(url)
+    }
 }
 
 fn default_burst() -> u32 {
@@ -597,43 +636,78 @@ fn yes() -> bool {
 pub enum ConfigError {
     #[error("{}", describe_figment(.0))]
     Figment(#[from] Box<figment::Error>),
-    #[error("configuration key `{key}`: {problem}")]
+    /// Built by [`invalid`], the one place this message is written.
+    #[error("configuration key `{key}`{}: {problem}", env_note(key))]
     Invalid { key: String, problem: String },
     #[error("configuration file {0} does not exist")]
     MissingFile(PathBuf),
 }
 
-/// One line per problem, each naming the key in config-file form
-/// (`upstream.timeout`) and where the value came from.
+/// The error for configuration key `key` (in config-file form,
+/// `upstream.url`, `routes[1].path`): "configuration key `upstream.url`
+/// (CACHEGATE_UPSTREAM__URL): problem".
+pub fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The environment variable that sets `key` (a list entry's, `routes[1].path`,
+/// is set with its whole list, `CACHEGATE_ROUTES`), as " (VARIABLE)".
+fn env_note(key: &str) -> String {
+    let key = key.split('[').next().unwrap_or_default();
+    if key.is_empty() {
+        return String::new();
+    }
+    format!(
+        " (CACHEGATE_{})",
+        key.to_ascii_uppercase().replace('.', "__")
+    )
+}
+
+/// One line per problem, each built by [`invalid`]: the key in
+/// config-file form (`upstream.timeout`; a missing or unknown field's own
+/// name included) and where the value came from.
 fn describe_figment(e: &figment::Error) -> String {
     e.clone()
         .into_iter()
         .map(|e| {
-            let key = e.path.join(".").to_ascii_lowercase();
-            let source = e
-                .metadata
-                .as_ref()
-                .map(|m| m.name.to_string())
-                .unwrap_or_default();
-            let key = if key.is_empty() {
-                "(top level)".to_owned()
-            } else {
-                key
-            };
-            match source.is_empty() {
-                true => format!("configuration key `{key}`: {}", e.kind),
-                false => format!("configuration key `{key}`: {} (from {source})", e.kind),
+            let mut path = e.path.clone();
+            if let figment::error::Kind::MissingField(name) = &e.kind {
+                path.push(name.to_string());
             }
+            // List entries as the file writes them: `routes[0].path`.
+            let mut key = String::new();
+            for part in &path {
+                if part.bytes().all(|b| b.is_ascii_digit()) {
+                    key.push_str(&format!("[{part}]"));
+                } else {
+                    if !key.is_empty() {
+                        key.push('.');
+                    }
+                    key.push_str(&part.to_ascii_lowercase());
+                }
+            }
+            let problem = match e.metadata.as_ref().map(|m| m.name.to_string()) {
+                Some(source) if !source.is_empty() => format!("{} (from {source})", e.kind),
+                _ => e.kind.to_string(),
+            };
+            invalid(key, problem).to_string()
         })
         .collect::<Vec<_>>()
         .join("\n")
 }
 
-pub(crate) fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        problem: problem.into(),
-    }
+/// Header names as configured under `key`, parsed (lower case).
+pub fn header_names(key: &str, names: &[String]) -> Result<Vec<http::HeaderName>, ConfigError> {
+    names
+        .iter()
+        .map(|n| {
+            http::HeaderName::from_bytes(n.as_bytes())
+                .map_err(|_| invalid(key, format!("`{n}` is not a header name")))
+        })
+        .collect()
 }
 
 impl Config {
@@ -710,6 +784,18 @@ impl Config {
     }
 
     pub fn from_figment(fig: Figment) -> Result<Config, ConfigError> {
+        // The one key without a default: figment would say only "missing
+        // field `upstream`", naming neither the key nor its variable.
+        if let Err(e) = fig.find_value("upstream.url") {
+            if matches!(e.kind, figment::error::Kind::MissingField(_)) {
+                return Err(invalid(
+                    "upstream.url",
+                    "is not set: the base URL of the API cachegate sits in front of \
+                     (e.g. https://api.example.com/v1), in the file's [upstream] section \
+                     or in the environment; it has no default",
+                ));
+            }
+        }
         let config: Config = fig
             .extract()
             .map_err(|e| ConfigError::Figment(Box::new(e)))?;
@@ -775,24 +861,6 @@ impl Config {
                  inside each proxy process where no invalidator can reach it: \
                  set `backend` to `redis` or `dynamodb`",
             ));
-        }
-        let url = reqwest::Url::parse(&self.upstream.url).map_err(|e| {
-            invalid(
-                "upstream.url",
-                format!("`{}` is not a URL: {e}", self.upstream.url),
-            )
-        })?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(invalid(
-                "upstream.url",
-                "must be an http:// or https:// URL",
-            ));
-        }
-        if url.host_str().is_none() {
-            return Err(invalid("upstream.url", "has no host"));
-        }
-        if url.query().is_some() || url.fragment().is_some() {
-            return Err(invalid("upstream.url", "must not have a query or fragment"));
         }
         if self.upstream.timeout.is_zero() {
             return Err(invalid("upstream.timeout", "must be more than 0s"));
@@ -860,8 +928,6 @@ impl Config {
                 "must be more than 0",
             ));
         }
-        self.serve.trusted_proxy_nets()?;
-        self.cache.invalidating_method_list()?;
         for (key, v) in [
             ("cache.refresh_ahead", self.cache.refresh_ahead),
             ("cache.ttl_jitter", self.cache.ttl_jitter),
@@ -883,19 +949,6 @@ impl Config {
                 "must be 1 to 255 characters and not start with AWS/",
             ));
         }
-        let header_names = |key: &str, names: &[String]| -> Result<(), ConfigError> {
-            for n in names {
-                http::HeaderName::from_bytes(n.as_bytes())
-                    .map_err(|_| invalid(key, format!("`{n}` is not a header name")))?;
-            }
-            Ok(())
-        };
-        header_names("cache.key_headers", &self.cache.key_headers)?;
-        header_names("edge.key_headers", &self.edge.key_headers)?;
-        header_names(
-            "cache.surrogate_key_headers",
-            &self.cache.surrogate_key_headers,
-        )?;
         for (i, r) in self.routes.iter().enumerate() {
             let key = |field: &str| format!("routes[{i}].{field}");
             if !r.path.starts_with('/') {
@@ -904,16 +957,10 @@ impl Config {
                     format!("`{}` must start with /", r.path),
                 ));
             }
-            header_names(&key("key_headers"), &r.key_headers)?;
             if r.override_upstream && r.ttl.is_none() {
                 return Err(invalid(key("ttl"), "override_upstream needs a ttl"));
             }
         }
-        // The same build `build_proxy` makes, with the same global rules,
-        // so what loads is what runs (patterns, templates, overlaps).
-        crate::routes::RouteTable::build(&self.routes, &self.cache)?;
         Ok(())
     }
 }
-
-pub(crate) use invalid as invalid_key;

@@ -1,0 +1,89 @@
+//! The effective rule of one request: pure data, read by the policy.
+//! [`crate::routes`] builds one per configured route from the
+//! configuration; [`Rule::global`] is the rule of paths no route matches.
+
+use std::time::Duration;
+
+use crate::config::CacheConfig;
+
+/// The effective rule of one request: route settings with the global ones
+/// filled in. Pure data, read by the policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// The route pattern, or `*` for the global defaults (for logs and metrics).
+    pub name: String,
+    pub cache: bool,
+    pub ttl: Option<Duration>,
+    /// Freshness by status (negative caching), ahead of `ttl`; sorted.
+    pub status_ttl: Vec<(u16, Duration)>,
+    pub override_upstream: bool,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    /// With the route's placeholders filled in from the request path.
+    pub tags: Vec<String>,
+    /// What a successful unsafe request on the route purges, placeholders
+    /// filled in.
+    pub invalidate_tags: Vec<String>,
+    pub ignored_query_params: Vec<String>,
+    /// Lower case, sorted, de-duplicated.
+    pub key_headers: Vec<String>,
+    pub edge_ttl: Option<Duration>,
+    pub store_set_cookie_responses: bool,
+    pub honor_client_no_cache: bool,
+    pub max_entry_bytes: usize,
+    /// How long a stale entry with validators is kept to be revalidated.
+    pub keep_for_revalidation: Duration,
+    /// Cookie names whose values are part of the key (`key_cookies`).
+    pub key_cookies: Vec<String>,
+    /// Requests with `Cookie` use the cache like any other (`ignore_cookies`).
+    pub ignore_cookies: bool,
+}
+
+impl Rule {
+    /// The rule of a path no route matches: the global `[cache]` settings.
+    pub fn global(global: &CacheConfig) -> Rule {
+        Rule {
+            name: "*".into(),
+            cache: true,
+            ttl: global.default_ttl,
+            status_ttl: Vec::new(),
+            override_upstream: false,
+            stale_while_revalidate: global.stale_while_revalidate,
+            stale_if_error: global.stale_if_error,
+            tags: Vec::new(),
+            invalidate_tags: Vec::new(),
+            ignored_query_params: global.ignored_query_params.clone(),
+            key_headers: lower_sorted_unique(global.key_headers.iter()),
+            edge_ttl: global.edge_max_ttl,
+            store_set_cookie_responses: global.store_set_cookie_responses,
+            honor_client_no_cache: global.honor_client_no_cache,
+            max_entry_bytes: global.max_entry_bytes.as_u64() as usize,
+            keep_for_revalidation: global.keep_for_revalidation,
+            key_cookies: Vec::new(),
+            ignore_cookies: false,
+        }
+    }
+
+    /// Whether requests carrying `Authorization` may use the cache (each
+    /// credential then has its own keys).
+    pub fn keys_on_authorization(&self) -> bool {
+        self.key_headers.iter().any(|h| h == "authorization")
+    }
+
+    /// Whether a request carrying `Cookie` may use the cache whatever the
+    /// upstream answers: the route keys on the cookies, or says they do
+    /// not matter.
+    pub fn cookies_are_keyed(&self) -> bool {
+        self.ignore_cookies
+            || !self.key_cookies.is_empty()
+            || self.key_headers.iter().any(|h| h == "cookie")
+    }
+}
+
+/// Header names as rules keep them: lower case, sorted, de-duplicated.
+pub fn lower_sorted_unique<'a>(names: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let mut v: Vec<String> = names.map(|s| s.to_ascii_lowercase()).collect();
+    v.sort();
+    v.dedup();
+    v
+}
