@@ -101,7 +101,7 @@ pub use aws_config;
 pub use aws_sdk_dynamodb;
 
 pub use cachegate_store::settings::DynamoConfig;
-pub use connect::{connect, connect_with, ConnectError};
+pub use connect::{capabilities, connect, connect_with, ConnectError};
 pub use table::{TableError, TableStatus, TtlState};
 
 use batch::PARALLEL_WRITES;
