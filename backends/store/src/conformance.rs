@@ -1018,23 +1018,28 @@ async fn wait_until(within: Duration, done: impl Fn() -> bool) -> bool {
     true
 }
 
-/// [`PurgeFeed::Push`]: a purge announced through one instance reaches
-/// every watcher, its own and another instance's (`other`: a separately
-/// connected store of the same backend), each exactly once and as sent.
-/// Watching says when the subscription is live. Other feeds: watching
-/// never calls the listener.
-pub async fn purge_push_reaches_other_instances<S: CacheStore + Clone>(store: &S, other: &S) {
-    let ns = ns();
-    let notices = [
+/// Two purges of this run to announce: a hard one of a plain tag, and a
+/// soft one of a tag with non-ASCII, braces, `#` and a comma.
+fn two_notices(ns: &str, name: &str) -> [PurgeNotice; 2] {
+    [
         PurgeNotice {
-            tag: tag(&ns, "pushed"),
+            tag: tag(ns, name),
             soft: false,
         },
         PurgeNotice {
             tag: format!("\u{e9} {{x}} #soft,{ns}"),
             soft: true,
         },
-    ];
+    ]
+}
+
+/// [`PurgeFeed::Push`]: a purge announced through one instance reaches
+/// every watcher, its own and another instance's (`other`: a separately
+/// connected store of the same backend), each exactly once and as sent.
+/// Watching says when the subscription is live. Other feeds: watching
+/// never calls the listener.
+pub async fn purge_push_reaches_other_instances<S: CacheStore + Clone>(store: &S, other: &S) {
+    let notices = two_notices(&ns(), "pushed");
     let (here, _here) = Recorder::watching(store);
     if store.capabilities().purge_feed != PurgeFeed::Push {
         store.announce_purge(&notices[0]).await.unwrap();
@@ -1079,17 +1084,7 @@ pub async fn purge_push_reaches_other_instances<S: CacheStore + Clone>(store: &S
 /// id of its own and the same id on every read. Other feeds: announcing
 /// succeeds and the log reads empty.
 pub async fn purge_log_reads_since<S: CacheStore + Clone>(store: &S, other: &S) {
-    let ns = ns();
-    let notices = [
-        PurgeNotice {
-            tag: tag(&ns, "logged"),
-            soft: false,
-        },
-        PurgeNotice {
-            tag: format!("\u{e9} {{x}} #soft,{ns}"),
-            soft: true,
-        },
-    ];
+    let notices = two_notices(&ns(), "logged");
     if store.capabilities().purge_feed != PurgeFeed::Log {
         store.announce_purge(&notices[0]).await.unwrap();
         assert_eq!(
