@@ -12,7 +12,7 @@ use cachegate_store::memory::MemoryStore;
 use cachegate_store::tiered::{L1Config, TieredCache};
 use cachegate_store::CacheStore;
 #[cfg(any(feature = "redis", feature = "dynamodb"))]
-use cachegate_store::{Capabilities, PurgeFeed};
+use cachegate_store::Capabilities;
 
 use crate::config::{BackendKind, Config};
 
@@ -106,12 +106,7 @@ fn redis_failure(e: cachegate_redis::ConnectError) -> ConnectFailure {
 #[cfg(feature = "redis")]
 async fn connect_redis(config: &Config) -> Result<Arc<dyn CacheStore>, BackendError> {
     let cfg = config.redis.clone();
-    let caps = Capabilities {
-        name: "redis",
-        max_value_bytes: cfg.max_value_bytes.as_u64() as usize,
-        shared: true,
-        purge_feed: PurgeFeed::Push,
-    };
+    let caps = cachegate_redis::capabilities(&cfg);
     let connect: Connect = Arc::new(move || {
         let cfg = cfg.clone();
         Box::pin(async move {
@@ -138,12 +133,7 @@ fn dynamodb_failure(e: cachegate_dynamodb::ConnectError) -> ConnectFailure {
 #[cfg(feature = "dynamodb")]
 async fn connect_dynamodb(config: &Config) -> Result<Arc<dyn CacheStore>, BackendError> {
     let cfg = config.dynamodb.clone();
-    let caps = Capabilities {
-        name: "dynamodb",
-        max_value_bytes: cfg.max_value_bytes,
-        shared: true,
-        purge_feed: PurgeFeed::Log,
-    };
+    let caps = cachegate_dynamodb::capabilities(&cfg);
     // Making the client reads the region from the SDK's sources (env,
     // profile, instance metadata) and contacts no table; without a region
     // no call can work, so start-up stops and says so.

@@ -147,17 +147,11 @@ impl DynamoStore {
     }
 
     pub(crate) async fn put_items(&self, items: Vec<Item>) -> Result<(), StoreError> {
-        stream::iter(items.into_iter().map(|item| async move {
-            self.inner
-                .client
-                .put_item()
-                .table_name(&self.inner.table)
-                .set_item(Some(item))
-                .send()
-                .await
-                .map(drop)
-                .map_err(|e| self.sdk_err("PutItem", e))
-        }))
+        stream::iter(
+            items
+                .into_iter()
+                .map(|item| async move { self.put_one(item, "PutItem").await }),
+        )
         .buffer_unordered(PARALLEL_WRITES)
         .try_collect::<Vec<()>>()
         .await

@@ -18,6 +18,19 @@ pub enum ConnectError {
     NoRegion,
 }
 
+/// What a DynamoDB store of `cfg` can do: the one declaration, read by
+/// [`connect_with`] and by whoever needs it before a store exists (a store
+/// that connects later).
+pub fn capabilities(cfg: &DynamoConfig) -> Capabilities {
+    Capabilities {
+        name: BACKEND,
+        max_value_bytes: cfg.max_value_bytes,
+        shared: true,
+        purge_feed: PurgeFeed::Log,
+        lists_tag_members: true,
+    }
+}
+
 /// A store on `cfg.table` with the AWS SDK's default configuration chain
 /// (region, credentials, `AWS_ENDPOINT_URL_DYNAMODB`). Makes no request.
 pub async fn connect(cfg: &DynamoConfig) -> Result<DynamoStore, ConnectError> {
@@ -67,12 +80,7 @@ pub async fn connect_with(
             consistent_read: cfg.consistent_read,
             operation_timeout: op,
             compression_level: cfg.compression_level,
-            caps: Capabilities {
-                name: BACKEND,
-                max_value_bytes: cfg.max_value_bytes,
-                shared: true,
-                purge_feed: PurgeFeed::Log,
-            },
+            caps: capabilities(cfg),
         }),
     })
 }

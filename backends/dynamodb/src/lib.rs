@@ -77,6 +77,7 @@ mod errors;
 mod items;
 mod permit;
 mod purge_log;
+mod requests;
 mod table;
 
 use std::fmt;
@@ -101,7 +102,7 @@ pub use aws_config;
 pub use aws_sdk_dynamodb;
 
 pub use cachegate_store::settings::DynamoConfig;
-pub use connect::{connect, connect_with, ConnectError};
+pub use connect::{capabilities, connect, connect_with, ConnectError};
 pub use table::{TableError, TableStatus, TtlState};
 
 use batch::PARALLEL_WRITES;
@@ -185,31 +186,20 @@ impl DynamoStore {
 
     /// Every member item of the tag set `pk`: (member key, write id).
     async fn query_members(&self, pk: &str) -> Result<Vec<(String, String)>, StoreError> {
-        let mut members: Vec<(String, String)> = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let out = self
-                .inner
-                .client
-                .query()
-                .table_name(&self.inner.table)
-                .key_condition_expression("#pk = :pk")
-                .expression_attribute_names("#pk", "pk")
-                .expression_attribute_values(":pk", AttributeValue::S(pk.to_owned()))
-                .consistent_read(true)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| self.sdk_err("Query (tag members)", e))?;
-            for item in out.items.unwrap_or_default() {
+        let items = self
+            .query_all("Query (tag members)", None, |q| {
+                q.key_condition_expression("#pk = :pk")
+                    .expression_attribute_names("#pk", "pk")
+                    .expression_attribute_values(":pk", AttributeValue::S(pk.to_owned()))
+            })
+            .await?;
+        items
+            .into_iter()
+            .map(|item| {
                 let m: MemberItem = from_item(item, "tag member")?;
-                members.push((m.sk, m.w));
-            }
-            match out.last_evaluated_key {
-                Some(k) if !k.is_empty() => start = Some(k),
-                _ => return Ok(members),
-            }
-        }
+                Ok((m.sk, m.w))
+            })
+            .collect()
     }
 }
 
@@ -337,11 +327,7 @@ impl CacheStore for DynamoStore {
         // whose chunks are then removed. Every replaced value item with
         // chunks is returned to exactly one writer this way.
         let first = self
-            .inner
-            .client
-            .put_item()
-            .table_name(&self.inner.table)
-            .set_item(Some(value_item.clone()))
+            .put_request(value_item.clone())
             .condition_expression("attribute_not_exists(#gen)")
             .expression_attribute_names("#gen", "gen")
             .send()
@@ -349,11 +335,7 @@ impl CacheStore for DynamoStore {
         let out = match first {
             Ok(_) => return Ok(()),
             Err(e) if condition_failed(&e) => {
-                self.inner
-                    .client
-                    .put_item()
-                    .table_name(&self.inner.table)
-                    .set_item(Some(value_item))
+                self.put_request(value_item)
                     .return_values(ReturnValue::AllOld)
                     .send()
                     .await
@@ -408,11 +390,7 @@ impl CacheStore for DynamoStore {
             ttl: ttl_secs(exp),
         })?;
         let out = self
-            .inner
-            .client
-            .put_item()
-            .table_name(&self.inner.table)
-            .set_item(Some(item))
+            .put_request(item)
             .condition_expression("attribute_not_exists(#pk) OR #exp <= :now")
             .expression_attribute_names("#pk", "pk")
             .expression_attribute_names("#exp", "exp")

@@ -6,7 +6,7 @@ use cachegate_store::coherence::{LOG_READ_MAX, LOG_RETENTION};
 use cachegate_store::{now_millis, LockToken, PurgeLogEntry, PurgeNotice, StoreError, UnixMillis};
 use serde::{Deserialize, Serialize};
 
-use crate::items::{from_item, to_item, ttl_secs, Item};
+use crate::items::{from_item, to_item, ttl_secs};
 use crate::DynamoStore;
 
 /// One purge in the purge log (`pk = "purge-log"`, `sk =
@@ -42,58 +42,42 @@ impl DynamoStore {
             exp,
             ttl: ttl_secs(exp),
         })?;
-        self.inner
-            .client
-            .put_item()
-            .table_name(&self.inner.table)
-            .set_item(Some(item))
-            .send()
-            .await
-            .map_err(|e| self.sdk_err("PutItem (purge log)", e))?;
-        Ok(())
+        self.put_one(item, "PutItem (purge log)").await
     }
 
-    /// One Query (consistent: a purge logged a moment ago is seen), more
-    /// only past 1 MB of items; at most [`LOG_READ_MAX`] entries.
+    /// The purge log from `since`, oldest first: one Query (consistent:
+    /// a purge logged a moment ago is seen), more only past 1 MB of items;
+    /// at most [`LOG_READ_MAX`] entries.
     pub(crate) async fn query_purge_log(
         &self,
         since: UnixMillis,
     ) -> Result<Vec<PurgeLogEntry>, StoreError> {
-        let mut entries = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let out = self
-                .inner
-                .client
-                .query()
-                .table_name(&self.inner.table)
-                .key_condition_expression("#pk = :pk AND #sk >= :since")
-                .expression_attribute_names("#pk", "pk")
-                .expression_attribute_names("#sk", "sk")
-                .expression_attribute_values(":pk", AttributeValue::S(PURGE_LOG_PK.into()))
-                .expression_attribute_values(":since", AttributeValue::S(format!("{since:016}")))
-                .consistent_read(true)
-                .limit((LOG_READ_MAX - entries.len()) as i32)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| self.sdk_err("Query (purge log)", e))?;
-            for item in out.items.unwrap_or_default() {
+        let items = self
+            .query_all("Query (purge log)", Some(LOG_READ_MAX), |q| {
+                q.key_condition_expression("#pk = :pk AND #sk >= :since")
+                    .expression_attribute_names("#pk", "pk")
+                    .expression_attribute_names("#sk", "sk")
+                    .expression_attribute_values(":pk", AttributeValue::S(PURGE_LOG_PK.into()))
+                    .expression_attribute_values(
+                        ":since",
+                        AttributeValue::S(format!("{since:016}")),
+                    )
+            })
+            .await?;
+        items
+            .into_iter()
+            .map(|item| {
                 let logged: PurgeLogItem = from_item(item, "purge log")?;
                 let (at, id) = logged.sk.split_once('#').unwrap_or((&logged.sk, ""));
-                entries.push(PurgeLogEntry {
+                Ok(PurgeLogEntry {
                     at: at.parse().unwrap_or(0),
                     id: id.to_owned(),
                     notice: PurgeNotice {
                         tag: logged.tag,
                         soft: logged.soft,
                     },
-                });
-            }
-            match out.last_evaluated_key {
-                Some(k) if !k.is_empty() && entries.len() < LOG_READ_MAX => start = Some(k),
-                _ => return Ok(entries),
-            }
-        }
+                })
+            })
+            .collect()
     }
 }

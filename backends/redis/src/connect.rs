@@ -158,6 +158,19 @@ fn connect_error(err: RedisError, cfg: &RedisConfig, target: &str) -> ConnectErr
     }
 }
 
+/// What a Redis store of `cfg` can do: the one declaration, read by
+/// [`connect`] and by whoever needs it before a connection exists (a
+/// store that connects later).
+pub fn capabilities(cfg: &RedisConfig) -> Capabilities {
+    Capabilities {
+        name: BACKEND,
+        max_value_bytes: cfg.max_value_bytes.as_u64() as usize,
+        shared: true,
+        purge_feed: PurgeFeed::Push,
+        lists_tag_members: true,
+    }
+}
+
 /// Connects to the Redis (or Redis Cluster) of `cfg` and checks it answers,
 /// within `connect_timeout` (a few attempts' worth at most). Call it once at
 /// start-up and share the store: it reconnects by itself later.
@@ -166,7 +179,6 @@ pub async fn connect(cfg: &RedisConfig) -> Result<RedisStore, ConnectError> {
         field: e.key.strip_prefix("redis.").unwrap_or(e.key),
         message: e.problem,
     })?;
-    let max_value_bytes = cfg.max_value_bytes.as_u64() as usize;
     let urls = node_urls(cfg)?;
     let target = describe_target(cfg);
     let certs = tls_certificates(cfg, &urls)?;
@@ -205,12 +217,7 @@ pub async fn connect(cfg: &RedisConfig) -> Result<RedisStore, ConnectError> {
         prefix: cfg.key_prefix.as_str().into(),
         target: target.as_str().into(),
         response_timeout: cfg.response_timeout,
-        caps: Capabilities {
-            name: BACKEND,
-            max_value_bytes,
-            shared: true,
-            purge_feed: PurgeFeed::Push,
-        },
+        caps: capabilities(cfg),
     };
     // One real command, so a server that accepts connections but refuses
     // our commands (NOAUTH, ACL, not a cluster) fails start-up clearly.

@@ -77,7 +77,7 @@ use cachegate_store::{
 use redis::Client;
 
 pub use cachegate_store::settings::{redact_url, RedisConfig};
-pub use connect::{connect, ConnectError};
+pub use connect::{capabilities, connect, ConnectError};
 
 use conn::Shared;
 use connect::send_allowance;

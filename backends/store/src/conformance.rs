@@ -9,17 +9,28 @@
 //!
 //! Every function works in its own random key namespace, so runs can share
 //! one server (and leftovers of an earlier run never interfere).
+//!
+//! Tests of what only some backends can do are gated on the backend's
+//! [`Capabilities`](crate::Capabilities), as OpenDAL's behaviour tests are:
+//! on a backend that declares it cannot, such a test checks that the
+//! backend indeed does not (the trait's "unsupported" answer), says on its
+//! output that the rest was not applicable, and stops there. A declared
+//! capability is therefore always exercised, and an undeclared one is
+//! never silently claimed.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::coherence::{LOG_CLOCK_SLACK, LOG_READ_MAX};
 use crate::guard::{GuardConfig, GuardedStore};
 use crate::tiered::TieredCache;
 use crate::{
-    now_millis, CacheStore, Entry, Permit, PutOptions, Rate, Record, StoreError, StoreKey,
-    VaryIndex,
+    now_millis, CacheStore, Entry, Permit, PurgeFeed, PurgeListener, PurgeLogEntry, PurgeNotice,
+    PutOptions, Rate, Record, StoreError, StoreKey, VaryIndex,
 };
 
 /// Largest value the suite writes, even if a backend advertises more
@@ -800,6 +811,346 @@ pub async fn permit_beside_a_value<S: CacheStore + Clone>(store: &S) {
     );
 }
 
+/// Says on the test's output that the rest of `test` does not apply to
+/// this backend, and why (only the capability's absence was checked).
+fn not_applicable<S: CacheStore>(store: &S, test: &str, lacks: &str) {
+    eprintln!(
+        "conformance::{test}: not applicable to {}: {lacks} (checked that it is absent)",
+        store.capabilities().name
+    );
+}
+
+/// What a backend declares fits together: a shared store tells the other
+/// instances' L1s of purges (or they would keep purged entries), a local
+/// one has nobody to tell; clones declare the same.
+pub async fn capabilities_are_consistent<S: CacheStore + Clone>(store: &S) {
+    let caps = store.capabilities().clone();
+    assert!(!caps.name.is_empty(), "no backend name");
+    assert!(caps.max_value_bytes > 0, "max_value_bytes is 0");
+    assert_eq!(
+        caps.shared,
+        caps.purge_feed != PurgeFeed::Local,
+        "{caps:?}: a shared store needs a purge feed, a local one has none"
+    );
+    assert_eq!(
+        store.clone().capabilities(),
+        &caps,
+        "a clone declares other capabilities"
+    );
+}
+
+fn sorted(keys: Vec<StoreKey>) -> Vec<StoreKey> {
+    let set: BTreeSet<StoreKey> = keys.iter().cloned().collect();
+    assert_eq!(set.len(), keys.len(), "a key listed twice: {keys:?}");
+    set.into_iter().collect()
+}
+
+/// [`CacheStore::tag_members`] lists the keys stored with a tag, each
+/// once, and no key stored without it; an unknown tag has none.
+/// Gated on [`Capabilities::lists_tag_members`](crate::Capabilities).
+pub async fn tag_members_lists_candidates<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    let (a, b) = (tag(&ns, "a"), tag(&ns, "b"));
+    if !store.capabilities().lists_tag_members {
+        assert!(
+            store.tag_members(&a).await.is_err(),
+            "declares no tag listing, yet answers one (a soft purge would trust it)"
+        );
+        not_applicable(store, "tag_members_lists_candidates", "no tag listing");
+        return;
+    }
+    assert_eq!(
+        store.tag_members(&a).await.unwrap(),
+        Vec::<StoreKey>::new(),
+        "a tag nothing was stored with has members"
+    );
+    let v = Bytes::from_static(b"v");
+    let only_a = key(&ns, "only-a");
+    let both = key(&ns, "both");
+    let only_b = key(&ns, "only-b");
+    let untagged = key(&ns, "untagged");
+    let twice = key(&ns, "twice");
+    let retagged = key(&ns, "retagged");
+    for (k, tags) in [
+        (&only_a, vec![a.as_str()]),
+        (&both, vec![a.as_str(), b.as_str()]),
+        (&only_b, vec![b.as_str()]),
+        (&untagged, vec![]),
+        (&twice, vec![a.as_str()]),
+        (&twice, vec![a.as_str()]),
+        (&retagged, vec![a.as_str()]),
+        (&retagged, vec![b.as_str()]),
+    ] {
+        store.put(k, v.clone(), &opts(60_000, &tags)).await.unwrap();
+    }
+    let of_a = sorted(store.tag_members(&a).await.unwrap());
+    // `retagged` may still be listed under a: a candidate list, not the truth.
+    let without_retagged: Vec<StoreKey> =
+        of_a.iter().filter(|k| **k != retagged).cloned().collect();
+    assert_eq!(
+        without_retagged,
+        sorted(vec![only_a.clone(), both.clone(), twice.clone()]),
+        "members of tag a"
+    );
+    assert_eq!(
+        sorted(store.tag_members(&b).await.unwrap()),
+        sorted(vec![both.clone(), only_b.clone(), retagged.clone()]),
+        "members of tag b"
+    );
+
+    // After a purge, whatever is still listed is an old candidate, never a
+    // key the tag's listing did not have.
+    assert_eq!(store.purge_tag(&a).await.unwrap(), 3);
+    for k in store.tag_members(&a).await.unwrap() {
+        assert!(of_a.contains(&k), "{k:?} listed under a after its purge");
+        if k != retagged {
+            assert_eq!(
+                store.get(&k).await.unwrap(),
+                None,
+                "{k:?} survived the purge"
+            );
+        }
+    }
+    assert_eq!(store.get(&retagged).await.unwrap(), Some(v.clone()));
+    assert_eq!(store.get(&untagged).await.unwrap(), Some(v));
+}
+
+/// Tags are any strings: the empty one, spaces, `{}` and `#`, non-ASCII, a
+/// thousand characters. Each lists and purges only its own keys. A value
+/// that expired is no longer counted by a purge, listed or not.
+pub async fn tags_of_any_shape<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    let v = Bytes::from_static(b"v");
+    let lists = store.capabilities().lists_tag_members;
+    let odd = format!("{{slot}} #:/ \u{e9}\u{1f600} \"q\",{ns}");
+    let long = format!("{}{ns}", "x".repeat(1000));
+    // The empty tag is the same for every run on a shared server; nothing
+    // below counts on being the only one using it.
+    let shapes = [String::new(), odd, long];
+    let keys: Vec<StoreKey> = (0..shapes.len())
+        .map(|i| key(&ns, &format!("shape-{i}")))
+        .collect();
+    for (k, t) in keys.iter().zip(&shapes) {
+        store.put(k, v.clone(), &opts(60_000, &[t])).await.unwrap();
+    }
+    let untagged = key(&ns, "untagged");
+    store
+        .put(&untagged, v.clone(), &opts(60_000, &[]))
+        .await
+        .unwrap();
+    for (i, (k, t)) in keys.iter().zip(&shapes).enumerate() {
+        if lists {
+            let members = store.tag_members(t).await.unwrap();
+            assert!(members.contains(k), "tag {i} does not list its key");
+            for other in keys.iter().chain([&untagged]).filter(|o| *o != k) {
+                assert!(!members.contains(other), "tag {i} lists another key");
+            }
+        }
+        assert!(
+            store.purge_tag(t).await.unwrap() >= 1,
+            "tag {i} purged nothing"
+        );
+        assert_eq!(store.get(k).await.unwrap(), None, "tag {i}: key survived");
+    }
+    assert_eq!(store.get(&untagged).await.unwrap(), Some(v.clone()));
+
+    let t = tag(&ns, "expiring");
+    let short = key(&ns, "short-lived");
+    store
+        .put(&short, v.clone(), &opts(600, &[&t]))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    if lists {
+        let members = store.tag_members(&t).await.unwrap();
+        assert!(members.iter().all(|k| *k == short), "{members:?}");
+    }
+    assert_eq!(
+        store.purge_tag(&t).await.unwrap(),
+        0,
+        "an expired value counted as purged"
+    );
+}
+
+/// Records what a purge subscription tells it.
+#[derive(Default)]
+struct Recorder {
+    notices: Mutex<Vec<PurgeNotice>>,
+    subscribed: Mutex<Vec<bool>>,
+}
+
+#[async_trait]
+impl PurgeListener for Recorder {
+    async fn purged(&self, notice: PurgeNotice) {
+        self.notices.lock().unwrap().push(notice);
+    }
+    async fn subscribed(&self, live: bool) {
+        self.subscribed.lock().unwrap().push(live);
+    }
+}
+
+impl Recorder {
+    fn watching<S: CacheStore>(store: &S) -> (Arc<Recorder>, Arc<dyn PurgeListener>) {
+        let recorder = Arc::new(Recorder::default());
+        let listener: Arc<dyn PurgeListener> = recorder.clone();
+        store.watch_purges(Arc::downgrade(&listener));
+        (recorder, listener)
+    }
+
+    /// How many times each of `notices` was delivered.
+    fn counts(&self, notices: &[PurgeNotice]) -> Vec<usize> {
+        let got = self.notices.lock().unwrap();
+        notices
+            .iter()
+            .map(|n| got.iter().filter(|g| *g == n).count())
+            .collect()
+    }
+}
+
+async fn wait_until(within: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while !done() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
+/// Two purges of this run to announce: a hard one of a plain tag, and a
+/// soft one of a tag with non-ASCII, braces, `#` and a comma.
+fn two_notices(ns: &str, name: &str) -> [PurgeNotice; 2] {
+    [
+        PurgeNotice {
+            tag: tag(ns, name),
+            soft: false,
+        },
+        PurgeNotice {
+            tag: format!("\u{e9} {{x}} #soft,{ns}"),
+            soft: true,
+        },
+    ]
+}
+
+/// [`PurgeFeed::Push`]: a purge announced through one instance reaches
+/// every watcher, its own and another instance's (`other`: a separately
+/// connected store of the same backend), each exactly once and as sent.
+/// Watching says when the subscription is live. Other feeds: watching
+/// never calls the listener.
+pub async fn purge_push_reaches_other_instances<S: CacheStore + Clone>(store: &S, other: &S) {
+    let notices = two_notices(&ns(), "pushed");
+    let (here, _here) = Recorder::watching(store);
+    if store.capabilities().purge_feed != PurgeFeed::Push {
+        store.announce_purge(&notices[0]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            here.subscribed.lock().unwrap().is_empty() && here.notices.lock().unwrap().is_empty(),
+            "watch_purges called the listener of a backend that does not push"
+        );
+        not_applicable(store, "purge_push_reaches_other_instances", "no push feed");
+        return;
+    }
+    let (there, _there) = Recorder::watching(other);
+    for r in [&here, &there] {
+        assert!(
+            wait_until(Duration::from_secs(10), || r
+                .subscribed
+                .lock()
+                .unwrap()
+                .contains(&true))
+            .await,
+            "subscription not live within 10 s"
+        );
+    }
+    store.announce_purge(&notices[0]).await.unwrap();
+    other.announce_purge(&notices[1]).await.unwrap();
+    for (name, r) in [("this", &here), ("another", &there)] {
+        assert!(
+            wait_until(Duration::from_secs(5), || !r.counts(&notices).contains(&0)).await,
+            "{name} instance's watcher heard {:?} of {notices:?}",
+            r.counts(&notices)
+        );
+    }
+    // Nothing arrives twice.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(here.counts(&notices), [1, 1]);
+    assert_eq!(there.counts(&notices), [1, 1]);
+}
+
+/// [`PurgeFeed::Log`]: a purge announced through any instance is read back
+/// by every instance, as sent, from a `since` at or before it; the read is
+/// oldest first, holds nothing logged before `since`, gives each purge an
+/// id of its own and the same id on every read. Other feeds: announcing
+/// succeeds and the log reads empty.
+pub async fn purge_log_reads_since<S: CacheStore + Clone>(store: &S, other: &S) {
+    let notices = two_notices(&ns(), "logged");
+    if store.capabilities().purge_feed != PurgeFeed::Log {
+        store.announce_purge(&notices[0]).await.unwrap();
+        assert_eq!(
+            store.read_purge_log(0).await.unwrap(),
+            Vec::new(),
+            "a backend without a purge log read one"
+        );
+        not_applicable(store, "purge_log_reads_since", "no purge log");
+        return;
+    }
+    let before = now_millis();
+    other.announce_purge(&notices[0]).await.unwrap();
+    store.announce_purge(&notices[1]).await.unwrap();
+    let after = now_millis();
+    let since = before.saturating_sub(LOG_CLOCK_SLACK.as_millis() as u64);
+    let mut first_read = None;
+    for (name, reader) in [("this", store), ("another", other)] {
+        let log = reader.read_purge_log(since).await.unwrap();
+        assert!(log.len() < LOG_READ_MAX, "{} entries", log.len());
+        assert!(log.iter().all(|e| e.at >= since), "an entry before since");
+        assert!(
+            log.windows(2).all(|w| w[0].at <= w[1].at),
+            "{name} instance's read is not oldest first"
+        );
+        // Each purge once; the first no later than the second (logged in
+        // the same millisecond, they may come in either order).
+        let ours: Vec<&PurgeLogEntry> = notices
+            .iter()
+            .map(|n| {
+                let found: Vec<_> = log.iter().filter(|e| e.notice == *n).collect();
+                assert_eq!(
+                    found.len(),
+                    1,
+                    "{name} instance's read has {n:?} {} times",
+                    found.len()
+                );
+                found[0]
+            })
+            .collect();
+        assert!(ours[0].at <= ours[1].at, "{name} instance's read: {ours:?}");
+        for e in &ours {
+            assert!(
+                (before..=after).contains(&e.at),
+                "logged at {} outside {before}..={after}",
+                e.at
+            );
+        }
+        assert!(!ours[0].id.is_empty() && ours[0].id != ours[1].id, "ids");
+        let ids: Vec<String> = ours.iter().map(|e| e.id.clone()).collect();
+        match &first_read {
+            None => first_read = Some((ids, ours[1].at)),
+            Some((first, _)) => assert_eq!(&ids, first, "ids differ between reads"),
+        }
+    }
+    let (_, second_at) = first_read.unwrap();
+    // `since` is inclusive: a read from the second's time has it.
+    let from_second = store.read_purge_log(second_at).await.unwrap();
+    assert!(from_second.iter().all(|e| e.at >= second_at));
+    assert!(from_second.iter().any(|e| e.notice == notices[1]));
+    let later = store.read_purge_log(after + 1).await.unwrap();
+    assert!(
+        !later.iter().any(|e| notices.contains(&e.notice)),
+        "a read from after both purges has them"
+    );
+}
+
 /// Runs every conformance function as its own `#[tokio::test]`.
 /// `$make` is an expression evaluating to a future of the store.
 #[macro_export]
@@ -821,7 +1172,15 @@ macro_rules! conformance_tests {
             permit_denied_reserves_nothing,
             permit_waits_are_spaced,
             permit_rate_holds_under_contention,
-            permit_beside_a_value
+            permit_beside_a_value,
+            capabilities_are_consistent,
+            tag_members_lists_candidates,
+            tags_of_any_shape
+        );
+        // Two stores made separately: two instances of one backend.
+        $crate::conformance_tests!(@pair $make;
+            purge_push_reaches_other_instances,
+            purge_log_reads_since
         );
     };
     (@each $make:expr; $($name:ident),*) => {
@@ -830,6 +1189,16 @@ macro_rules! conformance_tests {
             async fn $name() {
                 let store = $make.await;
                 $crate::conformance::$name(&store).await;
+            }
+        )*
+    };
+    (@pair $make:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let store = $make.await;
+                let other = $make.await;
+                $crate::conformance::$name(&store, &other).await;
             }
         )*
     };

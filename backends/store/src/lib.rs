@@ -70,6 +70,9 @@ pub struct Capabilities {
     /// How the L1s of other instances hear of purges made through this
     /// backend (see [`coherence`]).
     pub purge_feed: PurgeFeed,
+    /// [`CacheStore::tag_members`] lists a tag's keys, so a soft purge can
+    /// mark them stale; without it a soft purge purges hard.
+    pub lists_tag_members: bool,
 }
 
 /// Options of one put.
@@ -209,7 +212,8 @@ pub trait CacheStore: Send + Sync + fmt::Debug + 'static {
     /// The keys that may hold a value stored with `tag` (a candidate list:
     /// some may since have been overwritten without it, or have expired).
     /// Soft purges read it. Default: unsupported (a soft purge then
-    /// purges hard).
+    /// purges hard); a backend that implements it declares
+    /// [`Capabilities::lists_tag_members`].
     async fn tag_members(&self, tag: &str) -> Result<Vec<StoreKey>, StoreError> {
         let _ = tag;
         Err(StoreError::backend(

@@ -165,6 +165,7 @@ impl MemoryStore {
                 max_value_bytes,
                 shared: false,
                 purge_feed: PurgeFeed::Local,
+                lists_tag_members: true,
             },
         }
     }

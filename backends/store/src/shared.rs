@@ -60,6 +60,7 @@ mod tests {
             max_value_bytes,
             shared: false,
             purge_feed: PurgeFeed::Local,
+            lists_tag_members: false,
         }
     }
 

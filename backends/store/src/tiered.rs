@@ -254,6 +254,9 @@ impl TieredCache {
     /// with no stale window is removed; so is everything when the backend
     /// cannot list a tag's members.
     async fn soft_purge_main(&self, tag: &str) -> Result<u64, StoreError> {
+        if !self.main.capabilities().lists_tag_members {
+            return self.main.purge_tag(tag).await;
+        }
         let members = match self.main.tag_members(tag).await {
             Ok(m) => m,
             Err(e) => {
