@@ -101,9 +101,8 @@ pub async fn build_proxy_with(
         edge_key_headers: config
             .edge
             .key_headers
-            .iter()
-            .map(|h| h.to_ascii_lowercase())
-            .collect(),
+            .as_ref()
+            .map(|names| names.iter().map(|h| h.to_ascii_lowercase()).collect()),
         forwarding: request::Forwarding {
             trusted: config.serve.trusted_proxy_nets()?,
         },

@@ -16,7 +16,8 @@
 //!   `immutable`, `stale-*`, anything unknown) are never changed, and a
 //!   `private` or `no-store` answer is never touched.
 //! - Keyed answers name their keys in `Vary`. When the edge cannot key on
-//!   one of them (`edge.key_headers`), or the answer is keyed on
+//!   one of them (`edge.key_headers`; the upstream's own `Vary` counts
+//!   only when that is configured, see [`mark_keyed`]), or the answer is keyed on
 //!   `Authorization` (RFC 9111 §3.5: a shared cache reuses such answers
 //!   only when told it may), `public` and `s-maxage` go and `private`
 //!   comes: every shared cache must then not store it, whether or not it
@@ -42,8 +43,9 @@ pub struct EdgeFacts<'a> {
     /// Its freshness came from the route (`ttl`, `status_ttl`).
     pub route_supplied: bool,
     pub rule: &'a Rule,
-    /// Lower-case request headers the cache in front keys on.
-    pub edge_key_headers: &'a [String],
+    /// Lower-case request headers the cache in front keys on
+    /// (`edge.key_headers`); `None` when not configured.
+    pub edge_key_headers: Option<&'a [String]>,
 }
 
 /// Rewrite the headers of a stored answer going out, per the module rules.
@@ -82,12 +84,17 @@ pub fn edge_headers(headers: &mut HeaderMap, facts: EdgeFacts<'_>) {
 /// already names its own) and, when the edge cannot key on every header
 /// the answer varies by, make it `private`. `with_vary` counts the
 /// upstream's `Vary` among the keys (a stored entry is keyed on it; a
-/// relayed answer is the upstream's own statement). Returns whether it
+/// relayed answer is the upstream's own statement) — only when
+/// `edge.key_headers` is configured: an edge that keys only on what it is
+/// told. Without it the next cache is one that honours `Vary` (RFC 9111
+/// §4.1), and the origin's own `Vary` is the origin's to state; the
+/// route's key headers still go out `private` (cachegate added them, and
+/// a cache that ignores `Vary` would mix tenants). Returns whether it
 /// marked the answer `private` (or found it so already).
 pub fn mark_keyed(
     headers: &mut HeaderMap,
     rule: &Rule,
-    edge_key_headers: &[String],
+    edge_key_headers: Option<&[String]>,
     with_vary: bool,
 ) -> bool {
     let vary = crate::key::vary_names(headers).unwrap_or_default();
@@ -107,12 +114,13 @@ pub fn mark_keyed(
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>();
-    if with_vary {
+    if with_vary && edge_key_headers.is_some() {
         keys.extend(vary.iter().map(String::as_str));
     }
+    let edge_keys = edge_key_headers.unwrap_or_default();
     let edge_cannot_key = keys
         .iter()
-        .any(|k| *k == "authorization" || !edge_key_headers.iter().any(|e| e == k));
+        .any(|k| *k == "authorization" || !edge_keys.iter().any(|e| e == k));
     if !edge_cannot_key {
         return false;
     }
@@ -186,7 +194,7 @@ mod tests {
             lifetime_secs: lifetime,
             route_supplied: route,
             rule,
-            edge_key_headers: EDGE,
+            edge_key_headers: Some(EDGE),
         }
     }
 
@@ -274,7 +282,7 @@ mod tests {
             HeaderValue::from_static("public, max-age=60, s-maxage=60"),
         );
         h.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
-        assert!(mark_keyed(&mut h, &r, &edge, true));
+        assert!(mark_keyed(&mut h, &r, Some(&edge), true));
         assert_eq!(cc(&h), "max-age=60, private");
         let vary: Vec<_> = h.get_all(header::VARY).iter().collect();
         assert_eq!(vary, ["Accept-Encoding", "x-tenant"]);
@@ -285,7 +293,7 @@ mod tests {
             header::CACHE_CONTROL,
             HeaderValue::from_static("max-age=60"),
         );
-        assert!(!mark_keyed(&mut h, &r, &edge, true));
+        assert!(!mark_keyed(&mut h, &r, Some(&edge), true));
         assert_eq!(cc(&h), "max-age=60");
         assert_eq!(h[header::VARY], "x-tenant");
         // The upstream's Vary counts for a stored entry.
@@ -296,8 +304,17 @@ mod tests {
             header::CACHE_CONTROL,
             HeaderValue::from_static("max-age=60"),
         );
-        assert!(!mark_keyed(&mut h.clone(), &r, &edge, false));
-        assert!(mark_keyed(&mut h, &r, &edge, true));
+        assert!(!mark_keyed(&mut h.clone(), &r, Some(&edge), false));
+        assert!(mark_keyed(&mut h.clone(), &r, Some(&edge), true));
+        // No edge.key_headers: the next cache honours Vary (RFC 9111
+        // §4.1), so the origin's own Vary goes out as it came.
+        assert!(!mark_keyed(&mut h, &r, None, true));
+        assert_eq!(cc(&h), "max-age=60");
+        assert_eq!(h[header::VARY], "accept-language");
+        // cachegate's own key headers still go out private without it.
+        let mut keyed = rule();
+        keyed.key_headers = vec!["x-tenant".into()];
+        assert!(mark_keyed(&mut h, &keyed, None, true));
         assert_eq!(cc(&h), "max-age=60, private");
         // Authorization is never shared, whatever the edge keys on.
         let mut a = rule();
@@ -311,7 +328,7 @@ mod tests {
                 lifetime_secs: 60,
                 route_supplied: true,
                 rule: &a,
-                edge_key_headers: &edge,
+                edge_key_headers: Some(&edge),
             },
         );
         assert_eq!(cc(&h), "private");
