@@ -342,56 +342,6 @@ async fn malformed_cache_control_is_never_stored() {
     }
 }
 
-/// RFC 9111 §4.4: methods whose safety is unknown invalidate on success,
-/// like the writes — only the URI they name, only when the upstream
-/// accepted them. Safe methods never do, nor does a failed request.
-#[tokio::test]
-async fn unknown_methods_invalidate_their_uri_on_success_only() {
-    let up = upstream().await;
-    let cg = cachegate(&up.url, &[]);
-    let target = "/inv?cc=max-age%3D60";
-    let other = "/inv-other?cc=max-age%3D60";
-    for t in [target, other] {
-        assert_eq!(get(&cg, t, &[]).await.x_cache(), "MISS");
-    }
-    for method in ["OPTIONS", "TRACE"] {
-        send(&cg, method, target, &[]).await;
-        assert_eq!(
-            get(&cg, target, &[]).await.x_cache(),
-            "HIT",
-            "{method} invalidated"
-        );
-    }
-    for method in ["PURGEME", "M-SEARCH", "PROPFIND", "get"] {
-        // Refused by the upstream: nothing happens.
-        let refused = send(&cg, method, &format!("{target}&status=405"), &[]).await;
-        assert_eq!(refused.status, 405, "{method}");
-        assert_eq!(
-            get(&cg, target, &[]).await.x_cache(),
-            "HIT",
-            "{method} refused yet invalidated"
-        );
-        let r = send(&cg, method, target, &[]).await;
-        assert_eq!(r.status, 200, "{method}");
-        assert_eq!(
-            get(&cg, target, &[]).await.x_cache(),
-            "MISS",
-            "{method} did not invalidate"
-        );
-        assert_eq!(
-            get(&cg, other, &[]).await.x_cache(),
-            "HIT",
-            "{method} reached another URI"
-        );
-    }
-    send(&cg, "DELETE", target, &[]).await;
-    assert_eq!(
-        get(&cg, target, &[]).await.x_cache(),
-        "MISS",
-        "DELETE invalidates"
-    );
-}
-
 // ---------------------------------------------------------------------------
 // The Lambda adapter, in process: the same canonical request.
 

@@ -393,3 +393,70 @@ async fn an_invalid_cdn_cache_control_is_ignored() {
         );
     }
 }
+
+/// RFC 9111 §4.4: methods whose safety is unknown invalidate on success,
+/// like the writes — only the URI they name, only when the upstream
+/// accepted them. Safe methods never do. (Replaces canonical.rs's
+/// `only_writes_and_configured_methods_invalidate`, the old rule.)
+#[tokio::test]
+async fn unknown_methods_invalidate_their_uri_on_success_only() {
+    let up = origin(|req, _| {
+        if req.headers.contains_key("x-refuse") {
+            respond(405, &[], "no")
+        } else {
+            respond(200, &[("cache-control", "max-age=60")], "x")
+        }
+    })
+    .await;
+    let cg = cachegate(&up.url, &[]);
+    let target = format!("{}/inv", cg.url);
+    let other = format!("{}/inv-other", cg.url);
+    let x_cache = |url: &str| {
+        let req = client().get(url);
+        async move { send(req).await.x_cache().to_owned() }
+    };
+    // A miss stores as its body ends: wait for the entry to answer.
+    let stored = |url: String| async move {
+        for _ in 0..100 {
+            if send(client().get(&url)).await.x_cache() == "HIT" {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("{url} was never stored");
+    };
+    stored(target.clone()).await;
+    stored(other.clone()).await;
+    let method = |m: &str| reqwest::Method::from_bytes(m.as_bytes()).unwrap();
+    for safe in ["OPTIONS", "TRACE"] {
+        send(client().request(method(safe), &target)).await;
+        assert_eq!(x_cache(&target).await, "HIT", "{safe} invalidated");
+    }
+    for unknown in ["PURGEME", "M-SEARCH", "PROPFIND", "get"] {
+        let refused = send(
+            client()
+                .request(method(unknown), &target)
+                .header("x-refuse", "1"),
+        )
+        .await;
+        assert_eq!(refused.status, 405, "{unknown}");
+        assert_eq!(
+            x_cache(&target).await,
+            "HIT",
+            "{unknown} refused, yet invalidated"
+        );
+        let accepted = send(client().request(method(unknown), &target)).await;
+        assert_eq!(accepted.status, 200, "{unknown}");
+        assert_eq!(
+            x_cache(&target).await,
+            "MISS",
+            "{unknown} did not invalidate"
+        );
+        assert_eq!(
+            x_cache(&other).await,
+            "HIT",
+            "{unknown} reached another URI"
+        );
+        stored(target.clone()).await;
+    }
+}

@@ -8,9 +8,9 @@ use cachegate_store::Entry;
 
 /// RFC 9110 §13.1.2 / §13.1.3: weak comparison for If-None-Match;
 /// If-Modified-Since only when there is no If-None-Match, against
-/// `Last-Modified` or, without one, `Date` (§13.1.3: the origin's
-/// evaluation uses the last modification; the response's date is the
-/// latest it can have been).
+/// `Last-Modified` or, without one, `Date`, or without that the time the
+/// entry was received (RFC 9111 §4.3.2: the latest the representation can
+/// have been modified).
 pub fn not_modified(req: &HeaderMap, entry: &Entry) -> bool {
     if let Some(inm) = req.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
         let Some(etag) = entry_str(entry, "etag") else {
@@ -64,9 +64,10 @@ fn req_time(req: &HeaderMap, name: header::HeaderName) -> Option<u64> {
 }
 
 fn last_modified_or_date(entry: &Entry) -> Option<u64> {
-    entry_str(entry, "last-modified")
-        .or_else(|| entry_str(entry, "date"))
-        .and_then(super::date::parse_http_date)
+    match entry_str(entry, "last-modified").or_else(|| entry_str(entry, "date")) {
+        Some(date) => super::date::parse_http_date(date),
+        None => Some(entry.stored_at),
+    }
 }
 
 /// The client's preconditions are answered by us from the entry; the
@@ -215,6 +216,17 @@ mod tests {
             &e
         ));
         assert!(not_modified(&req(&[("if-none-match", "W/\"a\"")]), &e));
+        // RFC 9111 §4.3.2: no Date either, the time it was received.
+        let mut received = entry(&[]);
+        received.stored_at = super::super::date::parse_http_date(DATE).unwrap();
+        assert!(not_modified(
+            &req(&[("if-modified-since", DATE)]),
+            &received
+        ));
+        assert!(!not_modified(
+            &req(&[("if-modified-since", EARLIER)]),
+            &received
+        ));
     }
 
     #[test]
