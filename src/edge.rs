@@ -57,11 +57,13 @@ pub struct EdgeConfig {
     /// on any other request header (route `key_headers`,
     /// `cache.key_headers`, the upstream's `Vary`) goes out `private`, so
     /// that the edge never stores what it cannot tell apart; cachegate
-    /// still caches it. Unset (the default), the next cache is taken to
+    /// still caches it. Unset (the default) with CloudFront configured
+    /// (either key below), `["accept-encoding"]`, what template.yaml's
+    /// cache policy keys on. Unset without it, the next cache is taken to
     /// honour `Vary` as RFC 9111 §4.1 requires: the upstream's own `Vary`
     /// goes out as it came, and only answers keyed on cachegate's own key
-    /// headers go out `private`. template.yaml sets
-    /// `["accept-encoding"]` for its CloudFront distribution.
+    /// headers go out `private`. template.yaml sets `["accept-encoding"]`
+    /// with its CloudFront distribution.
     /// Env: `CACHEGATE_EDGE__KEY_HEADERS` (e.g. `["accept-encoding","x-tenant"]`).
     pub key_headers: Option<Vec<String>>,
     /// The CloudFront distribution in front of this proxy. Set, every purge

@@ -98,11 +98,10 @@ pub async fn build_proxy_with(
             .map(|h| h.to_ascii_lowercase())
             .collect(),
         expose_surrogate_keys: config.cache.expose_surrogate_keys,
-        edge_key_headers: config
-            .edge
-            .key_headers
-            .as_ref()
-            .map(|names| names.iter().map(|h| h.to_ascii_lowercase()).collect()),
+        edge_key_headers: policy::edge::edge_key_headers(
+            config.edge.key_headers.as_deref(),
+            config.edge.is_configured(),
+        ),
         forwarding: request::Forwarding {
             trusted: config.serve.trusted_proxy_nets()?,
         },

@@ -48,6 +48,20 @@ pub struct EdgeFacts<'a> {
     pub edge_key_headers: Option<&'a [String]>,
 }
 
+/// The request headers the cache in front keys on, lower case: those
+/// `edge.key_headers` names; unset with CloudFront configured, what
+/// template.yaml's cache policy keys on (`Accept-Encoding`), since
+/// CloudFront keys only on its cache policy whatever `Vary` says; unset
+/// and no edge configured, `None`: whatever is in front is taken to honour
+/// `Vary` (RFC 9111 §4.1).
+pub fn edge_key_headers(configured: Option<&[String]>, cloudfront: bool) -> Option<Vec<String>> {
+    match configured {
+        Some(names) => Some(names.iter().map(|h| h.to_ascii_lowercase()).collect()),
+        None if cloudfront => Some(vec!["accept-encoding".into()]),
+        None => None,
+    }
+}
+
 /// Rewrite the headers of a stored answer going out, per the module rules.
 pub fn edge_headers(headers: &mut HeaderMap, facts: EdgeFacts<'_>) {
     if mark_keyed(headers, facts.rule, facts.edge_key_headers, true) {
@@ -203,6 +217,23 @@ mod tests {
     fn cc(h: &HeaderMap) -> &str {
         h.get(header::CACHE_CONTROL)
             .map_or("", |v| v.to_str().unwrap())
+    }
+
+    /// RFC 9111 §4.1: a cache honours `Vary`; CloudFront keys only on its
+    /// cache policy, so with it configured the keys are never left unknown.
+    #[test]
+    fn edge_keys_are_unknown_only_without_an_edge() {
+        assert_eq!(edge_key_headers(None, false), None);
+        assert_eq!(
+            edge_key_headers(None, true),
+            Some(vec!["accept-encoding".to_string()])
+        );
+        let named = ["X-Tenant".to_string()];
+        assert_eq!(
+            edge_key_headers(Some(&named), false),
+            Some(vec!["x-tenant".to_string()])
+        );
+        assert_eq!(edge_key_headers(Some(&[]), false), Some(vec![]));
     }
 
     #[test]
