@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use reqwest::Url;
 
 use crate::config::{header_names, Config, ConfigError};
+use crate::policy::edge::edge_key_headers;
 use crate::routes::RouteTable;
 
 /// [`Config`] and its parsed values. Dereferences to the [`Config`] for
@@ -31,8 +32,9 @@ pub struct ResolvedConfig {
     pub invalidating_methods: Vec<Method>,
     /// `cache.surrogate_key_headers`.
     pub surrogate_key_headers: Vec<HeaderName>,
-    /// `edge.key_headers`.
-    pub edge_key_headers: Vec<HeaderName>,
+    /// `edge.key_headers`, or what the edge keys on when it is unset
+    /// (`None`: no edge that needs telling; see `policy::edge::edge_key_headers`).
+    pub edge_key_headers: Option<Vec<HeaderName>>,
     /// `edge.cache_tag_header`.
     pub cache_tag_header: HeaderName,
 }
@@ -58,7 +60,12 @@ impl ResolvedConfig {
                 "cache.surrogate_key_headers",
                 &config.cache.surrogate_key_headers,
             )?,
-            edge_key_headers: header_names("edge.key_headers", &config.edge.key_headers)?,
+            edge_key_headers: edge_key_headers(
+                config.edge.key_headers.as_deref(),
+                config.edge.is_configured(),
+            )
+            .map(|names| header_names("edge.key_headers", &names))
+            .transpose()?,
             cache_tag_header: config.edge.cache_tag_header_name()?,
             routes: RouteTable::build(&config.routes, &config.cache)?,
             config,

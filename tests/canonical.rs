@@ -342,40 +342,6 @@ async fn malformed_cache_control_is_never_stored() {
     }
 }
 
-/// Any method but GET/HEAD/OPTIONS/TRACE answered 2xx emptied the entry.
-#[tokio::test]
-async fn only_writes_and_configured_methods_invalidate() {
-    let up = upstream().await;
-    let cg = cachegate(
-        &up.url,
-        &[("CACHEGATE_CACHE__INVALIDATING_METHODS", "[\"PURGE\"]")],
-    );
-    let target = "/inv?cc=max-age%3D60";
-    assert_eq!(get(&cg, target, &[]).await.x_cache(), "MISS");
-    for method in ["get", "PURGEME", "PROPFIND"] {
-        let r = send(&cg, method, target, &[]).await;
-        assert_eq!(r.status, 200, "{method}");
-        assert_eq!(
-            get(&cg, target, &[]).await.x_cache(),
-            "HIT",
-            "{method} invalidated"
-        );
-    }
-    let r = send(&cg, "PURGE", target, &[]).await;
-    assert_eq!(r.status, 200);
-    assert_eq!(
-        get(&cg, target, &[]).await.x_cache(),
-        "MISS",
-        "PURGE is configured"
-    );
-    send(&cg, "DELETE", target, &[]).await;
-    assert_eq!(
-        get(&cg, target, &[]).await.x_cache(),
-        "MISS",
-        "DELETE invalidates"
-    );
-}
-
 // ---------------------------------------------------------------------------
 // The Lambda adapter, in process: the same canonical request.
 

@@ -434,6 +434,30 @@ async fn responses_carry_cache_tags_and_writes_invalidate_the_edge() {
         assert!(Instant::now() < deadline, "no invalidation reached moto");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // A method whose safety is unknown invalidates on success as a write
+    // does (RFC 9111 §4.4), through the same edge rules: its URI and the
+    // route's invalidate_tags, batched.
+    let m_search = reqwest::Method::from_bytes(b"M-SEARCH").unwrap();
+    let searched = send(client().request(m_search, format!("{}/posts/2", cg.url))).await;
+    assert_eq!(searched.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let found = invalidations(&cf, &dist).await;
+        if found.len() > 1 {
+            assert_eq!(found.len(), 2, "{found:?}");
+            assert!(
+                found.contains(&set(&["#posts", "#post-2", "/posts/2"])),
+                "{found:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the M-SEARCH invalidation did not reach moto"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Where the Lambda proxy sends its writes' purges (and serve too, when a

@@ -838,6 +838,34 @@ fn check_edge(d: &Deployed) {
         on.then(|| reference("Distribution")).as_ref(),
         "{l}"
     );
+    // CloudFront keys only on what its cache policy names, whatever Vary
+    // says: the proxy is told exactly those headers (then answers keyed on
+    // others go out `private`); without CloudFront it is told nothing and
+    // leaves the origin's Vary to a cache in front that honours it.
+    let key_headers = proxy_env.get("CACHEGATE_EDGE__KEY_HEADERS");
+    assert_eq!(key_headers.is_some(), on, "{l}: {key_headers:?}");
+    if let Some(names) = key_headers {
+        let names: Vec<String> = serde_json::from_str(names.as_str().unwrap()).unwrap();
+        let key = &d.props("EdgeCachePolicy")["CachePolicyConfig"]
+            ["ParametersInCacheKeyAndForwardedToOrigin"];
+        let mut policy: Vec<String> = key["HeadersConfig"]["Headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h.as_str().unwrap().to_ascii_lowercase())
+            .filter(|h| h != "authorization")
+            .collect();
+        if key["EnableAcceptEncodingGzip"] == true || key["EnableAcceptEncodingBrotli"] == true {
+            policy.push("accept-encoding".into());
+        }
+        policy.sort();
+        let mut names: Vec<String> = names.iter().map(|n| n.to_ascii_lowercase()).collect();
+        names.sort();
+        assert_eq!(
+            names, policy,
+            "{l}: edge.key_headers and the cache policy differ"
+        );
+    }
     for name in ["CacheFunction", "FunctionRole"] {
         let mut found = Vec::new();
         strings(&d.resources[name], String::new(), &mut found);

@@ -232,3 +232,28 @@ async fn the_cache_in_front_keeps_what_is_left_of_the_lifetime_not_less() {
     }
     assert_eq!(up.state.hits("/own") + up.state.hits("/route-ttl"), 2);
 }
+
+/// With no `edge.key_headers`, the upstream's own `Vary` goes out as it
+/// came (no `private` added): a cache in front that honours `Vary` (RFC
+/// 9111 §4.1), Varnish here, shares the answer per variant and never
+/// gives one language's answer to another.
+#[tokio::test]
+async fn the_upstreams_own_vary_is_left_to_a_cache_in_front_that_honours_it() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[]);
+    let front = varnish(cg.addr.port());
+    let url = format!("{}/lang?cc=max-age%3D60&vary=Accept-Language", front.url);
+    let mut seen = Vec::new();
+    for lang in ["en", "fr", "en", "fr"] {
+        let g = send(client().get(&url).header("accept-language", lang)).await;
+        assert_eq!(g.json()["lang"], lang, "{lang} was served another language");
+        assert_eq!(g.header("cache-control"), "max-age=60");
+        seen.push(hits(&g));
+    }
+    assert_eq!(
+        seen,
+        [0, 0, 1, 1],
+        "Varnish should keep one copy per language"
+    );
+    assert_eq!(up.state.hits("/lang"), 2);
+}

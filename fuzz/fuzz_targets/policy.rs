@@ -255,7 +255,7 @@ fuzz_target!(|data: &[u8]| {
                     status, &resp, &rule,
                 ),
                 rule: &rule,
-                edge_key_headers: &["accept-encoding".to_string()],
+                edge_key_headers: Some(&["accept-encoding".to_string()]),
             },
         );
         let out_cc = CacheControl::parse(&out);

@@ -12,15 +12,21 @@ use super::{invalid, ConfigError};
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EdgeConfig {
-    /// Request headers the cache in front keys on (lower case). An answer
-    /// keyed on any other request header (route `key_headers`,
+    /// Request headers the cache in front keys on (lower case), for a
+    /// cache that keys only on what it is told (CloudFront keys on what
+    /// its cache policy names, whatever `Vary` says). Set, an answer keyed
+    /// on any other request header (route `key_headers`,
     /// `cache.key_headers`, the upstream's `Vary`) goes out `private`, so
-    /// that a shared cache that cannot tell the requests apart never stores
-    /// it; cachegate still caches it. Default `["accept-encoding"]`, what
-    /// template.yaml's CloudFront cache policy keys on besides the URL and
-    /// `Authorization` (which always goes out `private`).
+    /// that the edge never stores what it cannot tell apart; cachegate
+    /// still caches it. Unset (the default) with CloudFront configured
+    /// (either key below), `["accept-encoding"]`, what template.yaml's
+    /// cache policy keys on. Unset without it, the next cache is taken to
+    /// honour `Vary` as RFC 9111 §4.1 requires: the upstream's own `Vary`
+    /// goes out as it came, and only answers keyed on cachegate's own key
+    /// headers go out `private`. template.yaml sets `["accept-encoding"]`
+    /// with its CloudFront distribution.
     /// Env: `CACHEGATE_EDGE__KEY_HEADERS` (e.g. `["accept-encoding","x-tenant"]`).
-    pub key_headers: Vec<String>,
+    pub key_headers: Option<Vec<String>>,
     /// The CloudFront distribution in front of this proxy. Set, every purge
     /// (CLI, invalidator, purge endpoint, writes) also invalidates it, and
     /// responses carry their tags in `cache_tag_header`. Default: unset.
@@ -49,7 +55,7 @@ pub struct EdgeConfig {
 impl Default for EdgeConfig {
     fn default() -> Self {
         EdgeConfig {
-            key_headers: vec!["accept-encoding".into()],
+            key_headers: None,
             cloudfront_distribution_id: None,
             invalidation_queue_url: None,
             cache_tag_header: "Cache-Tag".into(),

@@ -285,6 +285,12 @@ pub struct CacheConfig {
     /// header removed; only the client that caused the fetch gets the
     /// cookie). Default `false`: such responses are not stored.
     pub store_set_cookie_responses: bool,
+    /// Store answers to requests the upstream rejected as malformed or too
+    /// large (400, 413, 414, 431) when they carry freshness. Default
+    /// `false`: one client's oversized or malformed request must not
+    /// become every client's answer (cache-poisoned denial of service,
+    /// Nguyen et al., CCS 2019; docs/http-caching.md).
+    pub store_request_errors: bool,
     /// Honour a client's `Cache-Control: no-cache` / `Pragma: no-cache` by
     /// going to the upstream. Default `false`: any client could otherwise
     /// make every request reach the upstream.
@@ -317,9 +323,9 @@ pub struct CacheConfig {
     /// the upstream's data model, not something clients need.
     pub expose_surrogate_keys: bool,
     /// Methods whose successful (2xx/3xx) answer invalidates the URL's
-    /// entries, besides POST, PUT, PATCH and DELETE, which always do (RFC
-    /// 9111 §4.4). Other methods pass through without touching the cache.
-    /// Default: none. Upper case as sent, e.g. `["PURGE"]`.
+    /// entries. Every method but GET, HEAD, OPTIONS and TRACE already does
+    /// (RFC 9111 §4.4, methods of unknown safety included), so this can
+    /// only add one of those four. Default: none.
     pub invalidating_methods: Vec<String>,
     /// Most tags (surrogate keys, route tags) one entry keeps; more are
     /// dropped, so one response cannot make the tag index explode.
@@ -353,6 +359,7 @@ impl Default for CacheConfig {
             ignored_query_params: Vec::new(),
             key_headers: Vec::new(),
             store_set_cookie_responses: false,
+            store_request_errors: false,
             honor_client_no_cache: false,
             edge_max_ttl: None,
             l1_ttl: Duration::from_secs(5),

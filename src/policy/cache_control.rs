@@ -34,21 +34,22 @@ impl CacheControl {
     /// The directives cachegate obeys for its own storing (RFC 9213): the
     /// first of `Cachegate-Cache-Control` (for cachegate only), then
     /// `CDN-Cache-Control` (for every CDN-like cache of the operator), that
-    /// the response carries replaces `Cache-Control` entirely; otherwise
-    /// `Cache-Control`.
+    /// the response carries and that parses ([`targeted_field`]) replaces
+    /// `Cache-Control` entirely; otherwise `Cache-Control`.
     pub fn for_storing(headers: &HeaderMap) -> CacheControl {
-        for name in [CACHEGATE_CACHE_CONTROL, CDN_CACHE_CONTROL] {
-            if headers.contains_key(name) {
-                return Self::parse_field(headers, name);
-            }
-        }
-        Self::parse(headers)
+        Self::targeted_directives(headers).unwrap_or_else(|| Self::parse(headers))
     }
 
     /// Whether the directives cachegate stores by come from a targeted
     /// field rather than `Cache-Control`.
     pub fn targeted(headers: &HeaderMap) -> bool {
-        headers.contains_key(CACHEGATE_CACHE_CONTROL) || headers.contains_key(CDN_CACHE_CONTROL)
+        Self::targeted_directives(headers).is_some()
+    }
+
+    fn targeted_directives(headers: &HeaderMap) -> Option<CacheControl> {
+        [CACHEGATE_CACHE_CONTROL, CDN_CACHE_CONTROL]
+            .into_iter()
+            .find_map(|name| targeted_field(headers, name))
     }
 
     /// Parse every value of the field `name` (`Cache-Control`, or a
@@ -100,6 +101,63 @@ impl CacheControl {
         }
         cc
     }
+}
+
+/// A targeted cache-control field (RFC 9213 §2.1): a Structured Field
+/// Dictionary (RFC 9651 §3.2), every line of it read as one. `None` — the
+/// field is ignored as a whole, as if absent — when it is absent, empty,
+/// does not parse, or gives a directive cachegate knows a value of the
+/// wrong type (`max-age=?1`, `no-store=5`, `max-age=-1`, `max-age=1.5`):
+/// RFC 9213 §2.1, "a cache that cannot parse it MUST ignore it"; then
+/// the next field (or `Cache-Control`) applies. Known directives:
+/// integers for the delta-seconds ones, booleans for the others; `?0`
+/// means absent. `private` and `no-cache` may also carry a string or
+/// inner list (the qualified forms of RFC 9111), read as their
+/// unqualified, stricter forms as in `Cache-Control`. Parameters and
+/// unknown directives are ignored.
+pub fn targeted_field(headers: &HeaderMap, name: &str) -> Option<CacheControl> {
+    let mut lines = Vec::new();
+    for v in headers.get_all(name) {
+        lines.push(v.to_str().ok()?);
+    }
+    let dict: sfv::Dictionary = sfv::Parser::new(&lines.join(",")).parse().ok()?;
+    if dict.is_empty() {
+        return None;
+    }
+    let mut cc = CacheControl::default();
+    for (key, member) in &dict {
+        let item = match member {
+            sfv::ListEntry::Item(item) => Some(&item.bare_item),
+            sfv::ListEntry::InnerList(_) => None,
+        };
+        let delta = || -> Option<u64> {
+            let n = i64::from(item?.as_integer()?);
+            Some(u64::try_from(n).ok()?.min(MAX_DELTA_SECONDS))
+        };
+        let flag = || item?.as_boolean();
+        // The qualified forms: a String (RFC 9213 maps quoted-string to
+        // String) or an inner list of them.
+        let flag_or_qualified = || match item {
+            None => Some(true),
+            Some(b) if b.as_string().is_some() => Some(true),
+            Some(b) => b.as_boolean(),
+        };
+        match key.as_str() {
+            "max-age" => cc.max_age = Some(delta()?),
+            "s-maxage" => cc.s_maxage = Some(delta()?),
+            "stale-while-revalidate" => cc.stale_while_revalidate = Some(delta()?),
+            "stale-if-error" => cc.stale_if_error = Some(delta()?),
+            "no-store" => cc.no_store = flag()?,
+            "no-cache" => cc.no_cache = flag_or_qualified()?,
+            "private" => cc.private = flag_or_qualified()?,
+            "public" => cc.public = flag()?,
+            "must-revalidate" => cc.must_revalidate = flag()?,
+            "proxy-revalidate" => cc.proxy_revalidate = flag()?,
+            "must-understand" => cc.must_understand = flag()?,
+            _ => {}
+        }
+    }
+    Some(cc)
 }
 
 /// RFC 9213's field for every CDN-like cache the operator runs.
@@ -287,13 +345,72 @@ mod tests {
         assert!(c.private && c.max_age == Some(5));
     }
 
-    #[test]
-    fn targeted_fields_parse_the_same_way() {
+    fn targeted(lines: &[&str]) -> Option<CacheControl> {
         let mut h = HeaderMap::new();
-        h.insert(
-            "cdn-cache-control",
-            HeaderValue::from_static("private max-age=60"),
+        for v in lines {
+            h.append(CDN_CACHE_CONTROL, HeaderValue::from_str(v).unwrap());
+        }
+        targeted_field(&h, CDN_CACHE_CONTROL)
+    }
+
+    /// RFC 9213 §2.1: a targeted field is a Structured Field Dictionary
+    /// (RFC 9651 §3.2), ignored as a whole when it cannot be parsed or a
+    /// directive has the wrong type.
+    #[test]
+    fn targeted_fields_are_structured_dictionaries() {
+        let cc = targeted(&["max-age=60, stale-if-error=30", "public"]).unwrap();
+        assert_eq!(cc.max_age, Some(60));
+        assert_eq!(cc.stale_if_error, Some(30));
+        assert!(cc.public && !cc.no_store);
+        let cc = targeted(&["no-store, private=?0, x-ext=(a b);p=1"]).unwrap();
+        assert!(cc.no_store && !cc.private, "?0 is absent");
+        let cc = targeted(&[r#"private="set-cookie", no-cache=("a" "b")"#]).unwrap();
+        assert!(
+            cc.private && cc.no_cache,
+            "qualified forms read unqualified"
         );
-        assert!(CacheControl::parse_field(&h, "cdn-cache-control").no_store);
+        assert_eq!(
+            targeted(&["max-age=99999999999"]).unwrap().max_age,
+            Some(MAX_DELTA_SECONDS)
+        );
+        for ignored in [
+            "",
+            "private max-age=60",
+            "max-age=60;",
+            "max-age=\"60\"",
+            "max-age=60.5",
+            "max-age=-1",
+            "max-age=?1",
+            "max-age=(60)",
+            "no-store=5",
+            "public=\"yes\"",
+            "MAX-AGE=60",
+            "max-age=60,,",
+        ] {
+            assert_eq!(targeted(&[ignored]), None, "{ignored:?}");
+        }
+        // Cache-Control syntax that is also a valid Dictionary reads the same.
+        let cc = targeted(&["max-age=60, no-cache=\"a, b\""]).unwrap();
+        assert!(cc.no_cache && cc.max_age == Some(60));
+    }
+
+    #[test]
+    fn an_ignored_targeted_field_falls_back_to_cache_control() {
+        let mut h = HeaderMap::new();
+        h.insert("cache-control", HeaderValue::from_static("max-age=30"));
+        h.insert(CDN_CACHE_CONTROL, HeaderValue::from_static("max-age=?1"));
+        assert!(!CacheControl::targeted(&h));
+        assert_eq!(CacheControl::for_storing(&h).max_age, Some(30));
+        h.insert(
+            CACHEGATE_CACHE_CONTROL,
+            HeaderValue::from_static("max-age=5"),
+        );
+        assert_eq!(CacheControl::for_storing(&h).max_age, Some(5));
+        h.insert(
+            CACHEGATE_CACHE_CONTROL,
+            HeaderValue::from_static("max-age=5 x"),
+        );
+        h.insert(CDN_CACHE_CONTROL, HeaderValue::from_static("max-age=7"));
+        assert_eq!(CacheControl::for_storing(&h).max_age, Some(7));
     }
 }

@@ -1,61 +1,86 @@
-//! HTTP dates as a recipient must read them (RFC 9110 §5.6.7): the
-//! preferred IMF-fixdate and the two obsolete formats (RFC 850 and C's
-//! asctime), month and zone names in any case, and a weekday that does not
-//! match the date ignored (it is redundant). The `httpdate` crate rejects
-//! all three leniencies; senders' dates come from httpdate.
+//! HTTP dates as RFC 9110 §5.6.7 defines them: the preferred IMF-fixdate
+//! and the two obsolete formats (RFC 850 and C's asctime), each exactly
+//! as its grammar spells it — one space where the grammar has `SP`, two
+//! digits where it has `2DIGIT`, a weekday name of the right length.
+//! Anything else is not a date: an `Expires` that is not one means
+//! "already expired" (RFC 9111 §5.3). Two leniencies a cache may have:
+//! month, weekday and zone names in any case (RFC 9111 §4.2: "a cache
+//! recipient SHOULD match the field value case-insensitively"), and a
+//! weekday that does not match the date is ignored (it is redundant).
+//! The `httpdate` crate rejects both; senders' dates come from httpdate.
 
 use cachegate_store::UnixMillis;
+
+const DAY_NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+const DAY_NAMES_LONG: [&str; 7] = [
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+    "sunday",
+];
+
+fn is_one_of(s: &str, names: &[&str]) -> bool {
+    names.iter().any(|n| n.eq_ignore_ascii_case(s))
+}
 
 /// Milliseconds since the Unix epoch of an HTTP date; `None` when it is
 /// none of the three formats or names an impossible time. Dates before
 /// 1970 read as 0 (long past, which is what they mean to a cache).
 pub fn parse_http_date(s: &str) -> Option<UnixMillis> {
-    let s = s.trim();
-    // Drop the weekday: "Sun," "Sunday," (IMF-fixdate, RFC 850) or "Sun "
-    // (asctime). Whatever it says is not checked.
-    let (rest, asctime) = match s.split_once(',') {
-        Some((day, rest)) if day.bytes().all(|b| b.is_ascii_alphabetic()) => (rest, false),
-        Some(_) => return None,
+    let s = s.trim_matches([' ', '\t']);
+    let (day, month, year, time) = match s.split_once(',') {
+        Some((weekday, rest)) => {
+            // `SP` exactly: no second space, no tab.
+            let rest = rest.strip_prefix(' ')?;
+            match rest.split(' ').collect::<Vec<_>>()[..] {
+                // IMF-fixdate: "Sun, 06 Nov 1994 08:49:37 GMT"
+                [day, month, year, time, zone]
+                    if is_one_of(weekday, &DAY_NAMES) && zone.eq_ignore_ascii_case("gmt") =>
+                {
+                    (digits(day, 2, 2)?, month, full_year(year, 4)?, time)
+                }
+                // RFC 850: "Sunday, 06-Nov-94 08:49:37 GMT"
+                [date, time, zone]
+                    if is_one_of(weekday, &DAY_NAMES_LONG) && zone.eq_ignore_ascii_case("gmt") =>
+                {
+                    let [day, month, year] = date.split('-').collect::<Vec<_>>()[..] else {
+                        return None;
+                    };
+                    (digits(day, 2, 2)?, month, full_year(year, 2)?, time)
+                }
+                _ => return None,
+            }
+        }
         None => {
-            let (day, rest) = s.split_once(' ')?;
-            if !day.bytes().all(|b| b.is_ascii_alphabetic()) {
+            // asctime: "Sun Nov  6 08:49:37 1994", fixed width: the day is
+            // two digits or a space and one digit.
+            let (weekday, rest) = s.split_once(' ')?;
+            let b = rest.as_bytes();
+            if !is_one_of(weekday, &DAY_NAMES)
+                || b.len() != 20
+                || b[3] != b' '
+                || b[6] != b' '
+                || b[15] != b' '
+            {
                 return None;
             }
-            (rest, true)
+            let day = rest.get(4..6)?;
+            let day = day.strip_prefix(' ').unwrap_or(day);
+            (
+                digits(day, 1, 2)?,
+                rest.get(..3)?,
+                full_year(rest.get(16..)?, 4)?,
+                rest.get(7..15)?,
+            )
         }
     };
-    let parts: Vec<&str> = rest.split_ascii_whitespace().collect();
-    let (day, month, year, time) = if asctime {
-        // "Nov  6 08:49:37 1994"
-        let [month, day, time, year] = parts[..] else {
-            return None;
-        };
-        (day, month, full_year(year, 4)?, time)
-    } else {
-        match parts[..] {
-            // IMF-fixdate: "06 Nov 1994 08:49:37 GMT"
-            [day, month, year, time, zone] if zone.eq_ignore_ascii_case("gmt") => {
-                (day, month, full_year(year, 4)?, time)
-            }
-            // RFC 850: "06-Nov-94 08:49:37 GMT"
-            [date, time, zone] if zone.eq_ignore_ascii_case("gmt") => {
-                let mut d = date.split('-');
-                let (day, month, year) = (d.next()?, d.next()?, d.next()?);
-                if d.next().is_some() {
-                    return None;
-                }
-                (day, month, full_year(year, 2)?, time)
-            }
-            _ => return None,
-        }
-    };
-    let day: u64 = digits(day, 1, 2)?;
     let month = month_number(month)?;
-    let mut hms = time.split(':');
-    let (h, m, sec) = (hms.next()?, hms.next()?, hms.next()?);
-    if hms.next().is_some() {
+    let [h, m, sec] = time.split(':').collect::<Vec<_>>()[..] else {
         return None;
-    }
+    };
     let (h, m, sec): (u64, u64, u64) = (digits(h, 2, 2)?, digits(m, 2, 2)?, digits(sec, 2, 2)?);
     // 60 is a leap second; it reads as the next second.
     if day == 0 || day > days_in_month(year, month) || h > 23 || m > 59 || sec > 60 {
@@ -173,5 +198,40 @@ mod tests {
         ] {
             assert_eq!(parse_http_date(s), None, "{s:?}");
         }
+    }
+
+    /// RFC 9110 §5.6.7: `SP` is one space, `2DIGIT` two digits, and the
+    /// weekday of each format has its own length. What breaks the grammar
+    /// is not a date (and an `Expires` that is not one has expired, RFC
+    /// 9111 §5.3).
+    #[test]
+    fn the_grammar_is_followed_exactly() {
+        for s in [
+            "Sun, 06  Nov 1994 08:49:37 GMT",
+            "Sun,  06 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Nov  1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994  08:49:37 GMT",
+            "Sun, 06 Nov 1994 08:49:37  GMT",
+            "Sun,06 Nov 1994 08:49:37 GMT",
+            "Sun, 06\tNov 1994 08:49:37 GMT",
+            "Sun, 6 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 8:49:37 GMT",
+            "Sunday, 06 Nov 1994 08:49:37 GMT",
+            "Sun, 06-Nov-94 08:49:37 GMT",
+            "Sunday,  06-Nov-94 08:49:37 GMT",
+            "Sunday, 6-Nov-94 08:49:37 GMT",
+            "Sun Nov 6 08:49:37 1994",
+            "Sun Nov   6 08:49:37 1994",
+            "Sun  Nov  6 08:49:37 1994",
+            "Sun Nov  6 08:49:37  1994",
+            "Sunday Nov  6 08:49:37 1994",
+            "Xyz, 06 Nov 1994 08:49:37 GMT",
+        ] {
+            assert_eq!(parse_http_date(s), None, "{s:?}");
+        }
+        assert_eq!(
+            parse_http_date("Sun Nov 16 08:49:37 1994"),
+            Some(NOV_6_1994 + 10 * 86_400_000)
+        );
     }
 }

@@ -16,7 +16,8 @@
 //!   `immutable`, `stale-*`, anything unknown) are never changed, and a
 //!   `private` or `no-store` answer is never touched.
 //! - Keyed answers name their keys in `Vary`. When the edge cannot key on
-//!   one of them (`edge.key_headers`), or the answer is keyed on
+//!   one of them (`edge.key_headers`; the upstream's own `Vary` counts
+//!   only when that is configured, see [`mark_keyed`]), or the answer is keyed on
 //!   `Authorization` (RFC 9111 §3.5: a shared cache reuses such answers
 //!   only when told it may), `public` and `s-maxage` go and `private`
 //!   comes: every shared cache must then not store it, whether or not it
@@ -42,8 +43,23 @@ pub struct EdgeFacts<'a> {
     /// Its freshness came from the route (`ttl`, `status_ttl`).
     pub route_supplied: bool,
     pub rule: &'a Rule,
-    /// Lower-case request headers the cache in front keys on.
-    pub edge_key_headers: &'a [String],
+    /// Lower-case request headers the cache in front keys on
+    /// (`edge.key_headers`); `None` when not configured.
+    pub edge_key_headers: Option<&'a [String]>,
+}
+
+/// The request headers the cache in front keys on, lower case: those
+/// `edge.key_headers` names; unset with CloudFront configured, what
+/// template.yaml's cache policy keys on (`Accept-Encoding`), since
+/// CloudFront keys only on its cache policy whatever `Vary` says; unset
+/// and no edge configured, `None`: whatever is in front is taken to honour
+/// `Vary` (RFC 9111 §4.1).
+pub fn edge_key_headers(configured: Option<&[String]>, cloudfront: bool) -> Option<Vec<String>> {
+    match configured {
+        Some(names) => Some(names.iter().map(|h| h.to_ascii_lowercase()).collect()),
+        None if cloudfront => Some(vec!["accept-encoding".into()]),
+        None => None,
+    }
 }
 
 /// Rewrite the headers of a stored answer going out, per the module rules.
@@ -82,12 +98,17 @@ pub fn edge_headers(headers: &mut HeaderMap, facts: EdgeFacts<'_>) {
 /// already names its own) and, when the edge cannot key on every header
 /// the answer varies by, make it `private`. `with_vary` counts the
 /// upstream's `Vary` among the keys (a stored entry is keyed on it; a
-/// relayed answer is the upstream's own statement). Returns whether it
+/// relayed answer is the upstream's own statement) — only when
+/// `edge.key_headers` is configured: an edge that keys only on what it is
+/// told. Without it the next cache is one that honours `Vary` (RFC 9111
+/// §4.1), and the origin's own `Vary` is the origin's to state; the
+/// route's key headers still go out `private` (cachegate added them, and
+/// a cache that ignores `Vary` would mix tenants). Returns whether it
 /// marked the answer `private` (or found it so already).
 pub fn mark_keyed(
     headers: &mut HeaderMap,
     rule: &Rule,
-    edge_key_headers: &[String],
+    edge_key_headers: Option<&[String]>,
     with_vary: bool,
 ) -> bool {
     let vary = super::headers::vary_names(headers).unwrap_or_default();
@@ -107,12 +128,13 @@ pub fn mark_keyed(
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>();
-    if with_vary {
+    if with_vary && edge_key_headers.is_some() {
         keys.extend(vary.iter().map(String::as_str));
     }
+    let edge_keys = edge_key_headers.unwrap_or_default();
     let edge_cannot_key = keys
         .iter()
-        .any(|k| *k == "authorization" || !edge_key_headers.iter().any(|e| e == k));
+        .any(|k| *k == "authorization" || !edge_keys.iter().any(|e| e == k));
     if !edge_cannot_key {
         return false;
     }
@@ -182,7 +204,7 @@ mod tests {
             lifetime_secs: lifetime,
             route_supplied: route,
             rule,
-            edge_key_headers: EDGE,
+            edge_key_headers: Some(EDGE),
         }
     }
 
@@ -191,6 +213,23 @@ mod tests {
     fn cc(h: &HeaderMap) -> &str {
         h.get(header::CACHE_CONTROL)
             .map_or("", |v| v.to_str().unwrap())
+    }
+
+    /// RFC 9111 §4.1: a cache honours `Vary`; CloudFront keys only on its
+    /// cache policy, so with it configured the keys are never left unknown.
+    #[test]
+    fn edge_keys_are_unknown_only_without_an_edge() {
+        assert_eq!(edge_key_headers(None, false), None);
+        assert_eq!(
+            edge_key_headers(None, true),
+            Some(vec!["accept-encoding".to_string()])
+        );
+        let named = ["X-Tenant".to_string()];
+        assert_eq!(
+            edge_key_headers(Some(&named), false),
+            Some(vec!["x-tenant".to_string()])
+        );
+        assert_eq!(edge_key_headers(Some(&[]), false), Some(vec![]));
     }
 
     #[test]
@@ -270,7 +309,7 @@ mod tests {
             HeaderValue::from_static("public, max-age=60, s-maxage=60"),
         );
         h.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
-        assert!(mark_keyed(&mut h, &r, &edge, true));
+        assert!(mark_keyed(&mut h, &r, Some(&edge), true));
         assert_eq!(cc(&h), "max-age=60, private");
         let vary: Vec<_> = h.get_all(header::VARY).iter().collect();
         assert_eq!(vary, ["Accept-Encoding", "x-tenant"]);
@@ -281,7 +320,7 @@ mod tests {
             header::CACHE_CONTROL,
             HeaderValue::from_static("max-age=60"),
         );
-        assert!(!mark_keyed(&mut h, &r, &edge, true));
+        assert!(!mark_keyed(&mut h, &r, Some(&edge), true));
         assert_eq!(cc(&h), "max-age=60");
         assert_eq!(h[header::VARY], "x-tenant");
         // The upstream's Vary counts for a stored entry.
@@ -292,8 +331,17 @@ mod tests {
             header::CACHE_CONTROL,
             HeaderValue::from_static("max-age=60"),
         );
-        assert!(!mark_keyed(&mut h.clone(), &r, &edge, false));
-        assert!(mark_keyed(&mut h, &r, &edge, true));
+        assert!(!mark_keyed(&mut h.clone(), &r, Some(&edge), false));
+        assert!(mark_keyed(&mut h.clone(), &r, Some(&edge), true));
+        // No edge.key_headers: the next cache honours Vary (RFC 9111
+        // §4.1), so the origin's own Vary goes out as it came.
+        assert!(!mark_keyed(&mut h, &r, None, true));
+        assert_eq!(cc(&h), "max-age=60");
+        assert_eq!(h[header::VARY], "accept-language");
+        // cachegate's own key headers still go out private without it.
+        let mut keyed = rule();
+        keyed.key_headers = vec!["x-tenant".into()];
+        assert!(mark_keyed(&mut h, &keyed, None, true));
         assert_eq!(cc(&h), "max-age=60, private");
         // Authorization is never shared, whatever the edge keys on.
         let mut a = rule();
@@ -307,7 +355,7 @@ mod tests {
                 lifetime_secs: 60,
                 route_supplied: true,
                 rule: &a,
-                edge_key_headers: &edge,
+                edge_key_headers: Some(&edge),
             },
         );
         assert_eq!(cc(&h), "private");

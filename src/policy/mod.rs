@@ -13,19 +13,24 @@
 //! - [`cache_control`]: the `Cache-Control` parser.
 //! - [`request`]: may a request use the cache at all.
 //! - [`response`]: may a response be stored, and for how long.
-//! - [`conditional`]: conditional requests, ours upstream and the client's.
+//! - [`conditional`]: conditional requests, ours upstream and the client's,
+//!   and what a 304 may update.
+//! - [`content_coding`]: whether a stored coding may go to a request.
+//! - [`range`]: byte ranges answered from a stored complete response.
 //! - [`headers`]: what is forwarded upstream and what is stored.
 //! - [`edge`]: what the next cache out is told (`s-maxage`, `Vary`, `private`).
-//! - [`date`]: HTTP dates read leniently, as RFC 9110 §5.6.7 asks.
+//! - [`date`]: HTTP dates read by RFC 9110 §5.6.7's grammar.
 //! - [`back_off`]: what an upstream answer says about calling it again.
 //! - [`rule`]: the effective route rule the policy reads.
 
 pub mod back_off;
 pub mod cache_control;
 pub mod conditional;
+pub mod content_coding;
 pub mod date;
 pub mod edge;
 pub mod headers;
+pub mod range;
 pub mod request;
 pub mod response;
 pub mod rule;

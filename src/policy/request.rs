@@ -18,8 +18,9 @@ pub enum Bypass {
     Body,
     /// `Upgrade` / WebSocket-like requests.
     Upgrade,
-    /// A `Range` request: partial answers are not stored; the upstream
-    /// answers the range.
+    /// A `Range` request that no fresh stored response could answer
+    /// (a miss, a stale entry, or HEAD): partial answers are not stored;
+    /// the upstream answers the range.
     Range,
     /// Carries `Cookie`, the route does not key on cookies, and what is
     /// stored is not marked shareable (`public`, `s-maxage`).
@@ -87,6 +88,24 @@ pub fn request_policy(
     })
 }
 
+/// Whether a 2xx or 3xx answer to `method` invalidates what is stored for
+/// its target URI (RFC 9111 §4.4: "a cache MUST invalidate the target URI
+/// ... when it receives a non-error status code in response to an unsafe
+/// request method (including methods whose safety is unknown)"). Only the
+/// safe methods of RFC 9110 §9.2.1 do not: GET, HEAD, OPTIONS, TRACE.
+/// Every other method does — the writes, and whatever else a client sends
+/// (`M-SEARCH`, `PURGEME`, a lower-case `get`). That is no lever to empty
+/// the cache: it drops only the entries of the one URI the request named
+/// (and its same-origin `Location` / `Content-Location`), only after the
+/// upstream accepted the request, which any client can already cause
+/// with a POST to that URI.
+pub fn invalidates_on_success(method: &Method) -> bool {
+    !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
+}
+
 /// Whether a response says outright that a shared cache may give it to
 /// anyone: `public` or `s-maxage` (RFC 9111 §5.2.2.9, §5.2.2.10).
 pub fn explicitly_shareable(response_headers: &HeaderMap) -> bool {
@@ -118,6 +137,31 @@ pub fn keep_key_cookies(headers: &mut HeaderMap, names: &[String]) {
     if let Ok(v) = http::HeaderValue::from_str(&value) {
         if !value.is_empty() {
             headers.insert(http::header::COOKIE, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 9111 §4.4 with RFC 9110 §9.2.1: every method that is not known
+    /// to be safe invalidates on success.
+    #[test]
+    fn every_method_not_known_safe_invalidates() {
+        for safe in ["GET", "HEAD", "OPTIONS", "TRACE"] {
+            assert!(
+                !invalidates_on_success(&Method::from_bytes(safe.as_bytes()).unwrap()),
+                "{safe}"
+            );
+        }
+        for other in [
+            "POST", "PUT", "PATCH", "DELETE", "M-SEARCH", "PURGEME", "PROPFIND", "get",
+        ] {
+            assert!(
+                invalidates_on_success(&Method::from_bytes(other.as_bytes()).unwrap()),
+                "{other}"
+            );
         }
     }
 }

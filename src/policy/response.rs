@@ -28,6 +28,9 @@ pub enum NotStorable {
     /// Asked with `Cookie` on a route that does not key on cookies, and
     /// not marked `public` or `s-maxage`.
     Cookie,
+    /// The upstream rejected this request as malformed or too large
+    /// ([`request_provoked_error`]); `cache.store_request_errors` is off.
+    RequestError,
 }
 
 impl NotStorable {
@@ -45,6 +48,7 @@ impl NotStorable {
             NotStorable::Head => "head",
             NotStorable::MustUnderstand => "must-understand",
             NotStorable::Cookie => "cookie",
+            NotStorable::RequestError => "request-error",
         }
     }
 }
@@ -69,6 +73,19 @@ pub fn heuristically_cacheable(status: StatusCode) -> bool {
         status.as_u16(),
         200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
     )
+}
+
+/// Statuses that say the upstream rejected this one request for its form
+/// or size (400 Bad Request, 413 Content Too Large, 414 URI Too Long,
+/// 431 Request Header Fields Too Large; RFC 9110 §15.5.1, §15.5.14,
+/// §15.5.15, RFC 6585 §5), not that the resource is in that state. RFC
+/// 9111 §3 allows storing them with explicit freshness, but a shared cache
+/// that does lets one client's oversized or malformed request become
+/// everyone's answer: the cache-poisoned denial of service of Nguyen et
+/// al., "Your Cache Has Fallen" (CCS 2019), whose HHO (oversized header)
+/// and HMC (meta character) attacks provoke exactly these statuses.
+pub fn request_provoked_error(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 400 | 413 | 414 | 431)
 }
 
 /// Statuses whose caching rules cachegate knows (the final statuses RFC
@@ -150,6 +167,9 @@ pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshnes
     }
     if status.is_informational() || status == StatusCode::NOT_MODIFIED {
         return Err(NotStorable::Status);
+    }
+    if request_provoked_error(status) && !rule.store_request_errors {
+        return Err(NotStorable::RequestError);
     }
     let has_set_cookie = h.contains_key(http::header::SET_COOKIE);
     if has_set_cookie && !rule.store_set_cookie_responses {
@@ -303,6 +323,62 @@ mod tests {
             keep_until: fresh_until + 60_000,
             strip_set_cookie: false,
         }
+    }
+
+    fn rule() -> Rule {
+        (*crate::routes::RouteTable::build(&[], &crate::config::CacheConfig::default())
+            .unwrap()
+            .rule_for("/"))
+        .clone()
+    }
+
+    fn storable(status: u16, cc: &str, rule: &Rule) -> Result<Freshness, NotStorable> {
+        let mut h = HeaderMap::new();
+        h.insert(http::header::CACHE_CONTROL, cc.parse().unwrap());
+        response_policy(
+            ResponseFacts {
+                status: StatusCode::from_u16(status).unwrap(),
+                headers: &h,
+                body_len: 10,
+                request_time: 1_000,
+                response_time: 1_000,
+            },
+            rule,
+        )
+    }
+
+    /// RFC 9111 §3 would allow storing these with explicit freshness; the
+    /// CPDoS attacks (Nguyen et al., CCS 2019) are why a shared cache does
+    /// not by default.
+    #[test]
+    fn request_provoked_errors_are_not_stored_unless_configured() {
+        let r = rule();
+        for status in [400, 413, 414, 431] {
+            assert_eq!(
+                storable(status, "public, max-age=300", &r),
+                Err(NotStorable::RequestError),
+                "{status}"
+            );
+        }
+        // Other client errors describe the resource: stored as before.
+        for status in [404, 403, 405, 410, 429] {
+            assert!(
+                storable(status, "public, max-age=300", &r).is_ok(),
+                "{status}"
+            );
+        }
+        let mut allowed = r.clone();
+        allowed.store_request_errors = true;
+        for status in [400, 413, 414, 431] {
+            assert!(
+                storable(status, "public, max-age=300", &allowed).is_ok(),
+                "{status}"
+            );
+        }
+        // Even with a route TTL, a 414 (heuristically cacheable) is not stored.
+        let mut ttl = r.clone();
+        ttl.ttl = Some(Duration::from_secs(60));
+        assert_eq!(storable(414, "", &ttl), Err(NotStorable::RequestError));
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct Rule {
     pub key_headers: Vec<String>,
     pub edge_ttl: Option<Duration>,
     pub store_set_cookie_responses: bool,
+    /// Store 400, 413, 414 and 431 answers (`cache.store_request_errors`).
+    pub store_request_errors: bool,
     pub honor_client_no_cache: bool,
     pub max_entry_bytes: usize,
     /// How long a stale entry with validators is kept to be revalidated.
@@ -56,6 +58,7 @@ impl Rule {
             key_headers: lower_sorted_unique(global.key_headers.iter()),
             edge_ttl: global.edge_max_ttl,
             store_set_cookie_responses: global.store_set_cookie_responses,
+            store_request_errors: global.store_request_errors,
             honor_client_no_cache: global.honor_client_no_cache,
             max_entry_bytes: global.max_entry_bytes.as_u64() as usize,
             keep_for_revalidation: global.keep_for_revalidation,

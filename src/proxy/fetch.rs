@@ -126,11 +126,20 @@ impl Proxy {
         };
         let resp = sent?;
 
-        // A 304 to our conditional request refreshes the stale entry (RFC 9111 §4.3.4).
+        // A 304 to our conditional request refreshes the stale entry its
+        // validator selects (RFC 9111 §4.3.4); one naming another
+        // validator is about another representation: ask again, without
+        // a condition, for the whole of it.
+        let stored_headers = stale.as_ref().map(super::respond::header_map_of);
+        if let (StatusCode::NOT_MODIFIED, Some(stored)) = (resp.status, &stored_headers) {
+            if !policy::conditional::not_modified_selects(stored, &resp.headers) {
+                return Box::pin(self.fetch(miss, None)).await;
+            }
+        }
         let (status, mut resp_headers, body, inherited_tags) = match (resp.status, stale) {
             (StatusCode::NOT_MODIFIED, Some(s)) => {
                 let merged = policy::conditional::merge_not_modified(
-                    super::respond::header_map_of(&s),
+                    stored_headers.unwrap_or_default(),
                     &resp.headers,
                 );
                 (

@@ -13,6 +13,7 @@ mod fetch;
 mod guard;
 pub mod outcome;
 mod purge;
+mod range;
 mod respond;
 
 use std::collections::HashMap;
@@ -55,12 +56,13 @@ pub struct Settings {
     /// Lower-case response header names carrying surrogate keys.
     pub surrogate_key_headers: Vec<String>,
     pub expose_surrogate_keys: bool,
-    /// Lower-case request headers the cache in front keys on (`edge.key_headers`).
-    pub edge_key_headers: Vec<String>,
+    /// Lower-case request headers the cache in front keys on
+    /// (`edge.key_headers`); `None` when not configured.
+    pub edge_key_headers: Option<Vec<String>>,
     /// Which proxies may vouch for a client's address (`serve.trusted_proxies`).
     pub forwarding: Forwarding,
-    /// Methods besides POST, PUT, PATCH and DELETE whose success
-    /// invalidates the URL (`cache.invalidating_methods`, upper case).
+    /// Safe methods whose success invalidates the URL anyway
+    /// (`cache.invalidating_methods`); every other method does.
     pub invalidating_methods: Vec<Method>,
     /// Most tags one entry keeps (`cache.max_tags_per_entry`).
     pub max_tags_per_entry: usize,
@@ -238,8 +240,10 @@ impl Proxy {
                     .await
             }
         };
-        if headers.contains_key(http::header::RANGE) {
-            // Partial responses are not cached; let the upstream handle ranges.
+        // A GET's Range is answered from a fresh stored 200 (below); any
+        // other goes to the upstream, whose partial answers are not stored.
+        let wants_range = headers.contains_key(http::header::RANGE);
+        if wants_range && method != Method::GET {
             return self
                 .pass_through(method, headers, body, &target, &rule, Bypass::Range)
                 .await;
@@ -294,6 +298,29 @@ impl Proxy {
         {
             // Stored for requests without cookies; this one may be personal.
             return self.cookie_pass_through(miss).await;
+        }
+        if wants_range {
+            return match stored.as_ref().filter(|e| e.is_fresh(now)) {
+                Some(entry) => {
+                    let outcome = Outcome::new(Kind::Hit {
+                        ttl: entry.fresh_secs_left(now),
+                    });
+                    let reply =
+                        self.respond_from_entry(entry, &miss.rule, &miss.headers, head, outcome);
+                    range::cut(reply, entry, &miss.headers)
+                }
+                None => {
+                    let MissCtx {
+                        method,
+                        headers,
+                        target,
+                        rule,
+                        ..
+                    } = miss;
+                    self.pass_through(method, headers, Bytes::new(), &target, &rule, Bypass::Range)
+                        .await
+                }
+            };
         }
         if let Some(entry) = &stored {
             // 3. Fresh hit.
@@ -377,7 +404,7 @@ impl Proxy {
                 resp,
                 outcome,
                 head,
-                Some((&miss.rule, &self.settings.edge_key_headers)),
+                Some((&miss.rule, self.settings.edge_key_headers.as_deref())),
             ),
             Err(e) => {
                 if !matches!(e, UpstreamError::Held { .. }) {
@@ -412,6 +439,11 @@ impl Proxy {
             }
             Some(Record::PurgeMark(_) | Record::UpstreamHold(_)) | None => None,
         };
+        // A stored coding this client cannot decode is a miss for it
+        // (RFC 9110 §12.5.3), whatever the key and Vary said.
+        let entry = entry.filter(|e| {
+            policy::content_coding::accepts_stored_coding(headers, e.header("content-encoding"))
+        });
         match &trouble {
             // The breaker logged when it opened; once per request is noise.
             Some(e @ StoreError::CircuitOpen { .. }) => {
@@ -500,13 +532,11 @@ impl Proxy {
         why: Bypass,
     ) -> Reply {
         policy::headers::prepare_request_headers(&mut headers);
-        // RFC 9111 §4.4 invalidates on "unsafe" methods, but an unknown
-        // method (`get`, `PURGEME`) any client can send must not empty the
-        // cache: only the writes, and what configuration adds.
-        let unsafe_method = matches!(
-            method,
-            Method::POST | Method::PUT | Method::PATCH | Method::DELETE
-        ) || self.settings.invalidating_methods.contains(&method);
+        // RFC 9111 §4.4: unsafe methods, and those whose safety is
+        // unknown, invalidate the target URI on success (see the policy
+        // function for why an unknown method may).
+        let unsafe_method = policy::request::invalidates_on_success(&method)
+            || self.settings.invalidating_methods.contains(&method);
         let head = method == Method::HEAD;
         let sent_at = std::time::Instant::now();
         let sent = self

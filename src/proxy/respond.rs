@@ -48,7 +48,7 @@ impl Proxy {
                 lifetime_secs: entry.fresh_until.saturating_sub(entry.born_at) / 1000,
                 route_supplied,
                 rule,
-                edge_key_headers: &self.settings.edge_key_headers,
+                edge_key_headers: self.settings.edge_key_headers.as_deref(),
             },
         );
         policy::headers::strip_cachegate_fields(&mut headers);
@@ -107,7 +107,7 @@ pub(super) fn relay(
     resp: UpstreamResponse,
     outcome: Outcome,
     head: bool,
-    keyed: Option<(&Rule, &[String])>,
+    keyed: Option<(&Rule, Option<&[String]>)>,
 ) -> Reply {
     let body = if head { Bytes::new() } else { resp.body };
     let mut headers = resp.headers;
