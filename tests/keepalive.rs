@@ -225,3 +225,67 @@ async fn the_idle_timeout_keeps_posts_off_closing_connections() {
     assert!(failed.is_empty(), "{failed:#?}");
     assert_eq!(seen_by_node(node.port).await["POST"], count);
 }
+
+/// A raw HTTP/1.1 upstream on a free loopback port that reads each
+/// request's head and answers with `reply` (possibly nothing) before
+/// closing; counts the requests it read.
+async fn raw_upstream(reply: &'static [u8]) -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counted = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let seen = counted.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                seen.fetch_add(1, Ordering::SeqCst);
+                let _ = conn.write_all(reply).await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// What is resent, and what never is: a GET whose connection closes with
+/// no answer is sent once more on a new connection, and no more; a POST
+/// is sent once; a GET whose answer broke off after its head (a response
+/// byte arrived) is sent once. Each ends in a 502 for the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_idempotent_requests_without_an_answer_are_resent_once() {
+    let (silent, silent_seen) = raw_upstream(b"").await;
+    let cg = common::cachegate(&format!("http://127.0.0.1:{silent}"), &[]);
+    let r = common::get(&format!("{}/nothing", cg.url)).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(silent_seen.load(Ordering::SeqCst), 2, "a GET: one resend");
+    let r = common::send(
+        common::client()
+            .post(format!("{}/nothing", cg.url))
+            .body("x"),
+    )
+    .await;
+    assert_eq!(r.status, 502);
+    assert_eq!(
+        silent_seen.load(Ordering::SeqCst),
+        3,
+        "a POST: never resent"
+    );
+
+    let (cut, cut_seen) =
+        raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part").await;
+    let cg = common::cachegate(&format!("http://127.0.0.1:{cut}"), &[]);
+    let r = common::get(&format!("{}/cut", cg.url)).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(
+        cut_seen.load(Ordering::SeqCst),
+        1,
+        "an answer began: not resent"
+    );
+}
