@@ -65,6 +65,28 @@ apt_install() {
     || die "apt-get install ${missing[*]} failed"
 }
 
+# apt_install_no_start PKG...: apt_install for packages (nginx, varnish)
+# whose Debian scripts would start system services on ports 80 and 6081:
+# policy-rc.d forbids that while they install; a run needs none of them.
+apt_install_no_start() {
+  local missing=0 p
+  for p in "$@"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing=1
+  done
+  [ "$missing" = 0 ] && return 0
+  if [ -e /usr/sbin/policy-rc.d ] || [ "$(id -u)" != 0 ]; then
+    apt_install "$@"
+    return 0
+  fi
+  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+  chmod 755 /usr/sbin/policy-rc.d
+  local rc=0
+  (apt_install "$@") || rc=$?
+  rm -f /usr/sbin/policy-rc.d
+  [ "$rc" = 0 ] || die "apt-get install $* failed"
+  APT_UPDATED=1
+}
+
 # pip_install CMD SPEC: installs the PyPI package SPEC unless CMD is on PATH.
 pip_install() {
   local cmd=$1 spec=$2

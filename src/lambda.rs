@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
-use http::{Request, Response, StatusCode};
+use http::{HeaderMap, Request, Response};
 use lambda_http::request::LambdaRequest;
 use lambda_http::{Body, LambdaEvent};
 
@@ -12,13 +12,92 @@ use lambda_http::lambda_runtime::LambdaInvocation;
 use tokio_util::task::TaskTracker;
 
 use crate::background::{Background, Finished, Waited};
-use crate::proxy::{json_error, Proxy};
+use crate::proxy::Proxy;
 use crate::request::{GatewayProto, PeerAddr};
 use crate::telemetry::RequestId;
 
-/// Lambda's synchronous response payload limit is 6 MB, base64 and JSON
-/// envelope included; leave room for them.
-pub const MAX_LAMBDA_BODY_BYTES: usize = 6 * 1024 * 1024 * 3 / 4 - 16 * 1024;
+/// Lambda's limit on a synchronous response payload: the JSON document
+/// the runtime posts (status, headers, the body as text or base64).
+pub const MAX_PAYLOAD_BYTES: usize = 6 * 1024 * 1024;
+
+/// What the proxy adds to a stored entry's headers when it answers from
+/// it (`Age`, `X-Cache`, `Cache-Status`, `Server-Timing`, the edge's
+/// `Cache-Control` and cache tags, at most 50 of 256 bytes): an entry is
+/// stored only with this much room left, so what is stored can be served.
+pub const ANSWER_HEADERS_HEADROOM: usize = 16 * 1024;
+
+/// The JSON fields around the body and headers (`statusCode`,
+/// `isBase64Encoded`, `cookies`, the field names), generously.
+const ENVELOPE_BYTES: usize = 256;
+
+/// The size of the Lambda response payload for an answer with these
+/// headers and body: the body as it goes out ([`lambda_body`]: text
+/// JSON-escaped, anything else base64), and every header twice (REST APIs
+/// and ALBs get `headers` and `multiValueHeaders`), quoted and escaped.
+/// The one place the payload rule lives: the proxy checks it where it
+/// renders the outcome ([`crate::proxy`]), and before storing, in Lambda
+/// mode; this adapter relays what the proxy answered.
+pub fn payload_len(headers: &HeaderMap, body: &[u8]) -> usize {
+    let body_len = if body.is_empty() {
+        0
+    } else if sent_as_text(headers, body) {
+        json_escaped_len(body)
+    } else {
+        body.len().div_ceil(3) * 4
+    };
+    let headers_len: usize = headers
+        .iter()
+        // "name":"value", (and a list's brackets in multiValueHeaders)
+        .map(|(n, v)| json_escaped_len(n.as_str().as_bytes()) + json_escaped_len(v.as_bytes()) + 8)
+        .sum();
+    ENVELOPE_BYTES + body_len + 2 * headers_len
+}
+
+/// Whether an answer with these headers and body can be returned through
+/// Lambda.
+pub fn fits(headers: &HeaderMap, body: &[u8]) -> bool {
+    payload_len(headers, body) <= MAX_PAYLOAD_BYTES
+}
+
+/// Whether an entry with these stored headers and body could be served
+/// through Lambda, with the headers an answer adds.
+pub fn entry_fits(headers: &HeaderMap, body: &[u8]) -> bool {
+    payload_len(headers, body) + ANSWER_HEADERS_HEADROOM <= MAX_PAYLOAD_BYTES
+}
+
+/// Bytes of `bytes` inside a JSON string as serde_json writes it: `"` and
+/// `\` and the short control escapes take two, other control characters
+/// six (`\u00XX`), everything else (UTF-8 included) itself.
+fn json_escaped_len(bytes: &[u8]) -> usize {
+    bytes
+        .iter()
+        .map(|&b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+        + 2
+}
+
+/// Whether a body goes out as text: a textual content type and valid
+/// UTF-8; anything else goes out base64.
+fn sent_as_text(headers: &HeaderMap, body: &[u8]) -> bool {
+    textual(headers) && std::str::from_utf8(body).is_ok()
+}
+
+fn textual(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            let ct = ct.to_ascii_lowercase();
+            ct.starts_with("text/")
+                || ct.contains("json")
+                || ct.contains("xml")
+                || ct.contains("javascript")
+        })
+}
 
 /// Convert a lambda_http request body to bytes (binary bodies arrive
 /// already base64-decoded by lambda_http).
@@ -34,17 +113,7 @@ pub fn body_bytes(body: Body) -> Bytes {
 /// Text bodies go out as text; everything else base64 (lambda_http does
 /// the encoding for `Body::Binary`).
 pub fn lambda_body(resp: Response<Bytes>) -> Response<Body> {
-    let textual = resp
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            let ct = ct.to_ascii_lowercase();
-            ct.starts_with("text/")
-                || ct.contains("json")
-                || ct.contains("xml")
-                || ct.contains("javascript")
-        });
+    let textual = textual(resp.headers());
     let (parts, body) = resp.into_parts();
     let body = if body.is_empty() {
         Body::Empty
@@ -241,20 +310,10 @@ where
     }
 }
 
-/// One Lambda invocation through the proxy.
+/// One Lambda invocation through the proxy. An answer too large for a
+/// Lambda payload was already replaced, logged and counted by the proxy.
 pub async fn invoke(proxy: &Arc<Proxy>, req: lambda_http::Request) -> Response<Body> {
-    let resp = proxy.handle(handler_request(req)).await;
-    if resp.body().len() > MAX_LAMBDA_BODY_BYTES {
-        return lambda_body(json_error(
-            StatusCode::BAD_GATEWAY,
-            "response_too_large_for_lambda",
-            &format!(
-                "the upstream response body ({} bytes) exceeds what a Lambda response can carry",
-                resp.body().len()
-            ),
-        ));
-    }
-    lambda_body(resp)
+    lambda_body(proxy.handle(handler_request(req)).await)
 }
 
 /// Run the Lambda runtime loop until the environment ends it; with the
@@ -454,6 +513,92 @@ mod tests {
         let req = parse(alb);
         assert_eq!(req.uri().path(), "/x");
         assert_eq!(req.body(), &Bytes::from_static(b"%%"));
+    }
+
+    /// The payloads lambda_http posts for `resp` (built as its
+    /// `LambdaResponse::from_response` builds them): an HTTP API's, and an
+    /// ALB's, which carries every header twice.
+    fn posted_payloads(resp: Response<Bytes>) -> [usize; 2] {
+        use lambda_http::aws_lambda_events::alb::AlbTargetGroupResponse;
+        use lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpResponse;
+        let resp = lambda_body(resp);
+        let (parts, body) = resp.into_parts();
+        let (base64, body) = match body {
+            Body::Empty => (false, None),
+            b @ Body::Text(_) => (false, Some(b)),
+            b => (true, Some(b)),
+        };
+        let mut v2 = ApiGatewayV2httpResponse::default();
+        v2.status_code = parts.status.as_u16().into();
+        v2.headers = parts.headers.clone();
+        v2.body = body.clone();
+        v2.is_base64_encoded = base64;
+        let mut alb = AlbTargetGroupResponse::default();
+        alb.status_code = parts.status.as_u16().into();
+        alb.status_description = Some("200 OK".into());
+        alb.headers = parts.headers.clone();
+        alb.multi_value_headers = parts.headers;
+        alb.body = body;
+        alb.is_base64_encoded = base64;
+        [
+            serde_json::to_vec(&v2).unwrap().len(),
+            serde_json::to_vec(&alb).unwrap().len(),
+        ]
+    }
+
+    fn response(content_type: &str, body: Vec<u8>) -> Response<Bytes> {
+        let mut resp = Response::new(Bytes::from(body));
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, content_type.parse().unwrap());
+        resp.headers_mut()
+            .insert("etag", "\"quoted \\ value\"".parse().unwrap());
+        resp
+    }
+
+    #[test]
+    fn the_payload_rule_bounds_what_lambda_http_posts_closely() {
+        let cases = [
+            response(
+                "application/octet-stream",
+                (0..=255).cycle().take(100_000).collect(),
+            ),
+            response(
+                "application/json",
+                br#"{"a":"line\nbreak \"q\""}"#.repeat(5_000),
+            ),
+            response("text/plain", "é\u{1}\t".repeat(10_000).into_bytes()),
+            // Labelled text, not UTF-8: goes out base64.
+            response("text/plain", vec![0xff; 30_000]),
+            response("application/json", Vec::new()),
+        ];
+        for resp in cases {
+            let computed = payload_len(resp.headers(), resp.body());
+            for posted in posted_payloads(resp.clone()) {
+                assert!(computed >= posted, "{computed} < {posted}");
+                assert!(
+                    computed - posted <= ENVELOPE_BYTES + 64,
+                    "{computed} vs {posted}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn binary_bodies_count_as_base64_and_text_as_itself() {
+        let binary = response("image/png", vec![0; 4_800_000]);
+        assert!(!fits(binary.headers(), binary.body()), "6.4 MB in base64");
+        let text = response("application/json", vec![b'a'; 4_700_000]);
+        assert!(fits(text.headers(), text.body()));
+        let text = response("text/plain", vec![b'a'; 1]);
+        let edge = MAX_PAYLOAD_BYTES - payload_len(text.headers(), &[]) - 2;
+        let text = response("text/plain", vec![b'a'; edge]);
+        assert!(fits(text.headers(), text.body()));
+        assert!(
+            !entry_fits(text.headers(), text.body()),
+            "no room for the answer's headers"
+        );
+        let text = response("text/plain", vec![b'a'; edge + 1]);
+        assert!(!fits(text.headers(), text.body()));
     }
 
     #[test]

@@ -20,18 +20,31 @@ struct Emulated {
     cold_start: Duration,
     /// The function's stdout lines (EMF metrics).
     stdout: std::sync::mpsc::Receiver<String>,
+    /// The function's stderr lines (its JSON log), also passed on to the
+    /// test's own stderr.
+    stderr: std::sync::mpsc::Receiver<String>,
 }
 
 async fn emulated(upstream_url: &str, env: &[(&str, &str)]) -> Emulated {
     let (emulator, port) = common::lambda_emulator();
     let started = Instant::now();
     let mut cmd = common::lambda_function(port, upstream_url);
-    cmd.env("RUST_LOG", "warn").stdout(Stdio::piped());
+    cmd.env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
     let mut function = cmd.spawn().unwrap();
     let stdout = common::lines_of(function.stdout.take().unwrap());
+    let logged = common::lines_of(function.stderr.take().unwrap());
+    let (tee, stderr) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in logged {
+            eprintln!("{line}");
+            let _ = tee.send(line);
+        }
+    });
     let mut function = Killed(function);
     let url = format!("http://127.0.0.1:{port}/lambda-url/_/warm-up");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -61,6 +74,7 @@ async fn emulated(upstream_url: &str, env: &[(&str, &str)]) -> Emulated {
         port,
         cold_start: started.elapsed(),
         stdout,
+        stderr,
     }
 }
 
@@ -299,4 +313,59 @@ async fn refresh_ahead_runs_under_lambda() {
         first.json()["n"],
         "not the refreshed entry: {after:?}"
     );
+}
+
+/// What Lambda cannot return (its 6 MB payload: here a 5 MB binary body,
+/// 6.7 MB in base64) is an honest 502: `X-Cache` and `Cache-Status` like
+/// any other 502, logged and counted as the 502 the client got, and not
+/// stored, so the same request is asked of the upstream again rather than
+/// answered from an entry Lambda can never serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_too_large_for_lambda_is_an_honest_502() {
+    let up = common::upstream().await;
+    let lambda = emulated(&up.url, &[("RUST_LOG", "warn,cachegate::access=info")]).await;
+    let base = format!("/large/{}", std::process::id());
+    let path = format!("{base}?cc=max-age%3D60&bin=5000000");
+    for attempt in 1..=2 {
+        let r = get(&lambda.url(&path)).await;
+        assert_eq!(r.status, 502, "attempt {attempt}: {r:?}");
+        assert_eq!(r.json()["error"]["code"], "response_too_large_for_lambda");
+        assert_eq!(r.x_cache(), "MISS", "attempt {attempt}");
+        assert_eq!(
+            r.header("cache-status"),
+            "cachegate; fwd=uri-miss; fwd-status=200; detail=response_too_large_for_lambda",
+            "attempt {attempt}"
+        );
+        assert_eq!(
+            up.state.hits(&base),
+            attempt,
+            "not asked of the upstream again"
+        );
+    }
+    let lines = |rx: &std::sync::mpsc::Receiver<String>| -> Vec<serde_json::Value> {
+        std::iter::from_fn(|| rx.recv_timeout(Duration::from_millis(500)).ok())
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    };
+    let access: Vec<_> = lines(&lambda.stderr)
+        .into_iter()
+        .filter(|l| l["target"] == "cachegate::access" && l["fields"]["path"] == base.as_str())
+        .collect();
+    assert_eq!(access.len(), 2, "{access:#?}");
+    for line in &access {
+        assert_eq!(line["fields"]["status"], 502, "{line}");
+        assert_eq!(line["fields"]["cache"], "ERROR", "{line}");
+    }
+    let emf: Vec<_> = lines(&lambda.stdout)
+        .into_iter()
+        .filter(|d| d.get("_aws").is_some() && d["status"] == 502)
+        .collect();
+    assert_eq!(emf.len(), 2, "{emf:#?}");
+    for doc in &emf {
+        assert_eq!(
+            (doc["Error"].as_u64(), doc["Hit"].as_u64()),
+            (Some(1), Some(0)),
+            "{doc}"
+        );
+    }
 }

@@ -141,6 +141,16 @@ pub struct UpstreamConfig {
     /// never retried. Default `2`. Env: `CACHEGATE_UPSTREAM__RETRIES`.
     #[serde(default = "default_retries")]
     pub retries: u32,
+    /// How long an idle pooled upstream connection is kept for reuse.
+    /// Servers close idle keep-alive connections on their own clock
+    /// (gunicorn after 2 s, Node and Apache after 5 s); a request sent on
+    /// a connection the server is closing at that moment fails before any
+    /// answer. Dropping ours first avoids that race; an idempotent request
+    /// that meets it anyway is sent again at once on a new connection.
+    /// Raise it only for an upstream known to keep connections longer.
+    /// Default `1500ms`. Env: `CACHEGATE_UPSTREAM__POOL_IDLE_TIMEOUT`.
+    #[serde(default = "default_pool_idle_timeout", with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
     /// Refused connections, timeouts and gateway failures (502, 503 without
     /// `Retry-After`, 504) in a row, for GET and HEAD, that open this
     /// instance's upstream breaker (a 500 is one request's error, not the
@@ -222,6 +232,9 @@ fn default_queue_wait() -> Duration {
 
 fn default_retries() -> u32 {
     2
+}
+fn default_pool_idle_timeout() -> Duration {
+    Duration::from_millis(1500)
 }
 fn default_failure_threshold() -> u32 {
     5

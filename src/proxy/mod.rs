@@ -160,14 +160,18 @@ impl Proxy {
             .then(|| req.uri().path().to_owned());
         let request_id = req.extensions().get::<RequestId>().cloned();
         let mut trace = Trace::default();
-        let (mut resp, outcome) = self.handle_request(req, &mut trace).await;
+        let (mut resp, mut outcome) = self.handle_request(req, &mut trace).await;
         if let Some(origin) = &trace.client_origin {
             policy::headers::rewrite_upstream_locations(resp.headers_mut(), &self.base, origin);
         }
-        outcome.render(
-            resp.headers_mut(),
-            trace.lookup_time.map(|d| (d, self.cache.backend_name())),
-        );
+        let lookup = trace.lookup_time.map(|d| (d, self.cache.backend_name()));
+        outcome.render(resp.headers_mut(), lookup);
+        if self.settings.mode == Mode::Lambda && !crate::lambda::fits(resp.headers(), resp.body()) {
+            // What Lambda cannot carry is this request's 502, in the
+            // headers, the log and the metrics alike.
+            (resp, outcome) = respond::too_large_for_lambda(&resp, outcome);
+            outcome.render(resp.headers_mut(), lookup);
+        }
         self.telemetry.record(&RequestRecord {
             request_id: request_id.as_ref().map(|r| r.0.as_str()),
             method: &method,

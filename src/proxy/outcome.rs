@@ -107,6 +107,15 @@ pub enum Kind {
     Held { hold: Hold, bypass: bool },
     /// Refused before any cache or upstream work (e.g. `CONNECT`).
     Rejected,
+    /// The answer could not be returned through Lambda (its payload
+    /// limit, [`crate::lambda::MAX_PAYLOAD_BYTES`]): the client got 502.
+    /// `fwd` and `fwd_status` when the upstream was asked (`None`: from
+    /// the cache); `bypass` for a request that does not use the cache.
+    TooLargeForLambda {
+        fwd: Option<Forward>,
+        fwd_status: Option<u16>,
+        bypass: bool,
+    },
 }
 
 /// The outcome of one request and the time it spent waiting for the upstream.
@@ -132,6 +141,31 @@ impl Outcome {
         }
     }
 
+    /// This outcome once its answer turned out too large to return through
+    /// Lambda. Error answers (small JSON bodies) are left as they are.
+    pub fn too_large_for_lambda(self) -> Outcome {
+        let (fwd, fwd_status, bypass) = match self.kind {
+            Kind::Fetched { fwd, status, .. } => (Some(fwd), Some(status), false),
+            Kind::Collapsed { fwd, .. } => (Some(fwd), None, false),
+            Kind::Bypass { status, .. } => (None, Some(status), true),
+            Kind::Hit { .. } | Kind::StaleWhileRevalidate { .. } | Kind::StaleIfError { .. } => {
+                (None, None, false)
+            }
+            Kind::UpstreamFailed { .. }
+            | Kind::Held { .. }
+            | Kind::Rejected
+            | Kind::TooLargeForLambda { .. } => return self,
+        };
+        Outcome {
+            kind: Kind::TooLargeForLambda {
+                fwd,
+                fwd_status,
+                bypass,
+            },
+            ..self
+        }
+    }
+
     /// The `X-Cache` value; `None` for a request that was refused outright.
     pub fn x_cache(&self) -> Option<&'static str> {
         Some(match self.kind {
@@ -142,6 +176,9 @@ impl Outcome {
             } => "HIT",
             Kind::Collapsed { .. } | Kind::Fetched { .. } => "MISS",
             Kind::UpstreamFailed { fwd: Some(_), .. } | Kind::Held { bypass: false, .. } => "MISS",
+            Kind::TooLargeForLambda { bypass: true, .. } => "BYPASS",
+            Kind::TooLargeForLambda { fwd: Some(_), .. } => "MISS",
+            Kind::TooLargeForLambda { fwd: None, .. } => "HIT",
             Kind::Bypass { .. }
             | Kind::UpstreamFailed { fwd: None, .. }
             | Kind::Held { bypass: true, .. } => "BYPASS",
@@ -153,7 +190,10 @@ impl Outcome {
     /// the `X-Cache` value, or `ERROR` for answers that are errors of ours.
     pub fn label(&self) -> &'static str {
         match self.kind {
-            Kind::UpstreamFailed { .. } | Kind::Held { .. } | Kind::Rejected => "ERROR",
+            Kind::UpstreamFailed { .. }
+            | Kind::Held { .. }
+            | Kind::Rejected
+            | Kind::TooLargeForLambda { .. } => "ERROR",
             _ => self.x_cache().unwrap_or("ERROR"),
         }
     }
@@ -235,6 +275,23 @@ impl Outcome {
             Kind::Held { hold, bypass: _ } => {
                 // Neither a hit nor forwarded: only why.
                 let _ = write!(s, "detail={}", hold.detail());
+            }
+            Kind::TooLargeForLambda {
+                fwd,
+                fwd_status,
+                bypass,
+            } => {
+                match (fwd, bypass) {
+                    (Some(fwd), _) => {
+                        let _ = write!(s, "fwd={}; ", fwd.as_str());
+                    }
+                    (None, true) => s.push_str("fwd=bypass; "),
+                    (None, false) => s.push_str("hit; "),
+                }
+                if let Some(status) = fwd_status {
+                    let _ = write!(s, "fwd-status={status}; ");
+                }
+                s.push_str("detail=response_too_large_for_lambda");
             }
             Kind::Rejected => return None,
         }
@@ -365,6 +422,41 @@ mod tests {
         for s in [s, render(UpstreamFailure::Error("x"))] {
             assert_eq!(s.matches("detail=").count(), 1, "{s}");
         }
+    }
+
+    #[test]
+    fn an_answer_too_large_for_lambda_is_an_error_that_says_what_the_cache_did() {
+        let fetched = Outcome::new(Kind::Fetched {
+            fwd: Forward::UriMiss,
+            status: 200,
+            stored: false,
+            revalidated: false,
+            cache_down: false,
+            not_stored: Some(NotStorable::TooLarge),
+        })
+        .too_large_for_lambda();
+        assert_eq!(fetched.x_cache(), Some("MISS"));
+        assert_eq!(fetched.label(), "ERROR");
+        assert_eq!(
+            fetched.cache_status().unwrap(),
+            "cachegate; fwd=uri-miss; fwd-status=200; detail=response_too_large_for_lambda"
+        );
+        let hit = Outcome::new(Kind::Hit { ttl: 5 }).too_large_for_lambda();
+        assert_eq!(hit.x_cache(), Some("HIT"));
+        assert_eq!(
+            hit.cache_status().unwrap(),
+            "cachegate; hit; detail=response_too_large_for_lambda"
+        );
+        let bypass = Outcome::new(Kind::Bypass {
+            status: 200,
+            why: Bypass::Method,
+        })
+        .too_large_for_lambda();
+        assert_eq!(bypass.x_cache(), Some("BYPASS"));
+        assert_eq!(
+            bypass.cache_status().unwrap(),
+            "cachegate; fwd=bypass; fwd-status=200; detail=response_too_large_for_lambda"
+        );
     }
 
     #[test]

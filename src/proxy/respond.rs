@@ -124,6 +124,23 @@ pub(super) fn relay(
     (build(resp.status, headers, body), outcome)
 }
 
+/// The 502 for an answer too large to return through Lambda
+/// ([`crate::lambda::fits`]), with its outcome.
+pub(super) fn too_large_for_lambda(resp: &Response<Bytes>, outcome: Outcome) -> Reply {
+    let resp = json_error(
+        StatusCode::BAD_GATEWAY,
+        "response_too_large_for_lambda",
+        &format!(
+            "the answer ({} {}, a {} byte body) is larger than a Lambda response can carry ({} bytes)",
+            resp.status().as_u16(),
+            resp.status().canonical_reason().unwrap_or(""),
+            resp.body().len(),
+            crate::lambda::MAX_PAYLOAD_BYTES
+        ),
+    );
+    (resp, outcome.too_large_for_lambda())
+}
+
 fn build(status: StatusCode, headers: HeaderMap, body: Bytes) -> Response<Bytes> {
     let mut resp = Response::new(body);
     *resp.status_mut() = status;

@@ -1,7 +1,8 @@
 //! The call to the upstream API: a faithful forward of the client request,
 //! bounded in time and size, retried (GET and HEAD only) when no connection
-//! could be made, with failures classified for the client. [`breaker`] is
-//! the per-instance upstream breaker.
+//! could be made, and (idempotent methods) once on a new connection when a
+//! connection closed under it before any answer; failures classified for
+//! the client. [`breaker`] is the per-instance upstream breaker.
 
 pub mod breaker;
 
@@ -118,6 +119,10 @@ impl UpstreamError {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     client: reqwest::Client,
+    /// The same client without a pool: every request on a new connection.
+    /// The one retry after a connection closed under a request goes here,
+    /// so it cannot land on another pooled connection closing the same way.
+    fresh: reqwest::Client,
     timeout: Duration,
     max_response_bytes: usize,
     /// Extra attempts for a GET or HEAD that could not connect.
@@ -127,16 +132,19 @@ pub struct Upstream {
 impl Upstream {
     pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, reqwest::Error> {
         crate::tls::install_crypto_provider();
-        let client = reqwest::Client::builder()
-            // A proxy relays redirects; it does not follow them.
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(cfg.connect_timeout)
-            .timeout(cfg.timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .build()?;
+        let builder = || {
+            reqwest::Client::builder()
+                // A proxy relays redirects; it does not follow them.
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(cfg.connect_timeout)
+                .timeout(cfg.timeout)
+                .tcp_nodelay(true)
+        };
+        let client = builder().pool_idle_timeout(cfg.pool_idle_timeout).build()?;
+        let fresh = builder().pool_max_idle_per_host(0).build()?;
         Ok(Upstream {
             client,
+            fresh,
             timeout: cfg.timeout,
             max_response_bytes: cfg.max_response_bytes.as_u64() as usize,
             retries: cfg.retries,
@@ -147,7 +155,12 @@ impl Upstream {
     /// headers and `Host`) and `body`; read the whole response body. A GET
     /// or HEAD that could not connect is tried again, after a jittered
     /// pause, while `upstream.timeout` allows: nothing reached the upstream,
-    /// so nothing is repeated. Other methods are sent once.
+    /// so nothing is repeated. A request of an idempotent method whose
+    /// connection closed or reset before its response head arrived (a
+    /// pooled connection the server was closing as it was reused) is sent
+    /// once more, at once, on a new connection, as nginx does (RFC 9110
+    /// §9.2.2 allows repeating idempotent requests). Nothing of a response
+    /// had been read, and a failure while reading the body is never retried.
     pub async fn send(
         &self,
         method: Method,
@@ -161,17 +174,20 @@ impl Upstream {
         } else {
             0
         };
+        let idempotent = method.is_idempotent();
+        let mut resent = false;
         let mut attempt = 0;
         let mut resp = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             // The last attempt takes the headers; only a retry needs a copy.
-            let attempt_headers = if attempt < retries {
+            let attempt_headers = if attempt < retries || (idempotent && !resent) {
                 headers.clone()
             } else {
                 std::mem::take(&mut headers)
             };
-            let mut req = self
-                .client
+            // After a closed connection, a new one (and never a third try).
+            let client = if resent { &self.fresh } else { &self.client };
+            let mut req = client
                 .request(method.clone(), url.clone())
                 .headers(attempt_headers)
                 .timeout(left);
@@ -188,6 +204,10 @@ impl Upstream {
                     tracing::debug!(attempt, ?pause, error = %error_chain(&e.without_url()), "upstream connect failed; retrying");
                     tokio::time::sleep(pause).await;
                     attempt += 1;
+                }
+                Err(e) if idempotent && !resent && closed_before_answer(&e) => {
+                    tracing::debug!(error = %error_chain(&e.without_url()), "upstream connection closed before an answer; resending on a new connection");
+                    resent = true;
                 }
                 Err(e) => return Err(self.classify(e)),
             }
@@ -229,6 +249,35 @@ impl Upstream {
             UpstreamError::Other(error_chain(&e.without_url()))
         }
     }
+}
+
+/// Whether a request failed because its connection closed or reset before
+/// the response head was read: hyper's "connection closed before message
+/// completed", or a reset or broken pipe while sending or waiting. Not a
+/// connect failure (retried apart) nor a timeout.
+fn closed_before_answer(e: &reqwest::Error) -> bool {
+    if e.is_connect() || e.is_timeout() || e.is_body() || e.is_decode() {
+        return false;
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() {
+                return true;
+            }
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            ) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// The pause before retry `attempt` (0 for the first): 25 ms doubling,
