@@ -90,6 +90,7 @@ pub async fn build_proxy_with(
     let header_strings =
         |names: &[http::HeaderName]| names.iter().map(|h| h.as_str().to_owned()).collect();
     let settings = proxy::Settings {
+        mode,
         background,
         coalesce_wait: config.cache.coalesce_wait,
         // A fetch lock outlives the longest upstream call its holder can make.

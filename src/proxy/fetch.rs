@@ -169,7 +169,7 @@ impl Proxy {
             Err(NotStorable::ClientNoStore)
         } else if policy.shareable_only && !policy::explicitly_shareable(&resp_headers) {
             Err(NotStorable::Cookie)
-        } else if self.settings.mode == super::Mode::Lambda
+        } else if self.settings.mode == crate::config::Mode::Lambda
             && !crate::lambda::entry_fits(&resp_headers, &body)
         {
             // Lambda could never return it.

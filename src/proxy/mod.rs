@@ -29,6 +29,7 @@ use cachegate_store::tiered::TieredCache;
 use cachegate_store::{now_millis, Entry, Record, StoreError, StoreKey};
 
 use crate::background::Background;
+use crate::config::Mode;
 use crate::key::{self, Target};
 use crate::policy::{self, Bypass};
 use crate::request::{CanonicalRequest, Forwarding};
@@ -46,6 +47,9 @@ pub use respond::json_error;
 /// Process-wide settings of the request flow.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Where the handler runs: under Lambda an answer must also fit a
+    /// Lambda response payload ([`crate::lambda::fits`]).
+    pub mode: Mode,
     /// How stale-while-revalidate refreshes and refresh-ahead run after the
     /// response ([`crate::background`]).
     pub background: Background,
