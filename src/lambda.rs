@@ -12,6 +12,7 @@ use lambda_http::lambda_runtime::LambdaInvocation;
 use tokio_util::task::TaskTracker;
 
 use crate::background::{Background, Finished, Waited};
+use crate::error_code::ErrorCode;
 use crate::proxy::{json_error, Proxy};
 use crate::request::{GatewayProto, PeerAddr};
 use crate::telemetry::RequestId;
@@ -247,7 +248,7 @@ pub async fn invoke(proxy: &Arc<Proxy>, req: lambda_http::Request) -> Response<B
     if resp.body().len() > MAX_LAMBDA_BODY_BYTES {
         return lambda_body(json_error(
             StatusCode::BAD_GATEWAY,
-            "response_too_large_for_lambda",
+            ErrorCode::ResponseTooLargeForLambda,
             &format!(
                 "the upstream response body ({} bytes) exceeds what a Lambda response can carry",
                 resp.body().len()

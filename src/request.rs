@@ -47,7 +47,7 @@ pub struct GatewayProto;
 /// Why a request target is refused before anything else reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejected {
-    pub code: &'static str,
+    pub code: crate::error_code::ErrorCode,
     pub message: String,
 }
 
@@ -266,7 +266,7 @@ fn hex(b: u8) -> Option<u8> {
 
 fn ambiguous(message: impl Into<String>) -> Rejected {
     Rejected {
-        code: "ambiguous_path",
+        code: crate::error_code::ErrorCode::AmbiguousPath,
         message: message.into(),
     }
 }
@@ -369,7 +369,7 @@ mod tests {
     use super::*;
 
     fn p(raw: &str) -> Result<String, &'static str> {
-        canonical_path(raw).map_err(|r| r.code)
+        canonical_path(raw).map_err(|r| r.code.as_str())
     }
 
     #[test]

@@ -7,10 +7,12 @@ use http::{HeaderMap, StatusCode};
 use cachegate_store::UnixMillis;
 
 use super::cache_control::{delta_seconds, millis};
+use super::request::{explicitly_shareable, RequestPolicy};
 use super::CacheControl;
 use crate::routes::Rule;
 
-/// Why a response is not stored.
+/// Why a response is not stored (pingora-cache's `NoCacheReason`): the
+/// request's reasons first, then the response's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotStorable {
     NoStore,
@@ -89,10 +91,11 @@ pub struct ResponseFacts<'a> {
     /// When the request was sent and the response received (§4.2.3).
     pub request_time: UnixMillis,
     pub response_time: UnixMillis,
+    /// What the request that caused the response allows
+    /// ([`super::request_policy`]).
+    pub request: RequestPolicy,
 }
 
-/// Whether and for how long a response to a cache-eligible GET may be stored.
-///
 /// Shorten `f`'s freshness, counted from `now`, by `fraction * rand` of
 /// what is left (`rand` in [0, 1)): `cache.ttl_jitter`. Never lengthens
 /// it, and never moves the stale windows, which stay what the upstream and
@@ -120,12 +123,28 @@ pub fn refresh_ahead_due(
     fresh_until - now <= window
 }
 
+/// Whether and for how long a response to a request that may use the
+/// cache may be stored: the whole decision, the request's part included.
+///
 /// The directives obeyed are the targeted field's when there is one
 /// (`Cachegate-Cache-Control`, then `CDN-Cache-Control`: RFC 9213), else
 /// `Cache-Control` with `Expires`.
 pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshness, NotStorable> {
     let h = facts.headers;
     let status = facts.status;
+    // A HEAD answer has no body: stored, it would answer a GET with nothing.
+    if facts.request.head {
+        return Err(NotStorable::Head);
+    }
+    // RFC 9111 §5.2.1.5: the client's no-store covers the response too.
+    if !facts.request.store {
+        return Err(NotStorable::ClientNoStore);
+    }
+    // Asked with cookies the route does not key on: stored only when the
+    // upstream says outright that anyone may have it.
+    if facts.request.shareable_only && !explicitly_shareable(h) {
+        return Err(NotStorable::Cookie);
+    }
     let cc = CacheControl::for_storing(h);
     // §5.2.2.3: must-understand stores only statuses we know the rules of,
     // and for those it overrides no-store (its purpose: a no-store
