@@ -343,16 +343,7 @@ impl Proxy {
                 return Admission::Bypass(pass, why);
             }
         };
-        let primary = if rule.key_cookies.is_empty() {
-            target.primary_key(&rule.name, &rule.key_headers, &headers)
-        } else {
-            // Only the keyed cookies go upstream, so what is stored cannot
-            // depend on the others; the key reads them.
-            policy::request::keep_key_cookies(&mut headers, &rule.key_cookies);
-            let mut names = rule.key_headers.clone();
-            names.push(http::header::COOKIE.as_str().to_owned());
-            target.primary_key(&rule.name, &names, &headers)
-        };
+        let primary = primary_key(&target, &rule, &mut headers);
         trace.key = Some(primary.clone());
         Admission::Cache(MissCtx {
             fwd: Forward::UriMiss,
@@ -605,6 +596,19 @@ impl Proxy {
             Err(e) => upstream_error_reply(&e, None),
         }
     }
+}
+
+/// The primary key of a request that may use the cache. On a route keyed
+/// on cookies only the keyed ones go upstream, so what is stored cannot
+/// depend on the others; the key reads them.
+fn primary_key(target: &Target, rule: &Rule, headers: &mut HeaderMap) -> StoreKey {
+    if rule.key_cookies.is_empty() {
+        return target.primary_key(&rule.name, &rule.key_headers, headers);
+    }
+    policy::request::keep_key_cookies(headers, &rule.key_cookies);
+    let mut names = rule.key_headers.clone();
+    names.push(http::header::COOKIE.as_str().to_owned());
+    target.primary_key(&rule.name, &names, headers)
 }
 
 /// The JSON error for a request the upstream did not answer (`fwd` is
