@@ -142,6 +142,15 @@ enum Admission {
     Rejected(Reply),
 }
 
+/// Why a refresh runs after the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BackgroundRefresh {
+    /// The entry was answered stale within stale-while-revalidate.
+    StaleWhileRevalidate,
+    /// The entry is in the last part of its freshness (`cache.refresh_ahead`).
+    Ahead,
+}
+
 /// A request forwarded without the cache.
 struct Pass {
     method: Method,
@@ -269,7 +278,9 @@ impl Proxy {
                 return self.respond_to(&miss, s, Outcome::new(Kind::Hit { ttl }));
             }
             (HitDecision::StaleWhileRevalidate(refresh), Some(s)) => {
-                if refresh == Refresh::InProgress || self.refresh_in_background(&miss, s) {
+                if refresh == Refresh::InProgress
+                    || self.refresh_in_background(&miss, s, BackgroundRefresh::StaleWhileRevalidate)
+                {
                     let outcome =
                         coalesce::stale_while_revalidate(&s.entry, miss.arrived_at, refresh);
                     return self.respond_to(&miss, s, outcome);
@@ -385,21 +396,37 @@ impl Proxy {
         (found.stored.map(Arc::new), miss)
     }
 
-    /// Start the refresh of an entry answered stale within
-    /// stale-while-revalidate, to run after the response; `false` when
-    /// nothing can run then.
-    fn refresh_in_background(self: &Arc<Self>, miss: &MissCtx, stale: &Arc<Stored>) -> bool {
-        let (this, stale) = (self.clone(), stale.clone());
+    /// Start a refresh of `current` to run after the response, as a
+    /// background caller; `false` when nothing can run then.
+    fn refresh_in_background(
+        self: &Arc<Self>,
+        miss: &MissCtx,
+        current: &Arc<Stored>,
+        why: BackgroundRefresh,
+    ) -> bool {
+        let (this, current) = (self.clone(), current.clone());
         let miss = MissCtx {
             caller: guard::Caller::Background,
             ..miss.clone()
         };
+        // A refresh-ahead yields to another instance's fetch: its entry is
+        // still fresh, so nothing waits for this one.
+        let on_contention = match why {
+            BackgroundRefresh::StaleWhileRevalidate => OnContention::Wait,
+            BackgroundRefresh::Ahead => OnContention::ServeStale,
+        };
         self.settings.background.spawn(async move {
-            if let Err(e) = this
-                .fetch_coalesced(&miss, Some(stale), OnContention::Wait)
-                .await
-            {
-                tracing::warn!(error = %e, path = %miss.target.path_and_query, "background refresh failed");
+            let fetched = this.fetch_coalesced(&miss, Some(current), on_contention);
+            if let Err(e) = fetched.await {
+                let path = &miss.target.path_and_query;
+                match why {
+                    BackgroundRefresh::StaleWhileRevalidate => {
+                        tracing::warn!(error = %e, path = %path, "background refresh failed")
+                    }
+                    BackgroundRefresh::Ahead => {
+                        tracing::debug!(error = %e, path = %path, "refresh-ahead failed")
+                    }
+                }
             }
         })
     }
@@ -520,19 +547,7 @@ impl Proxy {
             }
             tried.insert(miss.primary.clone(), entry.fresh_until);
         }
-        let (this, current) = (self.clone(), current.clone());
-        let miss = MissCtx {
-            caller: guard::Caller::Background,
-            ..miss.clone()
-        };
-        self.settings.background.spawn(async move {
-            if let Err(e) = this
-                .fetch_coalesced(&miss, Some(current), OnContention::ServeStale)
-                .await
-            {
-                tracing::debug!(error = %e, path = %miss.target.path_and_query, "refresh-ahead failed");
-            }
-        });
+        self.refresh_in_background(miss, current, BackgroundRefresh::Ahead);
     }
 
     fn is_fetching(&self, primary: &StoreKey) -> bool {
