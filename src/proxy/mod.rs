@@ -289,6 +289,8 @@ impl Proxy {
                 OnContention::ServeStale
             }
             (HitDecision::RefreshInline, _) => OnContention::ServeStale,
+            // Miss and Revalidate (Fresh and stale-while-revalidate always
+            // come with an entry).
             _ => OnContention::Wait,
         };
         let fetched = self.fetch_coalesced(&miss, stored, on_contention).await;
