@@ -14,7 +14,7 @@ use http::{HeaderMap, HeaderValue, Request, StatusCode};
 use cachegate::config::CacheConfig;
 use cachegate::config::Mode;
 use cachegate::key::Target;
-use cachegate::policy::{response_policy, ResponseFacts};
+use cachegate::policy::{response_policy, RequestPolicy, ResponseFacts};
 use cachegate::resolved::ResolvedConfig;
 use cachegate::routes::RouteTable;
 use cachegate_store::{now_millis, Entry, Record};
@@ -69,6 +69,7 @@ fn parts(c: &mut Criterion) {
                     body_len: 1024,
                     request_time: now - 20,
                     response_time: now,
+                    request: RequestPolicy::PLAIN_GET,
                 },
                 &rule,
             )

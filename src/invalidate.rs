@@ -67,37 +67,64 @@ async fn purge_backend(
     request: &PurgeRequest,
 ) -> Result<(PurgeReport, Vec<String>), PurgeError> {
     request.validate()?;
-    let mut targets: Vec<(bool, &String, String)> = Vec::new();
+    let mut targets: Vec<PurgeTarget> = Vec::new();
     for url in &request.urls {
         let tag = proxy
             .url_tag(url)
             .map_err(|e| PurgeError::Invalid(format!("url {e}")))?;
-        targets.push((true, url, tag));
+        targets.push(PurgeTarget {
+            is_url: true,
+            named: url,
+            tag,
+        });
     }
     for tag in &request.tags {
-        targets.push((false, tag, tag.clone()));
+        targets.push(PurgeTarget {
+            is_url: false,
+            named: tag,
+            tag: tag.clone(),
+        });
     }
     let mut report = PurgeReport::default();
     let mut purged = Vec::with_capacity(targets.len());
-    for (is_url, item, tag) in targets {
+    for target in targets {
         let n = proxy
-            .purge_tag(&tag, request.soft)
+            .purge_tag(&target.tag, request.soft)
             .await
             .map_err(|e| PurgeError::Store {
-                what: format!("{} {item}", if is_url { "url" } else { "tag" }),
+                what: format!("{} {}", target.kind(), target.named),
                 message: e.to_string(),
             })?;
-        let counts = if is_url {
+        let counts = if target.is_url {
             &mut report.urls
         } else {
             &mut report.tags
         };
         // A URL or tag named twice removes nothing the second time.
-        *counts.entry(item.clone()).or_default() += n;
+        *counts.entry(target.named.clone()).or_default() += n;
         report.removed += n;
-        purged.push(tag);
+        purged.push(target.tag);
     }
     Ok((report, purged))
+}
+
+/// One URL or tag a purge names, and the tag it purges.
+struct PurgeTarget<'a> {
+    /// A URL (purged by its URL tag), not a tag.
+    is_url: bool,
+    /// As the request named it: the report counts by it.
+    named: &'a String,
+    tag: String,
+}
+
+impl PurgeTarget<'_> {
+    fn kind(&self) -> &'static str {
+        if self.is_url {
+            "url"
+        } else {
+            "tag"
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

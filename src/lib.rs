@@ -21,6 +21,7 @@ pub mod backend;
 pub mod background;
 pub mod config;
 pub mod edge;
+pub mod error_code;
 pub mod invalidate;
 pub mod key;
 pub mod lambda;

@@ -48,7 +48,7 @@ pub struct GatewayProto;
 /// Why a request target is refused before anything else reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejected {
-    pub code: &'static str,
+    pub code: crate::error_code::ErrorCode,
     pub message: String,
 }
 
@@ -170,65 +170,15 @@ impl CanonicalRequest {
         let upgrade = headers.contains_key(http::header::UPGRADE);
         policy::headers::strip_hop_by_hop(&mut headers);
 
-        let proto = match parts.extensions.get::<GatewayProto>() {
-            Some(_) => headers
-                .get(&X_FORWARDED_PROTO)
-                .filter(|p| *p == "http" || *p == "https")
-                .cloned(),
-            None => None,
-        };
         let peer = parts.extensions.get::<PeerAddr>().map(|p| p.0);
         let trusted_peer = peer.is_some_and(|p| forwarding.trusts(p));
-        let proto = proto
-            .or_else(|| {
-                // A trusted proxy in front of serve says how the client came in.
-                trusted_peer
-                    .then(|| headers.get(&X_FORWARDED_PROTO).cloned())
-                    .flatten()
-                    .filter(|p| *p == "http" || *p == "https")
-            })
-            .unwrap_or_else(|| {
-                HeaderValue::from_static(match parts.uri.scheme_str() {
-                    Some("https") => "https",
-                    _ => "http",
-                })
-            });
-        let host = headers
-            .get(http::header::HOST)
-            .cloned()
-            .or_else(|| {
-                parts
-                    .uri
-                    .authority()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            })
-            .filter(|h| {
-                h.to_str()
-                    .is_ok_and(|h| h.parse::<http::uri::Authority>().is_ok())
-            });
+        let proto = client_proto(&parts, &headers, trusted_peer);
+        let host = client_host(&parts, &headers);
         let chain = peer.map(|p| forwarding.client_chain(p, &headers));
 
         policy::headers::strip_listed(&mut headers, CLIENT_FORWARDING_HEADERS, keyed);
         headers.remove(http::header::HOST);
-        let ours = |h: &HeaderName| !keyed.iter().any(|k| k == h.as_str());
-        if let Some(chain) = chain.filter(|_| ours(&X_FORWARDED_FOR)) {
-            let mut list = String::with_capacity(chain.len() * 17);
-            for (i, ip) in chain.iter().enumerate() {
-                use std::fmt::Write;
-                let sep = if i == 0 { "" } else { ", " };
-                let _ = write!(list, "{sep}{ip}");
-            }
-            if let Ok(v) = HeaderValue::from_str(&list) {
-                headers.insert(X_FORWARDED_FOR, v);
-            }
-        }
-        if ours(&X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO, proto.clone());
-        }
-        if let Some(host) = host.as_ref().filter(|_| ours(&X_FORWARDED_HOST)) {
-            headers.insert(X_FORWARDED_HOST, host.clone());
-        }
-        headers.append(http::header::VIA, HeaderValue::from_static(VIA));
+        set_forwarding_headers(&mut headers, keyed, chain, &proto, host.as_ref());
         let client_origin = host.and_then(|h| {
             let (proto, host) = (proto.to_str().ok()?, h.to_str().ok()?);
             let mut origin = String::with_capacity(proto.len() + 3 + host.len());
@@ -252,6 +202,77 @@ impl CanonicalRequest {
     }
 }
 
+/// How the client came in: what the gateway in front says (Lambda), or
+/// a trusted proxy in front of serve, else the request's own scheme.
+fn client_proto(
+    parts: &http::request::Parts,
+    headers: &HeaderMap,
+    trusted_peer: bool,
+) -> HeaderValue {
+    let told = |trusted: bool| {
+        trusted
+            .then(|| headers.get(&X_FORWARDED_PROTO).cloned())
+            .flatten()
+            .filter(|p| *p == "http" || *p == "https")
+    };
+    told(parts.extensions.get::<GatewayProto>().is_some())
+        .or_else(|| told(trusted_peer))
+        .unwrap_or_else(|| {
+            HeaderValue::from_static(match parts.uri.scheme_str() {
+                Some("https") => "https",
+                _ => "http",
+            })
+        })
+}
+
+/// The authority the client addressed (`Host`, else the request target's),
+/// when it is one.
+fn client_host(parts: &http::request::Parts, headers: &HeaderMap) -> Option<HeaderValue> {
+    headers
+        .get(http::header::HOST)
+        .cloned()
+        .or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        })
+        .filter(|h| {
+            h.to_str()
+                .is_ok_and(|h| h.parse::<http::uri::Authority>().is_ok())
+        })
+}
+
+/// cachegate's own forwarding headers (`X-Forwarded-For`, `-Proto`,
+/// `-Host`, `Via`), except those the route keys on (the client's then).
+fn set_forwarding_headers(
+    headers: &mut HeaderMap,
+    keyed: &[String],
+    chain: Option<Vec<IpAddr>>,
+    proto: &HeaderValue,
+    host: Option<&HeaderValue>,
+) {
+    let ours = |h: &HeaderName| !keyed.iter().any(|k| k == h.as_str());
+    if let Some(chain) = chain.filter(|_| ours(&X_FORWARDED_FOR)) {
+        let mut list = String::with_capacity(chain.len() * 17);
+        for (i, ip) in chain.iter().enumerate() {
+            use std::fmt::Write;
+            let sep = if i == 0 { "" } else { ", " };
+            let _ = write!(list, "{sep}{ip}");
+        }
+        if let Ok(v) = HeaderValue::from_str(&list) {
+            headers.insert(X_FORWARDED_FOR, v);
+        }
+    }
+    if ours(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, proto.clone());
+    }
+    if let Some(host) = host.filter(|_| ours(&X_FORWARDED_HOST)) {
+        headers.insert(X_FORWARDED_HOST, host.clone());
+    }
+    headers.append(http::header::VIA, HeaderValue::from_static(VIA));
+}
+
 fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
@@ -267,7 +288,7 @@ fn hex(b: u8) -> Option<u8> {
 
 fn ambiguous(message: impl Into<String>) -> Rejected {
     Rejected {
-        code: "ambiguous_path",
+        code: crate::error_code::ErrorCode::AmbiguousPath,
         message: message.into(),
     }
 }
@@ -412,7 +433,7 @@ mod tests {
     }
 
     fn p(raw: &str) -> Result<String, &'static str> {
-        canonical_path(raw).map_err(|r| r.code)
+        canonical_path(raw).map_err(|r| r.code.as_str())
     }
 
     #[test]

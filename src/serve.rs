@@ -8,6 +8,7 @@ use axum::extract::State;
 use http::{Request, Response, StatusCode};
 
 use crate::config::ServeConfig;
+use crate::error_code::ErrorCode;
 use crate::invalidate::{self, PurgeError, PurgeRequest};
 use crate::proxy::{json_error, Proxy};
 use crate::request::PeerAddr;
@@ -47,12 +48,16 @@ async fn purge(
         .is_some_and(|t| token_matches(t, token.as_bytes()));
     if !authorised {
         // Indistinguishable from a path that does not exist.
-        return json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
+        return json_error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "no such endpoint",
+        );
     }
     if method != http::Method::POST {
         return json_error(
             StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+            ErrorCode::MethodNotAllowed,
             "use POST",
         );
     }
@@ -74,17 +79,19 @@ async fn purge(
             );
             resp
         }
-        Err(e @ PurgeError::Invalid(_)) => {
-            json_error(StatusCode::BAD_REQUEST, "bad_purge_request", &e.to_string())
-        }
+        Err(e @ PurgeError::Invalid(_)) => json_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadPurgeRequest,
+            &e.to_string(),
+        ),
         Err(e @ PurgeError::Edge { .. }) => json_error(
             StatusCode::BAD_GATEWAY,
-            "edge_invalidation_failed",
+            ErrorCode::EdgeInvalidationFailed,
             &e.to_string(),
         ),
         Err(e @ PurgeError::Store { .. }) => json_error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "purge_failed",
+            ErrorCode::PurgeFailed,
             &e.to_string(),
         ),
     }
@@ -107,7 +114,7 @@ async fn handle(State(state): State<Arc<ServeState>>, req: Request<Body>) -> Res
     if target_len > state.max_uri_bytes {
         return json_error(
             StatusCode::URI_TOO_LONG,
-            "uri_too_long",
+            ErrorCode::UriTooLong,
             &format!("request target exceeds {} bytes", state.max_uri_bytes),
         )
         .map(Body::from);
@@ -123,7 +130,7 @@ async fn handle(State(state): State<Arc<ServeState>>, req: Request<Body>) -> Res
         Ok(Err(_)) => {
             return json_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "request_too_large",
+                ErrorCode::RequestTooLarge,
                 &format!("request body exceeds {} bytes", state.max_request_bytes),
             )
             .map(Body::from)
@@ -131,7 +138,7 @@ async fn handle(State(state): State<Arc<ServeState>>, req: Request<Body>) -> Res
         Err(_) => {
             let mut resp = json_error(
                 StatusCode::REQUEST_TIMEOUT,
-                "request_body_timeout",
+                ErrorCode::RequestBodyTimeout,
                 &format!(
                     "request body not received within {:?}",
                     state.body_read_timeout

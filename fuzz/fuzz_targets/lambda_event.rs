@@ -8,7 +8,7 @@
 use cachegate::config::{CacheConfig, RouteConfig};
 use cachegate::key::Target;
 use cachegate::lambda;
-use cachegate::policy::request_policy;
+use cachegate::policy::{request_policy, RequestFacts};
 use cachegate::request::{CanonicalRequest, Forwarding};
 use cachegate::routes::RouteTable;
 use libfuzzer_sys::fuzz_target;
@@ -48,5 +48,13 @@ fuzz_target!(|data: &[u8]| {
     assert!(t.url.path().starts_with("/v1/"));
     assert_eq!(t.url.host_str(), Some("api.example.com"));
     let _ = t.primary_key(&rule.name, &rule.key_headers, &canon.headers);
-    let _ = request_policy(&canon.method, &canon.headers, has_body, &rule);
+    let _ = request_policy(
+        RequestFacts {
+            method: &canon.method,
+            headers: &canon.headers,
+            has_body,
+            upgrade: canon.upgrade,
+        },
+        &rule,
+    );
 });

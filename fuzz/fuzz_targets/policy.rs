@@ -19,8 +19,8 @@ use std::time::Duration;
 use cachegate::config::CacheConfig;
 use cachegate::policy::back_off::{signal_of, BackOffRules, Signal};
 use cachegate::policy::{
-    edge_headers, request_policy, response_policy, Bypass, CacheControl, EdgeFacts, ResponseFacts,
-    MAX_DELTA_SECONDS,
+    edge_headers, request_policy, response_policy, Bypass, CacheControl, EdgeFacts, RequestFacts,
+    RequestPolicy, ResponseFacts, MAX_DELTA_SECONDS,
 };
 use cachegate::routes::{RouteTable, Rule};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
@@ -173,7 +173,13 @@ fuzz_target!(|data: &[u8]| {
     }
 
     for rule in rules() {
-        match request_policy(&method, &req, false, &rule) {
+        let request = RequestFacts {
+            method: &method,
+            headers: &req,
+            has_body: false,
+            upgrade: req.contains_key("upgrade"),
+        };
+        match request_policy(request, &rule) {
             Ok(p) => {
                 assert!(method == Method::GET || method == Method::HEAD);
                 assert!(rule.keys_on_authorization() || !req.contains_key("authorization"));
@@ -192,6 +198,7 @@ fuzz_target!(|data: &[u8]| {
             body_len,
             request_time,
             response_time,
+            request: RequestPolicy::PLAIN_GET,
         };
         let Ok(f) = response_policy(facts, &rule) else {
             continue;

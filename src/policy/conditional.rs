@@ -13,7 +13,7 @@ use cachegate_store::Entry;
 /// have been modified).
 pub fn not_modified(req: &HeaderMap, entry: &Entry) -> bool {
     if let Some(inm) = req.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
-        let Some(etag) = entry_str(entry, "etag") else {
+        let Some(etag) = entry_str(entry, header::ETAG) else {
             return false;
         };
         return inm
@@ -36,7 +36,7 @@ pub fn precondition_failed(req: &HeaderMap, entry: &Entry) -> bool {
     }
     if let Some(im) = req.get(header::IF_MATCH) {
         let Ok(im) = im.to_str() else { return true };
-        let strong = entry_str(entry, "etag").filter(|e| !e.trim().starts_with("W/"));
+        let strong = entry_str(entry, header::ETAG).filter(|e| !e.trim().starts_with("W/"));
         return !im.split(',').any(|t| {
             t.trim() == "*"
                 || strong.is_some_and(|e| !t.trim().starts_with("W/") && t.trim() == e.trim())
@@ -44,15 +44,17 @@ pub fn precondition_failed(req: &HeaderMap, entry: &Entry) -> bool {
     }
     let (Some(ius), Some(lm)) = (
         req_time(req, header::IF_UNMODIFIED_SINCE),
-        entry_str(entry, "last-modified").and_then(super::date::parse_http_date),
+        entry_str(entry, header::LAST_MODIFIED).and_then(super::date::parse_http_date),
     ) else {
         return false;
     };
     lm > ius
 }
 
-fn entry_str<'a>(entry: &'a Entry, name: &str) -> Option<&'a str> {
-    entry.header(name).and_then(|v| std::str::from_utf8(v).ok())
+fn entry_str(entry: &Entry, name: header::HeaderName) -> Option<&str> {
+    entry
+        .header(name.as_str())
+        .and_then(|v| std::str::from_utf8(v).ok())
 }
 
 fn opaque(tag: &str) -> &str {
@@ -64,7 +66,7 @@ fn req_time(req: &HeaderMap, name: header::HeaderName) -> Option<u64> {
 }
 
 fn last_modified_or_date(entry: &Entry) -> Option<u64> {
-    match entry_str(entry, "last-modified").or_else(|| entry_str(entry, "date")) {
+    match entry_str(entry, header::LAST_MODIFIED).or_else(|| entry_str(entry, header::DATE)) {
         Some(date) => super::date::parse_http_date(date),
         None => Some(entry.stored_at),
     }
@@ -85,12 +87,12 @@ pub fn upstream_conditionals(headers: &mut HeaderMap, stale: Option<&Entry>) {
     }
     let Some(s) = stale else { return };
     if let Some(etag) = s
-        .header("etag")
+        .header(header::ETAG.as_str())
         .and_then(|v| HeaderValue::from_bytes(v).ok())
     {
         headers.insert(header::IF_NONE_MATCH, etag);
     } else if let Some(lm) = s
-        .header("last-modified")
+        .header(header::LAST_MODIFIED.as_str())
         .and_then(|v| HeaderValue::from_bytes(v).ok())
     {
         headers.insert(header::IF_MODIFIED_SINCE, lm);

@@ -2,7 +2,6 @@
 //! §7.6.1), headers that would let one client shape a shared answer, the
 //! headers stored with an entry, surrogate keys.
 
-use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::HeaderMap;
 
@@ -153,16 +152,17 @@ pub fn hide_surrogate_keys(headers: &mut HeaderMap, names: &[String], expose: bo
 /// Headers kept with an entry: not hop-by-hop, not `Age` (recomputed), not
 /// `Set-Cookie` when the response is stored without it, not
 /// `Content-Length` (the body is its own length).
-pub fn stored_headers(headers: &HeaderMap, strip_set_cookie: bool) -> Vec<(String, Bytes)> {
-    headers
-        .iter()
-        .filter(|(n, _)| {
-            *n != header::AGE
-                && *n != header::CONTENT_LENGTH
-                && !(strip_set_cookie && *n == header::SET_COOKIE)
-        })
-        .map(|(n, v)| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
-        .collect()
+pub fn stored_headers(headers: &HeaderMap, strip_set_cookie: bool) -> HeaderMap {
+    let mut kept = HeaderMap::with_capacity(headers.len());
+    for (n, v) in headers {
+        let dropped = *n == header::AGE
+            || *n == header::CONTENT_LENGTH
+            || (strip_set_cookie && *n == header::SET_COOKIE);
+        if !dropped {
+            kept.append(n.clone(), v.clone());
+        }
+    }
+    kept
 }
 
 /// Remove the fields meant for cachegate alone (`Cachegate-Cache-Control`,

@@ -37,7 +37,7 @@ pub mod rule;
 
 pub use cache_control::{CacheControl, MAX_DELTA_SECONDS};
 pub use edge::{edge_headers, mark_keyed, EdgeFacts};
-pub use request::{explicitly_shareable, request_policy, Bypass, RequestPolicy};
+pub use request::{explicitly_shareable, request_policy, Bypass, RequestFacts, RequestPolicy};
 pub use response::{response_policy, Freshness, NotStorable, ResponseFacts};
 pub use rule::Rule;
 
@@ -68,6 +68,15 @@ mod tests {
     }
 
     fn policy(status: u16, pairs: &[(&str, &str)], rule: &Rule) -> Result<Freshness, NotStorable> {
+        policy_for(RequestPolicy::PLAIN_GET, status, pairs, rule)
+    }
+
+    fn policy_for(
+        request: RequestPolicy,
+        status: u16,
+        pairs: &[(&str, &str)],
+        rule: &Rule,
+    ) -> Result<Freshness, NotStorable> {
         let h = headers(pairs);
         response_policy(
             ResponseFacts {
@@ -76,6 +85,29 @@ mod tests {
                 body_len: 10,
                 request_time: T0 - 100,
                 response_time: T0,
+                request,
+            },
+            rule,
+        )
+    }
+
+    fn admit(method: &Method, h: &HeaderMap, rule: &Rule) -> Result<RequestPolicy, Bypass> {
+        admit_with(method, h, false, false, rule)
+    }
+
+    fn admit_with(
+        method: &Method,
+        headers: &HeaderMap,
+        has_body: bool,
+        upgrade: bool,
+        rule: &Rule,
+    ) -> Result<RequestPolicy, Bypass> {
+        request_policy(
+            RequestFacts {
+                method,
+                headers,
+                has_body,
+                upgrade,
             },
             rule,
         )
@@ -156,38 +188,106 @@ mod tests {
     fn only_get_and_head_without_credentials_use_the_cache() {
         let r = rule();
         let none = HeaderMap::new();
-        assert!(request_policy(&Method::GET, &none, false, &r).is_ok());
-        assert!(request_policy(&Method::HEAD, &none, false, &r).is_ok());
+        assert!(admit(&Method::GET, &none, &r).is_ok());
+        assert!(admit(&Method::HEAD, &none, &r).is_ok());
+        assert_eq!(admit(&Method::POST, &none, &r), Err(Bypass::Method));
         assert_eq!(
-            request_policy(&Method::POST, &none, false, &r),
-            Err(Bypass::Method)
-        );
-        assert_eq!(
-            request_policy(&Method::GET, &none, true, &r),
+            admit_with(&Method::GET, &none, true, false, &r),
             Err(Bypass::Body)
         );
         let auth = headers(&[("authorization", "Bearer x")]);
-        assert_eq!(
-            request_policy(&Method::GET, &auth, false, &r),
-            Err(Bypass::Authorization)
-        );
+        assert_eq!(admit(&Method::GET, &auth, &r), Err(Bypass::Authorization));
         let mut keyed = r.clone();
         keyed.key_headers = vec!["authorization".into()];
-        assert!(request_policy(&Method::GET, &auth, false, &keyed).is_ok());
+        assert!(admit(&Method::GET, &auth, &keyed).is_ok());
         let nc = headers(&[("cache-control", "no-cache")]);
         assert!(
-            request_policy(&Method::GET, &nc, false, &r).unwrap().lookup,
+            admit(&Method::GET, &nc, &r).unwrap().lookup,
             "client no-cache ignored unless the rule honours it"
         );
         let mut honor = r.clone();
         honor.honor_client_no_cache = true;
-        assert!(
-            !request_policy(&Method::GET, &nc, false, &honor)
-                .unwrap()
-                .lookup
-        );
+        assert!(!admit(&Method::GET, &nc, &honor).unwrap().lookup);
         let ns = headers(&[("cache-control", "no-store")]);
-        assert!(!request_policy(&Method::GET, &ns, false, &r).unwrap().store);
+        assert!(!admit(&Method::GET, &ns, &r).unwrap().store);
+        assert!(admit(&Method::HEAD, &none, &r).unwrap().head);
+        assert!(!admit(&Method::GET, &none, &r).unwrap().head);
+    }
+
+    /// `Upgrade` is hop-by-hop: the canonical request has dropped the
+    /// header and carries the flag, which alone decides. A GET's `Range`
+    /// may be cut from a fresh stored response (RFC 9110 §14.2); a HEAD's
+    /// has nothing to cut.
+    #[test]
+    fn upgrade_and_range_requests() {
+        let r = rule();
+        let none = HeaderMap::new();
+        assert_eq!(
+            admit_with(&Method::GET, &none, false, true, &r),
+            Err(Bypass::Upgrade)
+        );
+        let range = headers(&[("range", "bytes=0-9")]);
+        assert!(admit(&Method::GET, &range, &r).unwrap().range);
+        assert!(!admit(&Method::GET, &none, &r).unwrap().range);
+        assert_eq!(admit(&Method::HEAD, &range, &r), Err(Bypass::Range));
+        // A method that may not use the cache says so first.
+        assert_eq!(
+            admit_with(&Method::POST, &range, false, true, &r),
+            Err(Bypass::Method)
+        );
+    }
+
+    /// The request's share of storability, decided with the response's.
+    #[test]
+    fn the_request_limits_what_is_stored() {
+        let r = rule();
+        let fresh = [("cache-control", "max-age=60")];
+        let head = RequestPolicy {
+            head: true,
+            ..RequestPolicy::PLAIN_GET
+        };
+        assert_eq!(policy_for(head, 200, &fresh, &r), Err(NotStorable::Head));
+        let no_store = RequestPolicy {
+            store: false,
+            ..RequestPolicy::PLAIN_GET
+        };
+        assert_eq!(
+            policy_for(no_store, 200, &fresh, &r),
+            Err(NotStorable::ClientNoStore)
+        );
+        let cookie = RequestPolicy {
+            shareable_only: true,
+            ..RequestPolicy::PLAIN_GET
+        };
+        assert_eq!(
+            policy_for(cookie, 200, &fresh, &r),
+            Err(NotStorable::Cookie),
+            "asked with a cookie: personal unless marked shareable"
+        );
+        for shareable in ["public, max-age=60", "s-maxage=60"] {
+            assert!(
+                policy_for(cookie, 200, &[("cache-control", shareable)], &r).is_ok(),
+                "{shareable}"
+            );
+        }
+        // Marked public, the response's own refusals still hold.
+        assert_eq!(
+            policy_for(
+                cookie,
+                200,
+                &[
+                    ("cache-control", "public, max-age=60"),
+                    ("set-cookie", "s=1")
+                ],
+                &r
+            ),
+            Err(NotStorable::SetCookie)
+        );
+        // The request's reasons come first.
+        assert_eq!(
+            policy_for(head, 200, &[("cache-control", "no-store")], &r),
+            Err(NotStorable::Head)
+        );
     }
 
     #[test]

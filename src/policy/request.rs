@@ -16,7 +16,11 @@ pub enum Bypass {
     Route,
     /// A GET or HEAD with a body: what it would mean is undefined.
     Body,
-    /// `Upgrade` / WebSocket-like requests.
+    /// The client asked for a protocol upgrade (`Upgrade`, e.g. a
+    /// WebSocket handshake). cachegate relays one exchange and upgrades
+    /// nothing, so the upstream answers the request as a plain one; that
+    /// answer is not what the client asked for and is neither stored nor
+    /// served from the cache.
     Upgrade,
     /// A `Range` request that no fresh stored response could answer
     /// (a miss, a stale entry, or HEAD): partial answers are not stored;
@@ -41,6 +45,18 @@ impl Bypass {
     }
 }
 
+/// Inputs about one request (its canonical form).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub method: &'a Method,
+    pub headers: &'a HeaderMap,
+    pub has_body: bool,
+    /// The client asked for a protocol upgrade. `Upgrade` is hop-by-hop,
+    /// so the canonical request's headers no longer carry it; the
+    /// canonical request keeps this flag instead.
+    pub upgrade: bool,
+}
+
 /// How a request may use the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestPolicy {
@@ -53,14 +69,33 @@ pub struct RequestPolicy {
     /// may be stored for it or served to it. An upstream that never
     /// thought about caching personalises on cookies without saying so.
     pub shareable_only: bool,
+    /// A HEAD: its answer has no body to store.
+    pub head: bool,
+    /// A GET with `Range`: answered only from a fresh stored complete
+    /// response (cut to the range); otherwise passed to the upstream,
+    /// whose partial answer is not stored.
+    pub range: bool,
 }
 
-pub fn request_policy(
-    method: &Method,
-    headers: &HeaderMap,
-    has_body: bool,
-    rule: &Rule,
-) -> Result<RequestPolicy, Bypass> {
+impl RequestPolicy {
+    /// A plain GET: nothing in it limits what the cache may do.
+    pub const PLAIN_GET: RequestPolicy = RequestPolicy {
+        lookup: true,
+        store: true,
+        shareable_only: false,
+        head: false,
+        range: false,
+    };
+}
+
+/// Whether a request may use the cache, and how; `Err` says why not.
+pub fn request_policy(facts: RequestFacts<'_>, rule: &Rule) -> Result<RequestPolicy, Bypass> {
+    let RequestFacts {
+        method,
+        headers,
+        has_body,
+        upgrade,
+    } = facts;
     if method != Method::GET && method != Method::HEAD {
         return Err(Bypass::Method);
     }
@@ -73,8 +108,13 @@ pub fn request_policy(
     if has_body {
         return Err(Bypass::Body);
     }
-    if headers.contains_key(http::header::UPGRADE) {
+    if upgrade {
         return Err(Bypass::Upgrade);
+    }
+    let range = headers.contains_key(http::header::RANGE);
+    if range && method != Method::GET {
+        // A HEAD's range: nothing to cut; the upstream answers it.
+        return Err(Bypass::Range);
     }
     let cc = CacheControl::parse(headers);
     let pragma_no_cache = headers
@@ -85,6 +125,8 @@ pub fn request_policy(
         lookup: !(rule.honor_client_no_cache && (cc.no_cache || pragma_no_cache)),
         store: !cc.no_store,
         shareable_only: headers.contains_key(http::header::COOKIE) && !rule.cookies_are_keyed(),
+        head: method == Method::HEAD,
+        range,
     })
 }
 

@@ -7,10 +7,12 @@ use http::{HeaderMap, StatusCode};
 use cachegate_store::UnixMillis;
 
 use super::cache_control::{delta_seconds, millis};
+use super::request::{explicitly_shareable, RequestPolicy};
 use super::CacheControl;
 use super::Rule;
 
-/// Why a response is not stored.
+/// Why a response is not stored (pingora-cache's `NoCacheReason`): the
+/// request's reasons first, then the response's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotStorable {
     NoStore,
@@ -106,10 +108,11 @@ pub struct ResponseFacts<'a> {
     /// When the request was sent and the response received (§4.2.3).
     pub request_time: UnixMillis,
     pub response_time: UnixMillis,
+    /// What the request that caused the response allows
+    /// ([`super::request_policy`]).
+    pub request: RequestPolicy,
 }
 
-/// Whether and for how long a response to a cache-eligible GET may be stored.
-///
 /// Shorten `f`'s freshness, counted from `now`, by `fraction * rand` of
 /// what is left (`rand` in [0, 1)): `cache.ttl_jitter`. Never lengthens
 /// it, and never moves the stale windows, which stay what the upstream and
@@ -137,13 +140,74 @@ pub fn refresh_ahead_due(
     fresh_until - now <= window
 }
 
+/// Whether and for how long a response to a request that may use the
+/// cache may be stored: the whole decision, the request's part included.
+///
 /// The directives obeyed are the targeted field's when there is one
 /// (`Cachegate-Cache-Control`, then `CDN-Cache-Control`: RFC 9213), else
 /// `Cache-Control` with `Expires`.
 pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshness, NotStorable> {
     let h = facts.headers;
-    let status = facts.status;
+    request_refusal(facts.request, h)?;
     let cc = CacheControl::for_storing(h);
+    response_refusal(&cc, &facts, rule)?;
+    let date = header_time(h, http::header::DATE);
+    let lifetime_ms = lifetime(&cc, &facts, date, rule)?;
+    // Times saturate rather than wrap: a wrapped expiry would turn the
+    // longest lifetimes into ones already over.
+    let born_at = born_at(h, date, &facts);
+    let fresh_until = born_at.saturating_add(lifetime_ms);
+    let (swr, sie) = stale_windows(&cc, facts.status, rule);
+    let has_validator =
+        h.contains_key(http::header::ETAG) || h.contains_key(http::header::LAST_MODIFIED);
+    // Already stale on arrival, nothing to revalidate with and no stale use:
+    // storing it would only cost a write.
+    if fresh_until <= facts.response_time && !has_validator && swr == 0 && sie == 0 {
+        return Err(NotStorable::NoFreshness);
+    }
+    // §4.3.1: a stale entry with validators is worth keeping past its stale
+    // windows, to be revalidated (a 304 instead of a full body), for as
+    // long as configuration allows.
+    let keep_until = if has_validator {
+        fresh_until.saturating_add(millis(rule.keep_for_revalidation))
+    } else {
+        fresh_until
+    };
+    Ok(Freshness {
+        born_at,
+        fresh_until,
+        stale_while_revalidate_until: fresh_until.saturating_add(swr),
+        stale_if_error_until: fresh_until.saturating_add(sie),
+        keep_until,
+        strip_set_cookie: h.contains_key(http::header::SET_COOKIE),
+    })
+}
+
+/// What the request that caused a response forbids storing.
+fn request_refusal(request: RequestPolicy, h: &HeaderMap) -> Result<(), NotStorable> {
+    // A HEAD answer has no body: stored, it would answer a GET with nothing.
+    if request.head {
+        return Err(NotStorable::Head);
+    }
+    // RFC 9111 §5.2.1.5: the client's no-store covers the response too.
+    if !request.store {
+        return Err(NotStorable::ClientNoStore);
+    }
+    // Asked with cookies the route does not key on: stored only when the
+    // upstream says outright that anyone may have it.
+    if request.shareable_only && !explicitly_shareable(h) {
+        return Err(NotStorable::Cookie);
+    }
+    Ok(())
+}
+
+/// What the response itself forbids storing (RFC 9111 §3).
+fn response_refusal(
+    cc: &CacheControl,
+    facts: &ResponseFacts<'_>,
+    rule: &Rule,
+) -> Result<(), NotStorable> {
+    let (h, status) = (facts.headers, facts.status);
     // §5.2.2.3: must-understand stores only statuses we know the rules of,
     // and for those it overrides no-store (its purpose: a no-store
     // fallback for caches that do not know it).
@@ -171,36 +235,48 @@ pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshnes
     if request_provoked_error(status) && !rule.store_request_errors {
         return Err(NotStorable::RequestError);
     }
-    let has_set_cookie = h.contains_key(http::header::SET_COOKIE);
-    if has_set_cookie && !rule.store_set_cookie_responses {
+    if h.contains_key(http::header::SET_COOKIE) && !rule.store_set_cookie_responses {
         return Err(NotStorable::SetCookie);
     }
     if facts.body_len > rule.max_entry_bytes {
         return Err(NotStorable::TooLarge);
     }
+    Ok(())
+}
 
-    let date = header_time(h, http::header::DATE);
-    let route_ttl = ttl_for(rule, status);
-    // §3: any status may be stored with explicit freshness; a configured
-    // one only where the route names the status or it is heuristically
-    // cacheable (RFC 9110 §15.1).
-    let lifetime_ms = match explicit_lifetime(&cc, h, date, facts.response_time) {
-        _ if rule.override_upstream && route_ttl.is_some() => millis(route_ttl.unwrap_or_default()),
-        Some(_) if cc.no_cache => 0,
-        Some(ms) => ms,
-        None if cc.no_cache => 0,
-        None => match route_ttl {
-            Some(ttl) => millis(ttl),
-            None if rule.ttl.is_none() && rule.status_ttl.is_empty() => {
-                return Err(NotStorable::NoFreshness)
+/// §3: any status may be stored with explicit freshness; a configured
+/// one only where the route names the status or it is heuristically
+/// cacheable (RFC 9110 §15.1). In milliseconds.
+fn lifetime(
+    cc: &CacheControl,
+    facts: &ResponseFacts<'_>,
+    date: Option<UnixMillis>,
+    rule: &Rule,
+) -> Result<u64, NotStorable> {
+    let route_ttl = ttl_for(rule, facts.status);
+    Ok(
+        match explicit_lifetime(cc, facts.headers, date, facts.response_time) {
+            _ if rule.override_upstream && route_ttl.is_some() => {
+                millis(route_ttl.unwrap_or_default())
             }
-            None => return Err(NotStorable::Status),
+            Some(_) if cc.no_cache => 0,
+            Some(ms) => ms,
+            None if cc.no_cache => 0,
+            None => match route_ttl {
+                Some(ttl) => millis(ttl),
+                None if rule.ttl.is_none() && rule.status_ttl.is_empty() => {
+                    return Err(NotStorable::NoFreshness)
+                }
+                None => return Err(NotStorable::Status),
+            },
         },
-    };
+    )
+}
 
-    // §4.2.3: the age the response already had when it arrived. A list
-    // (`Age: 7200, 0`, two caches' worth) counts by its first member; an
-    // invalid one is ignored.
+/// §4.2.3: when the response was generated: its arrival less the age it
+/// already had. A list (`Age: 7200, 0`, two caches' worth) counts by its
+/// first member; an invalid one is ignored.
+fn born_at(h: &HeaderMap, date: Option<UnixMillis>, facts: &ResponseFacts<'_>) -> UnixMillis {
     let age_value = h
         .get(http::header::AGE)
         .and_then(|v| v.to_str().ok())
@@ -210,15 +286,15 @@ pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshnes
     let apparent_age = date.map_or(0, |d| facts.response_time.saturating_sub(d));
     let response_delay = facts.response_time.saturating_sub(facts.request_time);
     let corrected_initial_age = apparent_age.max(age_value.saturating_add(response_delay));
-    let born_at = facts.response_time.saturating_sub(corrected_initial_age);
-    // Times saturate rather than wrap: a wrapped expiry would turn the
-    // longest lifetimes into ones already over.
-    let fresh_until = born_at.saturating_add(lifetime_ms);
+    facts.response_time.saturating_sub(corrected_initial_age)
+}
 
-    // §4.2.4: stale only where the origin allows it. Explicit RFC 5861
-    // directives win; `s-maxage` implies proxy-revalidate for shared caches.
-    // A stored server error is never served stale: stale-if-error exists to
-    // hide errors, and a stale error in place of a fresh one hides nothing.
+/// §4.2.4: the stale-while-revalidate and stale-if-error windows, in
+/// milliseconds, only where the origin allows stale use. Explicit RFC 5861
+/// directives win; `s-maxage` implies proxy-revalidate for shared caches.
+/// A stored server error is never served stale: stale-if-error exists to
+/// hide errors, and a stale error in place of a fresh one hides nothing.
+fn stale_windows(cc: &CacheControl, status: StatusCode, rule: &Rule) -> (u64, u64) {
     let may_serve_stale = !status.is_server_error()
         && (rule.override_upstream || !(cc.must_revalidate || cc.proxy_revalidate || cc.no_cache));
     let window = |explicit: Option<u64>, configured: Duration| -> u64 {
@@ -232,32 +308,10 @@ pub fn response_policy(facts: ResponseFacts<'_>, rule: &Rule) -> Result<Freshnes
             millis(configured)
         }
     };
-    let swr = window(cc.stale_while_revalidate, rule.stale_while_revalidate);
-    let sie = window(cc.stale_if_error, rule.stale_if_error);
-
-    let has_validator =
-        h.contains_key(http::header::ETAG) || h.contains_key(http::header::LAST_MODIFIED);
-    // Already stale on arrival, nothing to revalidate with and no stale use:
-    // storing it would only cost a write.
-    if fresh_until <= facts.response_time && !has_validator && swr == 0 && sie == 0 {
-        return Err(NotStorable::NoFreshness);
-    }
-    // §4.3.1: a stale entry with validators is worth keeping past its stale
-    // windows, to be revalidated (a 304 instead of a full body), for as
-    // long as configuration allows.
-    let keep_until = if has_validator {
-        fresh_until.saturating_add(millis(rule.keep_for_revalidation))
-    } else {
-        fresh_until
-    };
-    Ok(Freshness {
-        born_at,
-        fresh_until,
-        stale_while_revalidate_until: fresh_until.saturating_add(swr),
-        stale_if_error_until: fresh_until.saturating_add(sie),
-        keep_until,
-        strip_set_cookie: has_set_cookie,
-    })
+    (
+        window(cc.stale_while_revalidate, rule.stale_while_revalidate),
+        window(cc.stale_if_error, rule.stale_if_error),
+    )
 }
 
 /// The configured freshness for a response with `status` and none of its
@@ -326,10 +380,7 @@ mod tests {
     }
 
     fn rule() -> Rule {
-        (*crate::routes::RouteTable::build(&[], &crate::config::CacheConfig::default())
-            .unwrap()
-            .rule_for("/"))
-        .clone()
+        Rule::global(&crate::config::CacheConfig::default())
     }
 
     fn storable(status: u16, cc: &str, rule: &Rule) -> Result<Freshness, NotStorable> {
@@ -342,6 +393,7 @@ mod tests {
                 body_len: 10,
                 request_time: 1_000,
                 response_time: 1_000,
+                request: RequestPolicy::PLAIN_GET,
             },
             rule,
         )

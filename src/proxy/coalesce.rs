@@ -11,15 +11,26 @@ use cachegate_store::{now_millis, Entry, StoreKey, UnixMillis};
 
 use super::fetch::MissCtx;
 use super::outcome::{Collapsed, Kind, Outcome, Refresh};
-use super::{Fetched, Proxy};
+use super::{Fetched, Proxy, Stored};
 use crate::key;
 use crate::upstream::UpstreamError;
 
-/// What a coalesced fetch shares with the requests that waited for it:
-/// the stored entry and the key it went under, or `None` when the response
-/// was not storable (then every waiter fetches for itself: an unstorable
-/// response may be private to the request that caused it).
-pub(super) type Shared = Option<(Arc<Entry>, Option<Vec<String>>, StoreKey)>;
+/// What a coalesced fetch shares with the requests that waited for it,
+/// or `None` when the response was not storable (then every waiter
+/// fetches for itself: an unstorable response may be private to the
+/// request that caused it).
+pub(super) type Shared = Option<SharedEntry>;
+
+/// The entry a coalesced fetch stored, and which requests it answers.
+#[derive(Debug, Clone)]
+pub(super) struct SharedEntry {
+    stored: Arc<Stored>,
+    /// The request headers its `Vary` names (`None` for `Vary: *`).
+    vary: Option<Vec<String>>,
+    /// The key it went under: a waiter takes it only if its own request
+    /// would be stored under the same one.
+    key: StoreKey,
+}
 
 impl Proxy {
     /// One upstream call per primary key at a time in this process: the
@@ -28,7 +39,7 @@ impl Proxy {
     pub(super) async fn fetch_coalesced(
         &self,
         miss: &MissCtx,
-        stale: Option<Entry>,
+        stale: Option<Arc<Stored>>,
         on_contention: OnContention,
     ) -> Result<Fetched, UpstreamError> {
         let fallback_stale = stale.clone();
@@ -55,13 +66,13 @@ impl Proxy {
                     .await;
                 let share = match &result {
                     // Waiters get the stored copy, never the fetcher's own headers.
-                    Ok(Fetched::Entry(entry, _) | Fetched::Own(entry, _, _)) => {
-                        let vary = key::vary_names(&super::respond::header_map_of(entry));
-                        Some((
-                            entry.clone(),
-                            vary.clone(),
-                            stored_under(&miss.primary, vary.as_deref(), &miss.headers),
-                        ))
+                    Ok(Fetched::Entry(stored, _) | Fetched::Own(stored, _, _)) => {
+                        let vary = key::vary_names(&stored.headers);
+                        Some(SharedEntry {
+                            stored: stored.clone(),
+                            key: stored_under(&miss.primary, vary.as_deref(), &miss.headers),
+                            vary,
+                        })
                     }
                     _ => None,
                 };
@@ -71,18 +82,18 @@ impl Proxy {
             Err(rx) => rx,
         };
         if let (OnContention::ServeStale, Some(s)) = (on_contention, &fallback_stale) {
-            let outcome = stale_while_revalidate(s, now_millis(), Refresh::InProgress);
-            return Ok(Fetched::Entry(Arc::new(s.clone()), outcome));
+            let outcome = stale_while_revalidate(&s.entry, now_millis(), Refresh::InProgress);
+            return Ok(Fetched::Entry(s.clone(), outcome));
         }
         let shared = tokio::time::timeout(self.settings.coalesce_wait, async {
             rx.wait_for(|v| v.is_some()).await.map(|v| v.clone())
         })
         .await;
         let timed_out = shared.is_err();
-        if let Ok(Ok(Some(Some((entry, vary, leader_key))))) = shared {
-            if stored_under(&miss.primary, vary.as_deref(), &miss.headers) == leader_key {
+        if let Ok(Ok(Some(Some(shared)))) = shared {
+            if stored_under(&miss.primary, shared.vary.as_deref(), &miss.headers) == shared.key {
                 return Ok(Fetched::Entry(
-                    entry,
+                    shared.stored,
                     Outcome::new(Kind::Collapsed {
                         fwd: miss.fwd,
                         how: Collapsed::InProcess,
@@ -105,16 +116,16 @@ impl Proxy {
     pub(super) async fn fetch_once_across_instances(
         &self,
         miss: &MissCtx,
-        stale: Option<Entry>,
+        stale: Option<Arc<Stored>>,
         on_contention: OnContention,
     ) -> Result<Fetched, UpstreamError> {
         // Our lookup missed, but the previous fetcher may have stored its
         // entry and let go (of this process's flight, then of the lock)
         // after that lookup and before we took over: look once more, or a
         // late request of a stampede calls the upstream a second time.
-        let stored_meanwhile = |entry: Entry| {
+        let stored_meanwhile = |stored: Stored| {
             Ok(Fetched::Entry(
-                Arc::new(entry),
+                Arc::new(stored),
                 Outcome::new(Kind::Collapsed {
                     fwd: miss.fwd,
                     how: Collapsed::StoredMeanwhile,
@@ -122,8 +133,8 @@ impl Proxy {
             ))
         };
         if !self.cache.is_shared() {
-            if let Some(entry) = self.newer_entry(miss, stale.as_ref()).await {
-                return stored_meanwhile(entry);
+            if let Some(stored) = self.newer_entry(miss, stale.as_deref()).await {
+                return stored_meanwhile(stored);
             }
             return self.fetch(miss, stale).await;
         }
@@ -131,9 +142,9 @@ impl Proxy {
         match self.cache.try_lock(&lock, self.settings.lock_ttl).await {
             Ok(Some(token)) => {
                 let locked_at = tokio::time::Instant::now();
-                if let Some(entry) = self.newer_entry(miss, stale.as_ref()).await {
+                if let Some(stored) = self.newer_entry(miss, stale.as_deref()).await {
                     let _ = self.cache.unlock(&lock, &token).await;
-                    return stored_meanwhile(entry);
+                    return stored_meanwhile(stored);
                 }
                 let result = self.fetch(miss, stale).await;
                 if let Err(e) = self.cache.unlock(&lock, &token).await {
@@ -156,15 +167,16 @@ impl Proxy {
             }
             Ok(None) => {
                 if let (OnContention::ServeStale, Some(s)) = (on_contention, &stale) {
-                    let outcome = stale_while_revalidate(s, now_millis(), Refresh::InProgress);
-                    return Ok(Fetched::Entry(Arc::new(stale.expect("matched")), outcome));
+                    let outcome =
+                        stale_while_revalidate(&s.entry, now_millis(), Refresh::InProgress);
+                    return Ok(Fetched::Entry(s.clone(), outcome));
                 }
                 match self
-                    .wait_for_other_instance(miss, &lock, stale.as_ref())
+                    .wait_for_other_instance(miss, &lock, stale.as_deref())
                     .await
                 {
-                    Some(entry) => Ok(Fetched::Entry(
-                        Arc::new(entry),
+                    Some(stored) => Ok(Fetched::Entry(
+                        Arc::new(stored),
                         Outcome::new(Kind::Collapsed {
                             fwd: miss.fwd,
                             how: Collapsed::OtherInstance,
@@ -187,18 +199,18 @@ impl Proxy {
         &self,
         miss: &MissCtx,
         lock: &StoreKey,
-        stale: Option<&Entry>,
-    ) -> Option<Entry> {
+        stale: Option<&Stored>,
+    ) -> Option<Stored> {
         let deadline = tokio::time::Instant::now() + self.settings.coalesce_wait;
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(LOCK_POLL).await;
-            let (found, trouble) = self.lookup(&miss.primary, &miss.headers).await;
-            if let Some(e) = trouble {
+            let found = self.lookup(&miss.primary, &miss.headers).await;
+            if let Some(e) = found.trouble {
                 tracing::debug!(error = %e, "store failed while waiting for another instance's fetch; fetching too");
                 return None;
             }
-            if let Some(e) = found.filter(|e| miss.may_take(e, stale)) {
-                return Some(e);
+            if let Some(s) = found.stored.filter(|s| miss.may_take(s, stale)) {
+                return Some(s);
             }
             match self.cache.try_lock(lock, LOCK_POLL * 4).await {
                 Ok(Some(token)) => {
@@ -229,12 +241,16 @@ impl Proxy {
     /// ([`MissCtx::may_take`]). A store that fails here is no entry: the
     /// caller fetches. Not asked when this request's lookup already failed:
     /// a second timeout would only delay the fetch.
-    pub(super) async fn newer_entry(&self, miss: &MissCtx, stale: Option<&Entry>) -> Option<Entry> {
+    pub(super) async fn newer_entry(
+        &self,
+        miss: &MissCtx,
+        stale: Option<&Stored>,
+    ) -> Option<Stored> {
         if miss.cache_down {
             return None;
         }
-        let (found, _) = self.lookup(&miss.primary, &miss.headers).await;
-        found.filter(|e| miss.may_take(e, stale))
+        let found = self.lookup(&miss.primary, &miss.headers).await;
+        found.stored.filter(|s| miss.may_take(s, stale))
     }
 }
 

@@ -2,17 +2,19 @@
 //! validators) and storing what policy says may be stored.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 
 use cachegate_store::{now_millis, Entry, Record, StoreError, StoreKey, UnixMillis, VaryIndex};
 
+use super::decide::{self, Answer};
 use super::guard::Caller;
-use super::outcome::{Forward, Kind, Outcome, UpstreamFailure};
-use super::{Fetched, Proxy};
+use super::outcome::{Forward, Kind, Outcome};
+use super::{Fetched, Proxy, Stored};
 use crate::key::{self, Target};
-use crate::policy::{self, NotStorable, RequestPolicy, ResponseFacts};
+use crate::policy::{self, Freshness, NotStorable, RequestPolicy, ResponseFacts};
 use crate::routes::Rule;
 use crate::upstream::{UpstreamError, UpstreamResponse};
 
@@ -40,207 +42,179 @@ impl MissCtx {
     /// it started from (any, without one); for a request that may not be
     /// answered from what was stored before it (a client `no-cache` the
     /// route honours), one stored after it arrived.
-    pub(super) fn may_take(&self, entry: &Entry, stale: Option<&Entry>) -> bool {
+    pub(super) fn may_take(&self, found: &Stored, stale: Option<&Stored>) -> bool {
         if !self.policy.lookup {
-            return entry.stored_at >= self.arrived_at;
+            return found.entry.stored_at >= self.arrived_at;
         }
-        stale.is_none_or(|s| entry.stored_at > s.stored_at)
+        stale.is_none_or(|s| found.entry.stored_at > s.entry.stored_at)
+    }
+}
+
+/// One exchange with the upstream, timed.
+struct Exchange {
+    /// What the upstream said: `status` is what it answered, before a 304
+    /// became the entry it refreshed.
+    status: u16,
+    revalidated: bool,
+    /// When the request was sent and the response received (RFC 9111 §4.2.3).
+    request_time: UnixMillis,
+    response_time: UnixMillis,
+    upstream_time: Duration,
+}
+
+impl Exchange {
+    fn outcome(&self, miss: &MissCtx, stored: bool, not_stored: Option<NotStorable>) -> Outcome {
+        Outcome::timed(
+            self.upstream_time,
+            Kind::Fetched {
+                fwd: miss.fwd,
+                status: self.status,
+                stored,
+                revalidated: self.revalidated,
+                cache_down: miss.cache_down,
+                not_stored,
+            },
+        )
     }
 }
 
 impl Proxy {
     /// Call the upstream (conditionally if we hold a stale entry with
-    /// validators) and store what may be stored.
+    /// validators); answer stale if it failed and stale-if-error allows;
+    /// otherwise store what policy says may be stored.
     pub(super) async fn fetch(
         &self,
         miss: &MissCtx,
-        stale: Option<Entry>,
+        stale: Option<Arc<Stored>>,
     ) -> Result<Fetched, UpstreamError> {
-        let MissCtx {
-            primary,
-            target,
-            method,
-            headers: client_headers,
-            rule,
-            policy,
-            fwd,
-            cache_down,
-            arrived_at: _,
-            caller,
-        } = miss;
-        let (policy, cache_down) = (*policy, *cache_down);
-        let mut headers = client_headers.clone();
+        let mut headers = miss.headers.clone();
         policy::headers::prepare_request_headers(&mut headers);
-        policy::headers::strip_unkeyed_routing_headers(&mut headers, &rule.key_headers);
+        policy::headers::strip_unkeyed_routing_headers(&mut headers, &miss.rule.key_headers);
         // We answer the client's conditionals ourselves; upstream gets ours.
-        policy::conditional::upstream_conditionals(&mut headers, stale.as_ref());
+        policy::conditional::upstream_conditionals(
+            &mut headers,
+            stale.as_deref().map(|s| &s.entry),
+        );
         let request_time = now_millis();
         let sent_at = std::time::Instant::now();
         // The upstream may be off limits (its breaker open, a back-off it
         // asked for, the budget spent): then it is not called at all.
+        let target = miss.target.url.clone();
         let sent = self
             .send_upstream(
-                method.clone(),
-                target.url.clone(),
+                miss.method.clone(),
+                target,
                 headers,
                 Bytes::new(),
-                *caller,
+                miss.caller,
             )
             .await;
         let response_time = now_millis();
         let upstream_time = sent_at.elapsed();
-        // 6. Upstream failed, refused us (429), or may not be called: a
-        // stale entry within stale-if-error answers. Otherwise an error is
-        // relayed, or, a server error with explicit freshness, stored like
-        // any answer (RFC 9111 §3).
-        let failed = match &sent {
-            Ok(r) => r.status.is_server_error() || r.status == StatusCode::TOO_MANY_REQUESTS,
-            Err(_) => true,
-        };
-        let stale = match stale {
-            Some(s) if failed && response_time < s.stale_if_error_until => {
-                let stale_for = response_time.saturating_sub(s.fresh_until) / 1000;
-                let outcome = match &sent {
-                    Ok(r) => Outcome::timed(
-                        upstream_time,
-                        Kind::StaleIfError {
-                            stale_for,
-                            failure: UpstreamFailure::Status(r.status.as_u16()),
-                        },
-                    ),
-                    Err(UpstreamError::Held { hold, .. }) => Outcome::new(Kind::StaleIfError {
-                        stale_for,
-                        failure: UpstreamFailure::NotAsked(*hold),
-                    }),
-                    Err(e) => Outcome::timed(
-                        upstream_time,
-                        Kind::StaleIfError {
-                            stale_for,
-                            failure: UpstreamFailure::Error(e.code()),
-                        },
-                    ),
-                };
-                return Ok(Fetched::Entry(Arc::new(s), outcome));
+        if let Some(s) = &stale {
+            if let Some(outcome) =
+                decide::stale_if_error(&s.entry, &sent, response_time, upstream_time)
+            {
+                return Ok(Fetched::Entry(s.clone(), outcome));
             }
-            other => other,
-        };
+        }
+        // Otherwise an error is relayed, or, a server error with explicit
+        // freshness, stored like any answer (RFC 9111 §3).
         let resp = sent?;
-
         // A 304 to our conditional request refreshes the stale entry its
         // validator selects (RFC 9111 §4.3.4); one naming another
         // validator is about another representation: ask again, without
         // a condition, for the whole of it.
-        let stored_headers = stale.as_ref().map(super::respond::header_map_of);
-        if let (StatusCode::NOT_MODIFIED, Some(stored)) = (resp.status, &stored_headers) {
-            if !policy::conditional::not_modified_selects(stored, &resp.headers) {
+        if let (StatusCode::NOT_MODIFIED, Some(s)) = (resp.status, &stale) {
+            if !policy::conditional::not_modified_selects(&s.headers, &resp.headers) {
                 return Box::pin(self.fetch(miss, None)).await;
             }
         }
-        let (status, mut resp_headers, body, inherited_tags) = match (resp.status, stale) {
-            (StatusCode::NOT_MODIFIED, Some(s)) => {
-                let merged = policy::conditional::merge_not_modified(
-                    stored_headers.unwrap_or_default(),
-                    &resp.headers,
-                );
-                (
-                    StatusCode::from_u16(s.status).unwrap_or(StatusCode::OK),
-                    merged,
-                    s.body.clone(),
-                    Some(s.tags),
-                )
-            }
-            _ => (resp.status, resp.headers.clone(), resp.body.clone(), None),
+        let status = resp.status.as_u16();
+        let answer = decide::revalidate(resp, stale.as_deref());
+        let exchange = Exchange {
+            status,
+            revalidated: answer.inherited_tags.is_some(),
+            request_time,
+            response_time,
+            upstream_time,
         };
-        let revalidated = inherited_tags.is_some();
-        let mut tags = inherited_tags.unwrap_or_default();
-        tags.extend(policy::headers::surrogate_keys(
-            &resp_headers,
-            &self.settings.surrogate_key_headers,
-        ));
-        policy::headers::hide_surrogate_keys(
-            &mut resp_headers,
-            &self.settings.surrogate_key_headers,
-            self.settings.expose_surrogate_keys,
-        );
+        Ok(self.keep_answer(miss, answer, &exchange).await)
+    }
 
-        let storable = if *method == Method::HEAD {
-            Err(NotStorable::Head)
-        } else if !policy.store {
-            Err(NotStorable::ClientNoStore)
-        } else if policy.shareable_only && !policy::explicitly_shareable(&resp_headers) {
-            Err(NotStorable::Cookie)
-        } else if self.settings.mode == crate::config::Mode::Lambda
-            && !crate::lambda::entry_fits(&resp_headers, &body)
+    /// Decide whether the upstream's answer may be stored, and store it if so.
+    async fn keep_answer(
+        &self,
+        miss: &MissCtx,
+        mut answer: Answer,
+        exchange: &Exchange,
+    ) -> Fetched {
+        let names = &self.settings.surrogate_key_headers;
+        let mut tags = answer.inherited_tags.take().unwrap_or_default();
+        tags.extend(policy::headers::surrogate_keys(&answer.headers, names));
+        let expose = self.settings.expose_surrogate_keys;
+        policy::headers::hide_surrogate_keys(&mut answer.headers, names, expose);
+        let facts = ResponseFacts {
+            status: answer.status,
+            headers: &answer.headers,
+            body_len: answer.body.len(),
+            request_time: exchange.request_time,
+            response_time: exchange.response_time,
+            request: miss.policy,
+        };
+        let verdict = if self.settings.mode == crate::config::Mode::Lambda
+            && !crate::lambda::entry_fits(facts.headers, &answer.body)
         {
             // Lambda could never return it.
             Err(NotStorable::TooLarge)
         } else {
-            policy::response_policy(
-                ResponseFacts {
-                    status,
-                    headers: &resp_headers,
-                    body_len: body.len(),
-                    request_time,
-                    response_time,
-                },
-                rule,
-            )
+            policy::response_policy(facts, &miss.rule)
         };
-        let fwd_status = resp.status.as_u16();
-        let mut freshness = match storable {
-            Ok(f) => f,
-            Err(why) => {
-                let outcome = Outcome::timed(
-                    upstream_time,
-                    Kind::Fetched {
-                        fwd: *fwd,
-                        status: fwd_status,
-                        stored: false,
-                        revalidated,
-                        cache_down,
-                        not_stored: Some(why),
-                    },
-                );
-                return Ok(Fetched::Relay(
-                    UpstreamResponse {
-                        status,
-                        headers: resp_headers,
-                        body,
-                    },
-                    outcome,
-                ));
+        match verdict {
+            Ok(freshness) => {
+                self.store_answer(miss, answer, tags, freshness, exchange)
+                    .await
             }
-        };
+            Err(why) => {
+                let relayed = UpstreamResponse {
+                    status: answer.status,
+                    headers: answer.headers,
+                    body: answer.body,
+                };
+                Fetched::Relay(relayed, exchange.outcome(miss, false, Some(why)))
+            }
+        }
+    }
 
+    /// Make the entry of a storable answer and write it, unless a purge
+    /// ran while it was on its way.
+    async fn store_answer(
+        &self,
+        miss: &MissCtx,
+        answer: Answer,
+        tags: Vec<String>,
+        mut freshness: Freshness,
+        exchange: &Exchange,
+    ) -> Fetched {
+        let response_time = exchange.response_time;
         if self.settings.ttl_jitter > 0.0 {
+            let jitter = self.settings.ttl_jitter;
             policy::response::jitter_freshness(
                 &mut freshness,
                 response_time,
-                self.settings.ttl_jitter,
+                jitter,
                 fastrand::f64(),
             );
         }
-        policy::headers::cap_tags(
-            &mut tags,
-            self.settings.max_tags_per_entry,
-            rule.tags.len() + 1,
-        );
-        tags.extend(rule.tags.iter().cloned());
-        tags.push(target.url_tag());
-        tags.sort();
-        tags.dedup();
-        // The cookie goes to the client whose request fetched it, never
-        // into the stored copy.
-        let mut own = HeaderMap::new();
-        if freshness.strip_set_cookie {
-            for v in resp_headers.get_all(http::header::SET_COOKIE) {
-                own.append(http::header::SET_COOKIE, v.clone());
-            }
-        }
+        let max_tags = self.settings.max_tags_per_entry;
+        let tags = decide::assemble_tags(tags, &miss.rule.tags, miss.target.url_tag(), max_tags);
+        let strip = freshness.strip_set_cookie;
+        let own = decide::own_set_cookies(&answer.headers, strip);
+        let headers = policy::headers::stored_headers(&answer.headers, strip);
         let entry = Entry {
-            status: status.as_u16(),
-            headers: policy::headers::stored_headers(&resp_headers, freshness.strip_set_cookie),
-            body,
+            status: answer.status.as_u16(),
+            headers: super::respond::entry_headers(&headers),
+            body: answer.body,
             born_at: freshness.born_at,
             stored_at: response_time,
             fresh_until: freshness.fresh_until,
@@ -249,29 +223,20 @@ impl Proxy {
             keep_until: freshness.keep_until,
             tags,
         };
-        let vary = key::vary_names(&resp_headers).unwrap_or_default();
-        let stored = if self.purged_since(&entry.tags, request_time).await {
-            // A purge ran while this response was on its way: it may be
-            // older than what the purge made room for.
-            false
-        } else {
-            self.store(primary, &vary, client_headers, &entry).await
-        };
-        let outcome = Outcome::timed(
-            upstream_time,
-            Kind::Fetched {
-                fwd: *fwd,
-                status: fwd_status,
-                stored,
-                revalidated,
-                cache_down,
-                not_stored: None,
-            },
-        );
+        let vary = key::vary_names(&headers).unwrap_or_default();
+        // A purge that ran while this response was on its way: it may be
+        // older than what the purge made room for.
+        let purged = self.purged_since(&entry.tags, exchange.request_time).await;
+        let stored = !purged
+            && self
+                .store(&miss.primary, &vary, &miss.headers, &entry)
+                .await;
+        let outcome = exchange.outcome(miss, stored, None);
+        let stored = Arc::new(Stored { entry, headers });
         if own.is_empty() {
-            Ok(Fetched::Entry(Arc::new(entry), outcome))
+            Fetched::Entry(stored, outcome)
         } else {
-            Ok(Fetched::Own(Arc::new(entry), outcome, own))
+            Fetched::Own(stored, outcome, own)
         }
     }
 

@@ -9,6 +9,7 @@
 //! themselves are pure code in [`crate::policy`].
 
 mod coalesce;
+mod decide;
 mod fetch;
 mod guard;
 pub mod outcome;
@@ -30,14 +31,16 @@ use cachegate_store::{now_millis, Entry, Record, StoreError, StoreKey};
 
 use crate::background::Background;
 use crate::config::Mode;
+use crate::error_code::ErrorCode;
 use crate::key::{self, Target};
-use crate::policy::{self, Bypass};
+use crate::policy::{self, Bypass, RequestFacts};
 use crate::request::{CanonicalRequest, Forwarding};
 use crate::routes::{RouteTable, Rule};
 use crate::telemetry::{RequestId, RequestRecord, Telemetry};
 use crate::upstream::{Upstream, UpstreamError, UpstreamResponse};
 
 use coalesce::{OnContention, Shared};
+use decide::{HitDecision, HitFacts};
 use fetch::MissCtx;
 pub use guard::GuardSettings;
 use guard::UpstreamGuard;
@@ -103,13 +106,77 @@ const REFRESH_AHEAD_MEMORY: usize = 10_000;
 /// A response for the client and the outcome it is rendered with.
 type Reply = (Response<Bytes>, Outcome);
 
+/// An entry as the request flow uses it: with its stored headers as a
+/// `HeaderMap`, built once, when the entry is read or made.
+#[derive(Debug, Clone)]
+struct Stored {
+    entry: Entry,
+    headers: HeaderMap,
+}
+
+impl Stored {
+    /// An entry read from the cache.
+    fn read(entry: Entry) -> Self {
+        let headers = respond::header_map_of(&entry);
+        Stored { entry, headers }
+    }
+}
+
+/// What a lookup found. A cache failure is reported, never raised.
+#[derive(Debug, Default)]
+struct Found {
+    stored: Option<Stored>,
+    trouble: Option<String>,
+}
+
+/// What [`Proxy::admit`] decided for a request.
+enum Admission {
+    /// It may use the cache: what its fetch would need.
+    Cache(MissCtx),
+    /// It may not: forwarded as it is.
+    Bypass(Pass, Bypass),
+    /// Refused before any cache or upstream work.
+    Rejected(Reply),
+}
+
+/// Why a refresh runs after the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BackgroundRefresh {
+    /// The entry was answered stale within stale-while-revalidate.
+    StaleWhileRevalidate,
+    /// The entry is in the last part of its freshness (`cache.refresh_ahead`).
+    Ahead,
+}
+
+/// A request forwarded without the cache.
+struct Pass {
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+    target: Target,
+    rule: Arc<Rule>,
+}
+
+impl From<MissCtx> for Pass {
+    /// A cache-using request (no body) forwarded without the cache after all.
+    fn from(miss: MissCtx) -> Pass {
+        Pass {
+            method: miss.method,
+            headers: miss.headers,
+            body: Bytes::new(),
+            target: miss.target,
+            rule: miss.rule,
+        }
+    }
+}
+
 /// What a fetch produced for the client.
 enum Fetched {
     /// Stored (or refreshed) entry to serve from.
-    Entry(Arc<Entry>, Outcome),
+    Entry(Arc<Stored>, Outcome),
     /// An entry this request's fetch stored, and the headers only this
     /// request's client gets (the `Set-Cookie` left out of the stored copy).
-    Own(Arc<Entry>, Outcome, HeaderMap),
+    Own(Arc<Stored>, Outcome, HeaderMap),
     /// An upstream response relayed as is (not storable).
     Relay(UpstreamResponse, Outcome),
 }
@@ -198,17 +265,66 @@ impl Proxy {
         self.telemetry.prometheus_text()
     }
 
+    /// The request flow: canonicalise and admit, look up, then serve what
+    /// is stored or go upstream, each step a typed decision.
     async fn handle_request(self: &Arc<Self>, req: Request<Bytes>, trace: &mut Trace) -> Reply {
+        let miss = match self.admit(req, trace) {
+            Admission::Cache(miss) => miss,
+            Admission::Bypass(pass, why) => return self.pass_through(pass, why).await,
+            Admission::Rejected(reply) => return reply,
+        };
+        let (stored, miss) = self.look_up(miss, trace).await;
+        let facts = HitFacts {
+            now: miss.arrived_at,
+            shareable_only: miss.policy.shareable_only,
+            background: self.settings.background.available(),
+            refresh_ahead: self.settings.refresh_ahead,
+        };
+        let decision = decide::serve_or_revalidate(stored.as_deref(), facts, || {
+            self.is_fetching(&miss.primary)
+        });
+        let on_contention = match (decision, &stored) {
+            (HitDecision::CookiePass, _) => return self.cookie_pass_through(miss).await,
+            _ if miss.policy.range => return self.answer_range(miss, stored).await,
+            (HitDecision::Fresh { ttl, refresh_ahead }, Some(s)) => {
+                if refresh_ahead {
+                    self.refresh_ahead(&miss, s);
+                }
+                return self.respond_to(&miss, s, Outcome::new(Kind::Hit { ttl }));
+            }
+            (HitDecision::StaleWhileRevalidate(refresh), Some(s)) => {
+                if refresh == Refresh::InProgress
+                    || self.refresh_in_background(&miss, s, BackgroundRefresh::StaleWhileRevalidate)
+                {
+                    let outcome =
+                        coalesce::stale_while_revalidate(&s.entry, miss.arrived_at, refresh);
+                    return self.respond_to(&miss, s, outcome);
+                }
+                // Nothing could be started after the response: refresh here.
+                OnContention::ServeStale
+            }
+            (HitDecision::RefreshInline, _) => OnContention::ServeStale,
+            // Miss and Revalidate (Fresh and stale-while-revalidate always
+            // come with an entry).
+            _ => OnContention::Wait,
+        };
+        let fetched = self.fetch_coalesced(&miss, stored, on_contention).await;
+        self.respond_fetched(miss, fetched).await
+    }
+
+    /// Canonicalise the request and decide whether it may use the cache
+    /// ([`policy::request_policy`]); for one that may, its key.
+    fn admit(&self, req: Request<Bytes>, trace: &mut Trace) -> Admission {
         let (parts, body) = req.into_parts();
         if parts.method == Method::CONNECT {
             let resp = json_error(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                ErrorCode::MethodNotAllowed,
                 "CONNECT is not supported: this is not a forward proxy",
             );
-            return (resp, Outcome::new(Kind::Rejected));
+            return Admission::Rejected((resp, Outcome::new(Kind::Rejected)));
         }
-        // 0. One canonical request, before anything reads it: the route, the
+        // One canonical request, before anything reads it: the route, the
         // key and the upstream call all come from it.
         let (canon, rule) =
             match CanonicalRequest::new(parts, body, &self.settings.forwarding, &self.routes) {
@@ -216,80 +332,51 @@ impl Proxy {
                 Err(rejected) => {
                     let resp =
                         json_error(StatusCode::BAD_REQUEST, rejected.code, &rejected.message);
-                    return (resp, Outcome::new(Kind::Rejected));
+                    return Admission::Rejected((resp, Outcome::new(Kind::Rejected)));
                 }
             };
         trace.route = Some(rule.clone());
         trace.client_origin = canon.client_origin.clone();
-        let CanonicalRequest {
-            method,
-            path,
-            query,
-            headers,
-            body,
-            upgrade,
-            client_origin: _,
-        } = canon;
         let target = Target::from_canonical(
             &self.base,
-            &path,
-            query.as_deref(),
+            &canon.path,
+            canon.query.as_deref(),
             &rule.ignored_query_params,
         );
-
-        // 1. May this request use the cache at all?
-        let policy = match policy::request_policy(&method, &headers, !body.is_empty(), &rule)
-            .and_then(|p| if upgrade { Err(Bypass::Upgrade) } else { Ok(p) })
-        {
+        let admitted = policy::request_policy(
+            RequestFacts {
+                method: &canon.method,
+                headers: &canon.headers,
+                has_body: !canon.body.is_empty(),
+                upgrade: canon.upgrade,
+            },
+            &rule,
+        );
+        let CanonicalRequest {
+            method,
+            mut headers,
+            body,
+            ..
+        } = canon;
+        let policy = match admitted {
             Ok(p) => p,
-            Err(bypass) => {
-                return self
-                    .pass_through(method, headers, body, &target, &rule, bypass)
-                    .await
+            Err(why) => {
+                let pass = Pass {
+                    method,
+                    headers,
+                    body,
+                    target,
+                    rule,
+                };
+                return Admission::Bypass(pass, why);
             }
         };
-        // A GET's Range is answered from a fresh stored 200 (below); any
-        // other goes to the upstream, whose partial answers are not stored.
-        let wants_range = headers.contains_key(http::header::RANGE);
-        if wants_range && method != Method::GET {
-            return self
-                .pass_through(method, headers, body, &target, &rule, Bypass::Range)
-                .await;
-        }
-
-        let mut headers = headers;
-        let primary = if rule.key_cookies.is_empty() {
-            target.primary_key(&rule.name, &rule.key_headers, &headers)
-        } else {
-            // Only the keyed cookies go upstream, so what is stored cannot
-            // depend on the others; the key reads them.
-            policy::request::keep_key_cookies(&mut headers, &rule.key_cookies);
-            let mut names = rule.key_headers.clone();
-            names.push("cookie".into());
-            target.primary_key(&rule.name, &names, &headers)
-        };
-
-        // 2. Look up: the primary key, then the variant its Vary names.
+        let primary = primary_key(&target, &rule, &mut headers);
         trace.key = Some(primary.clone());
-        let (stored, cache_trouble) = if policy.lookup {
-            let started = std::time::Instant::now();
-            let found = self.lookup(&primary, &headers).await;
-            trace.lookup_time = Some(started.elapsed());
-            trace.backend_error = found.1.is_some();
-            found
-        } else {
-            (None, None)
-        };
-        let now = now_millis();
-        let head = method == Method::HEAD;
-        let miss = MissCtx {
-            fwd: match (&stored, &cache_trouble) {
-                (Some(_), _) => Forward::Stale,
-                (None, Some(_)) => Forward::Miss,
-                (None, None) => Forward::UriMiss,
-            },
-            cache_down: cache_trouble.is_some(),
-            arrived_at: now,
+        Admission::Cache(MissCtx {
+            fwd: Forward::UriMiss,
+            cache_down: false,
+            arrived_at: 0,
             caller: guard::Caller::Client,
             primary,
             target,
@@ -297,112 +384,86 @@ impl Proxy {
             headers,
             rule,
             policy,
-        };
-        let mut on_contention = OnContention::Wait;
-        if miss.policy.shareable_only
-            && stored
-                .as_ref()
-                .is_some_and(|e| !policy::explicitly_shareable(&respond::header_map_of(e)))
-        {
-            // Stored for requests without cookies; this one may be personal.
-            return self.cookie_pass_through(miss).await;
-        }
-        if wants_range {
-            return match stored.as_ref().filter(|e| e.is_fresh(now)) {
-                Some(entry) => {
-                    let outcome = Outcome::new(Kind::Hit {
-                        ttl: entry.fresh_secs_left(now),
-                    });
-                    let reply =
-                        self.respond_from_entry(entry, &miss.rule, &miss.headers, head, outcome);
-                    range::cut(reply, entry, &miss.headers)
-                }
-                None => {
-                    let MissCtx {
-                        method,
-                        headers,
-                        target,
-                        rule,
-                        ..
-                    } = miss;
-                    self.pass_through(method, headers, Bytes::new(), &target, &rule, Bypass::Range)
-                        .await
-                }
-            };
-        }
-        if let Some(entry) = &stored {
-            // 3. Fresh hit.
-            if entry.is_fresh(now) {
-                let ttl = entry.fresh_secs_left(now);
-                if self.settings.background.available()
-                    && policy::response::refresh_ahead_due(
-                        entry.stored_at,
-                        entry.fresh_until,
-                        now,
-                        self.settings.refresh_ahead,
-                    )
-                {
-                    self.refresh_ahead(&miss, entry);
-                }
-                let outcome = Outcome::new(Kind::Hit { ttl });
-                return self.respond_from_entry(entry, &miss.rule, &miss.headers, head, outcome);
-            }
-            // 4. Stale, within stale-while-revalidate: answer stale and let one
-            // request refresh after the response (serve, and Lambda with the
-            // after-response extension); where nothing may run after it, the
-            // request that wins the refresh here (and, with a shared store,
-            // the lock) refreshes inline.
-            if now < entry.stale_while_revalidate_until {
-                let refresh = if self.is_fetching(&miss.primary) {
-                    Some(Refresh::InProgress)
-                } else if self.settings.background.available() {
-                    let (this, stale) = (self.clone(), entry.clone());
-                    let miss = MissCtx {
-                        caller: guard::Caller::Background,
-                        ..miss.clone()
-                    };
-                    let spawned = self.settings.background.spawn(async move {
-                        if let Err(e) = this
-                            .fetch_coalesced(&miss, Some(stale), OnContention::Wait)
-                            .await
-                        {
-                            tracing::warn!(error = %e, path = %miss.target.path_and_query, "background refresh failed");
-                        }
-                    });
-                    spawned.then_some(Refresh::Background)
-                } else {
-                    None
-                };
-                if let Some(refresh) = refresh {
-                    let outcome = coalesce::stale_while_revalidate(entry, now, refresh);
-                    return self.respond_from_entry(
-                        entry,
-                        &miss.rule,
-                        &miss.headers,
-                        head,
-                        outcome,
-                    );
-                }
-                on_contention = OnContention::ServeStale;
-            }
-        }
+        })
+    }
 
-        // 5. Miss, expired, or the Lambda-mode refresh winner: go upstream
-        // (once per key), revalidating what we have.
-        match self.fetch_coalesced(&miss, stored, on_contention).await {
-            Ok(Fetched::Entry(entry, _))
-                if miss.policy.shareable_only
-                    && !policy::explicitly_shareable(&respond::header_map_of(&entry)) =>
+    /// Look up what is stored for an admitted request (unless it may not
+    /// be answered from the cache), and note why a miss goes upstream.
+    async fn look_up(&self, miss: MissCtx, trace: &mut Trace) -> (Option<Arc<Stored>>, MissCtx) {
+        let found = if miss.policy.lookup {
+            let started = std::time::Instant::now();
+            let found = self.lookup(&miss.primary, &miss.headers).await;
+            trace.lookup_time = Some(started.elapsed());
+            trace.backend_error = found.trouble.is_some();
+            found
+        } else {
+            Found::default()
+        };
+        let fwd = match (&found.stored, &found.trouble) {
+            (Some(_), _) => Forward::Stale,
+            (None, Some(_)) => Forward::Miss,
+            (None, None) => Forward::UriMiss,
+        };
+        let miss = MissCtx {
+            fwd,
+            cache_down: found.trouble.is_some(),
+            arrived_at: now_millis(),
+            ..miss
+        };
+        (found.stored.map(Arc::new), miss)
+    }
+
+    /// Start a refresh of `current` to run after the response, as a
+    /// background caller; `false` when nothing can run then.
+    fn refresh_in_background(
+        self: &Arc<Self>,
+        miss: &MissCtx,
+        current: &Arc<Stored>,
+        why: BackgroundRefresh,
+    ) -> bool {
+        let (this, current) = (self.clone(), current.clone());
+        let miss = MissCtx {
+            caller: guard::Caller::Background,
+            ..miss.clone()
+        };
+        // A refresh-ahead yields to another instance's fetch: its entry is
+        // still fresh, so nothing waits for this one.
+        let on_contention = match why {
+            BackgroundRefresh::StaleWhileRevalidate => OnContention::Wait,
+            BackgroundRefresh::Ahead => OnContention::ServeStale,
+        };
+        self.settings.background.spawn(async move {
+            let fetched = this.fetch_coalesced(&miss, Some(current), on_contention);
+            if let Err(e) = fetched.await {
+                let path = &miss.target.path_and_query;
+                match why {
+                    BackgroundRefresh::StaleWhileRevalidate => {
+                        tracing::warn!(error = %e, path = %path, "background refresh failed")
+                    }
+                    BackgroundRefresh::Ahead => {
+                        tracing::debug!(error = %e, path = %path, "refresh-ahead failed")
+                    }
+                }
+            }
+        })
+    }
+
+    /// The client's answer from what a fetch produced.
+    async fn respond_fetched(
+        self: &Arc<Self>,
+        miss: MissCtx,
+        fetched: Result<Fetched, UpstreamError>,
+    ) -> Reply {
+        match fetched {
+            Ok(Fetched::Entry(stored, _))
+                if miss.policy.shareable_only && !policy::explicitly_shareable(&stored.headers) =>
             {
                 // Another request's fetch, stored under its rules.
                 self.cookie_pass_through(miss).await
             }
-            Ok(Fetched::Entry(entry, outcome)) => {
-                self.respond_from_entry(&entry, &miss.rule, &miss.headers, head, outcome)
-            }
-            Ok(Fetched::Own(entry, outcome, own)) => {
-                let (mut resp, outcome) =
-                    self.respond_from_entry(&entry, &miss.rule, &miss.headers, head, outcome);
+            Ok(Fetched::Entry(stored, outcome)) => self.respond_to(&miss, &stored, outcome),
+            Ok(Fetched::Own(stored, outcome, own)) => {
+                let (mut resp, outcome) = self.respond_to(&miss, &stored, outcome);
                 for (name, value) in &own {
                     resp.headers_mut().append(name, value.clone());
                 }
@@ -411,7 +472,7 @@ impl Proxy {
             Ok(Fetched::Relay(resp, outcome)) => respond::relay(
                 resp,
                 outcome,
-                head,
+                miss.policy.head,
                 Some((&miss.rule, self.settings.edge_key_headers.as_deref())),
             ),
             Err(e) => {
@@ -423,13 +484,29 @@ impl Proxy {
         }
     }
 
+    /// A GET's `Range`: cut from a fresh stored complete response (206 or
+    /// 416); anything else goes to the upstream, whose partial answers are
+    /// not stored.
+    async fn answer_range(self: &Arc<Self>, miss: MissCtx, stored: Option<Arc<Stored>>) -> Reply {
+        let now = miss.arrived_at;
+        match stored.filter(|s| s.entry.is_fresh(now)) {
+            Some(s) => {
+                let ttl = s.entry.fresh_secs_left(now);
+                let reply = self.respond_to(&miss, &s, Outcome::new(Kind::Hit { ttl }));
+                range::cut(reply, &s.entry, &miss.headers)
+            }
+            None => self.pass_through(Pass::from(miss), Bypass::Range).await,
+        }
+    }
+
+    /// Answer a cache-using request from a stored entry.
+    fn respond_to(&self, miss: &MissCtx, stored: &Stored, outcome: Outcome) -> Reply {
+        self.respond_from_entry(stored, &miss.rule, &miss.headers, miss.policy.head, outcome)
+    }
+
     /// The stored entry for a request: the primary key's, or the variant
     /// its Vary index names. A cache failure is reported, never raised.
-    async fn lookup(
-        &self,
-        primary: &StoreKey,
-        headers: &HeaderMap,
-    ) -> (Option<Entry>, Option<String>) {
+    async fn lookup(&self, primary: &StoreKey, headers: &HeaderMap) -> Found {
         let found = self.cache.get(primary).await;
         let mut trouble = found.error;
         let entry = match found.record {
@@ -462,28 +539,23 @@ impl Proxy {
             }
             None => {}
         }
-        let trouble = trouble.map(|e| e.to_string());
-        (entry, trouble)
+        Found {
+            stored: entry.map(Stored::read),
+            trouble: trouble.map(|e| e.to_string()),
+        }
     }
 
     /// A cookie-carrying request that may not use what is stored: passed
     /// through like any bypass.
     async fn cookie_pass_through(self: &Arc<Self>, miss: MissCtx) -> Reply {
-        self.pass_through(
-            miss.method,
-            miss.headers,
-            Bytes::new(),
-            &miss.target,
-            &miss.rule,
-            Bypass::Cookie,
-        )
-        .await
+        self.pass_through(Pass::from(miss), Bypass::Cookie).await
     }
 
     /// Refresh a hot entry before it expires, in the background, once per
     /// entry: skipped when this process is already fetching the key, and,
     /// with a shared backend, when another instance holds its fetch lock.
-    fn refresh_ahead(self: &Arc<Self>, miss: &MissCtx, entry: &Entry) {
+    fn refresh_ahead(self: &Arc<Self>, miss: &MissCtx, current: &Arc<Stored>) {
+        let entry = &current.entry;
         if self.is_fetching(&miss.primary) {
             return;
         }
@@ -505,19 +577,7 @@ impl Proxy {
             }
             tried.insert(miss.primary.clone(), entry.fresh_until);
         }
-        let (this, current) = (self.clone(), entry.clone());
-        let miss = MissCtx {
-            caller: guard::Caller::Background,
-            ..miss.clone()
-        };
-        self.settings.background.spawn(async move {
-            if let Err(e) = this
-                .fetch_coalesced(&miss, Some(current), OnContention::ServeStale)
-                .await
-            {
-                tracing::debug!(error = %e, path = %miss.target.path_and_query, "refresh-ahead failed");
-            }
-        });
+        self.refresh_in_background(miss, current, BackgroundRefresh::Ahead);
     }
 
     fn is_fetching(&self, primary: &StoreKey) -> bool {
@@ -530,15 +590,14 @@ impl Proxy {
     /// Requests that do not use the cache: forwarded as they are. A
     /// successful unsafe method invalidates what is cached for its URL
     /// (RFC 9111 §4.4).
-    async fn pass_through(
-        self: &Arc<Self>,
-        method: Method,
-        mut headers: HeaderMap,
-        body: Bytes,
-        target: &Target,
-        rule: &Rule,
-        why: Bypass,
-    ) -> Reply {
+    async fn pass_through(self: &Arc<Self>, pass: Pass, why: Bypass) -> Reply {
+        let Pass {
+            method,
+            mut headers,
+            body,
+            target,
+            rule,
+        } = pass;
         policy::headers::prepare_request_headers(&mut headers);
         // RFC 9111 §4.4: unsafe methods, and those whose safety is
         // unknown, invalidate the target URI on success (see the policy
@@ -565,7 +624,7 @@ impl Proxy {
                     self.settings.expose_surrogate_keys,
                 );
                 if unsafe_method && (resp.status.is_success() || resp.status.is_redirection()) {
-                    self.invalidate_after_write(target, rule, &resp.headers, why)
+                    self.invalidate_after_write(&target, &rule, &resp.headers, why)
                         .await;
                 }
                 let outcome = Outcome::timed(
@@ -580,6 +639,19 @@ impl Proxy {
             Err(e) => upstream_error_reply(&e, None),
         }
     }
+}
+
+/// The primary key of a request that may use the cache. On a route keyed
+/// on cookies only the keyed ones go upstream, so what is stored cannot
+/// depend on the others; the key reads them.
+fn primary_key(target: &Target, rule: &Rule, headers: &mut HeaderMap) -> StoreKey {
+    if rule.key_cookies.is_empty() {
+        return target.primary_key(&rule.name, &rule.key_headers, headers);
+    }
+    policy::request::keep_key_cookies(headers, &rule.key_cookies);
+    let mut names = rule.key_headers.clone();
+    names.push(http::header::COOKIE.as_str().to_owned());
+    target.primary_key(&rule.name, &names, headers)
 }
 
 /// The JSON error for a request the upstream did not answer (`fwd` is

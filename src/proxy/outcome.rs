@@ -10,6 +10,7 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 
+use crate::error_code::ErrorCode;
 use crate::policy::{Bypass, NotStorable};
 use crate::upstream::Hold;
 
@@ -60,7 +61,7 @@ pub enum UpstreamFailure {
     /// It answered with this (server error) status.
     Status(u16),
     /// It could not be reached or timed out: the error's code.
-    Error(&'static str),
+    Error(ErrorCode),
     /// It was not asked: its breaker is open, or it asked us to back off.
     NotAsked(Hold),
 }
@@ -99,7 +100,7 @@ pub enum Kind {
     /// could answer: a JSON error. `fwd` is `None` for a bypassed request.
     UpstreamFailed {
         fwd: Option<Forward>,
-        code: &'static str,
+        code: ErrorCode,
     },
     /// The upstream may not be called now (breaker open, or a back-off it
     /// asked for) and nothing stale could answer: 503 with `Retry-After`.
@@ -382,7 +383,7 @@ mod tests {
     fn errors_carry_cache_status_and_label_error() {
         let o = Outcome::new(Kind::UpstreamFailed {
             fwd: Some(Forward::UriMiss),
-            code: "upstream_timeout",
+            code: ErrorCode::UpstreamTimeout,
         });
         let mut h = HeaderMap::new();
         o.render(&mut h, None);
@@ -409,7 +410,7 @@ mod tests {
             .cache_status()
             .unwrap()
         };
-        let s = render(UpstreamFailure::Error("upstream_timeout"));
+        let s = render(UpstreamFailure::Error(ErrorCode::UpstreamTimeout));
         assert_eq!(
             s,
             "cachegate; fwd=stale; ttl=-3; detail=\"stale-if-error; upstream_timeout\""
@@ -419,7 +420,10 @@ mod tests {
             s,
             "cachegate; fwd=stale; fwd-status=503; ttl=-3; detail=stale-if-error"
         );
-        for s in [s, render(UpstreamFailure::Error("x"))] {
+        for s in [
+            s,
+            render(UpstreamFailure::Error(ErrorCode::UpstreamUnreachable)),
+        ] {
             assert_eq!(s.matches("detail=").count(), 1, "{s}");
         }
     }

@@ -9,7 +9,8 @@ use http::{HeaderMap, Response, StatusCode};
 use cachegate_store::{now_millis, Entry};
 
 use super::outcome::Outcome;
-use super::{Proxy, Reply};
+use super::{Proxy, Reply, Stored};
+use crate::error_code::ErrorCode;
 use crate::policy;
 use crate::routes::Rule;
 use crate::upstream::UpstreamResponse;
@@ -21,22 +22,23 @@ impl Proxy {
     /// or 304), no body for HEAD.
     pub(super) fn respond_from_entry(
         &self,
-        entry: &Entry,
+        stored: &Stored,
         rule: &Rule,
         req_headers: &HeaderMap,
         head: bool,
         outcome: Outcome,
     ) -> Reply {
         let now = now_millis();
+        let entry = &stored.entry;
         if policy::conditional::precondition_failed(req_headers, entry) {
             let resp = json_error(
                 StatusCode::PRECONDITION_FAILED,
-                "precondition_failed",
+                ErrorCode::PreconditionFailed,
                 "the request's If-Match or If-Unmodified-Since does not hold for the stored answer",
             );
             return (resp, outcome);
         }
-        let mut headers = header_map_of(entry);
+        let mut headers = stored.headers.clone();
         let status = StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK);
         let age_secs = entry.age_secs(now);
         headers.insert(header::AGE, HeaderValue::from(age_secs));
@@ -84,7 +86,8 @@ impl Proxy {
     }
 }
 
-/// The headers stored with an entry, as a header map.
+/// The headers stored with an entry, as a header map: built once per
+/// entry read ([`Stored::read`]).
 pub(super) fn header_map_of(entry: &Entry) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(entry.headers.len() + 4);
     for (n, v) in &entry.headers {
@@ -96,6 +99,14 @@ pub(super) fn header_map_of(entry: &Entry) -> HeaderMap {
         }
     }
     h
+}
+
+/// The inverse of [`header_map_of`]: headers as an entry stores them.
+pub(super) fn entry_headers(headers: &HeaderMap) -> Vec<(String, Bytes)> {
+    headers
+        .iter()
+        .map(|(n, v)| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
+        .collect()
 }
 
 /// An upstream answer relayed with its own headers. `keyed` is the rule
@@ -129,7 +140,7 @@ pub(super) fn relay(
 pub(super) fn too_large_for_lambda(resp: &Response<Bytes>, outcome: Outcome) -> Reply {
     let resp = json_error(
         StatusCode::BAD_GATEWAY,
-        "response_too_large_for_lambda",
+        ErrorCode::ResponseTooLargeForLambda,
         &format!(
             "the answer ({} {}, a {} byte body) is larger than a Lambda response can carry ({} bytes)",
             resp.status().as_u16(),
@@ -149,8 +160,8 @@ fn build(status: StatusCode, headers: HeaderMap, body: Bytes) -> Response<Bytes>
 }
 
 /// A JSON error body: `{"error": {"status": 502, "code": "...", "message": "..."}}`.
-pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Bytes> {
-    let body = serde_json::json!({ "error": { "status": status.as_u16(), "code": code, "message": message } });
+pub fn json_error(status: StatusCode, code: ErrorCode, message: &str) -> Response<Bytes> {
+    let body = serde_json::json!({ "error": { "status": status.as_u16(), "code": code.as_str(), "message": message } });
     let mut resp = Response::new(Bytes::from(body.to_string()));
     *resp.status_mut() = status;
     let h = resp.headers_mut();

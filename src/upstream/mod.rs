@@ -13,6 +13,7 @@ use http::{HeaderMap, Method, StatusCode};
 use reqwest::Url;
 
 use crate::config::UpstreamConfig;
+use crate::error_code::ErrorCode;
 use crate::policy::headers::strip_hop_by_hop;
 
 /// What the upstream answered, body read whole.
@@ -85,23 +86,23 @@ impl UpstreamError {
             _ => StatusCode::BAD_GATEWAY,
         }
     }
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            UpstreamError::Timeout(_) => "upstream_timeout",
-            UpstreamError::Connect(_) => "upstream_unreachable",
-            UpstreamError::TooLarge { .. } => "upstream_response_too_large",
-            UpstreamError::Other(_) => "upstream_error",
+            UpstreamError::Timeout(_) => ErrorCode::UpstreamTimeout,
+            UpstreamError::Connect(_) => ErrorCode::UpstreamUnreachable,
+            UpstreamError::TooLarge { .. } => ErrorCode::UpstreamResponseTooLarge,
+            UpstreamError::Other(_) => ErrorCode::UpstreamError,
             UpstreamError::Held {
                 hold: Hold::BreakerOpen,
                 ..
-            } => "upstream_open",
+            } => ErrorCode::UpstreamOpen,
             UpstreamError::Held {
                 hold: Hold::RetryAfter,
                 ..
-            } => "upstream_retry_after",
+            } => ErrorCode::UpstreamRetryAfter,
             UpstreamError::Held {
                 hold: Hold::Budget, ..
-            } => "upstream_budget",
+            } => ErrorCode::UpstreamBudget,
         }
     }
 
