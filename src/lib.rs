@@ -25,6 +25,7 @@ pub mod error_code;
 pub mod invalidate;
 pub mod key;
 pub mod lambda;
+pub mod lambda_payload;
 pub mod output;
 pub mod policy;
 pub mod proxy;

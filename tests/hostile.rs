@@ -834,7 +834,7 @@ async fn over_lambdas_response_limit_is_a_clear_502_in_lambda_mode() {
         lambda_http::request::from_str(&v.to_string()).unwrap()
     };
     // A binary body goes out base64: 4 bytes for 3, within 6 MiB of payload.
-    let max = cachegate::lambda::MAX_PAYLOAD_BYTES / 4 * 3;
+    let max = cachegate::lambda_payload::MAX_PAYLOAD_BYTES / 4 * 3;
     let fits = cachegate::lambda::invoke(&proxy, event(&format!("bin={}", max - 8192))).await;
     assert_eq!(fits.status(), 200);
     let over = cachegate::lambda::invoke(&proxy, event(&format!("bin={}", max + 1))).await;

@@ -163,7 +163,7 @@ impl Proxy {
             request: miss.policy,
         };
         let verdict = if self.settings.mode == crate::config::Mode::Lambda
-            && !crate::lambda::entry_fits(facts.headers, &answer.body)
+            && !crate::lambda_payload::entry_fits(facts.headers, &answer.body)
         {
             // Lambda could never return it.
             Err(NotStorable::TooLarge)

@@ -51,7 +51,7 @@ pub use respond::json_error;
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Where the handler runs: under Lambda an answer must also fit a
-    /// Lambda response payload ([`crate::lambda::fits`]).
+    /// Lambda response payload ([`crate::lambda_payload::fits`]).
     pub mode: Mode,
     /// How stale-while-revalidate refreshes and refresh-ahead run after the
     /// response ([`crate::background`]).
@@ -237,7 +237,9 @@ impl Proxy {
         }
         let lookup = trace.lookup_time.map(|d| (d, self.cache.backend_name()));
         outcome.render(resp.headers_mut(), lookup);
-        if self.settings.mode == Mode::Lambda && !crate::lambda::fits(resp.headers(), resp.body()) {
+        if self.settings.mode == Mode::Lambda
+            && !crate::lambda_payload::fits(resp.headers(), resp.body())
+        {
             // What Lambda cannot carry is this request's 502, in the
             // headers, the log and the metrics alike.
             (resp, outcome) = respond::too_large_for_lambda(&resp, outcome);

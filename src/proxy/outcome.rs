@@ -109,7 +109,7 @@ pub enum Kind {
     /// Refused before any cache or upstream work (e.g. `CONNECT`).
     Rejected,
     /// The answer could not be returned through Lambda (its payload
-    /// limit, [`crate::lambda::MAX_PAYLOAD_BYTES`]): the client got 502.
+    /// limit, [`crate::lambda_payload::MAX_PAYLOAD_BYTES`]): the client got 502.
     /// `fwd` and `fwd_status` when the upstream was asked (`None`: from
     /// the cache); `bypass` for a request that does not use the cache.
     TooLargeForLambda {

@@ -136,7 +136,7 @@ pub(super) fn relay(
 }
 
 /// The 502 for an answer too large to return through Lambda
-/// ([`crate::lambda::fits`]), with its outcome.
+/// ([`crate::lambda_payload::fits`]), with its outcome.
 pub(super) fn too_large_for_lambda(resp: &Response<Bytes>, outcome: Outcome) -> Reply {
     let resp = json_error(
         StatusCode::BAD_GATEWAY,
@@ -146,7 +146,7 @@ pub(super) fn too_large_for_lambda(resp: &Response<Bytes>, outcome: Outcome) -> 
             resp.status().as_u16(),
             resp.status().canonical_reason().unwrap_or(""),
             resp.body().len(),
-            crate::lambda::MAX_PAYLOAD_BYTES
+            crate::lambda_payload::MAX_PAYLOAD_BYTES
         ),
     );
     (resp, outcome.too_large_for_lambda())
