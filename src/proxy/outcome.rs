@@ -219,22 +219,7 @@ impl Outcome {
                 );
             }
             Kind::StaleIfError { stale_for, failure } => {
-                // One `detail` per entry (RFC 9211 §2): the stale use and,
-                // when the upstream did not answer, why.
-                let _ = match failure {
-                    UpstreamFailure::Status(code) => write!(
-                        s,
-                        "fwd=stale; fwd-status={code}; ttl=-{stale_for}; detail=stale-if-error"
-                    ),
-                    UpstreamFailure::Error(code) => write!(
-                        s,
-                        "fwd=stale; ttl=-{stale_for}; detail=\"stale-if-error; {code}\""
-                    ),
-                    // Not forwarded: a hit on a stale entry, and why.
-                    UpstreamFailure::NotAsked(hold) => {
-                        write!(s, "hit; ttl=-{stale_for}; detail={}", hold.detail())
-                    }
-                };
+                stale_if_error_status(&mut s, stale_for, failure)
             }
             Kind::Collapsed { fwd, how } => {
                 let _ = write!(s, "fwd={}; collapsed", fwd.as_str());
@@ -281,19 +266,7 @@ impl Outcome {
                 fwd,
                 fwd_status,
                 bypass,
-            } => {
-                match (fwd, bypass) {
-                    (Some(fwd), _) => {
-                        let _ = write!(s, "fwd={}; ", fwd.as_str());
-                    }
-                    (None, true) => s.push_str("fwd=bypass; "),
-                    (None, false) => s.push_str("hit; "),
-                }
-                if let Some(status) = fwd_status {
-                    let _ = write!(s, "fwd-status={status}; ");
-                }
-                s.push_str("detail=response_too_large_for_lambda");
-            }
+            } => too_large_for_lambda_status(&mut s, fwd, fwd_status, bypass),
             Kind::Rejected => return None,
         }
         Some(s)
@@ -346,6 +319,46 @@ const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 fn push_ms(out: &mut String, d: Duration) {
     let micros = d.as_micros();
     let _ = write!(out, "{}.{:03}", micros / 1000, micros % 1000);
+}
+
+/// `Cache-Status` of a stale-if-error answer: one `detail` per entry
+/// (RFC 9211 §2), the stale use and, when the upstream did not answer, why.
+fn stale_if_error_status(s: &mut String, stale_for: u64, failure: UpstreamFailure) {
+    let _ = match failure {
+        UpstreamFailure::Status(code) => write!(
+            s,
+            "fwd=stale; fwd-status={code}; ttl=-{stale_for}; detail=stale-if-error"
+        ),
+        UpstreamFailure::Error(code) => write!(
+            s,
+            "fwd=stale; ttl=-{stale_for}; detail=\"stale-if-error; {code}\""
+        ),
+        // Not forwarded: a hit on a stale entry, and why.
+        UpstreamFailure::NotAsked(hold) => {
+            write!(s, "hit; ttl=-{stale_for}; detail={}", hold.detail())
+        }
+    };
+}
+
+/// `Cache-Status` of an answer Lambda could not carry: what the cache
+/// did (forwarded, bypassed, or a hit), then why the client got a 502.
+fn too_large_for_lambda_status(
+    s: &mut String,
+    fwd: Option<Forward>,
+    fwd_status: Option<u16>,
+    bypass: bool,
+) {
+    match (fwd, bypass) {
+        (Some(fwd), _) => {
+            let _ = write!(s, "fwd={}; ", fwd.as_str());
+        }
+        (None, true) => s.push_str("fwd=bypass; "),
+        (None, false) => s.push_str("hit; "),
+    }
+    if let Some(status) = fwd_status {
+        let _ = write!(s, "fwd-status={status}; ");
+    }
+    s.push_str("detail=response_too_large_for_lambda");
 }
 
 #[cfg(test)]
