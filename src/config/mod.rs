@@ -294,6 +294,17 @@ pub struct CacheConfig {
     /// Request headers whose values are part of every key (lower case).
     /// Default: none (the response's `Vary` adds its own).
     pub key_headers: Vec<String>,
+    /// Request headers that identify a client, as `Authorization` and
+    /// `Cookie` do: API keys and tokens. A request carrying one is
+    /// answered from, or stored in, the cache only when the route keys on
+    /// that header (`key_headers`) or the upstream marks the answer
+    /// `public` or `s-maxage` (the rule RFC 9111 §3.5 gives for
+    /// `Authorization`); otherwise it passes through, and the edge is
+    /// told the answer varies by the header. Setting the list replaces
+    /// the default: repeat it to add a name. Default:
+    /// [`DEFAULT_CREDENTIAL_HEADERS`]. Env:
+    /// `CACHEGATE_CACHE__CREDENTIAL_HEADERS`.
+    pub credential_headers: Vec<String>,
     /// Store responses that carry `Set-Cookie` (with the `Set-Cookie`
     /// header removed; only the client that caused the fetch gets the
     /// cookie). Default `false`: such responses are not stored.
@@ -371,6 +382,10 @@ impl Default for CacheConfig {
             max_entry_bytes: bytesize::ByteSize::mib(5),
             ignored_query_params: Vec::new(),
             key_headers: Vec::new(),
+            credential_headers: DEFAULT_CREDENTIAL_HEADERS
+                .iter()
+                .map(|&h| h.to_owned())
+                .collect(),
             store_set_cookie_responses: false,
             store_request_errors: false,
             honor_client_no_cache: false,
@@ -388,7 +403,71 @@ impl Default for CacheConfig {
     }
 }
 
+/// The request headers that are credentials by default
+/// (`cache.credential_headers`): the API-key and token headers of common
+/// APIs and API gateways. Each carries a secret that says who the client
+/// is, so an upstream may answer each value differently. Not here:
+/// `X-CSRF-Token` / `X-XSRF-Token` (an anti-forgery echo of a cookie,
+/// which is the credential and already counts; it does not select what a
+/// GET returns), identity assertions such as `X-User-Id` or `X-Tenant-Id`
+/// (not secrets; a route that answers per tenant keys on them with
+/// `key_headers`), `Proxy-Authorization` (hop-by-hop: dropped before
+/// anything reads the request, never forwarded).
+pub const DEFAULT_CREDENTIAL_HEADERS: &[&str] = &[
+    // Generic API-key headers.
+    "x-api-key",
+    "api-key",
+    "apikey",
+    "x-apikey",
+    // Generic token headers.
+    "x-auth-token",
+    "x-access-token",
+    "x-token",
+    "x-session-token",
+    "x-session-id",
+    "x-authorization",
+    // Named services and gateways: Google APIs, Azure API Management,
+    // Azure Functions, RapidAPI, GitLab, AWS temporary credentials.
+    "x-goog-api-key",
+    "ocp-apim-subscription-key",
+    "x-functions-key",
+    "x-rapidapi-key",
+    "private-token",
+    "x-amz-security-token",
+];
+
+/// Headers that cannot be listed in `cache.credential_headers`, and why.
+const NOT_CREDENTIAL_HEADERS: [(&str, &str); 3] = [
+    (
+        "authorization",
+        "is a credential already (bypasses the cache unless a route keys on it)",
+    ),
+    (
+        "cookie",
+        "is a credential already (see routes' ignore_cookies and key_cookies)",
+    ),
+    (
+        "proxy-authorization",
+        "is hop-by-hop: dropped before anything reads the request, never forwarded",
+    ),
+];
+
 impl CacheConfig {
+    /// Check `credential_headers`: header names, none of those with rules
+    /// of their own.
+    fn check_credential_headers(&self) -> Result<(), ConfigError> {
+        const KEY: &str = "cache.credential_headers";
+        for name in header_names(KEY, &self.credential_headers)? {
+            if let Some((_, why)) = NOT_CREDENTIAL_HEADERS
+                .iter()
+                .find(|(n, _)| *n == name.as_str())
+            {
+                return Err(invalid(KEY, format!("`{name}` {why}")));
+            }
+        }
+        Ok(())
+    }
+
     /// `invalidating_methods` as methods (checked by validation).
     pub fn invalidating_method_list(&self) -> Result<Vec<http::Method>, ConfigError> {
         self.invalidating_methods
@@ -956,6 +1035,7 @@ impl Config {
                 return Err(invalid(key, "must be a fraction from 0 (off) to below 1"));
             }
         }
+        self.cache.check_credential_headers()?;
         if !(1..=10_000).contains(&self.cache.max_tags_per_entry) {
             return Err(invalid("cache.max_tags_per_entry", "must be 1 to 10000"));
         }

@@ -26,7 +26,7 @@
 //!   does, for headers outside its cache policy) to revalidate one
 //!   tenant's copy with another tenant's request.
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::HeaderMap;
 
 use super::cache_control::split_directives;
@@ -111,23 +111,48 @@ pub fn mark_keyed(
     edge_key_headers: Option<&[String]>,
     with_vary: bool,
 ) -> bool {
+    let keys: Vec<&str> = rule.key_headers.iter().map(String::as_str).collect();
+    mark_keyed_on(headers, &keys, edge_key_headers, with_vary)
+}
+
+/// An answer relayed to a request carrying credential headers its route
+/// does not key on (`unkeyed`, [`Rule::unkeyed_credentials`]), which the
+/// upstream did not mark shareable: it goes out as an answer keyed on
+/// them would ([`mark_keyed`]), named in `Vary` and `private` unless the
+/// edge keys on them all. Caches in front apply RFC 9111 §3.5 to
+/// `Authorization` themselves; they do not know that `X-Api-Key` says who
+/// the client is, and would otherwise give one tenant's answer to another.
+pub fn mark_credential_answer(
+    headers: &mut HeaderMap,
+    unkeyed: &[HeaderName],
+    edge_key_headers: Option<&[String]>,
+) {
+    if unkeyed.is_empty() || super::explicitly_shareable(headers) {
+        return;
+    }
+    let keys: Vec<&str> = unkeyed.iter().map(HeaderName::as_str).collect();
+    mark_keyed_on(headers, &keys, edge_key_headers, false);
+}
+
+/// [`mark_keyed`] for the request headers `keys` (lower case).
+fn mark_keyed_on(
+    headers: &mut HeaderMap,
+    keys: &[&str],
+    edge_key_headers: Option<&[String]>,
+    with_vary: bool,
+) -> bool {
     let vary = super::headers::vary_names(headers).unwrap_or_default();
-    let missing: Vec<&str> = rule
-        .key_headers
+    let missing: Vec<&str> = keys
         .iter()
-        .filter(|k| !vary.contains(k))
-        .map(String::as_str)
+        .copied()
+        .filter(|k| !vary.iter().any(|v| v == k))
         .collect();
     if !missing.is_empty() {
         if let Ok(v) = HeaderValue::from_str(&missing.join(", ")) {
             headers.append(header::VARY, v);
         }
     }
-    let mut keys = rule
-        .key_headers
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>();
+    let mut keys = keys.to_vec();
     if with_vary && edge_key_headers.is_some() {
         keys.extend(vary.iter().map(String::as_str));
     }
@@ -360,5 +385,45 @@ mod tests {
         );
         assert_eq!(cc(&h), "private");
         assert_eq!(h[header::VARY], "authorization");
+    }
+
+    /// An answer relayed to a request with a credential header its route
+    /// does not key on goes out as one keyed on it would: named in `Vary`,
+    /// `private` unless the edge keys on it; what the upstream marked
+    /// shareable, or already keeps out of shared caches, is left as it is.
+    #[test]
+    fn credential_answers_go_out_keyed_on_the_credential() {
+        let api_key = [HeaderName::from_static("x-api-key")];
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_str(v).unwrap());
+            h
+        };
+        for edge in [None, Some(&[][..])] {
+            let mut h = with("max-age=60");
+            mark_credential_answer(&mut h, &api_key, edge);
+            assert_eq!(cc(&h), "max-age=60, private", "{edge:?}");
+            assert_eq!(h[header::VARY], "x-api-key");
+        }
+        let keyed_edge = vec!["x-api-key".to_string()];
+        let mut h = with("max-age=60");
+        mark_credential_answer(&mut h, &api_key, Some(&keyed_edge));
+        assert_eq!(cc(&h), "max-age=60", "an edge that keys on it may share it");
+        assert_eq!(h[header::VARY], "x-api-key");
+        for v in ["public, max-age=60", "s-maxage=60"] {
+            let mut h = with(v);
+            mark_credential_answer(&mut h, &api_key, None);
+            assert_eq!(cc(&h), v);
+            assert!(h.get(header::VARY).is_none(), "{v}");
+        }
+        for v in ["private, max-age=60", "no-store"] {
+            let mut h = with(v);
+            mark_credential_answer(&mut h, &api_key, None);
+            assert_eq!(cc(&h), v);
+        }
+        let mut h = with("max-age=60");
+        mark_credential_answer(&mut h, &[], None);
+        assert_eq!(cc(&h), "max-age=60", "no credential: untouched");
+        assert!(h.get(header::VARY).is_none());
     }
 }

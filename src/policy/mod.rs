@@ -37,7 +37,9 @@ pub mod rule;
 
 pub use cache_control::{CacheControl, MAX_DELTA_SECONDS};
 pub use edge::{edge_headers, mark_keyed, EdgeFacts};
-pub use request::{explicitly_shareable, request_policy, Bypass, RequestFacts, RequestPolicy};
+pub use request::{
+    explicitly_shareable, request_policy, Bypass, Personal, RequestFacts, RequestPolicy,
+};
 pub use response::{response_policy, Freshness, NotStorable, ResponseFacts};
 pub use rule::Rule;
 
@@ -256,7 +258,7 @@ mod tests {
             Err(NotStorable::ClientNoStore)
         );
         let cookie = RequestPolicy {
-            shareable_only: true,
+            shareable_only: Some(Personal::Cookie),
             ..RequestPolicy::PLAIN_GET
         };
         assert_eq!(
@@ -264,11 +266,31 @@ mod tests {
             Err(NotStorable::Cookie),
             "asked with a cookie: personal unless marked shareable"
         );
+        let credential = RequestPolicy {
+            shareable_only: Some(Personal::Credential),
+            ..RequestPolicy::PLAIN_GET
+        };
+        assert_eq!(
+            policy_for(credential, 200, &fresh, &r),
+            Err(NotStorable::Credential),
+            "asked with an API key: personal unless marked shareable (RFC 9111 §3.5)"
+        );
+        let route_ttl = Rule {
+            ttl: Some(Duration::from_secs(60)),
+            ..r.clone()
+        };
+        assert_eq!(
+            policy_for(credential, 200, &[], &route_ttl),
+            Err(NotStorable::Credential),
+            "a route ttl does not make a personal answer shareable"
+        );
         for shareable in ["public, max-age=60", "s-maxage=60"] {
-            assert!(
-                policy_for(cookie, 200, &[("cache-control", shareable)], &r).is_ok(),
-                "{shareable}"
-            );
+            for asked in [cookie, credential] {
+                assert!(
+                    policy_for(asked, 200, &[("cache-control", shareable)], &r).is_ok(),
+                    "{shareable}"
+                );
+            }
         }
         // Marked public, the response's own refusals still hold.
         assert_eq!(

@@ -3,6 +3,7 @@
 use http::{HeaderMap, Method};
 
 use super::CacheControl;
+use super::NotStorable;
 use super::Rule;
 
 /// Why a request does not use the cache at all.
@@ -29,6 +30,9 @@ pub enum Bypass {
     /// Carries `Cookie`, the route does not key on cookies, and what is
     /// stored is not marked shareable (`public`, `s-maxage`).
     Cookie,
+    /// Carries a credential header (`cache.credential_headers`) the route
+    /// does not key on, and what is stored is not marked shareable.
+    Credential,
 }
 
 impl Bypass {
@@ -41,6 +45,51 @@ impl Bypass {
             Bypass::Upgrade => "upgrade",
             Bypass::Range => "range",
             Bypass::Cookie => "cookie",
+            Bypass::Credential => "credential",
+        }
+    }
+}
+
+/// Why a request may take only answers the upstream marks shareable
+/// ([`explicitly_shareable`]): it says who the client is, the route does
+/// not key on that, and an upstream that never thought about caching
+/// personalises on it without saying so. RFC 9111 §3.5 gives this rule
+/// for `Authorization`; it holds for any credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Personal {
+    /// Carries `Cookie`, and the route does not key on cookies.
+    Cookie,
+    /// Carries a header of `cache.credential_headers` the route does not
+    /// key on (it may carry cookies too).
+    Credential,
+}
+
+impl Personal {
+    /// The request's bypass when what is stored is not for it.
+    pub fn bypass(self) -> Bypass {
+        match self {
+            Personal::Cookie => Bypass::Cookie,
+            Personal::Credential => Bypass::Credential,
+        }
+    }
+
+    /// Why its answer is not stored when it is not marked shareable.
+    pub fn not_storable(self) -> NotStorable {
+        match self {
+            Personal::Cookie => NotStorable::Cookie,
+            Personal::Credential => NotStorable::Credential,
+        }
+    }
+
+    /// Why, for this request, the whole question is whether the answer is
+    /// shareable: the credential first, cookies otherwise.
+    pub fn of(headers: &HeaderMap, rule: &Rule) -> Option<Personal> {
+        if rule.unkeyed_credentials(headers).next().is_some() {
+            Some(Personal::Credential)
+        } else if headers.contains_key(http::header::COOKIE) && !rule.cookies_are_keyed() {
+            Some(Personal::Cookie)
+        } else {
+            None
         }
     }
 }
@@ -64,11 +113,10 @@ pub struct RequestPolicy {
     pub lookup: bool,
     /// Store the response (the client did not send `no-store`).
     pub store: bool,
-    /// The request carries `Cookie` and the route does not key on cookies:
-    /// only answers the upstream marks shareable ([`explicitly_shareable`])
-    /// may be stored for it or served to it. An upstream that never
-    /// thought about caching personalises on cookies without saying so.
-    pub shareable_only: bool,
+    /// The request says who the client is and the route does not key on
+    /// it ([`Personal`]): only answers the upstream marks shareable
+    /// ([`explicitly_shareable`]) may be stored for it or served to it.
+    pub shareable_only: Option<Personal>,
     /// A HEAD: its answer has no body to store.
     pub head: bool,
     /// A GET with `Range`: answered only from a fresh stored complete
@@ -82,7 +130,7 @@ impl RequestPolicy {
     pub const PLAIN_GET: RequestPolicy = RequestPolicy {
         lookup: true,
         store: true,
-        shareable_only: false,
+        shareable_only: None,
         head: false,
         range: false,
     };
@@ -124,7 +172,7 @@ pub fn request_policy(facts: RequestFacts<'_>, rule: &Rule) -> Result<RequestPol
     Ok(RequestPolicy {
         lookup: !(rule.honor_client_no_cache && (cc.no_cache || pragma_no_cache)),
         store: !cc.no_store,
-        shareable_only: headers.contains_key(http::header::COOKIE) && !rule.cookies_are_keyed(),
+        shareable_only: Personal::of(headers, rule),
         head: method == Method::HEAD,
         range,
     })
@@ -186,6 +234,147 @@ pub fn keep_key_cookies(headers: &mut HeaderMap, names: &[String]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{CacheConfig, DEFAULT_CREDENTIAL_HEADERS};
+
+    fn get(pairs: &[(&str, &str)], rule: &Rule) -> Result<RequestPolicy, Bypass> {
+        let mut headers = HeaderMap::new();
+        for (n, v) in pairs {
+            headers.append(
+                http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        request_policy(
+            RequestFacts {
+                method: &Method::GET,
+                headers: &headers,
+                has_body: false,
+                upgrade: false,
+            },
+            rule,
+        )
+    }
+
+    fn keyed_on(names: &[&str]) -> Rule {
+        Rule {
+            key_headers: names.iter().map(|&n| n.to_owned()).collect(),
+            ..Rule::global(&CacheConfig::default())
+        }
+    }
+
+    /// Every default credential header makes a request's answer personal
+    /// unless marked shareable (RFC 9111 §3.5's rule for `Authorization`),
+    /// in any letter case; keying on the header lifts that for it alone.
+    #[test]
+    fn a_credential_header_the_route_does_not_key_on_takes_only_shareable_answers() {
+        let global = Rule::global(&CacheConfig::default());
+        assert_eq!(
+            global.credential_headers.len(),
+            DEFAULT_CREDENTIAL_HEADERS.len()
+        );
+        for name in DEFAULT_CREDENTIAL_HEADERS {
+            let upper = name.to_ascii_uppercase();
+            for sent in [*name, upper.as_str()] {
+                assert_eq!(
+                    get(&[(sent, "tenant-a")], &global).unwrap().shareable_only,
+                    Some(Personal::Credential),
+                    "{sent}"
+                );
+            }
+            let keyed = keyed_on(&[name]);
+            assert_eq!(
+                get(&[(name, "tenant-a")], &keyed).unwrap().shareable_only,
+                None,
+                "{name} is part of the key"
+            );
+        }
+        // Keyed on one credential, another one still says who the client is.
+        let keyed = keyed_on(&["x-api-key"]);
+        assert_eq!(
+            get(&[("x-api-key", "a"), ("x-auth-token", "t")], &keyed)
+                .unwrap()
+                .shareable_only,
+            Some(Personal::Credential)
+        );
+    }
+
+    /// The credential is named before the cookie, whatever the route says
+    /// of cookies; `Authorization` keeps its own, stricter rule.
+    #[test]
+    fn credentials_cookies_and_authorization_each_keep_their_rule() {
+        let global = Rule::global(&CacheConfig::default());
+        assert_eq!(
+            get(&[("cookie", "s=1")], &global).unwrap().shareable_only,
+            Some(Personal::Cookie)
+        );
+        assert_eq!(
+            get(&[("cookie", "s=1"), ("x-api-key", "a")], &global)
+                .unwrap()
+                .shareable_only,
+            Some(Personal::Credential)
+        );
+        let ignore_cookies = Rule {
+            ignore_cookies: true,
+            ..global.clone()
+        };
+        assert_eq!(
+            get(&[("cookie", "s=1"), ("x-api-key", "a")], &ignore_cookies)
+                .unwrap()
+                .shareable_only,
+            Some(Personal::Credential),
+            "ignore_cookies is about cookies only"
+        );
+        assert_eq!(
+            get(
+                &[("authorization", "Bearer t"), ("x-api-key", "a")],
+                &global
+            ),
+            Err(Bypass::Authorization)
+        );
+        assert_eq!(Personal::Credential.bypass().as_str(), "credential");
+        assert_eq!(Personal::Cookie.bypass().as_str(), "cookie");
+    }
+
+    /// Headers that are not credentials of the resource leave a request
+    /// anonymous: an anti-forgery token (the cookie it echoes is the
+    /// credential), identity assertions and tracing ids; so does a list
+    /// that does not name a header.
+    #[test]
+    fn other_headers_leave_a_request_anonymous() {
+        let global = Rule::global(&CacheConfig::default());
+        for name in [
+            "x-csrf-token",
+            "x-xsrf-token",
+            "x-tenant-id",
+            "x-user-id",
+            "x-request-id",
+            "accept-language",
+        ] {
+            assert_eq!(
+                get(&[(name, "v")], &global).unwrap(),
+                RequestPolicy::PLAIN_GET,
+                "{name}"
+            );
+        }
+        let only_tenant = Rule::global(&CacheConfig {
+            credential_headers: vec!["X-Tenant-Key".into()],
+            ..CacheConfig::default()
+        });
+        assert_eq!(
+            get(&[("x-tenant-key", "k")], &only_tenant)
+                .unwrap()
+                .shareable_only,
+            Some(Personal::Credential),
+            "configured names are matched in any case"
+        );
+        assert_eq!(
+            get(&[("x-api-key", "a")], &only_tenant)
+                .unwrap()
+                .shareable_only,
+            None,
+            "the configured list replaces the default"
+        );
+    }
 
     /// RFC 9111 §4.4 with RFC 9110 §9.2.1: every method that is not known
     /// to be safe invalidates on success.

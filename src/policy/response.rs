@@ -30,6 +30,9 @@ pub enum NotStorable {
     /// Asked with `Cookie` on a route that does not key on cookies, and
     /// not marked `public` or `s-maxage`.
     Cookie,
+    /// Asked with a credential header (`cache.credential_headers`) the
+    /// route does not key on, and not marked `public` or `s-maxage`.
+    Credential,
     /// The upstream rejected this request as malformed or too large
     /// ([`request_provoked_error`]); `cache.store_request_errors` is off.
     RequestError,
@@ -50,6 +53,7 @@ impl NotStorable {
             NotStorable::Head => "head",
             NotStorable::MustUnderstand => "must-understand",
             NotStorable::Cookie => "cookie",
+            NotStorable::Credential => "credential",
             NotStorable::RequestError => "request-error",
         }
     }
@@ -193,10 +197,13 @@ fn request_refusal(request: RequestPolicy, h: &HeaderMap) -> Result<(), NotStora
     if !request.store {
         return Err(NotStorable::ClientNoStore);
     }
-    // Asked with cookies the route does not key on: stored only when the
+    // Asked with cookies or a credential the route does not key on
+    // (RFC 9111 §3.5's rule for `Authorization`): stored only when the
     // upstream says outright that anyone may have it.
-    if request.shareable_only && !explicitly_shareable(h) {
-        return Err(NotStorable::Cookie);
+    if let Some(personal) = request.shareable_only {
+        if !explicitly_shareable(h) {
+            return Err(personal.not_storable());
+        }
     }
     Ok(())
 }

@@ -2,7 +2,10 @@
 //! [`crate::routes`] builds one per configured route from the
 //! configuration; [`Rule::global`] is the rule of paths no route matches.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use http::{HeaderMap, HeaderName};
 
 use crate::config::CacheConfig;
 
@@ -39,6 +42,9 @@ pub struct Rule {
     pub key_cookies: Vec<String>,
     /// Requests with `Cookie` use the cache like any other (`ignore_cookies`).
     pub ignore_cookies: bool,
+    /// Request headers that identify a client (`cache.credential_headers`),
+    /// parsed (lower case) once for every rule.
+    pub credential_headers: Arc<[HeaderName]>,
 }
 
 impl Rule {
@@ -64,6 +70,12 @@ impl Rule {
             keep_for_revalidation: global.keep_for_revalidation,
             key_cookies: Vec::new(),
             ignore_cookies: false,
+            // Names the configuration check has refused never get here.
+            credential_headers: global
+                .credential_headers
+                .iter()
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                .collect(),
         }
     }
 
@@ -71,6 +83,18 @@ impl Rule {
     /// credential then has its own keys).
     pub fn keys_on_authorization(&self) -> bool {
         self.key_headers.iter().any(|h| h == "authorization")
+    }
+
+    /// The credential headers (`cache.credential_headers`) `headers`
+    /// carries that the rule does not key on: each makes the answer
+    /// possibly personal (see [`super::request::Personal::Credential`]).
+    pub fn unkeyed_credentials<'a>(
+        &'a self,
+        headers: &'a HeaderMap,
+    ) -> impl Iterator<Item = &'a HeaderName> + 'a {
+        self.credential_headers.iter().filter(move |name| {
+            headers.contains_key(*name) && !self.key_headers.iter().any(|k| k == name.as_str())
+        })
     }
 
     /// Whether a request carrying `Cookie` may use the cache whatever the

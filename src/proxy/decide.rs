@@ -21,9 +21,10 @@ use crate::upstream::{UpstreamError, UpstreamResponse};
 pub(super) enum HitDecision {
     /// Nothing stored: fetch.
     Miss,
-    /// Stored for requests without cookies and not marked shareable; this
-    /// request carries cookies and may be personal: pass it through.
-    CookiePass,
+    /// Stored for anonymous requests and not marked shareable; this
+    /// request says who the client is (cookies, a credential) and its
+    /// answer may be personal: pass it through.
+    PersonalPass(policy::Personal),
     /// Fresh: answer it, `ttl` seconds of freshness left; `refresh_ahead`
     /// when the hit falls in the last part of its freshness.
     Fresh { ttl: u64, refresh_ahead: bool },
@@ -44,7 +45,7 @@ pub(super) struct HitFacts {
     pub(super) now: UnixMillis,
     /// The request may only take answers marked shareable
     /// ([`policy::RequestPolicy::shareable_only`]).
-    pub(super) shareable_only: bool,
+    pub(super) shareable_only: Option<policy::Personal>,
     /// Work can run after the response (`Background::available`).
     pub(super) background: bool,
     /// `cache.refresh_ahead`.
@@ -62,8 +63,10 @@ pub(super) fn serve_or_revalidate(
     let Some(stored) = stored else {
         return HitDecision::Miss;
     };
-    if facts.shareable_only && !policy::explicitly_shareable(&stored.headers) {
-        return HitDecision::CookiePass;
+    if let Some(personal) = facts.shareable_only {
+        if !policy::explicitly_shareable(&stored.headers) {
+            return HitDecision::PersonalPass(personal);
+        }
     }
     let (entry, now) = (&stored.entry, facts.now);
     if entry.is_fresh(now) {
@@ -210,7 +213,7 @@ mod tests {
     fn facts(now: UnixMillis) -> HitFacts {
         HitFacts {
             now,
-            shareable_only: false,
+            shareable_only: None,
             background: true,
             refresh_ahead: 0.1,
         }
@@ -284,35 +287,40 @@ mod tests {
         }
     }
 
+    /// A request carrying cookies or a credential the route does not key
+    /// on takes only answers marked shareable (RFC 9111 §3.5's rule for
+    /// `Authorization`), and its pass says which it was.
     #[test]
-    fn a_cookie_request_takes_only_what_is_marked_shareable() {
-        let cookie = HitFacts {
-            shareable_only: true,
-            ..facts(50_000)
-        };
-        let plain = stored(&[("cache-control", "max-age=100")]);
-        assert_eq!(
-            serve_or_revalidate(Some(&plain), cookie, not_asked),
-            HitDecision::CookiePass
-        );
-        let past_swr = HitFacts {
-            now: 150_000,
-            ..cookie
-        };
-        assert_eq!(
-            serve_or_revalidate(Some(&plain), past_swr, not_asked),
-            HitDecision::CookiePass,
-            "not revalidated for it either"
-        );
-        for shareable in ["public, max-age=100", "s-maxage=100"] {
-            let s = stored(&[("cache-control", shareable)]);
-            assert!(
-                matches!(
-                    serve_or_revalidate(Some(&s), cookie, not_asked),
-                    HitDecision::Fresh { .. }
-                ),
-                "{shareable}"
+    fn a_personal_request_takes_only_what_is_marked_shareable() {
+        for personal in [policy::Personal::Cookie, policy::Personal::Credential] {
+            let asked = HitFacts {
+                shareable_only: Some(personal),
+                ..facts(50_000)
+            };
+            let plain = stored(&[("cache-control", "max-age=100")]);
+            assert_eq!(
+                serve_or_revalidate(Some(&plain), asked, not_asked),
+                HitDecision::PersonalPass(personal)
             );
+            let past_swr = HitFacts {
+                now: 150_000,
+                ..asked
+            };
+            assert_eq!(
+                serve_or_revalidate(Some(&plain), past_swr, not_asked),
+                HitDecision::PersonalPass(personal),
+                "not revalidated for it either"
+            );
+            for shareable in ["public, max-age=100", "s-maxage=100"] {
+                let s = stored(&[("cache-control", shareable)]);
+                assert!(
+                    matches!(
+                        serve_or_revalidate(Some(&s), asked, not_asked),
+                        HitDecision::Fresh { .. }
+                    ),
+                    "{personal:?} {shareable}"
+                );
+            }
         }
     }
 

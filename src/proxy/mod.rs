@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode};
 use reqwest::Url;
 use tokio::sync::watch;
 
@@ -286,7 +286,9 @@ impl Proxy {
             self.is_fetching(&miss.primary)
         });
         let on_contention = match (decision, &stored) {
-            (HitDecision::CookiePass, _) => return self.cookie_pass_through(miss).await,
+            (HitDecision::PersonalPass(personal), _) => {
+                return self.pass_through(Pass::from(miss), personal.bypass()).await
+            }
             _ if miss.policy.range => return self.answer_range(miss, stored).await,
             (HitDecision::Fresh { ttl, refresh_ahead }, Some(s)) => {
                 if refresh_ahead {
@@ -456,13 +458,15 @@ impl Proxy {
         miss: MissCtx,
         fetched: Result<Fetched, UpstreamError>,
     ) -> Reply {
-        match fetched {
-            Ok(Fetched::Entry(stored, _))
-                if miss.policy.shareable_only && !policy::explicitly_shareable(&stored.headers) =>
-            {
+        if let (Ok(Fetched::Entry(stored, _)), Some(personal)) =
+            (&fetched, miss.policy.shareable_only)
+        {
+            if !policy::explicitly_shareable(&stored.headers) {
                 // Another request's fetch, stored under its rules.
-                self.cookie_pass_through(miss).await
+                return self.pass_through(Pass::from(miss), personal.bypass()).await;
             }
+        }
+        match fetched {
             Ok(Fetched::Entry(stored, outcome)) => self.respond_to(&miss, &stored, outcome),
             Ok(Fetched::Own(stored, outcome, own)) => {
                 let (mut resp, outcome) = self.respond_to(&miss, &stored, outcome);
@@ -471,12 +475,20 @@ impl Proxy {
                 }
                 (resp, outcome)
             }
-            Ok(Fetched::Relay(resp, outcome)) => respond::relay(
-                resp,
-                outcome,
-                miss.policy.head,
-                Some((&miss.rule, self.settings.edge_key_headers.as_deref())),
-            ),
+            Ok(Fetched::Relay(mut resp, outcome)) => {
+                let unkeyed: Vec<HeaderName> = miss
+                    .rule
+                    .unkeyed_credentials(&miss.headers)
+                    .cloned()
+                    .collect();
+                self.mark_credential_answer(&mut resp.headers, &unkeyed);
+                respond::relay(
+                    resp,
+                    outcome,
+                    miss.policy.head,
+                    Some((&miss.rule, self.settings.edge_key_headers.as_deref())),
+                )
+            }
             Err(e) => {
                 if !matches!(e, UpstreamError::Held { .. }) {
                     tracing::warn!(error = %e, path = %miss.target.path_and_query, "upstream failed");
@@ -547,10 +559,15 @@ impl Proxy {
         }
     }
 
-    /// A cookie-carrying request that may not use what is stored: passed
-    /// through like any bypass.
-    async fn cookie_pass_through(self: &Arc<Self>, miss: MissCtx) -> Reply {
-        self.pass_through(Pass::from(miss), Bypass::Cookie).await
+    /// An answer relayed to a request that carries credential headers its
+    /// route does not key on: keyed on them for the edge
+    /// ([`policy::edge::mark_credential_answer`]).
+    fn mark_credential_answer(&self, response: &mut HeaderMap, unkeyed: &[HeaderName]) {
+        policy::edge::mark_credential_answer(
+            response,
+            unkeyed,
+            self.settings.edge_key_headers.as_deref(),
+        );
     }
 
     /// Refresh a hot entry before it expires, in the background, once per
@@ -601,6 +618,8 @@ impl Proxy {
             rule,
         } = pass;
         policy::headers::prepare_request_headers(&mut headers);
+        let unkeyed_credentials: Vec<HeaderName> =
+            rule.unkeyed_credentials(&headers).cloned().collect();
         // RFC 9111 §4.4: unsafe methods, and those whose safety is
         // unknown, invalidate the target URI on success (see the policy
         // function for why an unknown method may).
@@ -636,6 +655,7 @@ impl Proxy {
                         why,
                     },
                 );
+                self.mark_credential_answer(&mut resp.headers, &unkeyed_credentials);
                 respond::relay(resp, outcome, head, None)
             }
             Err(e) => upstream_error_reply(&e, None),
