@@ -119,6 +119,25 @@ fn bad_values_stop_start_up_naming_the_key_and_its_variable() {
             "routes[0].key_headers",
             "CACHEGATE_ROUTES",
         ),
+        (
+            vec![
+                up,
+                ("CACHEGATE_CACHE__CREDENTIAL_HEADERS", "[\"x api key\"]"),
+            ],
+            "cache.credential_headers",
+            "CACHEGATE_CACHE__CREDENTIAL_HEADERS",
+        ),
+        (
+            vec![
+                up,
+                (
+                    "CACHEGATE_CACHE__CREDENTIAL_HEADERS",
+                    "[\"X-Api-Key\", \"Cookie\"]",
+                ),
+            ],
+            "cache.credential_headers",
+            "CACHEGATE_CACHE__CREDENTIAL_HEADERS",
+        ),
     ] {
         let (code, _, stderr) = run(&env, &["serve", "--listen", "127.0.0.1:0"]);
         assert_eq!(code, 2, "{env:?}: {stderr}");
