@@ -100,6 +100,7 @@ pub async fn build_proxy_with(
         surrogate_key_headers: header_strings(&config.surrogate_key_headers),
         expose_surrogate_keys: config.cache.expose_surrogate_keys,
         edge_key_headers: config.edge_key_headers.as_deref().map(header_strings),
+        routing_headers: header_strings(&config.routing_headers),
         forwarding: request::Forwarding {
             trusted: config.trusted_proxies.clone(),
         },

@@ -32,6 +32,8 @@ pub struct ResolvedConfig {
     pub invalidating_methods: Vec<Method>,
     /// `cache.surrogate_key_headers`.
     pub surrogate_key_headers: Vec<HeaderName>,
+    /// `cache.routing_headers`.
+    pub routing_headers: Vec<HeaderName>,
     /// `edge.key_headers`, or what the edge keys on when it is unset
     /// (`None`: no edge that needs telling; see `policy::edge::edge_key_headers`).
     pub edge_key_headers: Option<Vec<HeaderName>>,
@@ -60,6 +62,7 @@ impl ResolvedConfig {
                 "cache.surrogate_key_headers",
                 &config.cache.surrogate_key_headers,
             )?,
+            routing_headers: header_names("cache.routing_headers", &config.cache.routing_headers)?,
             edge_key_headers: edge_key_headers(
                 config.edge.key_headers.as_deref(),
                 config.edge.is_configured(),

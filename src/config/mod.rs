@@ -319,6 +319,13 @@ pub struct CacheConfig {
     /// going to the upstream. Default `false`: any client could otherwise
     /// make every request reach the upstream.
     pub honor_client_no_cache: bool,
+    /// Request headers, besides the built-in list
+    /// (`policy::headers::UNKEYED_ROUTING_HEADERS`, docs/hostile-input.md),
+    /// that the upstream reads to re-route or re-scheme a request: they are
+    /// not forwarded on requests whose answer may be stored unless a route
+    /// keys on them. Default: none.
+    /// Env: `CACHEGATE_CACHE__ROUTING_HEADERS` (`["x-tenant-route"]`).
+    pub routing_headers: Vec<String>,
     /// Longest the `s-maxage` sent to the edge (CloudFront, browsers) may
     /// be; it is never more than the entry's freshness left. Default: unset.
     #[serde(with = "humantime_serde")]
@@ -389,6 +396,7 @@ impl Default for CacheConfig {
             store_set_cookie_responses: false,
             store_request_errors: false,
             honor_client_no_cache: false,
+            routing_headers: Vec::new(),
             edge_max_ttl: None,
             l1_ttl: Duration::from_secs(5),
             l1_check: Duration::from_millis(250),

@@ -49,38 +49,76 @@ pub fn prepare_request_headers(headers: &mut HeaderMap) {
     headers.remove(header::CONTENT_LENGTH);
 }
 
-/// Request headers that upstream frameworks commonly use to build absolute
-/// URLs, rewrite the path or change the method. On a request whose response
-/// may be stored they would let one client shape what every other client is
-/// served (cache poisoning), so they are not forwarded unless the route
-/// makes them part of the key. Bypassed requests forward them unchanged.
+/// Request headers that upstream frameworks and proxies use to rebuild the
+/// request's host, scheme, port, path or method, or to decide who the
+/// client is. On a request whose response may be stored they would let one
+/// client shape what every other client is served (cache poisoning; with a
+/// method override, cache-poisoned denial of service), so they are not
+/// forwarded unless the route makes them part of the key.
+/// `cache.routing_headers` adds names. Bypassed requests (writes,
+/// `Authorization`) forward them unchanged: their answers are not shared.
 ///
-/// `Forwarded`, `X-Forwarded-Host` and `X-Forwarded-Proto` are not here:
-/// the canonical request has replaced the client's with cachegate's own,
-/// which are part of every key ([`crate::request`]).
-const UNKEYED_ROUTING_HEADERS: &[&str] = &[
-    "x-forwarded-server",
-    "x-forwarded-scheme",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-host",
-    "x-original-url",
-    "x-original-host",
-    "x-rewrite-url",
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    "x-original-uri",
-    "x-forwarded-uri",
-    "x-forwarded-path",
-    "x-forwarded-ssl",
-    "x-forwarded-protocol",
-    "front-end-https",
-    "x-url-scheme",
+/// Sources: PortSwigger's Param Miner header wordlist
+/// (`resources/headers`), J. Kettle, "Practical Web Cache Poisoning"
+/// (2018) and "Web Cache Entanglement" (2020), and the HMO (HTTP Method
+/// Override) headers of Nguyen et al., "Your Cache Has Fallen:
+/// Cache-Poisoned Denial-of-Service Attack" (CCS 2019). Each name is here
+/// for the reader named beside it; `Destination` is not (only WebDAV
+/// `COPY`/`MOVE` read it, and those are writes, never stored).
+///
+/// `Forwarded`, `X-Forwarded-For`, `-Host`, `-Proto`, `X-Real-IP` and the
+/// other client-IP headers are not here: the canonical request has replaced
+/// the client's with cachegate's own on every request, and `-Host` and
+/// `-Proto` are part of every key ([`crate::request::CLIENT_FORWARDING_HEADERS`]).
+///
+/// Sorted (a unit test checks), lower case, compared with `_` read as `-`.
+pub const UNKEYED_ROUTING_HEADERS: &[&str] = &[
+    "base-url",                  // base URL for links (PHP apps; Param Miner)
+    "cf-visitor", // Cloudflare's `{"scheme":"https"}`: trusted-proxy packages, WordPress
+    "front-end-https", // scheme: IIS / Outlook Web Access, Rack
+    "http-url",   // request URL (CGI `HTTP_URL`; Param Miner)
+    "proxy-url",  // target URL for gateways and PHP proxies (Param Miner)
+    "request-uri", // path: read as `HTTP_REQUEST_URI` by CGI/PHP code
+    "uri",        // path (Param Miner; 403-bypass lists)
+    "url",        // path (Param Miner; 403-bypass lists)
+    "x-arr-ssl",  // scheme: IIS Application Request Routing marks TLS
+    "x-backend-host", // backend selection in proxy configurations
+    "x-custom-ip-authorization", // client IP for allow-lists (Kettle's research)
+    "x-forwarded-path", // path prefix (gateways, Spring)
+    "x-forwarded-port", // port in absolute URLs: Rack, Symfony, Laravel, Spring
+    "x-forwarded-prefix", // path base: Spring, ASP.NET Core, Traefik
+    "x-forwarded-protocol", // scheme: Rack, Symfony
+    "x-forwarded-scheme", // scheme: Rack, nginx configurations (Kettle: redirect loops)
+    "x-forwarded-server", // host: Apache mod_proxy sets it, frameworks read it
+    "x-forwarded-ssl", // scheme: Rack, Laravel
+    "x-forwarded-uri", // path: Traefik forward-auth, nginx configurations
+    "x-host",     // host (Kettle, "Practical Web Cache Poisoning")
+    "x-http-host-override", // host (Param Miner; Kettle)
+    "x-http-method", // method: OData, ASP.NET (HMO, CPDoS)
+    "x-http-method-override", // method: Express, Rails, Laravel, Google APIs (HMO, CPDoS)
+    "x-http-path-override", // path (Param Miner)
+    "x-method-override", // method: IBM, Symfony-style middleware (HMO, CPDoS)
+    "x-original-for", // client IP: ASP.NET Core forwarded-headers middleware
+    "x-original-host", // host: IIS ARR, ASP.NET Core forwarded-headers middleware
+    "x-original-proto", // scheme: ASP.NET Core forwarded-headers middleware
+    "x-original-uri", // path: nginx `auth_request` convention
+    "x-original-url", // path: IIS URL Rewrite, Zend/Laminas, Symfony before 4.4
+    "x-proxy-url", // target URL for gateways (Param Miner)
+    "x-proxyuser-ip", // client IP: Google front ends
+    "x-rewrite-url", // path: ISAPI_Rewrite, Zend/Laminas, Symfony before 4.4
+    "x-scheme",   // scheme: ingress-nginx sets it, Tornado reads it
+    "x-script-name", // path base: WSGI reverse-proxy recipes (Flask, Django)
+    "x-url-scheme", // scheme: Rack
 ];
 
-pub fn strip_unkeyed_routing_headers(headers: &mut HeaderMap, key_headers: &[String]) {
-    strip_listed(headers, UNKEYED_ROUTING_HEADERS, key_headers);
+/// Remove the routing headers ([`UNKEYED_ROUTING_HEADERS`] and the
+/// configured `extra` ones, lower case) from a request whose answer may be
+/// stored, but for those in `keep` (the route's key headers).
+pub fn strip_unkeyed_routing_headers(headers: &mut HeaderMap, extra: &[String], keep: &[String]) {
+    strip_listed(headers, UNKEYED_ROUTING_HEADERS, keep);
+    if !extra.is_empty() {
+        strip_listed(headers, extra, keep);
+    }
 }
 
 /// Remove every header named in `listed` (lower case), in any spelling a
@@ -88,7 +126,7 @@ pub fn strip_unkeyed_routing_headers(headers: &mut HeaderMap, key_headers: &[Str
 /// `X_Forwarded_Host` as the same HTTP_X_FORWARDED_HOST variable as
 /// `X-Forwarded-Host`, so names are compared with `_` read as `-`. A header
 /// in `keep` (a key header) stays, under the exact name the key reads.
-pub fn strip_listed(headers: &mut HeaderMap, listed: &[&str], keep: &[String]) {
+pub fn strip_listed<L: AsRef<str>>(headers: &mut HeaderMap, listed: &[L], keep: &[String]) {
     let same = |name: &str, listed: &str| {
         name.len() == listed.len()
             && name
@@ -99,7 +137,8 @@ pub fn strip_listed(headers: &mut HeaderMap, listed: &[&str], keep: &[String]) {
     let doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|n| {
-            listed.iter().any(|l| same(n.as_str(), l)) && !keep.iter().any(|k| k == n.as_str())
+            listed.iter().any(|l| same(n.as_str(), l.as_ref()))
+                && !keep.iter().any(|k| k == n.as_str())
         })
         .cloned()
         .collect();
@@ -255,6 +294,72 @@ mod tests {
             rewrite_upstream_locations(&mut h, &base, "https://cg.example");
             assert_eq!(h[header::LOCATION], want, "{sent}");
             assert_eq!(h[header::CONTENT_LOCATION], want, "{sent}");
+        }
+    }
+
+    #[test]
+    fn routing_headers_are_one_sorted_list_apart_from_the_replaced_ones() {
+        assert!(
+            UNKEYED_ROUTING_HEADERS.windows(2).all(|w| w[0] < w[1]),
+            "sorted, no duplicates"
+        );
+        for name in UNKEYED_ROUTING_HEADERS {
+            assert_eq!(HeaderName::from_static(name).as_str(), *name);
+            // The ones the canonical request replaces on every request
+            // are listed there, once.
+            assert!(
+                !crate::request::CLIENT_FORWARDING_HEADERS.contains(name),
+                "{name}"
+            );
+        }
+    }
+
+    /// The header in every spelling a client may send it: the name, its
+    /// upper-case form, `_` for `-` (one CGI variable for both).
+    fn spellings(name: &str) -> [String; 3] {
+        [
+            name.to_owned(),
+            name.to_ascii_uppercase(),
+            name.replace('-', "_"),
+        ]
+    }
+
+    #[test]
+    fn every_routing_header_in_every_spelling_is_stripped() {
+        let extra = vec!["x-tenant-route".to_owned()];
+        let names = UNKEYED_ROUTING_HEADERS
+            .iter()
+            .copied()
+            .chain(extra.iter().map(String::as_str));
+        for name in names {
+            for spelling in spellings(name) {
+                let mut h = HeaderMap::new();
+                h.insert(
+                    HeaderName::from_bytes(spelling.as_bytes()).unwrap(),
+                    "evil".parse().unwrap(),
+                );
+                h.insert(header::ACCEPT, "*/*".parse().unwrap());
+                strip_unkeyed_routing_headers(&mut h, &extra, &[]);
+                assert_eq!(h.len(), 1, "{spelling} was forwarded: {h:?}");
+                assert!(h.contains_key(header::ACCEPT));
+            }
+        }
+    }
+
+    #[test]
+    fn a_keyed_routing_header_is_kept_under_the_name_the_key_reads() {
+        let extra = vec!["x-tenant-route".to_owned()];
+        for name in ["x-script-name", "cf-visitor", "x-tenant-route"] {
+            let mut h = HeaderMap::new();
+            h.insert(HeaderName::from_static(name), "a".parse().unwrap());
+            let underscored = name.replace('-', "_");
+            h.insert(
+                HeaderName::from_bytes(underscored.as_bytes()).unwrap(),
+                "b".parse().unwrap(),
+            );
+            strip_unkeyed_routing_headers(&mut h, &extra, &[name.to_owned()]);
+            assert_eq!(h.len(), 1, "{name}: {h:?}");
+            assert_eq!(h[name], "a", "{name}");
         }
     }
 

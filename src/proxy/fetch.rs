@@ -89,7 +89,11 @@ impl Proxy {
     ) -> Result<Fetched, UpstreamError> {
         let mut headers = miss.headers.clone();
         policy::headers::prepare_request_headers(&mut headers);
-        policy::headers::strip_unkeyed_routing_headers(&mut headers, &miss.rule.key_headers);
+        policy::headers::strip_unkeyed_routing_headers(
+            &mut headers,
+            &self.settings.routing_headers,
+            &miss.rule.key_headers,
+        );
         // We answer the client's conditionals ourselves; upstream gets ours.
         policy::conditional::upstream_conditionals(
             &mut headers,

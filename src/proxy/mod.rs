@@ -66,6 +66,9 @@ pub struct Settings {
     /// Lower-case request headers the cache in front keys on
     /// (`edge.key_headers`); `None` when not configured.
     pub edge_key_headers: Option<Vec<String>>,
+    /// Lower-case request headers added to the routing headers stripped
+    /// from requests whose answer may be stored (`cache.routing_headers`).
+    pub routing_headers: Vec<String>,
     /// Which proxies may vouch for a client's address (`serve.trusted_proxies`).
     pub forwarding: Forwarding,
     /// Safe methods whose success invalidates the URL anyway
