@@ -43,16 +43,8 @@ async fn origin(answer: Answer) -> Origin {
             },
         )
         .with_state((calls.clone(), answer));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
-    Origin {
-        url: format!("http://{addr}"),
-        calls,
-        task,
-    }
+    let (url, task) = common::serve_on_loopback(app).await;
+    Origin { url, calls, task }
 }
 
 fn respond(status: u16, headers: &[(&str, &str)], body: &'static str) -> Response<Body> {

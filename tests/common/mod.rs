@@ -92,16 +92,19 @@ pub async fn upstream() -> TestUpstream {
     let app = axum::Router::new()
         .fallback(answer)
         .with_state(state.clone());
+    let (url, task) = serve_on_loopback(app).await;
+    TestUpstream { url, state, task }
+}
+
+/// Serve `app` on a free loopback port: its base URL, and the task to
+/// abort when the test is done with it.
+pub async fn serve_on_loopback(app: axum::Router) -> (String, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         axum::serve(listener, app).await.unwrap();
     });
-    TestUpstream {
-        url: format!("http://{addr}"),
-        state,
-        task,
-    }
+    (format!("http://{addr}"), task)
 }
 
 async fn answer(State(state): State<Arc<UpstreamState>>, req: Request<Body>) -> Response<Body> {
