@@ -39,6 +39,7 @@ pub const URL_TAG_PREFIX: &str = "url:";
 /// The response's `Vary` names select what a key includes; the policy
 /// owns how they are read.
 pub use crate::policy::headers::vary_names;
+pub use crate::policy::rule::QueryFilter;
 
 /// A request resolved against the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,10 +58,10 @@ impl Target {
         base: &Url,
         request_path: &str,
         request_query: Option<&str>,
-        ignored: &[String],
+        query: QueryFilter<'_>,
     ) -> Result<Target, crate::request::Rejected> {
         let path = crate::request::canonical_path(request_path)?;
-        Ok(Self::from_canonical(base, &path, request_query, ignored))
+        Ok(Self::from_canonical(base, &path, request_query, query))
     }
 
     /// Resolve an already canonical path (and a query as sent) against `base`.
@@ -68,12 +69,12 @@ impl Target {
         base: &Url,
         canonical_path: &str,
         request_query: Option<&str>,
-        ignored: &[String],
+        query: QueryFilter<'_>,
     ) -> Target {
         let mut url = base.clone();
         let prefix = base.path().trim_end_matches('/');
         url.set_path(&format!("{prefix}{canonical_path}"));
-        let query = canonical_query(request_query.unwrap_or(""), ignored);
+        let query = canonical_query(request_query.unwrap_or(""), query);
         url.set_query(query.as_deref());
         url.set_fragment(None);
         let path_and_query = match url.query() {
@@ -185,10 +186,10 @@ where
 }
 
 /// The query as sent, split on `&`: empty pieces and parameters whose
-/// (form-decoded) name is ignored dropped, the rest stable-sorted by their
-/// name's bytes and joined again. No byte of a kept piece changes. `None`
-/// when nothing is left.
-pub fn canonical_query(raw: &str, ignored: &[String]) -> Option<String> {
+/// (form-decoded) name `filter` does not keep dropped, the rest
+/// stable-sorted by their name's bytes and joined again. No byte of a kept
+/// piece changes. `None` when nothing is left.
+pub fn canonical_query(raw: &str, filter: QueryFilter<'_>) -> Option<String> {
     fn name_of(piece: &str) -> &str {
         piece.split('=').next().unwrap_or("")
     }
@@ -204,7 +205,7 @@ pub fn canonical_query(raw: &str, ignored: &[String]) -> Option<String> {
                 .next()
                 .map(|(k, _)| k.into_owned())
                 .unwrap_or_default();
-            !ignored.contains(&decoded)
+            filter.keeps(&decoded)
         })
         .collect();
     if pieces.is_empty() {
@@ -252,7 +253,13 @@ mod tests {
     }
 
     fn target(path: &str, query: Option<&str>) -> Target {
-        Target::resolve(&base(), path, query, &["utm_source".to_string()]).unwrap()
+        Target::resolve(
+            &base(),
+            path,
+            query,
+            QueryFilter::ignoring(&["utm_source".to_string()]),
+        )
+        .unwrap()
     }
 
     fn key(path: &str, query: Option<&str>) -> StoreKey {
@@ -287,7 +294,7 @@ mod tests {
             assert!(target(other, None).url.path().starts_with("/v1/"));
         }
         assert_eq!(target("/items/1%2f", None).url.path(), "/v1/items/1%2F");
-        assert!(Target::resolve(&base(), "/items/1%2F..", None, &[]).is_err());
+        assert!(Target::resolve(&base(), "/items/1%2F..", None, QueryFilter::default()).is_err());
     }
 
     #[test]
@@ -331,6 +338,44 @@ mod tests {
             "/v1/s?q=a%20b"
         );
         assert_eq!(target("/s", Some("q=a+b")).path_and_query, "/v1/s?q=a+b");
+    }
+
+    #[test]
+    fn an_allowlist_keeps_only_the_named_parameters() {
+        let ignored = ["utm_source".to_string()];
+        let only = ["page".to_string(), "q".to_string()];
+        let filter = QueryFilter {
+            ignored: &ignored,
+            only: Some(&only),
+        };
+        let q = |raw: &str| canonical_query(raw, filter);
+        assert_eq!(q("q=a&_=17&utm_id=1").as_deref(), Some("q=a"));
+        assert_eq!(q("page=2&x=1&q=a").as_deref(), Some("page=2&q=a"));
+        // Names are read form-decoded (as servers read them), bytes kept.
+        assert_eq!(q("%71=a%20b").as_deref(), Some("%71=a%20b"));
+        assert_eq!(q("Q=a").as_deref(), None, "names are case-sensitive");
+        assert_eq!(q("x=1&y=2"), None);
+        // Ignoring still wins over the allowlist.
+        let both = ["q".to_string()];
+        let filter = QueryFilter {
+            ignored: &both,
+            only: Some(&both),
+        };
+        assert_eq!(canonical_query("q=a", filter), None);
+        // An empty allowlist keeps nothing.
+        let filter = QueryFilter {
+            ignored: &[],
+            only: Some(&[]),
+        };
+        assert_eq!(canonical_query("q=a&b=1", filter), None);
+        // Canonical is a fixed point with an allowlist too.
+        let filter = QueryFilter {
+            ignored: &ignored,
+            only: Some(&only),
+        };
+        let once = canonical_query("q=b&page=1&q=a&z=0", filter).unwrap();
+        assert_eq!(once, "page=1&q=b&q=a");
+        assert_eq!(canonical_query(&once, filter).as_deref(), Some(&*once));
     }
 
     #[test]
@@ -467,9 +512,10 @@ mod tests {
                 continue;
             };
             assert_eq!(canonical_path(&canonical).unwrap(), canonical, "{path:?}");
-            let t = Target::from_canonical(&base, &canonical, Some(query), &[]);
+            let t = Target::from_canonical(&base, &canonical, Some(query), QueryFilter::default());
             assert_eq!(t.url.path(), format!("/v1{canonical}"), "{path:?}");
-            let again = Target::resolve(&base, &canonical, t.url.query(), &[]).unwrap();
+            let again =
+                Target::resolve(&base, &canonical, t.url.query(), QueryFilter::default()).unwrap();
             let key = t.primary_key("*", &[], &none);
             assert_eq!(again.primary_key("*", &[], &none), key, "{path:?}");
             if let Some(url) = by_key.insert(key, t.url.clone()) {

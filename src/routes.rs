@@ -119,6 +119,7 @@ impl RouteTable {
                 tags: r.tags.clone(),
                 invalidate_tags: r.invalidate_tags.clone(),
                 ignored_query_params: ignored,
+                key_query: key_query(i, r)?,
                 key_headers: lower_sorted_unique(base.key_headers.iter().chain(&r.key_headers)),
                 edge_ttl: r.edge_ttl.or(base.edge_ttl),
                 key_cookies: {
@@ -166,6 +167,30 @@ impl RouteTable {
     }
 }
 
+/// A route's `key_query`, sorted and de-duplicated: names must be
+/// non-empty, and one the route also ignores is a contradiction.
+fn key_query(i: usize, r: &RouteConfig) -> Result<Option<Vec<String>>, ConfigError> {
+    let Some(names) = &r.key_query else {
+        return Ok(None);
+    };
+    let key = || format!("routes[{i}].key_query");
+    let mut names = names.clone();
+    names.sort();
+    names.dedup();
+    for name in &names {
+        if name.is_empty() {
+            return Err(invalid(key(), "an empty parameter name"));
+        }
+        if r.ignored_query_params.contains(name) {
+            return Err(invalid(
+                key(),
+                format!("`{name}` is kept here and ignored by routes[{i}].ignored_query_params"),
+            ));
+        }
+    }
+    Ok(Some(names))
+}
+
 /// `status_ttl` keys are status codes written as strings (TOML keys).
 fn status_ttls(i: usize, r: &RouteConfig) -> Result<Vec<(u16, Duration)>, ConfigError> {
     let mut v = Vec::with_capacity(r.status_ttl.len());
@@ -190,6 +215,29 @@ fn status_ttls(i: usize, r: &RouteConfig) -> Result<Vec<(u16, Duration)>, Config
 mod tests {
     use super::*;
 
+    #[test]
+    fn key_query_is_sorted_and_checked() {
+        let global = CacheConfig::default();
+        let mut r = route("/search");
+        r.key_query = Some(vec!["q".into(), "page".into(), "q".into()]);
+        let table = RouteTable::build(&[r.clone()], &global).unwrap();
+        let rule = table.rule_for("/search");
+        assert_eq!(
+            rule.key_query.as_deref(),
+            Some(&["page".into(), "q".into()][..])
+        );
+        assert!(rule.query_filter().keeps("q"));
+        assert!(!rule.query_filter().keeps("utm_id"));
+        assert_eq!(table.rule_for("/other").key_query, None);
+        r.key_query = Some(vec!["".into()]);
+        let err = RouteTable::build(&[r.clone()], &global).unwrap_err();
+        assert!(err.to_string().contains("routes[0].key_query"), "{err}");
+        r.key_query = Some(vec!["q".into()]);
+        r.ignored_query_params = vec!["q".into()];
+        let err = RouteTable::build(&[r], &global).unwrap_err();
+        assert!(err.to_string().contains("kept here and ignored"), "{err}");
+    }
+
     fn route(path: &str) -> RouteConfig {
         RouteConfig {
             path: path.into(),
@@ -201,6 +249,7 @@ mod tests {
             tags: vec!["route".into()],
             invalidate_tags: vec![],
             ignored_query_params: vec![],
+            key_query: None,
             key_headers: vec!["Accept-Language".into()],
             edge_ttl: None,
             status_ttl: Default::default(),

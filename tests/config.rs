@@ -122,6 +122,25 @@ fn bad_values_stop_start_up_naming_the_key_and_its_variable() {
         (
             vec![
                 up,
+                ("CACHEGATE_ROUTES", "[{path=\"/a\", key_query=[\"\"]}]"),
+            ],
+            "routes[0].key_query",
+            "CACHEGATE_ROUTES",
+        ),
+        (
+            vec![
+                up,
+                (
+                    "CACHEGATE_ROUTES",
+                    "[{path=\"/a\", key_query=[\"q\"], ignored_query_params=[\"q\"]}]",
+                ),
+            ],
+            "routes[0].key_query",
+            "CACHEGATE_ROUTES",
+        ),
+        (
+            vec![
+                up,
                 ("CACHEGATE_CACHE__CREDENTIAL_HEADERS", "[\"x api key\"]"),
             ],
             "cache.credential_headers",

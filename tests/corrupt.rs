@@ -29,7 +29,8 @@ const QUERY: &str = "cc=max-age%3D60";
 /// the proxy's own key code.
 fn primary_key(path: &str, host: Option<&str>) -> StoreKey {
     let base = reqwest::Url::parse("http://upstream.invalid").unwrap();
-    let target = cachegate::key::Target::resolve(&base, path, Some(QUERY), &[]).unwrap();
+    let target =
+        cachegate::key::Target::resolve(&base, path, Some(QUERY), Default::default()).unwrap();
     let mut headers = http::HeaderMap::new();
     headers.insert("x-forwarded-proto", http::HeaderValue::from_static("http"));
     if let Some(host) = host {

@@ -6,7 +6,7 @@
 //! first (not UTF-8 is replaced, as only `&str` reaches the normaliser).
 #![no_main]
 
-use cachegate::key::{canonical_query, Target};
+use cachegate::key::{canonical_query, QueryFilter, Target};
 use cachegate::request::canonical_path;
 use http::HeaderMap;
 use libfuzzer_sys::fuzz_target;
@@ -30,12 +30,12 @@ fuzz_target!(|data: &[u8]| {
     let ignored = vec!["utm_source".to_string(), "fbclid".to_string()];
 
     if let Some(q) = query {
-        let once = canonical_query(q, &ignored);
+        let once = canonical_query(q, QueryFilter::ignoring(&ignored));
         if let Some(c) = &once {
             assert!(!c.is_empty(), "an empty canonical query must be None");
             // Canonical means a fixed point.
             assert_eq!(
-                canonical_query(c, &ignored).as_ref(),
+                canonical_query(c, QueryFilter::ignoring(&ignored)).as_ref(),
                 Some(c),
                 "query {q:?}"
             );
@@ -60,6 +60,24 @@ fuzz_target!(|data: &[u8]| {
                 );
             }
         }
+        // With an allowlist (a route's `key_query`): a fixed point too, and
+        // every kept piece is one the unrestricted query kept, with an
+        // allowed name.
+        let only = vec!["a".to_string(), "q".to_string()];
+        let allow = QueryFilter {
+            ignored: &ignored,
+            only: Some(&only),
+        };
+        if let Some(c) = canonical_query(q, allow) {
+            assert_eq!(canonical_query(&c, allow).as_ref(), Some(&c), "query {q:?}");
+            let all = once.as_deref().unwrap_or("");
+            for piece in c.split('&') {
+                assert!(
+                    all.split('&').any(|p| p == piece),
+                    "{piece:?} not in {all:?}"
+                );
+            }
+        }
     }
 
     let Ok(canonical) = canonical_path(path) else {
@@ -74,7 +92,7 @@ fuzz_target!(|data: &[u8]| {
     for base in BASES {
         let base = Url::parse(base).expect("literal base");
         let prefix = base.path().trim_end_matches('/');
-        let t = Target::from_canonical(&base, &canonical, query, &ignored);
+        let t = Target::from_canonical(&base, &canonical, query, QueryFilter::ignoring(&ignored));
         let url = &t.url;
 
         // The upstream comes from configuration only.
@@ -110,7 +128,8 @@ fuzz_target!(|data: &[u8]| {
 
         // Resolving what was resolved changes nothing: one canonical form,
         // so one key, however the client spelled it.
-        let again = Target::resolve(&base, rest, url.query(), &ignored).expect("canonical again");
+        let again = Target::resolve(&base, rest, url.query(), QueryFilter::ignoring(&ignored))
+            .expect("canonical again");
         assert_eq!(again, t, "not stable for {path:?} {query:?}");
         let none = HeaderMap::new();
         assert_eq!(
@@ -120,7 +139,7 @@ fuzz_target!(|data: &[u8]| {
 
         // Two requests the upstream sees differently never share a key.
         if let Some((p2, q2)) = other {
-            if let Ok(t2) = Target::resolve(&base, p2, q2, &ignored) {
+            if let Ok(t2) = Target::resolve(&base, p2, q2, QueryFilter::ignoring(&ignored)) {
                 if t2.primary_key("*", &[], &none) == t.primary_key("*", &[], &none) {
                     assert_eq!(t2.url, t.url, "{path:?} and {p2:?} share a key");
                 }

@@ -43,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
         &base,
         &canon.path,
         canon.query.as_deref(),
-        &rule.ignored_query_params,
+        rule.query_filter(),
     );
     assert!(t.url.path().starts_with("/v1/"));
     assert_eq!(t.url.host_str(), Some("api.example.com"));

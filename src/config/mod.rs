@@ -707,6 +707,13 @@ pub struct RouteConfig {
     /// Added to `cache.ignored_query_params` for this route. Default: none.
     #[serde(default)]
     pub ignored_query_params: Vec<String>,
+    /// The only query parameters kept for this route, in the key and in
+    /// the upstream call alike (an allowlist; the ignored ones are dropped
+    /// too): `["page", "q"]` makes `?q=x&utm_id=1&_=17` one entry with
+    /// `?q=x`, sent upstream as `?q=x`. `[]` drops the whole query.
+    /// Default: unset, every parameter not ignored is kept.
+    #[serde(default)]
+    pub key_query: Option<Vec<String>>,
     /// Added to `cache.key_headers` for this route. Naming `authorization`
     /// caches per credential: then requests with `Authorization` use the
     /// cache, each seeing only entries stored for the same value, and the

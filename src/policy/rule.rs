@@ -28,6 +28,9 @@ pub struct Rule {
     /// filled in.
     pub invalidate_tags: Vec<String>,
     pub ignored_query_params: Vec<String>,
+    /// The route's `key_query`: when set, the only query parameters kept
+    /// (in the key and in the upstream call alike); sorted, de-duplicated.
+    pub key_query: Option<Vec<String>>,
     /// Lower case, sorted, de-duplicated.
     pub key_headers: Vec<String>,
     pub edge_ttl: Option<Duration>,
@@ -47,7 +50,43 @@ pub struct Rule {
     pub credential_headers: Arc<[HeaderName]>,
 }
 
+/// Which query parameters of a request are kept, in the key and in the
+/// upstream call alike (the key is what goes upstream): none that is
+/// ignored, and, when an allowlist is set, only those it names. Names are
+/// compared form-decoded and case-sensitively, as servers read them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueryFilter<'a> {
+    /// `cache.ignored_query_params` and the route's own.
+    pub ignored: &'a [String],
+    /// The route's `key_query`, when it has one.
+    pub only: Option<&'a [String]>,
+}
+
+impl<'a> QueryFilter<'a> {
+    /// Drop `ignored`, keep every other parameter.
+    pub fn ignoring(ignored: &'a [String]) -> Self {
+        QueryFilter {
+            ignored,
+            only: None,
+        }
+    }
+
+    /// Whether the parameter named `name` (form-decoded) is kept.
+    pub fn keeps(&self, name: &str) -> bool {
+        !self.ignored.iter().any(|i| i == name)
+            && self.only.is_none_or(|only| only.iter().any(|o| o == name))
+    }
+}
+
 impl Rule {
+    /// The query parameters this rule keeps.
+    pub fn query_filter(&self) -> QueryFilter<'_> {
+        QueryFilter {
+            ignored: &self.ignored_query_params,
+            only: self.key_query.as_deref(),
+        }
+    }
+
     /// The rule of a path no route matches: the global `[cache]` settings.
     pub fn global(global: &CacheConfig) -> Rule {
         Rule {
@@ -61,6 +100,7 @@ impl Rule {
             tags: Vec::new(),
             invalidate_tags: Vec::new(),
             ignored_query_params: global.ignored_query_params.clone(),
+            key_query: None,
             key_headers: lower_sorted_unique(global.key_headers.iter()),
             edge_ttl: global.edge_max_ttl,
             store_set_cookie_responses: global.store_set_cookie_responses,

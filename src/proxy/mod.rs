@@ -348,7 +348,7 @@ impl Proxy {
             &self.base,
             &canon.path,
             canon.query.as_deref(),
-            &rule.ignored_query_params,
+            rule.query_filter(),
         );
         let admitted = policy::request_policy(
             RequestFacts {

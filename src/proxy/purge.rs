@@ -85,7 +85,7 @@ impl Proxy {
         };
         let path = crate::request::canonical_path(path).map_err(|r| r.message)?;
         let rule = self.routes.rule_for(&path);
-        Ok(Target::from_canonical(&self.base, &path, query, &rule.ignored_query_params).url_tag())
+        Ok(Target::from_canonical(&self.base, &path, query, rule.query_filter()).url_tag())
     }
 
     /// The `Location` and `Content-Location` of an upstream response that
