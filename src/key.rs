@@ -116,7 +116,7 @@ impl Target {
 /// The request headers cachegate sets that tell the upstream the
 /// client-facing origin: part of every key, since upstreams build
 /// absolute URLs from them.
-const FORWARDED_ORIGIN: [HeaderName; 2] = [
+pub(crate) const FORWARDED_ORIGIN: [HeaderName; 2] = [
     HeaderName::from_static("x-forwarded-host"),
     HeaderName::from_static("x-forwarded-proto"),
 ];

@@ -99,6 +99,7 @@ pub async fn build_proxy_with(
         lock_ttl: config.upstream.timeout + std::time::Duration::from_secs(1),
         surrogate_key_headers: header_strings(&config.surrogate_key_headers),
         expose_surrogate_keys: config.cache.expose_surrogate_keys,
+        expose_key: config.cache.expose_key,
         edge_key_headers: config.edge_key_headers.as_deref().map(header_strings),
         routing_headers: header_strings(&config.routing_headers),
         forwarding: request::Forwarding {

@@ -55,6 +55,25 @@ enum Command {
         #[arg(long)]
         soft: bool,
     },
+    /// Show what the proxy would do with a request, without calling the
+    /// upstream: the canonical request, the route and its rules, the cache
+    /// key and what it is made of, whether it would bypass the cache and
+    /// why, and the entry stored for it in the configured backend.
+    /// Credentials are never printed.
+    Explain {
+        /// The URL as clients address cachegate (`https://api.example.com/items/1?lang=en`):
+        /// its scheme and host are part of the key. A bare path has neither.
+        url: String,
+        /// A request header, `Name: value` (repeatable), as the client sends it.
+        #[arg(short = 'H', long = "header", value_name = "NAME: VALUE")]
+        headers: Vec<String>,
+        /// The method (default GET).
+        #[arg(short = 'X', long = "request", default_value = "GET")]
+        method: String,
+        /// Print JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Load a URL and report throughput, hit ratio and latency by X-Cache;
     /// or, with --compare, run one workload through each backend locally.
     /// Runs the separate `cachegate-bench` binary (`cachegate bench --help`
@@ -150,6 +169,9 @@ fn main() -> ExitCode {
                 .to_toml()
                 .map(|text| cachegate::output::print(&text))
                 .map_err(Failed::from),
+            Some(Command::Explain { url, headers, method, json }) => {
+                explain(&config, &url, &headers, &method, json).await.map_err(Failed::from)
+            }
             Some(Command::Purge { urls, tags, soft }) => purge(&config, &urls, &tags, soft).await.map_err(Failed::from),
             // Judged as at start-up: a setup that cannot work (no AWS
             // region) exits 2, as `serve` does.
@@ -216,6 +238,48 @@ impl From<String> for Failed {
     fn from(message: String) -> Self {
         Failed(message, 1)
     }
+}
+
+async fn explain(
+    config: &ResolvedConfig,
+    url: &str,
+    headers: &[String],
+    method: &str,
+    json: bool,
+) -> Result<(), String> {
+    let method = http::Method::from_bytes(method.as_bytes())
+        .map_err(|_| format!("explain: `{method}` is not an HTTP method"))?;
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("explain: `{url}` is neither a URL nor a path: {e}"))?;
+    if uri.path_and_query().is_none() && uri.authority().is_none() {
+        return Err(format!("explain: `{url}` has no path"));
+    }
+    let mut req = http::Request::builder().method(method).uri(uri);
+    for h in headers {
+        let (name, value) = h
+            .split_once(':')
+            .ok_or_else(|| format!("explain: header `{h}` is not `Name: value`"))?;
+        let name = http::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("explain: `{}` is not a header name", name.trim()))?;
+        let value = http::HeaderValue::from_str(value.trim())
+            .map_err(|_| format!("explain: the value of `{name}` is not a header value"))?;
+        req = req.header(name, value);
+    }
+    let req = req
+        .body(bytes::Bytes::new())
+        .map_err(|e| format!("explain: {e}"))?;
+    let proxy = cachegate::build_proxy(config, Mode::Serve)
+        .await
+        .map_err(|e| e.to_string())?;
+    let explained = proxy.explain(req).await;
+    let text = if json {
+        serde_json::to_string_pretty(&explained).map_err(|e| e.to_string())? + "\n"
+    } else {
+        cachegate::proxy::render_explanation(&explained)
+    };
+    cachegate::output::print(&text);
+    Ok(())
 }
 
 async fn purge(

@@ -353,6 +353,10 @@ pub struct CacheConfig {
     /// Pass those headers on to clients. Default `false`: they describe
     /// the upstream's data model, not something clients need.
     pub expose_surrogate_keys: bool,
+    /// Send each cache-using request's key (its digest, as the access log
+    /// and `cachegate explain` show it) to the client in `X-Cache-Key`,
+    /// for debugging. Default `false`.
+    pub expose_key: bool,
     /// Methods whose successful (2xx/3xx) answer invalidates the URL's
     /// entries. Every method but GET, HEAD, OPTIONS and TRACE already does
     /// (RFC 9111 §4.4, methods of unknown safety included), so this can
@@ -403,6 +407,7 @@ impl Default for CacheConfig {
             coalesce_wait: Duration::from_secs(5),
             surrogate_key_headers: vec!["surrogate-key".into(), "cache-tag".into()],
             expose_surrogate_keys: false,
+            expose_key: false,
             invalidating_methods: Vec::new(),
             max_tags_per_entry: 64,
             refresh_ahead: 0.0,

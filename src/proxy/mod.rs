@@ -10,6 +10,7 @@
 
 mod coalesce;
 mod decide;
+mod explain;
 mod fetch;
 mod guard;
 pub mod outcome;
@@ -41,6 +42,7 @@ use crate::upstream::{Upstream, UpstreamError, UpstreamResponse};
 
 use coalesce::{OnContention, Shared};
 use decide::{HitDecision, HitFacts};
+pub use explain::render_text as render_explanation;
 use fetch::MissCtx;
 pub use guard::GuardSettings;
 use guard::UpstreamGuard;
@@ -63,6 +65,8 @@ pub struct Settings {
     /// Lower-case response header names carrying surrogate keys.
     pub surrogate_key_headers: Vec<String>,
     pub expose_surrogate_keys: bool,
+    /// Send the key's digest in `X-Cache-Key` (`cache.expose_key`).
+    pub expose_key: bool,
     /// Lower-case request headers the cache in front keys on
     /// (`edge.key_headers`); `None` when not configured.
     pub edge_key_headers: Option<Vec<String>>,
@@ -102,6 +106,9 @@ pub struct Proxy {
     /// CloudFront in front, when configured ([`crate::edge`]).
     edge: Option<Arc<crate::edge::Edge>>,
 }
+
+/// The response header `cache.expose_key` sends the key's digest in.
+const X_CACHE_KEY: HeaderName = HeaderName::from_static("x-cache-key");
 
 /// Most entries whose refresh-ahead this process remembers having started.
 const REFRESH_AHEAD_MEMORY: usize = 10_000;
@@ -240,6 +247,11 @@ impl Proxy {
         }
         let lookup = trace.lookup_time.map(|d| (d, self.cache.backend_name()));
         outcome.render(resp.headers_mut(), lookup);
+        if let Some(key) = trace.key.as_ref().filter(|_| self.settings.expose_key) {
+            if let Ok(v) = http::HeaderValue::from_str(key.digest()) {
+                resp.headers_mut().insert(X_CACHE_KEY, v);
+            }
+        }
         if self.settings.mode == Mode::Lambda
             && !crate::lambda_payload::fits(resp.headers(), resp.body())
         {
