@@ -1057,6 +1057,7 @@ fn check_invalidator(d: &Deployed) {
                 "dynamodb:PutItem",
                 "dynamodb:GetItem",
                 "dynamodb:BatchGetItem",
+                "dynamodb:Scan",
             ],
         ));
     }

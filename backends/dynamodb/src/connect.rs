@@ -28,6 +28,7 @@ pub fn capabilities(cfg: &DynamoConfig) -> Capabilities {
         shared: true,
         purge_feed: PurgeFeed::Log,
         lists_tag_members: true,
+        scans_values: true,
     }
 }
 

@@ -78,6 +78,7 @@ mod items;
 mod permit;
 mod purge_log;
 mod requests;
+mod scan;
 mod table;
 
 use std::fmt;
@@ -511,6 +512,13 @@ impl CacheStore for DynamoStore {
             .iter()
             .filter_map(|(member, _)| StoreKey::parse(member))
             .collect())
+    }
+
+    async fn scan_values(
+        &self,
+        cursor: Option<&str>,
+    ) -> Result<cachegate_store::ScanPage, StoreError> {
+        self.scan_page(cursor).await
     }
 
     /// One log item per purge, kept [`LOG_RETENTION`](cachegate_store::coherence::LOG_RETENTION).

@@ -168,6 +168,7 @@ pub fn capabilities(cfg: &RedisConfig) -> Capabilities {
         shared: true,
         purge_feed: PurgeFeed::Push,
         lists_tag_members: true,
+        scans_values: true,
     }
 }
 

@@ -60,6 +60,7 @@ mod conn;
 mod connect;
 mod pubsub;
 mod purge;
+mod scan;
 mod scripts;
 
 use std::fmt;
@@ -371,6 +372,13 @@ impl CacheStore for RedisStore {
             )
             .await?;
         Ok(members.iter().filter_map(|m| StoreKey::parse(m)).collect())
+    }
+
+    async fn scan_values(
+        &self,
+        cursor: Option<&str>,
+    ) -> Result<cachegate_store::ScanPage, StoreError> {
+        self.scan_page(cursor).await
     }
 
     /// PUBLISH on the purge channel. On a cluster, a PUBLISH reaches the

@@ -1151,6 +1151,84 @@ pub async fn purge_log_reads_since<S: CacheStore + Clone>(store: &S, other: &S) 
     );
 }
 
+/// Every key of a full [`CacheStore::scan_values`], page after page.
+async fn scan_all<S: CacheStore>(store: &S) -> BTreeSet<StoreKey> {
+    let mut keys = BTreeSet::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..100_000 {
+        let page = store.scan_values(cursor.as_deref()).await.unwrap();
+        keys.extend(page.keys);
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => return keys,
+        }
+    }
+    panic!("a scan that never ends");
+}
+
+/// [`CacheStore::scan_values`] lists every key holding a value, and never
+/// a lock, a permit, a tag's list or a removed value. Gated on
+/// [`Capabilities::scans_values`](crate::Capabilities).
+pub async fn scan_lists_values<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    if !store.capabilities().scans_values {
+        assert!(
+            store.scan_values(None).await.is_err(),
+            "declares no scan, yet answers one"
+        );
+        not_applicable(store, "scan_lists_values", "no key listing");
+        return;
+    }
+    let v = Bytes::from_static(b"v");
+    let t = tag(&ns, "scan");
+    let kept: Vec<StoreKey> = (0..25).map(|i| key(&ns, &format!("kept-{i}"))).collect();
+    for k in &kept {
+        store.put(k, v.clone(), &opts(60_000, &[&t])).await.unwrap();
+    }
+    let removed = key(&ns, "removed");
+    store
+        .put(&removed, v.clone(), &opts(60_000, &[]))
+        .await
+        .unwrap();
+    assert!(store.delete(&removed).await.unwrap());
+    let expired = key(&ns, "expired");
+    store
+        .put(&expired, v.clone(), &opts(50, &[]))
+        .await
+        .unwrap();
+    let locked = key(&ns, "locked");
+    store
+        .try_lock(&locked, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let limited = key(&ns, "limited");
+    store
+        .take_permit(&limited, Rate::new(10.0, 5), Duration::ZERO)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let all = scan_all(store).await;
+    for k in &kept {
+        assert!(all.contains(k), "a stored key missing from the scan");
+    }
+    for (k, what) in [
+        (&removed, "a removed value"),
+        (&locked, "a lock"),
+        (&limited, "a permit"),
+    ] {
+        assert!(!all.contains(k), "the scan lists {what}");
+    }
+    // An expired value may still be listed (a server collects expired
+    // keys lazily); reading it finds nothing, which is all a purge needs.
+    assert_eq!(store.get(&expired).await.unwrap(), None);
+    store.purge_tag(&t).await.unwrap();
+    let after = scan_all(store).await;
+    assert!(
+        kept.iter().all(|k| !after.contains(k)),
+        "purged values still listed"
+    );
+}
+
 /// Runs every conformance function as its own `#[tokio::test]`.
 /// `$make` is an expression evaluating to a future of the store.
 #[macro_export]
@@ -1175,6 +1253,7 @@ macro_rules! conformance_tests {
             permit_beside_a_value,
             capabilities_are_consistent,
             tag_members_lists_candidates,
+            scan_lists_values,
             tags_of_any_shape
         );
         // Two stores made separately: two instances of one backend.

@@ -476,6 +476,10 @@ impl CacheStore for GuardedStore {
         self.run(self.config.purge_timeout, self.inner.tag_members(tag))
             .await
     }
+    async fn scan_values(&self, cursor: Option<&str>) -> Result<crate::ScanPage, StoreError> {
+        self.run(self.config.purge_timeout, self.inner.scan_values(cursor))
+            .await
+    }
     async fn announce_purge(&self, notice: &PurgeNotice) -> Result<(), StoreError> {
         self.run(self.config.write_timeout, self.inner.announce_purge(notice))
             .await

@@ -210,6 +210,9 @@ impl CacheStore for LazyStore {
     async fn tag_members(&self, tag: &str) -> Result<Vec<StoreKey>, StoreError> {
         self.store().await?.tag_members(tag).await
     }
+    async fn scan_values(&self, cursor: Option<&str>) -> Result<crate::ScanPage, StoreError> {
+        self.store().await?.scan_values(cursor).await
+    }
     async fn announce_purge(&self, notice: &PurgeNotice) -> Result<(), StoreError> {
         self.store().await?.announce_purge(notice).await
     }

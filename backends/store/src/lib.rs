@@ -73,6 +73,17 @@ pub struct Capabilities {
     /// [`CacheStore::tag_members`] lists a tag's keys, so a soft purge can
     /// mark them stale; without it a soft purge purges hard.
     pub lists_tag_members: bool,
+    /// [`CacheStore::scan_values`] lists every key holding a value, so a
+    /// purge by path prefix, or of everything, can find what to remove.
+    pub scans_values: bool,
+}
+
+/// One page of [`CacheStore::scan_values`]: keys, and where the next page
+/// starts (`None` when the scan is done).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanPage {
+    pub keys: Vec<StoreKey>,
+    pub next: Option<String>,
 }
 
 /// Options of one put.
@@ -219,6 +230,23 @@ pub trait CacheStore: Send + Sync + fmt::Debug + 'static {
         Err(StoreError::backend(
             self.capabilities().name,
             "cannot list a tag's members",
+        ))
+    }
+
+    /// One page of the keys that hold values (never locks, permits, tag
+    /// lists or logs), from `cursor` (`None` to start; then each page's
+    /// `next`). A full scan returns every key that held a value throughout
+    /// it, possibly some twice, and possibly some since expired or
+    /// removed; keys written during it may be missing. Purges by path
+    /// prefix read it; it reads the whole keyspace (Redis `SCAN`, a
+    /// DynamoDB `Scan`), so it is for operators, never the request path.
+    /// Default: unsupported; a backend that implements it declares
+    /// [`Capabilities::scans_values`].
+    async fn scan_values(&self, cursor: Option<&str>) -> Result<ScanPage, StoreError> {
+        let _ = cursor;
+        Err(StoreError::backend(
+            self.capabilities().name,
+            "cannot list its keys",
         ))
     }
 

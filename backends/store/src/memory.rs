@@ -166,6 +166,7 @@ impl MemoryStore {
                 shared: false,
                 purge_feed: PurgeFeed::Local,
                 lists_tag_members: true,
+                scans_values: true,
             },
         }
     }
@@ -322,6 +323,18 @@ impl CacheStore for MemoryStore {
             .get(tag)
             .map(|set| set.keys().cloned().collect())
             .unwrap_or_default())
+    }
+
+    /// Every live key, in one page: the map is in this process's memory.
+    async fn scan_values(&self, _cursor: Option<&str>) -> Result<crate::ScanPage, StoreError> {
+        let now = now_millis();
+        let keys = self
+            .cache
+            .iter()
+            .filter(|(_, v)| !is_expired(v.expires_at, now))
+            .map(|(k, _)| StoreKey::clone(&k))
+            .collect();
+        Ok(crate::ScanPage { keys, next: None })
     }
 }
 

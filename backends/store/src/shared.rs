@@ -61,6 +61,7 @@ mod tests {
             shared: false,
             purge_feed: PurgeFeed::Local,
             lists_tag_members: false,
+            scans_values: false,
         }
     }
 
