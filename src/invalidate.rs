@@ -24,6 +24,9 @@ pub use crate::purge_request::{PurgeError, PurgeRequest, MAX_ITEMS, MAX_ITEM_BYT
 pub struct PurgeReport {
     pub urls: BTreeMap<String, u64>,
     pub tags: BTreeMap<String, u64>,
+    /// By path prefix (`/` for `all`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub prefixes: BTreeMap<String, u64>,
     pub removed: u64,
     /// What CloudFront was asked to invalidate ([`crate::edge`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -73,33 +76,65 @@ async fn purge_backend(
             .url_tag(url)
             .map_err(|e| PurgeError::Invalid(format!("url {e}")))?;
         targets.push(PurgeTarget {
-            is_url: true,
+            kind: Named::Url,
             named: url,
             tag,
         });
     }
     for tag in &request.tags {
         targets.push(PurgeTarget {
-            is_url: false,
+            kind: Named::Tag,
             named: tag,
             tag: tag.clone(),
         });
     }
+    // Prefixes last: their URLs are found by reading the whole cache, so
+    // every other item is resolved (and a bad one refused) before that.
+    let all = "/".to_owned();
+    let prefixes = request.prefixes.iter().chain(request.all.then_some(&all));
+    for prefix in prefixes {
+        let tags = proxy
+            .stored_url_tags_under(prefix)
+            .await
+            .map_err(|e| PurgeError::Store {
+                what: format!("prefix {prefix}"),
+                message: e,
+            })?;
+        if tags.is_empty() {
+            targets.push(PurgeTarget {
+                kind: Named::Prefix,
+                named: prefix,
+                tag: String::new(),
+            });
+        }
+        for tag in tags {
+            targets.push(PurgeTarget {
+                kind: Named::Prefix,
+                named: prefix,
+                tag,
+            });
+        }
+    }
     let mut report = PurgeReport::default();
     let mut purged = Vec::with_capacity(targets.len());
     for target in targets {
+        let counts = match target.kind {
+            Named::Url => &mut report.urls,
+            Named::Tag => &mut report.tags,
+            Named::Prefix => &mut report.prefixes,
+        };
+        if target.tag.is_empty() {
+            // A prefix nothing is stored under: reported as 0.
+            counts.entry(target.named.clone()).or_default();
+            continue;
+        }
         let n = proxy
             .purge_tag(&target.tag, request.soft)
             .await
             .map_err(|e| PurgeError::Store {
-                what: format!("{} {}", target.kind(), target.named),
+                what: format!("{} {}", target.kind.as_str(), target.named),
                 message: e.to_string(),
             })?;
-        let counts = if target.is_url {
-            &mut report.urls
-        } else {
-            &mut report.tags
-        };
         // A URL or tag named twice removes nothing the second time.
         *counts.entry(target.named.clone()).or_default() += n;
         report.removed += n;
@@ -108,21 +143,30 @@ async fn purge_backend(
     Ok((report, purged))
 }
 
-/// One URL or tag a purge names, and the tag it purges.
+/// One URL, tag or prefix a purge names, and a tag it purges (a prefix
+/// purges the URL tag of each stored URL under it).
 struct PurgeTarget<'a> {
-    /// A URL (purged by its URL tag), not a tag.
-    is_url: bool,
+    kind: Named,
     /// As the request named it: the report counts by it.
     named: &'a String,
+    /// Empty for a prefix nothing is stored under.
     tag: String,
 }
 
-impl PurgeTarget<'_> {
-    fn kind(&self) -> &'static str {
-        if self.is_url {
-            "url"
-        } else {
-            "tag"
+/// What a purge request named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Named {
+    Url,
+    Tag,
+    Prefix,
+}
+
+impl Named {
+    fn as_str(self) -> &'static str {
+        match self {
+            Named::Url => "url",
+            Named::Tag => "tag",
+            Named::Prefix => "prefix",
         }
     }
 }

@@ -39,7 +39,8 @@ enum Command {
     /// back (secrets left out, each named in a comment).
     Config,
     /// Remove entries from the shared cache (redis, dynamodb) by URL (all
-    /// its Vary variants) or by tag; prints how many were removed. With
+    /// its Vary variants), by tag, by path prefix or all of them; prints
+    /// how many were removed. With
     /// edge.cloudfront_distribution_id set, also invalidates CloudFront
     /// (URLs as paths, tags as #tag) and prints the paths sent and their cost.
     Purge {
@@ -49,6 +50,13 @@ enum Command {
         /// A route tag or surrogate key (repeatable).
         #[arg(long = "tag", value_name = "TAG")]
         tags: Vec<String>,
+        /// Every stored URL whose path starts with PREFIX (repeatable;
+        /// `/items/`). Reads the whole shared cache to find them.
+        #[arg(long = "prefix", value_name = "PREFIX")]
+        prefixes: Vec<String>,
+        /// Everything stored (the prefix `/`).
+        #[arg(long)]
+        all: bool,
         /// Mark the entries stale instead of removing them (answered stale
         /// within their stale-while-revalidate window while one request
         /// refreshes; without a window, a hard purge).
@@ -172,7 +180,10 @@ fn main() -> ExitCode {
             Some(Command::Explain { url, headers, method, json }) => {
                 explain(&config, &url, &headers, &method, json).await.map_err(Failed::from)
             }
-            Some(Command::Purge { urls, tags, soft }) => purge(&config, &urls, &tags, soft).await.map_err(Failed::from),
+            Some(Command::Purge { urls, tags, prefixes, all, soft }) => {
+                let request = PurgeRequest { urls, tags, prefixes, all, soft };
+                purge(&config, request).await.map_err(Failed::from)
+            }
             // Judged as at start-up: a setup that cannot work (no AWS
             // region) exits 2, as `serve` does.
             Some(Command::Init) => cachegate::backend::init(&config).await.map_err(|e| {
@@ -282,25 +293,20 @@ async fn explain(
     Ok(())
 }
 
-async fn purge(
-    config: &ResolvedConfig,
-    urls: &[String],
-    tags: &[String],
-    soft: bool,
-) -> Result<(), String> {
-    if urls.is_empty() && tags.is_empty() {
-        return Err("purge: name at least one --url or --tag".into());
+async fn purge(config: &ResolvedConfig, request: PurgeRequest) -> Result<(), String> {
+    if request.urls.is_empty()
+        && request.tags.is_empty()
+        && request.prefixes.is_empty()
+        && !request.all
+    {
+        return Err("purge: name at least one --url, --tag or --prefix, or --all".into());
     }
     if config.backend == cachegate::config::BackendKind::Memory {
         return Err("purge: the memory backend lives inside each cachegate process; \
                     purge it through `POST /_cachegate/purge` (serve.purge_token) or configure redis/dynamodb"
             .into());
     }
-    let request = PurgeRequest {
-        urls: urls.to_vec(),
-        tags: tags.to_vec(),
-        soft,
-    };
+    let soft = request.soft;
     request.validate().map_err(|e| e.to_string())?;
     let proxy = cachegate::build_proxy(config, Mode::Serve)
         .await
@@ -314,6 +320,9 @@ async fn purge(
     }
     for (tag, n) in &report.tags {
         cachegate::output::println(&format!("tag {tag}: {did} {n}"));
+    }
+    for (prefix, n) in &report.prefixes {
+        cachegate::output::println(&format!("prefix {prefix}: {did} {n}"));
     }
     cachegate::output::println(&format!("{did} {} entries", report.removed));
     if let Some(edge) = &report.edge {

@@ -1,4 +1,5 @@
-//! A purge request (`{"urls": [...], "tags": [...]}`) and why one fails:
+//! A purge request (`{"urls": [...], "tags": [...], "prefixes": [...],
+//! "all": false}`) and why one fails:
 //! plain data shared by `cachegate purge`, serve's purge endpoint, the
 //! invalidator ([`crate::invalidate`]) and the edge's queue messages.
 
@@ -25,6 +26,14 @@ pub struct PurgeRequest {
     /// Route tags or surrogate keys.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Path prefixes as clients request them (`/items/`): every stored
+    /// URL whose path starts with one (a string prefix: `/items` also
+    /// matches `/itemsets`). Finding them reads the whole shared cache.
+    #[serde(default)]
+    pub prefixes: Vec<String>,
+    /// Everything stored (the prefix `/`).
+    #[serde(default)]
+    pub all: bool,
     /// Mark the entries stale instead of removing them: the next requests
     /// are answered stale within the entry's stale-while-revalidate window
     /// (or `cache.stale_while_revalidate`) while one refresh runs; with no
@@ -67,10 +76,10 @@ impl PurgeRequest {
     /// [`MAX_ITEMS`] items.
     fn validate_message(&self) -> Result<(), PurgeError> {
         self.validate()?;
-        let n = self.urls.len() + self.tags.len();
+        let n = self.urls.len() + self.tags.len() + self.prefixes.len();
         if n > MAX_ITEMS {
             return Err(PurgeError::Invalid(format!(
-                "{n} URLs and tags in one request; at most {MAX_ITEMS} (split it)"
+                "{n} URLs, tags and prefixes in one request; at most {MAX_ITEMS} (split it)"
             )));
         }
         Ok(())
@@ -79,10 +88,27 @@ impl PurgeRequest {
     /// Something to purge, and no empty or absurdly long item.
     pub fn validate(&self) -> Result<(), PurgeError> {
         let invalid = |m: String| Err(PurgeError::Invalid(m));
-        if self.urls.is_empty() && self.tags.is_empty() {
-            return invalid("name at least one URL (`urls`) or tag (`tags`)".into());
+        if self.urls.is_empty() && self.tags.is_empty() && self.prefixes.is_empty() && !self.all {
+            return invalid(
+                "name at least one URL (`urls`), tag (`tags`) or path prefix (`prefixes`), or `all`"
+                    .into(),
+            );
         }
-        for (kind, items) in [("url", &self.urls), ("tag", &self.tags)] {
+        if let Some(p) = self.prefixes.iter().find(|p| !p.starts_with('/')) {
+            return invalid(format!(
+                "the prefix `{p}` is not a path (it must start with /)"
+            ));
+        }
+        if let Some(p) = self.prefixes.iter().find(|p| p.contains(['?', '#'])) {
+            return invalid(format!(
+                "the prefix `{p}` is a path prefix: no query or fragment"
+            ));
+        }
+        for (kind, items) in [
+            ("url", &self.urls),
+            ("tag", &self.tags),
+            ("prefix", &self.prefixes),
+        ] {
             for item in items {
                 if item.trim().is_empty() {
                     return invalid(format!("an empty {kind}"));
@@ -120,6 +146,16 @@ mod tests {
         assert!(err(r#"{"url": ["/a"]}"#).contains("unknown field `url`"));
         assert!(err(r#"{"urls": "/a"}"#).contains("expected a sequence"));
         assert!(err(r#"{"tags": [" "]}"#).contains("empty tag"));
+        assert!(err(r#"{"prefixes": ["items/"]}"#).contains("must start with /"));
+        assert!(err(r#"{"all": false}"#).contains("at least one"));
+        assert_eq!(
+            PurgeRequest::from_json(br#"{"prefixes": ["/items/"], "all": true}"#).unwrap(),
+            PurgeRequest {
+                prefixes: vec!["/items/".into()],
+                all: true,
+                ..PurgeRequest::default()
+            }
+        );
         assert!(err("not json").contains("expected {\"urls\""));
         let many = serde_json::json!({ "tags": vec!["t"; MAX_ITEMS + 1] }).to_string();
         assert!(err(&many).contains("at most 100"));
@@ -130,7 +166,7 @@ mod tests {
             PurgeRequest {
                 urls: vec!["/a?b=1".into()],
                 tags: vec!["t".into()],
-                soft: false,
+                ..PurgeRequest::default()
             }
         );
     }

@@ -680,6 +680,20 @@ async fn purge_by_url_removes_every_variant_and_by_tag_only_its_entries() {
     assert_eq!(get(&surrogate).await.x_cache(), "MISS");
     assert_eq!(get(&other).await.x_cache(), "HIT");
 
+    // By path prefix (the memory backend lists its keys): `/tagged/1`
+    // only, then everything.
+    let r = purge(&cg, TOKEN, serde_json::json!({"prefixes": ["/tagged/"]})).await;
+    assert_eq!(r.json()["prefixes"]["/tagged/"], 1, "{:?}", r.body);
+    assert_eq!(get(&tagged).await.x_cache(), "MISS");
+    assert_eq!(get(&other).await.x_cache(), "HIT");
+    let r = purge(&cg, TOKEN, serde_json::json!({"all": true})).await;
+    assert!(
+        r.json()["prefixes"]["/"].as_u64().unwrap() >= 3,
+        "{:?}",
+        r.body
+    );
+    assert_eq!(get(&other).await.x_cache(), "MISS");
+
     // Without the right token the endpoint does not exist.
     assert_eq!(
         purge(

@@ -295,6 +295,88 @@ async fn purge_cli_reaches_every_process(backend: &str) {
     assert_eq!(get(&format!("{}{keep}", b.url)).await.x_cache(), "HIT");
 }
 
+/// `cachegate purge --prefix` removes every stored URL under a path
+/// prefix (every variant), and nothing else; `--all` everything. Both
+/// read the whole backend (Redis SCAN, a DynamoDB Scan) to find them.
+async fn purge_by_prefix_and_all(backend: &str) {
+    let env = backend_env(backend, "prefix");
+    init(&env);
+    let up = upstream().await;
+    let a = start(&up.url, &env, &[("CACHEGATE_CACHE__L1_TTL", "0s")]);
+    let b = start(&up.url, &env, &[("CACHEGATE_CACHE__L1_TTL", "0s")]);
+    let id = std::process::id();
+    let under = [
+        format!("/pfx-{id}/a?cc=max-age%3D60"),
+        format!("/pfx-{id}/b?cc=max-age%3D60&x=1"),
+    ];
+    let varied = format!("/pfx-{id}/c?cc=max-age%3D60&vary=Accept-Language");
+    let outside = [
+        format!("/pfx-{id}x?cc=max-age%3D60"),
+        format!("/other-{id}/pfx-{id}/?cc=max-age%3D60"),
+    ];
+    let c = client();
+    for path in under.iter().chain(&outside) {
+        assert_eq!(get(&format!("{}{path}", a.url)).await.x_cache(), "MISS");
+    }
+    for lang in ["en", "fr"] {
+        let r = common::send(
+            c.get(format!("{}{varied}", a.url))
+                .header("accept-language", lang),
+        )
+        .await;
+        assert_eq!(r.x_cache(), "MISS");
+    }
+    let prefix = format!("/pfx-{id}/");
+    let stdout = purge_cli(&up.url, &env, &["--prefix", &prefix, "--prefix", "/none/"]);
+    assert!(
+        stdout.contains(&format!("prefix {prefix}: removed 4")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("prefix /none/: removed 0"), "{stdout}");
+    for path in &under {
+        assert_eq!(
+            get(&format!("{}{path}", b.url)).await.x_cache(),
+            "MISS",
+            "{path}"
+        );
+    }
+    for lang in ["en", "fr"] {
+        let r = common::send(
+            c.get(format!("{}{varied}", b.url))
+                .header("accept-language", lang),
+        )
+        .await;
+        assert_eq!(r.x_cache(), "MISS", "{lang} variant survived the purge");
+    }
+    for path in &outside {
+        assert_eq!(
+            get(&format!("{}{path}", b.url)).await.x_cache(),
+            "HIT",
+            "{path}"
+        );
+    }
+    // Everything: what is stored now is the 4 just refetched and the 2 outside.
+    let stdout = purge_cli(&up.url, &env, &["--all"]);
+    assert!(stdout.contains("prefix /: removed 6"), "{stdout}");
+    for path in under.iter().chain(&outside) {
+        assert_eq!(
+            get(&format!("{}{path}", a.url)).await.x_cache(),
+            "MISS",
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn redis_purge_by_prefix_and_all() {
+    purge_by_prefix_and_all("redis").await;
+}
+
+#[tokio::test]
+async fn dynamodb_purge_by_prefix_and_all() {
+    purge_by_prefix_and_all("dynamodb").await;
+}
+
 /// `cachegate purge ARGS` on the backend `env` names; its stdout.
 fn purge_cli(upstream_url: &str, env: &[(String, String)], args: &[&str]) -> String {
     let out = common::cli(upstream_url, env, &[&["purge"], args].concat());

@@ -88,6 +88,22 @@ impl Proxy {
         Ok(Target::from_canonical(&self.base, &path, query, rule.query_filter()).url_tag())
     }
 
+    /// The URL tags of every URL stored under the path prefix `prefix` (as
+    /// clients request it; canonicalised as a request's path is), found
+    /// by reading the whole shared cache ([`TieredCache::stored_tags_with_prefix`]).
+    ///
+    /// [`TieredCache::stored_tags_with_prefix`]: cachegate_store::tiered::TieredCache::stored_tags_with_prefix
+    pub async fn stored_url_tags_under(&self, prefix: &str) -> Result<Vec<String>, String> {
+        let path = crate::request::canonical_path(prefix).map_err(|r| r.message)?;
+        let base = self.base.path().trim_end_matches('/');
+        let tag_prefix = format!("{}{base}{path}", crate::key::URL_TAG_PREFIX);
+        self.cache
+            .stored_tags_with_prefix(&tag_prefix)
+            .await
+            .map(|tags| tags.into_iter().collect())
+            .map_err(|e| e.to_string())
+    }
+
     /// The `Location` and `Content-Location` of an upstream response that
     /// name resources behind this proxy, as client paths: RFC 9111 §4.4 has
     /// them invalidated too, but only on the same origin (so a response

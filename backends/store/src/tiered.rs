@@ -250,6 +250,37 @@ impl TieredCache {
         Ok(n)
     }
 
+    /// The tags starting with `prefix` that entries stored in the main
+    /// backend carry, found by listing its keys
+    /// ([`CacheStore::scan_values`]) and reading each value: what a purge
+    /// by path prefix purges (the proxy's URL tags). It reads the whole
+    /// backend, one value at a time: for operators, never the request path.
+    pub async fn stored_tags_with_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        if !self.main.capabilities().scans_values {
+            return Err(StoreError::backend(
+                self.backend_name(),
+                "cannot list its keys, so it cannot purge by prefix",
+            ));
+        }
+        let mut tags = std::collections::BTreeSet::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = self.main.scan_values(cursor.as_deref()).await?;
+            for key in &page.keys {
+                if let Some((Record::Entry(e), _)) = self.live(self.main.get(key).await?) {
+                    tags.extend(e.tags.into_iter().filter(|t| t.starts_with(prefix)));
+                }
+            }
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => return Ok(tags),
+            }
+        }
+    }
+
     /// Mark every entry carrying `tag` stale in the main backend. An entry
     /// with no stale window is removed; so is everything when the backend
     /// cannot list a tag's members.
