@@ -55,6 +55,9 @@ pub enum StartError {
     Client(#[from] reqwest::Error),
     #[error(transparent)]
     Edge(#[from] edge::EdgeError),
+    /// A value of `upstream.headers` could not be read.
+    #[error("{0}")]
+    OwnHeaders(String),
 }
 
 impl StartError {
@@ -88,7 +91,13 @@ pub async fn build_proxy_with(
     background: background::Background,
 ) -> Result<Arc<Proxy>, StartError> {
     let cache = backend::build_cache(config).await?;
-    let upstream = upstream::Upstream::new(&config.upstream)?;
+    let own_headers = upstream::own_headers::OwnHeaders::load(
+        config.own_headers.clone(),
+        config.upstream.headers_refresh,
+    )
+    .await
+    .map_err(StartError::OwnHeaders)?;
+    let upstream = upstream::Upstream::new(&config.upstream)?.with_own_headers(own_headers.clone());
     let header_strings =
         |names: &[http::HeaderName]| names.iter().map(|h| h.as_str().to_owned()).collect();
     let settings = proxy::Settings {
@@ -138,6 +147,7 @@ pub async fn build_proxy_with(
             settings,
             telemetry,
         )
-        .with_edge(edge),
+        .with_edge(edge)
+        .with_own_headers(own_headers),
     ))
 }

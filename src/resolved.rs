@@ -39,6 +39,8 @@ pub struct ResolvedConfig {
     pub edge_key_headers: Option<Vec<HeaderName>>,
     /// `edge.cache_tag_header`.
     pub cache_tag_header: HeaderName,
+    /// `upstream.headers`, each name checked and source parsed.
+    pub own_headers: Vec<(HeaderName, crate::config::OwnHeaderSource)>,
 }
 
 impl ResolvedConfig {
@@ -70,6 +72,7 @@ impl ResolvedConfig {
             .map(|names| header_names("edge.key_headers", &names))
             .transpose()?,
             cache_tag_header: config.edge.cache_tag_header_name()?,
+            own_headers: config.upstream.headers.parse()?,
             routes: RouteTable::build(&config.routes, &config.cache)?,
             config,
         })

@@ -112,6 +112,19 @@ fn bad_values_stop_start_up_naming_the_key_and_its_variable() {
             "CACHEGATE_ROUTES",
         ),
         (
+            vec![up, ("CACHEGATE_UPSTREAM__HEADERS", "{host=\"x\"}")],
+            "upstream.headers",
+            "CACHEGATE_UPSTREAM__HEADERS",
+        ),
+        (
+            vec![
+                up,
+                ("CACHEGATE_UPSTREAM__HEADERS", "{x-k=\"secretsmanager:\"}"),
+            ],
+            "upstream.headers",
+            "CACHEGATE_UPSTREAM__HEADERS",
+        ),
+        (
             vec![
                 up,
                 ("CACHEGATE_ROUTES", "[{path=\"/a\", key_headers=[\"a b\"]}]"),
@@ -202,12 +215,24 @@ fn secrets_never_print() {
         &[
             ("CACHEGATE_UPSTREAM__URL", "https://api.example.com"),
             ("CACHEGATE_REDIS__PASSWORD", "hunter2-secret"),
+            (
+                "CACHEGATE_UPSTREAM__HEADERS",
+                "{x-api-key=\"hunter3-literal\", x-token=\"env:UPSTREAM_TOKEN\"}",
+            ),
         ],
         &["config"],
     );
     assert_eq!(code, 0, "{stderr}");
+    for secret in ["hunter2-secret", "hunter3-literal"] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{stdout}"
+        );
+    }
+    // A literal header is named as left out; a reference is not a secret.
+    assert!(stdout.contains("# x-api-key = \"<redacted>\""), "{stdout}");
     assert!(
-        !stdout.contains("hunter2-secret") && !stderr.contains("hunter2-secret"),
+        stdout.contains("x-token = \"env:UPSTREAM_TOKEN\""),
         "{stdout}"
     );
 }

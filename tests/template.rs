@@ -1183,3 +1183,77 @@ fn template_defaults_are_the_cheap_safe_ones() {
     // No default upstream: `sam deploy --guided` asks for it.
     assert!(p["UpstreamUrl"].get("Default").is_none());
 }
+
+/// `UpstreamCredentialSecretArn`: the proxy function gets the secret as
+/// its own upstream credential (`upstream.headers`, a TOML inline table
+/// in the environment) and may read that secret and no other; the
+/// invalidator never calls the upstream and gets nothing. Unset: neither.
+#[test]
+fn an_upstream_credential_secret_is_the_proxys_alone() {
+    let template = template_json();
+    let arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:weather-api-AbCdEf";
+    let grants = |d: &Deployed, role: &str| -> Vec<Value> {
+        d.props(role)["Policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p["PolicyDocument"]["Statement"].as_array().unwrap())
+            .filter(|s| s["Action"].to_string().contains("secretsmanager:"))
+            .cloned()
+            .collect()
+    };
+    for (field, header) in [("", "x-api-key"), ("key", "Authorization")] {
+        let d = deploy(
+            &template,
+            &[
+                ("UpstreamUrl", "https://api.example.com/v1"),
+                ("UpstreamCredentialSecretArn", arn),
+                ("UpstreamCredentialSecretField", field),
+                ("UpstreamCredentialHeader", header),
+            ],
+        );
+        let env = d.props("CacheFunction")["Environment"]["Variables"]
+            .as_object()
+            .unwrap();
+        let sub = env["CACHEGATE_UPSTREAM__HEADERS"]["Fn::Sub"]
+            .as_str()
+            .unwrap();
+        let want = if field.is_empty() {
+            "{${UpstreamCredentialHeader}=\"secretsmanager:${UpstreamCredentialSecretArn}\"}"
+        } else {
+            "{${UpstreamCredentialHeader}=\"secretsmanager:${UpstreamCredentialSecretArn}#${UpstreamCredentialSecretField}\"}"
+        };
+        assert_eq!(sub, want);
+        assert_eq!(
+            grants(&d, "FunctionRole"),
+            vec![
+                json!({"Effect": "Allow", "Action": "secretsmanager:GetSecretValue",
+                        "Resource": {"Ref": "UpstreamCredentialSecretArn"}})
+            ]
+        );
+        assert!(grants(&d, "InvalidatorRole").is_empty());
+        // What CloudFormation substitutes is a configuration the proxy takes.
+        let value = sub
+            .replace("${UpstreamCredentialHeader}", header)
+            .replace("${UpstreamCredentialSecretArn}", arn)
+            .replace("${UpstreamCredentialSecretField}", field);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cachegate"))
+            .args(["--config", "/dev/null", "config"])
+            .env("CACHEGATE_UPSTREAM__URL", "https://api.example.com/v1")
+            .env("CACHEGATE_UPSTREAM__HEADERS", &value)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+        let printed = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            printed.contains(&format!("secretsmanager:{arn}")),
+            "{printed}"
+        );
+    }
+    let d = deploy(&template, &[("UpstreamUrl", "https://api.example.com/v1")]);
+    let env = d.props("CacheFunction")["Environment"]["Variables"]
+        .as_object()
+        .unwrap();
+    assert!(!env.contains_key("CACHEGATE_UPSTREAM__HEADERS"));
+    assert!(grants(&d, "FunctionRole").is_empty());
+}

@@ -14,6 +14,7 @@ mod edge;
 
 pub use edge::EdgeConfig;
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -200,6 +201,174 @@ pub struct UpstreamConfig {
     /// `max_rps` (room for four instances). Env: `CACHEGATE_UPSTREAM__FALLBACK_RPS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_rps: Option<f64>,
+    /// Request headers cachegate adds to every upstream call: its own
+    /// credentials (an API key, a token). Each value is a literal, or
+    /// `env:NAME` (an environment variable), `secretsmanager:ARN` or
+    /// `secretsmanager:ARN#field` (an AWS Secrets Manager secret, or one
+    /// field of its JSON), `ssm:NAME` (an SSM Parameter Store parameter,
+    /// decrypted). Read at start-up, refreshed every `headers_refresh` and
+    /// at once when the upstream answers 401 or 403; never logged, never
+    /// part of a key; a client's own copy of such a header is dropped.
+    /// Default: none.
+    #[serde(default, skip_serializing_if = "OwnHeaderSources::is_empty")]
+    pub headers: OwnHeaderSources,
+    /// How often the values of `headers` read from the environment,
+    /// Secrets Manager or SSM are read again. Default `5m`.
+    #[serde(default = "default_headers_refresh", with = "humantime_serde")]
+    pub headers_refresh: Duration,
+}
+
+/// `upstream.headers`: header name → where its value comes from. `Debug`
+/// shows literal values only as `<redacted>`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct OwnHeaderSources(pub std::collections::BTreeMap<String, String>);
+
+impl OwnHeaderSources {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `value` is a literal (a secret itself) rather than a
+    /// reference to where the secret is kept.
+    pub fn is_literal(value: &str) -> bool {
+        !["env:", "secretsmanager:", "ssm:"]
+            .iter()
+            .any(|p| value.starts_with(p))
+    }
+}
+
+impl fmt::Debug for OwnHeaderSources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(name, value)| {
+                let shown = if Self::is_literal(value) {
+                    "<redacted>"
+                } else {
+                    value.as_str()
+                };
+                (name, shown)
+            }))
+            .finish()
+    }
+}
+
+/// Where one of `upstream.headers` comes from, parsed.
+#[derive(Clone, PartialEq, Eq)]
+pub enum OwnHeaderSource {
+    /// The value itself.
+    Literal(String),
+    /// An environment variable, read again at each refresh.
+    Env(String),
+    /// A Secrets Manager secret (name or ARN), or one field of its JSON.
+    SecretsManager { id: String, field: Option<String> },
+    /// An SSM Parameter Store parameter, decrypted.
+    Ssm(String),
+}
+
+impl OwnHeaderSource {
+    /// Read at start-up only (a literal) or again at each refresh.
+    pub fn refreshes(&self) -> bool {
+        !matches!(self, OwnHeaderSource::Literal(_))
+    }
+}
+
+impl fmt::Debug for OwnHeaderSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OwnHeaderSource::Literal(_) => f.write_str("Literal(<redacted>)"),
+            OwnHeaderSource::Env(name) => write!(f, "Env({name})"),
+            OwnHeaderSource::SecretsManager { id, field } => {
+                write!(f, "SecretsManager({id}")?;
+                if let Some(field) = field {
+                    write!(f, "#{field}")?;
+                }
+                f.write_str(")")
+            }
+            OwnHeaderSource::Ssm(name) => write!(f, "Ssm({name})"),
+        }
+    }
+}
+
+impl OwnHeaderSources {
+    /// Each header name checked and each source parsed. Names that say
+    /// how the request travels (hop-by-hop, `Host`, cachegate's forwarding
+    /// headers) are refused: they are not credentials.
+    pub fn parse(&self) -> Result<Vec<(http::HeaderName, OwnHeaderSource)>, ConfigError> {
+        let key = "upstream.headers";
+        let mut out = Vec::with_capacity(self.0.len());
+        for (name, value) in &self.0 {
+            let header = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| invalid(key, format!("`{name}` is not a header name")))?;
+            const NOT_CREDENTIALS: [&str; 12] = [
+                "host",
+                "connection",
+                "keep-alive",
+                "transfer-encoding",
+                "te",
+                "trailer",
+                "upgrade",
+                "content-length",
+                "via",
+                "x-forwarded-for",
+                "x-forwarded-host",
+                "x-forwarded-proto",
+            ];
+            if NOT_CREDENTIALS.contains(&header.as_str()) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "`{name}` says how the request travels; cachegate sets or relays it itself"
+                    ),
+                ));
+            }
+            let empty = |what: &str| invalid(key, format!("`{name}`: {what} is empty"));
+            let source = if let Some(var) = value.strip_prefix("env:") {
+                if var.is_empty() {
+                    return Err(empty("the variable name"));
+                }
+                OwnHeaderSource::Env(var.to_owned())
+            } else if let Some(rest) = value.strip_prefix("secretsmanager:") {
+                let (id, field) = match rest.split_once('#') {
+                    Some((_, "")) => {
+                        return Err(invalid(
+                            key,
+                            format!("`{name}`: nothing after `#` in `{rest}`"),
+                        ))
+                    }
+                    Some((id, field)) => (id, Some(field.to_owned())),
+                    None => (rest, None),
+                };
+                if id.is_empty() {
+                    return Err(empty("the secret's name or ARN"));
+                }
+                OwnHeaderSource::SecretsManager {
+                    id: id.to_owned(),
+                    field,
+                }
+            } else if let Some(param) = value.strip_prefix("ssm:") {
+                if param.is_empty() {
+                    return Err(empty("the parameter name"));
+                }
+                OwnHeaderSource::Ssm(param.to_owned())
+            } else {
+                if http::HeaderValue::from_str(value).is_err() {
+                    // Never echo the value: it is a secret.
+                    return Err(invalid(
+                        key,
+                        format!("the value of `{name}` is not a header value"),
+                    ));
+                }
+                OwnHeaderSource::Literal(value.clone())
+            };
+            out.push((header, source));
+        }
+        Ok(out)
+    }
+}
+
+fn default_headers_refresh() -> Duration {
+    Duration::from_secs(300)
 }
 
 impl UpstreamConfig {
@@ -879,7 +1048,38 @@ impl Config {
                 t.remove(*key);
             }
         }
+        // Literal upstream.headers values are secrets; references are not.
+        let literal_headers: Vec<&String> = self
+            .upstream
+            .headers
+            .0
+            .iter()
+            .filter(|(_, v)| OwnHeaderSources::is_literal(v))
+            .map(|(k, _)| k)
+            .collect();
+        if let Some(toml::Value::Table(upstream)) = table.get_mut("upstream") {
+            if let Some(toml::Value::Table(headers)) = upstream.get_mut("headers") {
+                for name in &literal_headers {
+                    headers.remove(name.as_str());
+                }
+            }
+        }
         let mut text = toml::to_string(&table).map_err(|e| e.to_string())?;
+        if !literal_headers.is_empty() {
+            let header = "[upstream.headers]\n";
+            let notes: String = literal_headers
+                .iter()
+                .map(|name| {
+                    format!(
+                        "# {name} = \"<redacted>\"  (set, not shown: give it again in a file or in CACHEGATE_UPSTREAM__HEADERS)\n"
+                    )
+                })
+                .collect();
+            match text.find(header) {
+                Some(at) => text.insert_str(at + header.len(), &notes),
+                None => text.push_str(&format!("\n{header}{notes}")),
+            }
+        }
         for (section, key) in secrets {
             let header = format!("[{section}]\n");
             let note = format!(

@@ -105,6 +105,9 @@ pub struct Proxy {
     refreshed_ahead: Mutex<HashMap<StoreKey, u64>>,
     /// CloudFront in front, when configured ([`crate::edge`]).
     edge: Option<Arc<crate::edge::Edge>>,
+    /// cachegate's own upstream credentials (`upstream.headers`): a
+    /// client's copies are dropped on the way in.
+    own_headers: Option<Arc<crate::upstream::own_headers::OwnHeaders>>,
 }
 
 /// The response header `cache.expose_key` sends the key's digest in.
@@ -211,7 +214,18 @@ impl Proxy {
             inflight: Mutex::default(),
             refreshed_ahead: Mutex::default(),
             edge: None,
+            own_headers: None,
         }
+    }
+
+    /// cachegate's own upstream credentials, whose client copies are
+    /// dropped before anything reads a request.
+    pub fn with_own_headers(
+        mut self,
+        own: Option<Arc<crate::upstream::own_headers::OwnHeaders>>,
+    ) -> Self {
+        self.own_headers = own;
+        self
     }
 
     /// The edge (CloudFront) this proxy tags responses for and invalidates.
@@ -345,7 +359,7 @@ impl Proxy {
         }
         // One canonical request, before anything reads it: the route, the
         // key and the upstream call all come from it.
-        let (canon, rule) =
+        let (mut canon, rule) =
             match CanonicalRequest::new(parts, body, &self.settings.forwarding, &self.routes) {
                 Ok(c) => c,
                 Err(rejected) => {
@@ -354,6 +368,11 @@ impl Proxy {
                     return Admission::Rejected((resp, Outcome::new(Kind::Rejected)));
                 }
             };
+        if let Some(own) = &self.own_headers {
+            // The upstream gets cachegate's; a client's copy neither goes
+            // upstream nor makes the request personal or keyed.
+            own.drop_client_copies(&mut canon.headers);
+        }
         trace.route = Some(rule.clone());
         trace.client_origin = canon.client_origin.clone();
         let target = Target::from_canonical(

@@ -5,6 +5,7 @@
 //! the client. [`breaker`] is the per-instance upstream breaker.
 
 pub mod breaker;
+pub mod own_headers;
 
 use std::time::{Duration, Instant};
 
@@ -128,6 +129,8 @@ pub struct Upstream {
     max_response_bytes: usize,
     /// Extra attempts for a GET or HEAD that could not connect.
     retries: u32,
+    /// cachegate's own credentials (`upstream.headers`), set on every call.
+    own: Option<std::sync::Arc<own_headers::OwnHeaders>>,
 }
 
 impl Upstream {
@@ -149,7 +152,47 @@ impl Upstream {
             timeout: cfg.timeout,
             max_response_bytes: cfg.max_response_bytes.as_u64() as usize,
             retries: cfg.retries,
+            own: None,
         })
+    }
+
+    /// Add cachegate's own credentials (`upstream.headers`) to every call.
+    pub fn with_own_headers(
+        mut self,
+        own: Option<std::sync::Arc<own_headers::OwnHeaders>>,
+    ) -> Self {
+        self.own = own;
+        self
+    }
+
+    /// Send a request upstream ([`Upstream::send_once`]) with cachegate's
+    /// own credentials, when configured. When the upstream refuses them
+    /// (401, 403) and reading them again finds new values (a rotated
+    /// secret), an idempotent request without a body is sent once more
+    /// with those.
+    pub async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        mut headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let Some(own) = &self.own else {
+            return self.send_once(method, url, headers, body).await;
+        };
+        own.apply(&mut headers);
+        let again = (body.is_empty() && method.is_idempotent())
+            .then(|| (method.clone(), url.clone(), headers.clone()));
+        let sent = self.send_once(method, url, headers, body).await;
+        let refused = matches!(&sent, Ok(r) if matches!(r.status.as_u16(), 401 | 403));
+        if refused && own.refused().await {
+            if let Some((method, url, mut headers)) = again {
+                own.apply(&mut headers);
+                tracing::info!("upstream refused cachegate's credentials; sending once more with the values just read");
+                return self.send_once(method, url, headers, Bytes::new()).await;
+            }
+        }
+        sent
     }
 
     /// Send `method url` with `headers` (already stripped of hop-by-hop
@@ -162,7 +205,7 @@ impl Upstream {
     /// once more, at once, on a new connection, as nginx does (RFC 9110
     /// §9.2.2 allows repeating idempotent requests). Nothing of a response
     /// had been read, and a failure while reading the body is never retried.
-    pub async fn send(
+    pub async fn send_once(
         &self,
         method: Method,
         url: Url,
