@@ -1,6 +1,6 @@
 //! The header parsers and the caching policy: `CacheControl::parse`, the
 //! lenient HTTP date parser, `request_policy`, `response_policy`, the
-//! edge rewrite (`edge_headers`) and the upstream back-off (`signal_of`), on any
+//! edge rewrite (`edge_headers`), the upstream back-off (`signal_of`) and announced quotas (`rate_limit::announced`), on any
 //! header values, statuses and clocks, under several route rules.
 //!
 //! Input, as text lines:
@@ -141,6 +141,12 @@ fuzz_target!(|data: &[u8]| {
         Signal::Answered => assert!(
             !matches!(status.as_u16(), 502..=504) && status != StatusCode::TOO_MANY_REQUESTS
         ),
+    }
+    // An announced quota resets within the cap and spends what is left
+    // at a finite rate.
+    if let Some(q) = cachegate::policy::rate_limit::announced(&resp, response_time) {
+        assert!(q.reset_in <= cachegate::policy::rate_limit::MAX_RESET, "{q:?}");
+        assert!(q.rate_per_second().is_finite(), "{q:?}");
     }
     // Browser-facing directives, and the ones cachegate stores by (RFC 9213
     // targeted fields first).

@@ -31,6 +31,7 @@ pub mod date;
 pub mod edge;
 pub mod headers;
 pub mod range;
+pub mod rate_limit;
 pub mod request;
 pub mod response;
 pub mod rule;
