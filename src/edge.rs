@@ -207,6 +207,25 @@ pub fn cost_usd(paths: usize) -> f64 {
     paths as f64 * USD_PER_PATH
 }
 
+/// Hours in an average month (365.25 × 24 / 12).
+const HOURS_PER_MONTH: u64 = 730;
+
+/// The most paths writes can invalidate in a month under
+/// `edge.write_paths_per_hour`, and what that costs past the free tier.
+pub fn write_cap_per_month(paths_per_hour: u32) -> (u64, f64) {
+    let paths = u64::from(paths_per_hour) * HOURS_PER_MONTH;
+    let billed = paths.saturating_sub(FREE_PATHS_PER_MONTH);
+    (paths, billed as f64 * USD_PER_PATH)
+}
+
+/// Paths writes would have invalidated but `edge.write_paths_per_hour`
+/// left out (the `cachegate_edge_write_paths_dropped_total` metric).
+static WRITE_PATHS_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn write_paths_dropped() -> u64 {
+    WRITE_PATHS_DROPPED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EdgeError {
     #[error("CloudFront CreateInvalidation on {distribution}: {message}")]
@@ -226,6 +245,12 @@ pub struct Edge {
     header: HeaderName,
     /// The upstream base path (no trailing `/`), which edge paths lack.
     base_prefix: String,
+    /// `edge.write_paths_per_hour`, and `edge.batch_window`: a path a
+    /// write invalidated that recently is not sent (or counted) again.
+    write_paths_per_hour: u32,
+    batch_window: std::time::Duration,
+    /// Write-caused edge items sent recently, and when (this process).
+    recent_writes: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// The SDK clients and serve's batching task.
     #[cfg(feature = "edge")]
     sinks: aws::Sinks,
@@ -276,11 +301,24 @@ impl Edge {
             )))
         }
         #[cfg(feature = "edge")]
-        Ok(Some(Arc::new(Edge {
-            header,
-            base_prefix: upstream_base.path().trim_end_matches('/').to_owned(),
-            sinks: aws::Sinks::build(config, runs).await?,
-        })))
+        {
+            let (paths, usd) = write_cap_per_month(config.write_paths_per_hour);
+            tracing::info!(
+                write_paths_per_hour = config.write_paths_per_hour,
+                paths_per_month = paths,
+                usd_per_month_beyond_free_tier = usd,
+                "edge: writes invalidate at most {} CloudFront paths an hour across instances: at most {paths} paths a month, {usd:.2} USD beyond the {FREE_PATHS_PER_MONTH} free (edge.write_paths_per_hour)",
+                config.write_paths_per_hour,
+            );
+            Ok(Some(Arc::new(Edge {
+                header,
+                base_prefix: upstream_base.path().trim_end_matches('/').to_owned(),
+                write_paths_per_hour: config.write_paths_per_hour,
+                batch_window: config.batch_window,
+                recent_writes: std::sync::Mutex::default(),
+                sinks: aws::Sinks::build(config, runs).await?,
+            })))
+        }
     }
     /// Put the entry's tags in the cache-tag header (replacing one the
     /// upstream sent under that name: ours includes its tags).
@@ -345,10 +383,70 @@ impl Edge {
     }
 }
 
+/// The shared budget of write-caused edge paths (permits live in their
+/// own namespace in the backend).
+pub fn write_budget_key() -> cachegate_store::StoreKey {
+    cachegate_store::StoreKey::hash("edge-write-paths", ["cloudfront"])
+}
+
+impl Edge {
+    /// `edge.write_paths_per_hour` as a rate budget (burst: one hour's
+    /// worth, so a quiet hour's paths can go at once); `None` for 0.
+    pub fn write_budget(&self) -> Option<cachegate_store::Rate> {
+        (self.write_paths_per_hour > 0).then(|| {
+            cachegate_store::Rate::new(
+                f64::from(self.write_paths_per_hour) / 3600.0,
+                self.write_paths_per_hour,
+            )
+        })
+    }
+
+    /// The tags of a write's purge that still need the edge: those that
+    /// become an edge item, and not sent by a write of this process
+    /// within `batch_window` (which marks them sent now).
+    pub fn unsent_write_tags(&self, tags: Vec<String>) -> Vec<String> {
+        let now = std::time::Instant::now();
+        let mut recent = self.recent_writes.lock().unwrap_or_else(|p| p.into_inner());
+        recent.retain(|_, at| now.duration_since(*at) < self.batch_window);
+        tags.into_iter()
+            .filter(|tag| !self.items_for(std::slice::from_ref(tag)).is_empty())
+            .filter(|tag| recent.insert(tag.clone(), now).is_none())
+            .collect()
+    }
+
+    /// Count write-caused paths left out by the cap, and say so (at most
+    /// once a minute per process: an abusive client must not flood logs).
+    pub fn dropped_write_paths(&self, n: u64) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static LAST_WARNED: AtomicU64 = AtomicU64::new(0);
+        if n == 0 {
+            return;
+        }
+        WRITE_PATHS_DROPPED.fetch_add(n, Ordering::Relaxed);
+        let now = cachegate_store::now_millis();
+        let last = LAST_WARNED.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 60_000
+            && LAST_WARNED
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                dropped_total = write_paths_dropped(),
+                write_paths_per_hour = self.write_paths_per_hour,
+                "edge: writes asked for more CloudFront paths than edge.write_paths_per_hour allows; \
+                 those were not invalidated and the edge keeps them until their TTL"
+            );
+        }
+    }
+}
+
 /// A write's purges at the edge: batched in serve, enqueued for the
 /// invalidator from Lambda; a failure is logged (the write succeeded, and
 /// the edge keeps the old object until its TTL at worst).
 pub async fn after_write(edge: &Edge, purged: &[String]) {
+    if purged.is_empty() {
+        return;
+    }
     if let Err(e) = edge.invalidate(purged, Dispatch::Background).await {
         tracing::warn!(error = %e, "edge invalidation after a write failed");
     }
@@ -357,6 +455,14 @@ pub async fn after_write(edge: &Edge, purged: &[String]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_write_cap_bounds_a_months_cost() {
+        // 20 an hour: 14,600 paths in an average month, 13,600 billed.
+        assert_eq!(write_cap_per_month(20), (14_600, 68.0));
+        assert_eq!(write_cap_per_month(1), (730, 0.0));
+        assert_eq!(write_cap_per_month(0), (0, 0.0));
+    }
 
     #[test]
     fn every_byte_is_escaped_as_before() {

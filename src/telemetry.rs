@@ -323,6 +323,14 @@ impl Collector for StoreCounters {
             counter.metric_type(),
         )?;
         counter.encode(metric.encode_family(&labels)?)?;
+        let counter = ConstCounter::new(crate::edge::write_paths_dropped());
+        let mut metric = encoder.encode_descriptor(
+            "edge_write_paths_dropped",
+            "CloudFront paths writes would have invalidated past edge.write_paths_per_hour (the edge keeps them until their TTL)",
+            None,
+            counter.metric_type(),
+        )?;
+        counter.encode(metric.encode_family(&labels)?)?;
         Ok(())
     }
 }

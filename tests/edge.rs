@@ -576,3 +576,84 @@ async fn the_invalidator_sends_one_invalidation_per_sqs_batch() {
         vec![set(&["/posts/1", "#posts", "#post-2"])]
     );
 }
+
+/// What writes cost at the edge is bounded: a path a write invalidated
+/// within `edge.batch_window` is not sent (or counted) again,
+/// `edge.write_paths_per_hour` caps the paths, and a write's `Location`
+/// reaches CloudFront only when it names a route.
+#[tokio::test]
+async fn write_invalidations_are_deduplicated_capped_and_kept_to_routes() {
+    let moto = need("CACHEGATE_TEST_MOTO_ENDPOINT");
+    let cf = cloudfront_client(&moto).await;
+    let up = upstream().await;
+    let start = |dist: &str, per_hour: &str| {
+        let mut env: Vec<(String, String)> = aws_env(&moto);
+        env.extend(
+            [
+                ("CACHEGATE_EDGE__CLOUDFRONT_DISTRIBUTION_ID", dist),
+                ("CACHEGATE_EDGE__BATCH_WINDOW", "300ms"),
+                ("CACHEGATE_EDGE__WRITE_PATHS_PER_HOUR", per_hour),
+                (
+                    "CACHEGATE_ROUTES",
+                    r#"[{path = "/items/{id}", ttl = "60s"}]"#,
+                ),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        );
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        cachegate(&up.url, &env)
+    };
+    // Every path of every invalidation, once `want` of them have arrived
+    // (then a little longer, in case more are on their way).
+    let paths_sent = |dist: String, want: usize| {
+        let cf = cf.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let all: BTreeSet<String> = invalidations(&cf, &dist)
+                    .await
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                if all.len() >= want {
+                    tokio::time::sleep(Duration::from_millis(800)).await;
+                    return invalidations(&cf, &dist)
+                        .await
+                        .into_iter()
+                        .flatten()
+                        .collect::<BTreeSet<_>>();
+                }
+                assert!(Instant::now() < deadline, "only {all:?} reached moto");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let post = |url: String| async move {
+        let r = send(client().post(url).body("{}")).await;
+        assert_eq!(r.status, 200);
+    };
+
+    // Locations: one naming no route is not sent; one on a route is.
+    let routed = create_distribution(&cf, "write-locations").await;
+    let cg = start(&routed, "100");
+    post(format!("{}/items/1?location=%2Fvictim%2F1", cg.url)).await;
+    post(format!("{}/items/2?location=%2Fitems%2F9", cg.url)).await;
+    assert_eq!(
+        paths_sent(routed, 3).await,
+        set(&["/items/1", "/items/2", "/items/9"])
+    );
+
+    // The cap: 5 an hour (and at most 5 at once). Ten writes of one path
+    // within the window cost one; of twenty more paths, four go.
+    let capped = create_distribution(&cf, "write-cap").await;
+    let cg = start(&capped, "5");
+    for _ in 0..10 {
+        post(format!("{}/items/1", cg.url)).await;
+    }
+    for i in 0..20 {
+        post(format!("{}/w/{i}", cg.url)).await;
+    }
+    let sent = paths_sent(capped, 5).await;
+    assert_eq!(sent.len(), 5, "{sent:?}");
+    assert!(sent.contains("/items/1"), "{sent:?}");
+}

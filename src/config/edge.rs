@@ -50,6 +50,20 @@ pub struct EdgeConfig {
     /// jittered exponential backoff from 500 ms (at most 20 s between
     /// tries). Default `6`.
     pub max_attempts: u32,
+    /// Most CloudFront paths the purges that writes cause (a successful
+    /// POST, PUT, PATCH, DELETE: its URL, a `Location` on a route, the
+    /// route's `invalidate_tags`) may invalidate in an hour, all instances
+    /// sharing the backend together (a budget kept there; per instance on
+    /// the memory backend). Any client that can write can cause these,
+    /// and CloudFront bills every path past the first 1,000 a month, so
+    /// this bounds what writes can cost: past it a write's paths are not
+    /// sent (logged, counted as `cachegate_edge_write_paths_dropped_total`)
+    /// and the edge keeps those objects until their TTL (bound it with
+    /// `cache.edge_max_ttl`). The same path within `batch_window` counts
+    /// once. Purges asked for (`cachegate purge`, the invalidator's events,
+    /// the purge endpoint) are not counted. `0`: writes never invalidate
+    /// the edge. Start-up logs what the cap allows a month. Default `20`.
+    pub write_paths_per_hour: u32,
 }
 
 impl Default for EdgeConfig {
@@ -61,6 +75,7 @@ impl Default for EdgeConfig {
             cache_tag_header: "Cache-Tag".into(),
             batch_window: Duration::from_secs(2),
             max_attempts: 6,
+            write_paths_per_hour: 20,
         }
     }
 }
@@ -108,6 +123,12 @@ impl EdgeConfig {
         }
         if !(1..=20).contains(&self.max_attempts) {
             return Err(invalid("edge.max_attempts", "must be 1 to 20"));
+        }
+        if self.write_paths_per_hour > 1_000_000 {
+            return Err(invalid(
+                "edge.write_paths_per_hour",
+                "must be at most 1000000 (0 keeps writes from invalidating the edge)",
+            ));
         }
         Ok(())
     }

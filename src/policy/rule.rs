@@ -87,10 +87,15 @@ impl Rule {
         }
     }
 
+    /// The name of [`Rule::global`]: paths no route matches.
+    pub const fn global_name() -> &'static str {
+        "*"
+    }
+
     /// The rule of a path no route matches: the global `[cache]` settings.
     pub fn global(global: &CacheConfig) -> Rule {
         Rule {
-            name: "*".into(),
+            name: Self::global_name().into(),
             cache: true,
             ttl: global.default_ttl,
             status_ttl: Vec::new(),

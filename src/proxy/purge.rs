@@ -27,11 +27,18 @@ impl Proxy {
         why: Bypass,
     ) {
         let mut tags = vec![target.url_tag()];
-        tags.extend(
-            self.same_origin_locations(&target.url, resp_headers)
-                .iter()
-                .filter_map(|path| self.url_tag(path).ok()),
-        );
+        // A Location that names no route is purged here (our own cache:
+        // cheap) but not at the edge, where each path costs money and any
+        // upstream answer could name any number of them.
+        let mut off_route = Vec::new();
+        for path in self.same_origin_locations(&target.url, resp_headers) {
+            if let Ok(tag) = self.url_tag(&path) {
+                if !self.on_a_route(&path) {
+                    off_route.push(tag.clone());
+                }
+                tags.push(tag);
+            }
+        }
         tags.extend(rule.invalidate_tags.iter().cloned());
         tags.sort();
         tags.dedup();
@@ -45,8 +52,53 @@ impl Proxy {
             }
         }
         if let Some(edge) = &self.edge {
-            crate::edge::after_write(edge, &purged).await;
+            purged.retain(|t| !off_route.contains(t));
+            let allowed = self.within_write_budget(edge, purged).await;
+            crate::edge::after_write(edge, &allowed).await;
         }
+    }
+
+    /// Whether a client path falls under a configured route.
+    fn on_a_route(&self, path: &str) -> bool {
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        crate::request::canonical_path(path)
+            .is_ok_and(|p| self.routes.rule_for(&p).name != Rule::global_name())
+    }
+
+    /// The tags of a write's purge the edge gets: not sent by a write
+    /// within `edge.batch_window`, and one permit each of the shared
+    /// `edge.write_paths_per_hour` budget. A backend that cannot be asked
+    /// grants nothing: the edge then keeps those objects until their TTL,
+    /// which costs nothing.
+    async fn within_write_budget(
+        &self,
+        edge: &crate::edge::Edge,
+        tags: Vec<String>,
+    ) -> Vec<String> {
+        let tags = edge.unsent_write_tags(tags);
+        let Some(rate) = edge.write_budget() else {
+            edge.dropped_write_paths(tags.len() as u64);
+            return Vec::new();
+        };
+        let key = crate::edge::write_budget_key();
+        let mut allowed = Vec::with_capacity(tags.len());
+        let mut dropped = 0;
+        for tag in tags {
+            match self
+                .cache
+                .take_permit(&key, rate, std::time::Duration::ZERO)
+                .await
+            {
+                Ok(cachegate_store::Permit::Granted { .. }) => allowed.push(tag),
+                Ok(cachegate_store::Permit::Denied { .. }) => dropped += 1,
+                Err(e) => {
+                    tracing::debug!(error = %e, "edge write budget unavailable; not invalidating");
+                    dropped += 1;
+                }
+            }
+        }
+        edge.dropped_write_paths(dropped);
+        allowed
     }
 
     /// Remove every entry tagged `tag` (all `Vary` variants of a URL carry
