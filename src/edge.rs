@@ -32,7 +32,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::config::EdgeConfig;
-use crate::key::URL_TAG_PREFIX;
+use crate::key::{URL_PREFIX_TAG_PREFIX, URL_TAG_PREFIX};
 
 #[cfg(feature = "edge")]
 mod aws;
@@ -345,6 +345,12 @@ impl Edge {
             if let Some(upstream) = tag.strip_prefix(URL_TAG_PREFIX) {
                 if let Some(path) = edge_path(upstream, &self.base_prefix) {
                     items.items.insert(path);
+                }
+            } else if let Some(upstream) = tag.strip_prefix(URL_PREFIX_TAG_PREFIX) {
+                // A purge by prefix: one wildcard path (a `*` may only end
+                // a CloudFront path; any inside is escaped).
+                if let Some(path) = edge_path(upstream, &self.base_prefix) {
+                    items.items.insert(format!("{path}*"));
                 }
             } else {
                 match edge_tag(tag) {

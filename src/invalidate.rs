@@ -117,6 +117,15 @@ async fn purge_backend(
     }
     let mut report = PurgeReport::default();
     let mut purged = Vec::with_capacity(targets.len());
+    // The edge gets one wildcard per prefix, not a path per stored URL:
+    // what the edge holds under it may be more than this cache still has.
+    for prefix in request.prefixes.iter().chain(request.all.then_some(&all)) {
+        purged.push(
+            proxy
+                .url_prefix_tag(prefix)
+                .map_err(|e| PurgeError::Invalid(format!("prefix {e}")))?,
+        );
+    }
     for target in targets {
         let counts = match target.kind {
             Named::Url => &mut report.urls,
@@ -138,7 +147,9 @@ async fn purge_backend(
         // A URL or tag named twice removes nothing the second time.
         *counts.entry(target.named.clone()).or_default() += n;
         report.removed += n;
-        purged.push(target.tag);
+        if target.kind != Named::Prefix {
+            purged.push(target.tag);
+        }
     }
     Ok((report, purged))
 }

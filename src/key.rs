@@ -36,6 +36,11 @@ use cachegate_store::{KeyHasher, StoreKey};
 /// paths, not as tags.
 pub const URL_TAG_PREFIX: &str = "url:";
 
+/// The prefix of the tag a purge by path prefix hands the edge: `url-prefix:`
+/// and the upstream path prefix. No entry carries it; the edge sends it as
+/// one wildcard path (`/items/*`) rather than a path per stored URL.
+pub const URL_PREFIX_TAG_PREFIX: &str = "url-prefix:";
+
 /// The response's `Vary` names select what a key includes; the policy
 /// owns how they are read.
 pub use crate::policy::headers::vary_names;

@@ -175,6 +175,20 @@ async fn cli_purge_invalidates_tags_as_hash_items_and_urls_as_client_paths() {
             "/items/1"
         ])]
     );
+
+    // A prefix (and everything) is one wildcard path each, whatever is
+    // stored under it.
+    let out = purge_cli(&["--prefix", "/articles/", "--all"], &env);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}", common::describe(&out));
+    assert!(stdout.contains("cloudfront: 2 paths sent"), "{stdout}");
+    assert!(
+        invalidations(&cf, &dist)
+            .await
+            .contains(&set(&["/articles/*", "/*"])),
+        "{:?}",
+        invalidations(&cf, &dist).await
+    );
 }
 
 #[tokio::test]

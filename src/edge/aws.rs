@@ -13,7 +13,7 @@ use crate::config::EdgeConfig;
 use super::{
     cost_usd, Dispatch, EdgeError, EdgeItems, EdgeReport, EdgeStatus, Runs, MAX_PATHS_PER_CALL,
 };
-use crate::key::URL_TAG_PREFIX;
+use crate::key::{URL_PREFIX_TAG_PREFIX, URL_TAG_PREFIX};
 
 /// Where this process's invalidations go.
 pub(super) struct Sinks {
@@ -165,13 +165,16 @@ impl Queue {
     async fn send(&self, tags: &[String], base_prefix: &str) -> Result<(), EdgeError> {
         let mut request = crate::purge_request::PurgeRequest::default();
         for tag in tags {
-            match tag.strip_prefix(URL_TAG_PREFIX) {
-                Some(upstream) => {
-                    if let Some(path) = upstream.strip_prefix(base_prefix) {
-                        request.urls.push(path.to_owned());
-                    }
+            if let Some(upstream) = tag.strip_prefix(URL_TAG_PREFIX) {
+                if let Some(path) = upstream.strip_prefix(base_prefix) {
+                    request.urls.push(path.to_owned());
                 }
-                None => request.tags.push(tag.clone()),
+            } else if let Some(upstream) = tag.strip_prefix(URL_PREFIX_TAG_PREFIX) {
+                if let Some(path) = upstream.strip_prefix(base_prefix) {
+                    request.prefixes.push(path.to_owned());
+                }
+            } else {
+                request.tags.push(tag.clone());
             }
         }
         let body = serde_json::to_string(&request).expect("plain struct");

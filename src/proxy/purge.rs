@@ -146,14 +146,32 @@ impl Proxy {
     ///
     /// [`TieredCache::stored_tags_with_prefix`]: cachegate_store::tiered::TieredCache::stored_tags_with_prefix
     pub async fn stored_url_tags_under(&self, prefix: &str) -> Result<Vec<String>, String> {
-        let path = crate::request::canonical_path(prefix).map_err(|r| r.message)?;
-        let base = self.base.path().trim_end_matches('/');
-        let tag_prefix = format!("{}{base}{path}", crate::key::URL_TAG_PREFIX);
+        let tag_prefix = format!(
+            "{}{}",
+            crate::key::URL_TAG_PREFIX,
+            self.upstream_prefix(prefix)?
+        );
         self.cache
             .stored_tags_with_prefix(&tag_prefix)
             .await
             .map(|tags| tags.into_iter().collect())
             .map_err(|e| e.to_string())
+    }
+
+    /// The tag that purges the path prefix `prefix` (as clients request
+    /// it) at the edge: one wildcard path ([`crate::key::URL_PREFIX_TAG_PREFIX`]).
+    pub fn url_prefix_tag(&self, prefix: &str) -> Result<String, String> {
+        Ok(format!(
+            "{}{}",
+            crate::key::URL_PREFIX_TAG_PREFIX,
+            self.upstream_prefix(prefix)?
+        ))
+    }
+
+    /// A client path prefix as the upstream path prefix it stands for.
+    fn upstream_prefix(&self, prefix: &str) -> Result<String, String> {
+        let path = crate::request::canonical_path(prefix).map_err(|r| r.message)?;
+        Ok(format!("{}{path}", self.base.path().trim_end_matches('/')))
     }
 
     /// The `Location` and `Content-Location` of an upstream response that
