@@ -511,9 +511,11 @@ pub struct CacheConfig {
     /// round trip. Must be more than 0. Default `250ms`.
     #[serde(with = "humantime_serde")]
     pub l1_check: Duration,
-    /// How long a miss waits for another request already fetching the same
-    /// key (here or, with a shared backend, in another instance) before
-    /// fetching itself. `0s` turns coalescing off. Default `5s`.
+    /// How long a miss waits at least for another request already
+    /// fetching the same key (here or, with a shared backend, in another
+    /// instance); it waits as long as that fetch can take
+    /// (`upstream.timeout` and 1 s) when that is longer, and takes its
+    /// answer or its error. `0s` turns coalescing off. Default `5s`.
     #[serde(with = "humantime_serde")]
     pub coalesce_wait: Duration,
     /// Response headers whose values tag the entry for purging (surrogate

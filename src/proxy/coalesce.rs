@@ -15,11 +15,28 @@ use super::{Fetched, Proxy, Stored};
 use crate::key;
 use crate::upstream::UpstreamError;
 
-/// What a coalesced fetch shares with the requests that waited for it,
-/// or `None` when the response was not storable (then every waiter
-/// fetches for itself: an unstorable response may be private to the
-/// request that caused it).
-pub(super) type Shared = Option<SharedEntry>;
+/// What a coalesced fetch tells the requests that waited for it.
+#[derive(Debug, Clone)]
+pub(super) enum Shared {
+    /// It stored an entry: the waiters whose variant it is take it.
+    Entry(SharedEntry),
+    /// Its answer may not be stored (it may be private to the request
+    /// that caused it): every waiter fetches for itself, at once.
+    NotStorable,
+    /// The upstream failed it (a timeout, no connection, a hold): the
+    /// waiters get the same error at the same time, not a second wait.
+    Failed(UpstreamError),
+    /// The fetch was dropped before it ended: the waiters fetch.
+    Gone,
+}
+
+/// How long keys whose answer was not storable skip coalescing (and the
+/// fetch lock): concurrent requests for them go upstream side by side, as
+/// Varnish's hit-for-pass does. Forgotten sooner when an answer is stored.
+pub(super) const HIT_FOR_PASS: Duration = Duration::from_secs(60);
+
+/// Most keys remembered as not storable (bounded under hostile input).
+const HIT_FOR_PASS_MAX: usize = 10_000;
 
 /// The entry a coalesced fetch stored, and which requests it answers.
 #[derive(Debug, Clone)]
@@ -43,6 +60,9 @@ impl Proxy {
         on_contention: OnContention,
     ) -> Result<Fetched, UpstreamError> {
         let fallback_stale = stale.clone();
+        if self.settings.coalesce_wait.is_zero() || self.known_not_storable(&miss.primary) {
+            return self.fetch(miss, stale).await;
+        }
         let role = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             match inflight.get(&miss.primary) {
@@ -67,14 +87,19 @@ impl Proxy {
                 let share = match &result {
                     // Waiters get the stored copy, never the fetcher's own headers.
                     Ok(Fetched::Entry(stored, _) | Fetched::Own(stored, _, _)) => {
+                        self.forget_not_storable(&miss.primary);
                         let vary = key::vary_names(&stored.headers);
-                        Some(SharedEntry {
+                        Shared::Entry(SharedEntry {
                             stored: stored.clone(),
                             key: stored_under(&miss.primary, vary.as_deref(), &miss.headers),
                             vary,
                         })
                     }
-                    _ => None,
+                    Ok(Fetched::Relay(..)) => {
+                        self.remember_not_storable(&miss.primary);
+                        Shared::NotStorable
+                    }
+                    Err(e) => Shared::Failed(e.clone()),
                 };
                 leader.finish(share);
                 return result;
@@ -85,13 +110,18 @@ impl Proxy {
             let outcome = stale_while_revalidate(&s.entry, now_millis(), Refresh::InProgress);
             return Ok(Fetched::Entry(s.clone(), outcome));
         }
-        let shared = tokio::time::timeout(self.settings.coalesce_wait, async {
+        // As long as the fetch in flight can take: it ends by then (its
+        // upstream call times out), and waiting less would only start a
+        // second call.
+        let shared = tokio::time::timeout(self.coalesce_deadline(), async {
             rx.wait_for(|v| v.is_some()).await.map(|v| v.clone())
         })
         .await;
-        let timed_out = shared.is_err();
-        if let Ok(Ok(Some(Some(shared)))) = shared {
-            if stored_under(&miss.primary, shared.vary.as_deref(), &miss.headers) == shared.key {
+        match shared {
+            Ok(Ok(Some(Shared::Entry(shared))))
+                if stored_under(&miss.primary, shared.vary.as_deref(), &miss.headers)
+                    == shared.key =>
+            {
                 return Ok(Fetched::Entry(
                     shared.stored,
                     Outcome::new(Kind::Collapsed {
@@ -100,10 +130,12 @@ impl Proxy {
                     }),
                 ));
             }
-        }
-        // Not shareable, another variant, or the leader took too long.
-        if timed_out {
-            tracing::debug!("coalesce_wait ran out waiting for this process's fetch; fetching too");
+            Ok(Ok(Some(Shared::Failed(e)))) => return Err(e),
+            Err(_) => {
+                tracing::debug!("the fetch in flight outlived upstream.timeout; fetching too")
+            }
+            // Not storable, gone, or another variant: fetch.
+            _ => {}
         }
         self.fetch(miss, fallback_stale).await
     }
@@ -201,13 +233,15 @@ impl Proxy {
         lock: &StoreKey,
         stale: Option<&Stored>,
     ) -> Option<Stored> {
-        let deadline = tokio::time::Instant::now() + self.settings.coalesce_wait;
+        let deadline = tokio::time::Instant::now() + self.coalesce_deadline();
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(LOCK_POLL).await;
             let found = self.lookup(&miss.primary, &miss.headers).await;
             if let Some(e) = found.trouble {
-                tracing::debug!(error = %e, "store failed while waiting for another instance's fetch; fetching too");
-                return None;
+                // A slow or failed read is a reason to look again, not to
+                // call the upstream beside the holder.
+                tracing::debug!(error = %e, "store failed while waiting for another instance's fetch; polling on");
+                continue;
             }
             if let Some(s) = found.stored.filter(|s| miss.may_take(s, stale)) {
                 return Some(s);
@@ -228,13 +262,47 @@ impl Proxy {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::debug!(error = %e, "store failed while waiting for another instance's fetch; fetching too");
-                    return None;
+                    tracing::debug!(error = %e, "store failed while waiting for another instance's fetch; polling on");
                 }
             }
         }
-        tracing::debug!("coalesce_wait ran out waiting for another instance's fetch; fetching too");
+        tracing::debug!("the other instance's fetch outlived upstream.timeout; fetching too");
         None
+    }
+
+    /// How long a request waits for a fetch of its key in flight (here or
+    /// in another instance): as long as that fetch can take (the fetch
+    /// lock's life, `upstream.timeout` and a margin), or `cache.coalesce_wait`
+    /// when that is longer.
+    fn coalesce_deadline(&self) -> Duration {
+        self.settings.coalesce_wait.max(self.settings.lock_ttl)
+    }
+
+    /// Whether an answer for `key` was recently found not storable
+    /// ([`HIT_FOR_PASS`]).
+    fn known_not_storable(&self, key: &StoreKey) -> bool {
+        let map = self.not_storable.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key)
+            .is_some_and(|until| *until > tokio::time::Instant::now())
+    }
+
+    fn remember_not_storable(&self, key: &StoreKey) {
+        let now = tokio::time::Instant::now();
+        let mut map = self.not_storable.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= HIT_FOR_PASS_MAX {
+            map.retain(|_, until| *until > now);
+            if map.len() >= HIT_FOR_PASS_MAX {
+                map.clear();
+            }
+        }
+        map.insert(key.clone(), now + HIT_FOR_PASS);
+    }
+
+    fn forget_not_storable(&self, key: &StoreKey) {
+        self.not_storable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
     }
 
     /// An entry stored meanwhile that may answer this miss
@@ -310,7 +378,7 @@ impl Drop for LeaderGuard<'_> {
         // A leader dropped mid-fetch releases waiters with nothing to share.
         self.tx.send_if_modified(|v| {
             if v.is_none() {
-                *v = Some(None);
+                *v = Some(Shared::Gone);
                 true
             } else {
                 false

@@ -103,6 +103,9 @@ pub struct Proxy {
     /// Entries a refresh-ahead was started for (key, the entry's
     /// `fresh_until`): each is tried once, even if its refresh stored nothing.
     refreshed_ahead: Mutex<HashMap<StoreKey, u64>>,
+    /// Keys whose last answer was not storable, until when their requests
+    /// skip coalescing ([`coalesce::HIT_FOR_PASS`]).
+    not_storable: Mutex<HashMap<StoreKey, tokio::time::Instant>>,
     /// CloudFront in front, when configured ([`crate::edge`]).
     edge: Option<Arc<crate::edge::Edge>>,
     /// cachegate's own upstream credentials (`upstream.headers`): a
@@ -213,6 +216,7 @@ impl Proxy {
             telemetry,
             inflight: Mutex::default(),
             refreshed_ahead: Mutex::default(),
+            not_storable: Mutex::default(),
             edge: None,
             own_headers: None,
         }

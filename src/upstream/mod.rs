@@ -26,7 +26,7 @@ pub struct UpstreamResponse {
 }
 
 /// Why there is no upstream answer to relay.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
     #[error("upstream did not answer within {0:?}")]
     Timeout(Duration),
