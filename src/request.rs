@@ -16,6 +16,15 @@
 //!   400 `ambiguous_path`: resolving them one way would still be wrong for
 //!   the origins that read them the other way, and no real client needs
 //!   them.
+//! - **Route**: chosen from the canonical path. Unless the upstream is
+//!   known to read paths strictly (`upstream.path_equivalence`), the path
+//!   is also read as the most lenient common origins read it
+//!   ([`lenient_path`]: case, `//`, `;params`, `%2F`, escapes decoded
+//!   more than once, NFKC), and a request whose lenient reading falls
+//!   under another route, or has dot segments, is **rejected** with 400
+//!   `ambiguous_path` (`RouteTable::rule_for_request`): one spelling must
+//!   never carry another route's rule to a resource the origin takes for
+//!   the same.
 //! - **Query**: kept byte for byte (see [`crate::key::canonical_query`]).
 //! - **Headers**: hop-by-hop headers and every header `Connection` names are
 //!   removed (RFC 9110 §7.6.1) before the key is computed; client-supplied
