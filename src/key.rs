@@ -496,23 +496,13 @@ mod tests {
         ];
         let base = reqwest::Url::parse("https://api.example.com/v1").unwrap();
         let none = HeaderMap::new();
-        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut random = crate::request::Xorshift(0x9E37_79B9_7F4A_7C15);
         let mut by_key = std::collections::HashMap::new();
         for _ in 0..8_000 {
-            let len = 1 + next() % 8;
-            let mut path = String::from("/");
-            for _ in 0..len {
-                path.push_str(ALPHABET[(next() % ALPHABET.len() as u64) as usize]);
-            }
+            let path = random.path(ALPHABET, 8);
             let query = [
                 "a=1&b=2", "b=2&a=1", "q=a+b", "q=a%20b", "id=%E9", "id=%E8", "",
-            ][(next() % 7) as usize];
+            ][(random.next() % 7) as usize];
             let Ok(canonical) = canonical_path(&path) else {
                 continue;
             };

@@ -16,6 +16,15 @@
 //!   400 `ambiguous_path`: resolving them one way would still be wrong for
 //!   the origins that read them the other way, and no real client needs
 //!   them.
+//! - **Route**: chosen from the canonical path. Unless the upstream is
+//!   known to read paths strictly (`upstream.path_equivalence`), the path
+//!   is also read as the most lenient common origins read it
+//!   ([`lenient_path`]: case, `//`, `;params`, `%2F`, escapes decoded
+//!   more than once, NFKC), and a request whose lenient reading falls
+//!   under another route, or has dot segments, is **rejected** with 400
+//!   `ambiguous_path` (`RouteTable::rule_for_request`): one spelling must
+//!   never carry another route's rule to a resource the origin takes for
+//!   the same.
 //! - **Query**: kept byte for byte (see [`crate::key::canonical_query`]).
 //! - **Headers**: hop-by-hop headers and every header `Connection` names are
 //!   removed (RFC 9110 §7.6.1) before the key is computed; client-supplied
@@ -163,7 +172,7 @@ impl CanonicalRequest {
         routes: &RouteTable,
     ) -> Result<(CanonicalRequest, Arc<Rule>), Rejected> {
         let path = canonical_path(parts.uri.path())?;
-        let rule = routes.rule_for(&path);
+        let rule = routes.rule_for_request(&path)?;
         let keyed = &rule.key_headers;
         let query = parts.uri.query().map(uri_safe_query);
         let mut headers = std::mem::take(&mut parts.headers);
@@ -286,7 +295,7 @@ fn hex(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
 }
 
-fn ambiguous(message: impl Into<String>) -> Rejected {
+pub(crate) fn ambiguous(message: impl Into<String>) -> Rejected {
     Rejected {
         code: crate::error_code::ErrorCode::AmbiguousPath,
         message: message.into(),
@@ -349,6 +358,70 @@ pub fn canonical_path(raw: &str) -> Result<String, Rejected> {
     Ok(remove_dot_segments(&decoded))
 }
 
+/// Most rounds of decoding [`lenient_path`] applies before it gives up: a
+/// path still changing after this many is refused.
+const LENIENT_ROUNDS: usize = 8;
+
+/// The path as the most lenient common origins read `canonical` (a
+/// [`canonical_path`], which is what the upstream is sent), for choosing
+/// the route rule only: percent-escapes decoded until none is left
+/// (servers and frameworks that decode twice), NFKC (`．` is `.`, `／` is
+/// `/`) and lower case (IIS, ASP.NET, Express) until neither changes it,
+/// `\` read as `/`, `;params` stripped from each segment (Tomcat, Jetty,
+/// Spring), empty segments dropped (`//` collapsed, no trailing slash).
+/// `Err` when a segment is then made only of dots: such an origin would
+/// climb a level cachegate did not (`%252e%252e`, `．．`, `..%252F`), so
+/// which resource is served cannot be known here.
+pub fn lenient_path(canonical: &str) -> Result<String, Rejected> {
+    let plain = canonical
+        .bytes()
+        .all(|b| b.is_ascii() && !b.is_ascii_uppercase() && !matches!(b, b'%' | b';' | b'\\'));
+    let text = if plain {
+        std::borrow::Cow::Borrowed(canonical)
+    } else {
+        std::borrow::Cow::Owned(decoded_folded(canonical)?)
+    };
+    let mut form = String::with_capacity(text.len());
+    for segment in text.split(['/', '\\']) {
+        let segment = segment.split(';').next().unwrap_or_default();
+        if segment.is_empty() {
+            continue;
+        }
+        let trimmed = segment.trim();
+        if !trimmed.is_empty() && trimmed.bytes().all(|b| b == b'.') {
+            return Err(ambiguous(format!(
+                "the path `{canonical}` has a dot segment to servers that decode escapes \
+                 more than once, fold Unicode compatibility forms or strip `;params`, \
+                 and none to cachegate"
+            )));
+        }
+        form.push('/');
+        form.push_str(segment);
+    }
+    if form.is_empty() {
+        form.push('/');
+    }
+    Ok(form)
+}
+
+/// `text` percent-decoded, lower-cased and NFKC-normalised until that
+/// changes nothing (bytes that are not UTF-8 read as U+FFFD).
+fn decoded_folded(text: &str) -> Result<String, Rejected> {
+    let nfkc = icu_normalizer::ComposingNormalizerBorrowed::new_nfkc();
+    let mut text = text.to_owned();
+    for _ in 0..LENIENT_ROUNDS {
+        let decoded = percent_encoding::percent_decode_str(&text).decode_utf8_lossy();
+        let next = nfkc.normalize(&decoded.to_lowercase()).into_owned();
+        if next == text {
+            return Ok(next);
+        }
+        text = next;
+    }
+    Err(ambiguous(format!(
+        "the path is still changing after {LENIENT_ROUNDS} rounds of percent-decoding"
+    )))
+}
+
 /// RFC 3986 §5.2.4 on an absolute path: `.` and `..` segments removed,
 /// never climbing above `/`.
 fn remove_dot_segments(path: &str) -> String {
@@ -408,6 +481,30 @@ const NOT_IN_A_URI_QUERY: &AsciiSet = &NON_ALPHANUMERIC
 #[cfg(test)]
 pub(crate) fn every_ascii_byte() -> String {
     (1u8..128).map(char::from).chain(['é']).collect()
+}
+
+/// A deterministic random generator (xorshift, so a failure reproduces)
+/// for the tests that try many paths.
+#[cfg(test)]
+pub(crate) struct Xorshift(pub u64);
+
+#[cfg(test)]
+impl Xorshift {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// `/` and 1 to `max_pieces` pieces of `alphabet`.
+    pub(crate) fn path(&mut self, alphabet: &[&str], max_pieces: u64) -> String {
+        let mut path = String::from("/");
+        for _ in 0..1 + self.next() % max_pieces {
+            path.push_str(alphabet[(self.next() % alphabet.len() as u64) as usize]);
+        }
+        path
+    }
 }
 
 #[cfg(test)]
@@ -480,6 +577,100 @@ mod tests {
             let once = p(raw).unwrap();
             assert_eq!(p(&once).unwrap(), once, "{raw}");
         }
+    }
+
+    fn lenient(raw: &str) -> Result<String, &'static str> {
+        canonical_path(raw)
+            .and_then(|c| lenient_path(&c))
+            .map_err(|r| r.code.as_str())
+    }
+
+    /// Issue 24: the spellings a lenient origin takes for `/t/data`.
+    #[test]
+    fn lenient_spellings_read_as_the_plain_path() {
+        for raw in [
+            "/t/data",
+            "//t/data",
+            "/t//data/",
+            "/T/DATA",
+            "/t;x/data",
+            "/t;jsessionid=1/data;v=2",
+            "/;x/t/data",
+            "/t%2Fdata",
+            "/t%2fdata",
+            "/t%5Cdata",
+            "/%2574/data",
+            "/%252574/data",
+            "/%74/data",
+            "/\u{ff54}/data",
+            "/%EF%BD%94/%EF%BC%A4ata",
+            "/t\u{ff0f}data",
+        ] {
+            assert_eq!(lenient(raw), Ok("/t/data".to_owned()), "{raw}");
+        }
+        assert_eq!(lenient("/"), Ok("/".to_owned()));
+        assert_eq!(lenient("//;x/"), Ok("/".to_owned()));
+        // Escapes that are data to every reader stay apart.
+        assert_eq!(lenient("/a%20b/50%25"), Ok("/a b/50%".to_owned()));
+    }
+
+    /// Dot segments only a lenient origin sees: it would climb a level
+    /// cachegate did not (issue 24: double-encoded and fullwidth dots).
+    #[test]
+    fn dot_segments_only_a_lenient_reader_sees_are_rejected() {
+        for raw in [
+            "/assets/%252e%252e/account",
+            "/assets/%252E%252E/account",
+            "/assets/%25252e%25252e/account",
+            "/assets/..%252Faccount",
+            "/assets/..%252faccount",
+            "/assets/%252e%252e%252Faccount",
+            "/assets/\u{ff0e}\u{ff0e}/account",
+            "/assets/%EF%BC%8E%EF%BC%8E/account",
+            "/assets/\u{2025}/account",
+            "/assets/%252e/account",
+            "/assets/...;x/account",
+            "/assets/..%2520/account",
+            "/assets/x%252F..%252Faccount",
+            "/assets/\u{ff0e}\u{ff0e}\u{ff0f}account",
+        ] {
+            assert_eq!(lenient(raw), Err("ambiguous_path"), "{raw}");
+        }
+        // Every reader agrees on these: no dot segment left.
+        assert_eq!(lenient("/assets/%2e%2e/account"), Ok("/account".to_owned()));
+        assert_eq!(lenient("/assets/a..b/c."), Ok("/assets/a..b/c.".to_owned()));
+    }
+
+    /// Random paths from the bytes that matter: the canonical path and its
+    /// lenient form are each a fixed point, and the lenient form has no
+    /// backslash, `;` or `//` left.
+    #[test]
+    fn canonical_and_lenient_forms_are_fixed_points() {
+        const ALPHABET: &[&str] = &[
+            "/", "/", ".", "..", "%2e", "%252e", "%2F", "%252F", "%5C", "%25", "%41", "A", "t",
+            ";", ";x", "%3B", "\u{ff0e}", "\u{ff0f}", "\u{ff34}", "\u{e9}", "e\u{301}", "%E9", " ",
+        ];
+        let mut random = Xorshift(0x2545_F491_4F6C_DD1D);
+        let (mut accepted, mut refused) = (0, 0);
+        for _ in 0..6_000 {
+            let path = random.path(ALPHABET, 7);
+            let Ok(canonical) = canonical_path(&path) else {
+                continue;
+            };
+            assert_eq!(p(&canonical), Ok(canonical.clone()), "{path:?}");
+            match lenient_path(&canonical) {
+                Ok(form) => {
+                    accepted += 1;
+                    assert_eq!(lenient_path(&form).ok(), Some(form.clone()), "{path:?}");
+                    assert!(
+                        !form.contains(['\\', ';']) && !form.contains("//"),
+                        "{form:?}"
+                    );
+                }
+                Err(_) => refused += 1,
+            }
+        }
+        assert!(accepted > 500 && refused > 100, "{accepted} {refused}");
     }
 
     #[test]

@@ -24,7 +24,8 @@ pub struct ResolvedConfig {
     config: Config,
     /// `upstream.url`: http(s), with a host, no query or fragment.
     pub upstream_url: Url,
-    /// `routes`, with the `[cache]` settings filled in.
+    /// `routes`, with the `[cache]` settings filled in, matched as
+    /// `upstream.path_equivalence` says the upstream reads paths.
     pub routes: RouteTable,
     /// `serve.trusted_proxies` (a bare address is a one-address range).
     pub trusted_proxies: Vec<IpNet>,
@@ -73,7 +74,11 @@ impl ResolvedConfig {
             .transpose()?,
             cache_tag_header: config.edge.cache_tag_header_name()?,
             own_headers: config.upstream.headers.parse()?,
-            routes: RouteTable::build(&config.routes, &config.cache)?,
+            routes: RouteTable::build_for(
+                &config.routes,
+                &config.cache,
+                config.upstream.path_equivalence,
+            )?,
             config,
         })
     }

@@ -4,14 +4,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{header_names, invalid, CacheConfig, ConfigError, RouteConfig};
+use crate::config::{
+    header_names, invalid, CacheConfig, ConfigError, PathEquivalence, RouteConfig,
+};
 use crate::policy::rule::lower_sorted_unique;
 pub use crate::policy::Rule;
+use crate::request::{lenient_path, Rejected};
 
 /// Finds the rule of a request path.
 #[derive(Debug, Clone)]
 pub struct RouteTable {
     router: matchit::Router<Route>,
+    /// The same patterns in their lenient form ([`lenient_path`]), to the
+    /// route's index; `None` when the upstream reads paths strictly
+    /// (`upstream.path_equivalence`).
+    lenient: Option<matchit::Router<usize>>,
     default: Arc<Rule>,
 }
 
@@ -21,6 +28,8 @@ pub struct RouteTable {
 struct Route {
     rule: Arc<Rule>,
     templated: bool,
+    /// Its place in `routes`.
+    index: usize,
 }
 
 /// The `{name}` placeholders of a tag template, checked against the
@@ -84,13 +93,25 @@ fn fill(template: &str, params: &matchit::Params) -> String {
 }
 
 impl RouteTable {
-    /// The table for the configured routes, each checked (patterns,
-    /// overlaps, tag templates, header names) with the global `[cache]`
-    /// settings filled in.
+    /// The table for the configured routes in front of an upstream that
+    /// reads paths leniently (the default of `upstream.path_equivalence`).
     pub fn build(routes: &[RouteConfig], global: &CacheConfig) -> Result<Self, ConfigError> {
+        Self::build_for(routes, global, PathEquivalence::default())
+    }
+
+    /// The table for the configured routes, each checked (patterns,
+    /// overlaps, tag templates, header names; for a lenient upstream also
+    /// patterns that read as one path to it) with the global `[cache]`
+    /// settings filled in.
+    pub fn build_for(
+        routes: &[RouteConfig],
+        global: &CacheConfig,
+        paths: PathEquivalence,
+    ) -> Result<Self, ConfigError> {
         header_names("cache.key_headers", &global.key_headers)?;
         let base = Rule::global(global);
         let mut router = matchit::Router::new();
+        let mut lenient = (paths == PathEquivalence::Lenient).then(LenientPatterns::default);
         for (i, r) in routes.iter().enumerate() {
             header_names(&format!("routes[{i}].key_headers"), &r.key_headers)?;
             let params = pattern_params(&r.path);
@@ -134,21 +155,57 @@ impl RouteTable {
             let route = Route {
                 rule: Arc::new(rule),
                 templated,
+                index: i,
             };
             router
                 .insert(r.path.clone(), route)
                 .map_err(|e| invalid(format!("routes[{i}].path"), format!("`{}`: {e}", r.path)))?;
+            if let Some(lenient) = &mut lenient {
+                lenient.insert(i, &r.path)?;
+            }
         }
         Ok(RouteTable {
             router,
+            lenient: lenient.map(|l| l.router),
             default: Arc::new(base),
         })
     }
 
+    /// The rule of a canonical request path
+    /// ([`crate::request::canonical_path`]), as [`Self::rule_for`]; and
+    /// for an upstream that reads paths leniently, `Err` (400
+    /// `ambiguous_path`) when its lenient form ([`lenient_path`]) has dot
+    /// segments or falls under another route (or none where the path has
+    /// one): that upstream may serve one route's resource under the other
+    /// route's rule.
+    pub fn rule_for_request(&self, canonical: &str) -> Result<Arc<Rule>, Rejected> {
+        let found = self.router.at(canonical);
+        if let Some(lenient) = &self.lenient {
+            let form = lenient_path(canonical)?;
+            let as_sent = found.as_ref().ok().map(|m| m.value.index);
+            let as_read = lenient.at(&form).ok().map(|m| *m.value);
+            if as_sent != as_read {
+                return Err(crate::request::ambiguous(format!(
+                    "the path `{canonical}` reads as `{form}` to servers that are lenient about \
+                     case, slashes, `;params` or escapes, and that path has other caching rules"
+                )));
+            }
+        }
+        Ok(self.rule_of(found))
+    }
+
     /// The rule of a request path, its tags' placeholders filled in from
-    /// the path as the request has it (percent-escapes kept).
+    /// the path as the request has it (percent-escapes kept). Matches the
+    /// path as given, however the upstream reads it.
     pub fn rule_for(&self, path: &str) -> Arc<Rule> {
-        match self.router.at(path) {
+        self.rule_of(self.router.at(path))
+    }
+
+    fn rule_of(
+        &self,
+        found: Result<matchit::Match<'_, '_, &Route>, matchit::MatchError>,
+    ) -> Arc<Rule> {
+        match found {
             Ok(m) if m.value.templated => {
                 let rule = &m.value.rule;
                 Arc::new(Rule {
@@ -189,6 +246,43 @@ fn key_query(i: usize, r: &RouteConfig) -> Result<Option<Vec<String>>, ConfigErr
         }
     }
     Ok(Some(names))
+}
+
+/// The route patterns in their lenient form, with the pattern each came
+/// from, so a collision names both routes.
+#[derive(Default)]
+struct LenientPatterns {
+    router: matchit::Router<usize>,
+    forms: std::collections::HashMap<String, usize>,
+}
+
+impl LenientPatterns {
+    fn insert(&mut self, i: usize, pattern: &str) -> Result<(), ConfigError> {
+        let key = format!("routes[{i}].path");
+        let form = lenient_path(pattern).map_err(|r| invalid(&key, r.message))?;
+        let why = |other: String| {
+            invalid(
+                &key,
+                format!(
+                    "`{pattern}` reads as `{form}` to an upstream that is lenient about case, \
+                     slashes, `;params` and escapes, which overlaps {other}: set \
+                     upstream.path_equivalence = \"strict\" if the upstream reads paths as \
+                     RFC 3986 does, or keep one of them"
+                ),
+            )
+        };
+        match self.router.insert(form.clone(), i) {
+            Ok(()) => {
+                self.forms.insert(form, i);
+                Ok(())
+            }
+            Err(matchit::InsertError::Conflict { with }) => Err(why(match self.forms.get(&with) {
+                Some(j) => format!("routes[{j}]"),
+                None => format!("`{with}`"),
+            })),
+            Err(e) => Err(why(e.to_string())),
+        }
+    }
 }
 
 /// `status_ttl` keys are status codes written as strings (TOML keys).
@@ -332,6 +426,162 @@ mod tests {
                 .to_string();
             assert!(err.contains(key) && err.contains(needle), "{err}");
         }
+    }
+
+    /// The routes of issue 24's measurements: a tenant route keyed on
+    /// `x-tenant`, an uncached admin route, a long-lived assets route.
+    fn issue_24_routes() -> Vec<RouteConfig> {
+        let mut tenant = route("/t/{*rest}");
+        tenant.key_headers = vec!["x-tenant".into()];
+        let mut admin = route("/admin/{*rest}");
+        admin.cache = false;
+        let mut assets = route("/assets/{*rest}");
+        assets.ignore_cookies = true;
+        vec![tenant, admin, assets]
+    }
+
+    /// The rule each spelling gets: the plain spelling's, or `Err` when a
+    /// lenient origin could read it as another route's path.
+    fn rule_name(t: &RouteTable, raw: &str) -> Result<String, &'static str> {
+        let canonical = crate::request::canonical_path(raw).map_err(|r| r.code.as_str())?;
+        t.rule_for_request(&canonical)
+            .map(|r| r.name.clone())
+            .map_err(|r| r.code.as_str())
+    }
+
+    /// Issue 24: before, each spelling below fell to the default rule
+    /// (no `x-tenant` in the key, no `cache = false`, the assets rule on
+    /// `/account`).
+    #[test]
+    fn no_spelling_reaches_another_routes_rule() {
+        let t = RouteTable::build(&issue_24_routes(), &CacheConfig::default()).unwrap();
+        let same = |raw: &str, name: &str| assert_eq!(rule_name(&t, raw), Ok(name.into()), "{raw}");
+        let refused = |raw: &str| assert_eq!(rule_name(&t, raw), Err("ambiguous_path"), "{raw}");
+        for raw in [
+            "/t/data",
+            "/t//data",
+            "/t/data;x",
+            "/t/DATA",
+            "/t/a%2Fb",
+            "/t/data/",
+            "/%74/data",
+        ] {
+            same(raw, "/t/{*rest}");
+        }
+        for raw in [
+            "//t/data",
+            "/T/data",
+            "/t;x/data",
+            "/t%2Fdata",
+            "/%2574/data",
+            "/%EF%BD%94/data",
+            "/t%5Cdata",
+        ] {
+            refused(raw);
+        }
+        // Fifteen spellings of /admin/users: cache = false, or refused.
+        for raw in [
+            "/admin/users",
+            "/admin//users",
+            "/admin/users;x",
+            "/admin/users/",
+            "/%61dmin/users",
+            "/admin/./users",
+            "/x/../admin/users",
+        ] {
+            same(raw, "/admin/{*rest}");
+        }
+        for raw in [
+            "//admin/users",
+            "/Admin/users",
+            "/ADMIN/USERS",
+            "/admin;x/users",
+            "/admin%2Fusers",
+            "/admin%2fusers",
+            "/%2561dmin/users",
+            "/%EF%BD%81dmin/users",
+        ] {
+            refused(raw);
+        }
+        // Dot segments only a lenient origin resolves.
+        for raw in [
+            "/assets/%252e%252e/account",
+            "/assets/..%252Faccount",
+            "/assets/%EF%BC%8E%EF%BC%8E/account",
+        ] {
+            refused(raw);
+        }
+        // No route either way: the default rule, whatever the spelling.
+        same("/Other//Path;x", "*");
+        same("/account", "*");
+    }
+
+    /// The rule comes from the canonical path: placeholders keep the
+    /// request's case and escapes, as before.
+    #[test]
+    fn placeholders_read_the_canonical_path() {
+        let mut posts = route("/posts/{id}");
+        posts.tags = vec!["post-{id}".into()];
+        let t = RouteTable::build(&[posts], &CacheConfig::default()).unwrap();
+        let r = t.rule_for_request("/posts/AbC%20d").unwrap();
+        assert_eq!(r.tags, vec!["post-AbC%20d"]);
+        assert_eq!(
+            t.rule_for_request("/posts/AbC;v=1").unwrap().tags,
+            vec!["post-AbC;v=1"]
+        );
+    }
+
+    /// `upstream.path_equivalence = "strict"`: the canonical path alone
+    /// picks the rule, as before, and nothing above is refused.
+    #[test]
+    fn a_strict_upstream_matches_the_canonical_path_alone() {
+        let t = RouteTable::build_for(
+            &issue_24_routes(),
+            &CacheConfig::default(),
+            PathEquivalence::Strict,
+        )
+        .unwrap();
+        for (raw, name) in [
+            ("/t/data", "/t/{*rest}"),
+            ("//t/data", "*"),
+            ("/T/data", "*"),
+            ("/t%2Fdata", "*"),
+            ("/%2574/data", "*"),
+            ("/assets/%252e%252e/account", "/assets/{*rest}"),
+            ("/Admin/users", "*"),
+        ] {
+            assert_eq!(rule_name(&t, raw), Ok(name.into()), "{raw}");
+        }
+    }
+
+    /// Patterns one lenient path reads as one are refused at start-up,
+    /// naming both routes; a strict upstream keeps them apart.
+    #[test]
+    fn patterns_a_lenient_upstream_reads_as_one_name_both_routes() {
+        for (a, b) in [
+            ("/items/{id}", "/Items/{id}"),
+            ("/items", "/items/"),
+            ("/a/b", "/a//b"),
+            ("/a/{x}", "/a;v/{y}"),
+        ] {
+            let routes = [route(a), route(b)];
+            let err = RouteTable::build(&routes, &CacheConfig::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("routes[1].path")
+                    && err.contains("routes[0]")
+                    && err.contains("CACHEGATE_ROUTES")
+                    && err.contains("upstream.path_equivalence"),
+                "{err}"
+            );
+            RouteTable::build_for(&routes, &CacheConfig::default(), PathEquivalence::Strict)
+                .unwrap();
+        }
+        let err = RouteTable::build(&[route("/a/%252e%252e/b")], &CacheConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("routes[0].path"), "{err}");
     }
 
     #[test]

@@ -385,6 +385,9 @@ mod lambda {
 
         let r = invoke(&p, event("/assets/..;/account", "", "")).await;
         assert_eq!(r.status(), 400);
+        // A dot segment only a lenient origin sees (issue 24).
+        let r = invoke(&p, event("/assets/%252e%252e/account", "", "")).await;
+        assert_eq!(r.status(), 400);
         let r = invoke(&p, event("/assets/x", "echo=1", r#","x-real-ip":"evil""#)).await;
         assert_eq!(r.status(), 200);
         let seen = up.state.last("/assets/x");

@@ -170,6 +170,20 @@ fn bad_values_stop_start_up_naming_the_key_and_its_variable() {
             "cache.credential_headers",
             "CACHEGATE_CACHE__CREDENTIAL_HEADERS",
         ),
+        (
+            vec![up, ("CACHEGATE_UPSTREAM__PATH_EQUIVALENCE", "loose")],
+            "upstream.path_equivalence",
+            "CACHEGATE_UPSTREAM__PATH_EQUIVALENCE",
+        ),
+        (
+            // One path to an upstream lenient about case (issue 24).
+            vec![
+                up,
+                ("CACHEGATE_ROUTES", "[{path=\"/a/{x}\"},{path=\"/A/{y}\"}]"),
+            ],
+            "routes[1].path",
+            "CACHEGATE_ROUTES",
+        ),
     ] {
         let (code, _, stderr) = run(&env, &["serve", "--listen", "127.0.0.1:0"]);
         assert_eq!(code, 2, "{env:?}: {stderr}");

@@ -1,5 +1,5 @@
-//! The key normaliser: `canonical_path`, `Target` and `canonical_query` on
-//! any path and query a client can send.
+//! The key normaliser: `canonical_path`, `lenient_path`, `Target` and
+//! `canonical_query` on any path and query a client can send.
 //!
 //! Input: the request path, then `\n`, then the raw query, optionally then
 //! `\n` and a second path and query (`path2\nquery2`) compared with the
@@ -7,7 +7,7 @@
 #![no_main]
 
 use cachegate::key::{canonical_query, QueryFilter, Target};
-use cachegate::request::canonical_path;
+use cachegate::request::{canonical_path, lenient_path};
 use http::HeaderMap;
 use libfuzzer_sys::fuzz_target;
 use reqwest::Url;
@@ -88,6 +88,24 @@ fuzz_target!(|data: &[u8]| {
         canonical_path(&canonical).as_deref().ok(),
         Some(canonical.as_str())
     );
+
+    // The lenient reading (route choice only) is a fixed point, with no
+    // `//`, `;params`, backslash or all-dot segment left in it.
+    if let Ok(form) = lenient_path(&canonical) {
+        assert!(form.starts_with('/'), "{form:?}");
+        assert_eq!(lenient_path(&form).as_deref().ok(), Some(form.as_str()));
+        assert!(
+            !form.contains(['\\', ';']) && !form.contains("//"),
+            "{form:?}"
+        );
+        for seg in form.split('/').skip(1) {
+            let seg = seg.trim();
+            assert!(
+                seg.is_empty() || !seg.bytes().all(|b| b == b'.'),
+                "{seg:?} in {form:?} from {path:?}"
+            );
+        }
+    }
 
     for base in BASES {
         let base = Url::parse(base).expect("literal base");

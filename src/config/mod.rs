@@ -201,6 +201,12 @@ pub struct UpstreamConfig {
     /// `max_rps` (room for four instances). Env: `CACHEGATE_UPSTREAM__FALLBACK_RPS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_rps: Option<f64>,
+    /// Which spellings of a path the upstream may take for the same
+    /// resource: `lenient` (default) or `strict`
+    /// ([`PathEquivalence`], docs/hostile-input.md).
+    /// Env: `CACHEGATE_UPSTREAM__PATH_EQUIVALENCE`.
+    #[serde(default)]
+    pub path_equivalence: PathEquivalence,
     /// Request headers cachegate adds to every upstream call: its own
     /// credentials (an API key, a token). Each value is a literal, or
     /// `env:NAME` (an environment variable), `secretsmanager:ARN` or
@@ -369,6 +375,27 @@ impl OwnHeaderSources {
 
 fn default_headers_refresh() -> Duration {
     Duration::from_secs(300)
+}
+
+/// How the upstream reads a request path, as far as route rules care
+/// (`upstream.path_equivalence`). The path sent upstream and keyed is the
+/// canonical one either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PathEquivalence {
+    /// The upstream may read spellings as one resource that RFC 3986
+    /// keeps apart: repeated slashes, letter case, `;params`, `%2F` as
+    /// `/`, escapes decoded more than once, Unicode compatibility forms
+    /// (NFKC), a trailing slash. Many frameworks do some of these. A
+    /// request whose canonical path and lenient reading choose different
+    /// routes, or whose lenient reading has dot segments, is refused
+    /// (400 `ambiguous_path`): which one the upstream serves cannot be
+    /// known here.
+    #[default]
+    Lenient,
+    /// The upstream reads paths as RFC 3986 does (case-sensitive, `%2F`
+    /// is data, decoded once): routes match the canonical path alone.
+    Strict,
 }
 
 impl UpstreamConfig {
