@@ -695,7 +695,14 @@ async fn a_broken_endpoint_is_held_back_alone() {
             .chain([format!("/hang/{round}"), format!("/malformed/{round}")])
         {
             last.push(get(&gw, &path).await);
-            for healthy in [format!("/healthy/{round}"), format!("/other/{round}")] {
+        }
+        // Five failures in a row, then healthy requests: what opened the
+        // one breaker of before, for every path.
+        for k in 0..5 {
+            for healthy in [
+                format!("/healthy/{round}/{k}"),
+                format!("/other/{round}/{k}"),
+            ] {
                 let got = get(&gw, &healthy).await;
                 if got.status != 200 {
                     refused_healthy.push(got);
