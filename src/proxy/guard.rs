@@ -81,33 +81,65 @@ pub(super) struct UpstreamGuard {
     queue_wait: Duration,
 }
 
-/// The shared request budget, and this instance's own for when the
-/// backend cannot be asked.
+/// The shared request budget, this instance's own for when the backend
+/// cannot be asked, and each client's share of it.
 #[derive(Debug)]
 struct Budget {
     shared: Rate,
     fallback: Rate,
     /// The fallback budget's TAT, µs on `epoch`'s monotonic clock.
     local_tat: Mutex<Option<u64>>,
+    /// Each client's TAT in its share of `shared` ([`MAX_CLIENTS`] at
+    /// most; a client idle for [`CLIENT_IDLE`] is forgotten). The clients
+    /// in it are the ones the budget is shared among.
+    clients: Cache<String, Arc<Mutex<Option<u64>>>>,
     epoch: Instant,
 }
 
+/// Clients whose share of the budget is tracked; past this the least
+/// used are dropped (rotating addresses cannot grow the map), each
+/// dropped client starting again with a full share.
+const MAX_CLIENTS: u64 = 65_536;
+/// A client with no miss for this long no longer counts as one the
+/// budget is shared among.
+const CLIENT_IDLE: Duration = Duration::from_secs(2);
+
 impl Budget {
-    /// One GCRA step of the fallback budget ([`cachegate_store::rate`]).
-    fn take_local(&self, max_wait: Duration) -> Permit {
+    /// One GCRA step ([`cachegate_store::rate`]) of an in-process budget
+    /// at `rate` whose TAT is `tat`.
+    fn step(&self, tat: &Mutex<Option<u64>>, rate: Rate, max_wait: Duration) -> Permit {
         let now = self.epoch.elapsed().as_micros() as u64;
-        let mut tat = self.local_tat.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tat = tat.lock().unwrap_or_else(|p| p.into_inner());
         let step = gcra(
             *tat,
             now,
-            self.fallback.emission_us(),
-            self.fallback.tolerance_us(),
+            rate.emission_us(),
+            rate.tolerance_us(),
             max_wait_us(max_wait),
         );
         if let Step::Grant { new_tat, .. } = step {
             *tat = Some(new_tat);
         }
         step.permit()
+    }
+
+    /// The fallback budget, while the backend cannot be asked.
+    fn take_local(&self, max_wait: Duration) -> Permit {
+        self.step(&self.local_tat, self.fallback, max_wait)
+    }
+
+    /// `client`'s share: the budget divided among the clients that asked
+    /// within [`CLIENT_IDLE`] (on this instance), so that while others
+    /// wait no client takes more than its share, and a client alone has
+    /// all of it.
+    async fn take_share(&self, client: &str, max_wait: Duration) -> Permit {
+        let tat = self
+            .clients
+            .get_with_by_ref(client, async { Arc::new(Mutex::new(None)) })
+            .await;
+        let active = self.clients.entry_count().max(1);
+        let share = Rate::new(self.shared.per_second / active as f64, self.shared.burst);
+        self.step(&tat, share, max_wait)
     }
 }
 
@@ -165,6 +197,10 @@ impl UpstreamGuard {
                 shared,
                 fallback,
                 local_tat: Mutex::new(None),
+                clients: Cache::builder()
+                    .max_capacity(MAX_CLIENTS)
+                    .time_to_idle(CLIENT_IDLE)
+                    .build(),
                 epoch: Instant::now(),
             }),
             queue_wait: s.queue_wait,
@@ -250,6 +286,16 @@ impl Scope {
     }
 }
 
+/// The client's address as `serve.trusted_proxies` resolved it: the first
+/// entry of the `X-Forwarded-For` cachegate sends (a route that keys on
+/// `X-Forwarded-For` forwards the client's own, and its first entry is
+/// what the client wrote).
+fn forwarded_client(headers: &HeaderMap) -> Option<&str> {
+    let first = headers.get("x-forwarded-for")?.to_str().ok()?;
+    let ip = first.split(',').next()?.trim();
+    (!ip.is_empty()).then_some(ip)
+}
+
 /// `/users` for `/users/7?x=1`; `/` for `/` (cut to [`MAX_SEGMENT`] bytes).
 fn first_segment(path_and_query: &str) -> &str {
     let path = path_and_query.split(['?', '#']).next().unwrap_or("/");
@@ -303,8 +349,12 @@ impl Proxy {
             return self.upstream.send(method, url, headers, body).await;
         }
         let client = scope.client(&headers);
+        let fair_client = client
+            .as_ref()
+            .map(|c| format!("credential:{c}"))
+            .or_else(|| forwarded_client(&headers).map(|ip| format!("address:{ip}")));
         let admission = self
-            .admit_upstream(caller, &scope, client.as_deref())
+            .admit_upstream(caller, &scope, client.as_deref(), fair_client.as_deref())
             .await?;
         let sent = self.upstream.send(method, url, headers, body).await;
         self.report_upstream(admission, &scope, client.as_deref(), &sent)
@@ -356,6 +406,7 @@ impl Proxy {
         caller: Caller,
         scope: &Scope,
         client: Option<&str>,
+        fair_client: Option<&str>,
     ) -> Result<Admission, UpstreamError> {
         let guard = &self.guard;
         if let Some((which, until)) = self.hold_on(scope, client).await {
@@ -392,7 +443,7 @@ impl Proxy {
             endpoint: (breaker, endpoint),
             _slot: None,
         };
-        match self.take_budget(caller).await {
+        match self.take_budget(caller, fair_client).await {
             Ok(slot) => Ok(Admission {
                 _slot: slot,
                 ..admission
@@ -404,12 +455,14 @@ impl Proxy {
         }
     }
 
-    /// A `max_concurrency` slot and a permit of the request budget, each
-    /// within what is left of `queue_wait` (nothing for a background
-    /// refresh); `Err` when either does not come in time.
+    /// A `max_concurrency` slot, a permit of `client`'s share of the
+    /// request budget and one of the budget, each within what is left of
+    /// `queue_wait` (nothing for a background refresh, which takes no
+    /// client's share); `Err` when one does not come in time.
     async fn take_budget(
         &self,
         caller: Caller,
+        client: Option<&str>,
     ) -> Result<Option<OwnedSemaphorePermit>, UpstreamError> {
         let guard = &self.guard;
         let started = Instant::now();
@@ -438,6 +491,14 @@ impl Proxy {
         let Some(budget) = &guard.budget else {
             return Ok(slot);
         };
+        if let (Caller::Client, Some(client)) = (caller, client) {
+            let max_wait = may_wait.saturating_sub(started.elapsed());
+            match budget.take_share(client, max_wait).await {
+                Permit::Granted { wait } if !wait.is_zero() => tokio::time::sleep(wait).await,
+                Permit::Granted { .. } => {}
+                Permit::Denied { retry_in } => return Err(over_budget(retry_in)),
+            }
+        }
         let max_wait = may_wait.saturating_sub(started.elapsed());
         let permit = match self
             .cache
@@ -574,6 +635,60 @@ mod tests {
             );
         }
         h
+    }
+
+    fn budget(rps: f64) -> Budget {
+        Budget {
+            shared: Rate::new(rps, 1),
+            fallback: Rate::new(rps, 1),
+            local_tat: Mutex::new(None),
+            clients: Cache::builder()
+                .max_capacity(MAX_CLIENTS)
+                .time_to_idle(CLIENT_IDLE)
+                .build(),
+            epoch: Instant::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flooding_client_takes_no_more_than_its_share() {
+        let b = budget(10.0);
+        // Alone, a client has the whole budget: 10/s.
+        assert_eq!(
+            b.take_share("address:a", Duration::ZERO).await,
+            Permit::Granted {
+                wait: Duration::ZERO
+            }
+        );
+        assert_eq!(
+            b.take_share("address:b", Duration::ZERO).await,
+            Permit::Granted {
+                wait: Duration::ZERO
+            }
+        );
+        b.clients.run_pending_tasks().await;
+        // Two clients: 5/s each. The flooding one reserves at most its
+        // share within the second it may wait, then is refused.
+        let mut granted = 0;
+        for _ in 0..20 {
+            if let Permit::Granted { .. } = b.take_share("address:a", Duration::from_secs(1)).await
+            {
+                granted += 1;
+            }
+        }
+        assert!((4..=6).contains(&granted), "{granted} of 20 in one second");
+        // The other still goes at once: the flood took none of its share.
+        assert!(matches!(
+            b.take_share("address:b", Duration::from_millis(250)).await,
+            Permit::Granted { wait } if wait <= Duration::from_millis(200)
+        ));
+    }
+
+    #[test]
+    fn the_forwarded_client_is_the_first_address() {
+        let h = headers(&[("x-forwarded-for", "203.0.113.7, 10.0.0.1")]);
+        assert_eq!(forwarded_client(&h), Some("203.0.113.7"));
+        assert_eq!(forwarded_client(&HeaderMap::new()), None);
     }
 
     #[test]
