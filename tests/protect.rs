@@ -733,6 +733,17 @@ async fn a_broken_endpoint_is_held_back_alone() {
         .contains("endpoint"));
 }
 
+/// Spend `key`'s quota of two on `/quota` through `at`: the third answer
+/// is the upstream's 429, relayed.
+async fn spend_quota(at: &Cachegate, key: &str) {
+    for i in 0..2 {
+        let got = get_with(at, &format!("/quota/{i}"), Some(key)).await;
+        assert_eq!(got.status, 200, "{got:?}");
+    }
+    let limited = get_with(at, "/quota/2", Some(key)).await;
+    assert_eq!(limited.status, 429, "relayed: {limited:?}");
+}
+
 /// A client that spent its own quota upstream (429 to a request with its
 /// API key) is held back on that endpoint; other keys, anonymous requests
 /// and its own requests elsewhere go on.
@@ -740,16 +751,7 @@ async fn a_broken_endpoint_is_held_back_alone() {
 async fn a_clients_quota_holds_that_client_alone() {
     let up = scoped_upstream().await;
     let gw = cachegate(&up.url, &[]);
-    for i in 0..2 {
-        assert_eq!(
-            get_with(&gw, &format!("/quota/{i}"), Some("key-a"))
-                .await
-                .status,
-            200
-        );
-    }
-    let limited = get_with(&gw, "/quota/2", Some("key-a")).await;
-    assert_eq!(limited.status, 429, "relayed: {limited:?}");
+    spend_quota(&gw, "key-a").await;
     let seen = up.seen("quota");
     let held = get_with(&gw, "/quota/3", Some("key-a")).await;
     assert_held(&held, "upstream_retry_after", "upstream-retry-after-client");
@@ -791,15 +793,7 @@ async fn scoped_holds_are_shared(backend: &str) {
     let up = scoped_upstream().await;
     let a = start(&up.url, &env, &[]);
     let b = start(&up.url, &env, &[]);
-    for i in 0..2 {
-        assert_eq!(
-            get_with(&a, &format!("/quota/{i}"), Some("key-a"))
-                .await
-                .status,
-            200
-        );
-    }
-    assert_eq!(get_with(&a, "/quota/2", Some("key-a")).await.status, 429);
+    spend_quota(&a, "key-a").await;
     assert_eq!(get(&a, "/maintenance/x").await.status, 503);
     let (quota, maintenance) = (up.seen("quota"), up.seen("maintenance"));
 

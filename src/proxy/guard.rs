@@ -105,6 +105,19 @@ const MAX_CLIENTS: u64 = 65_536;
 const CLIENT_IDLE: Duration = Duration::from_secs(2);
 
 impl Budget {
+    fn new(shared: Rate, fallback: Rate) -> Self {
+        Budget {
+            shared,
+            fallback,
+            local_tat: Mutex::new(None),
+            clients: Cache::builder()
+                .max_capacity(MAX_CLIENTS)
+                .time_to_idle(CLIENT_IDLE)
+                .build(),
+            epoch: Instant::now(),
+        }
+    }
+
     /// One GCRA step ([`cachegate_store::rate`]) of an in-process budget
     /// at `rate` whose TAT is `tat`.
     fn step(&self, tat: &Mutex<Option<u64>>, rate: Rate, max_wait: Duration) -> Permit {
@@ -193,16 +206,9 @@ impl UpstreamGuard {
             rules: s.back_off,
             in_flight: (s.max_concurrency > 0)
                 .then(|| Arc::new(Semaphore::new(s.max_concurrency as usize))),
-            budget: s.budget.map(|(shared, fallback)| Budget {
-                shared,
-                fallback,
-                local_tat: Mutex::new(None),
-                clients: Cache::builder()
-                    .max_capacity(MAX_CLIENTS)
-                    .time_to_idle(CLIENT_IDLE)
-                    .build(),
-                epoch: Instant::now(),
-            }),
+            budget: s
+                .budget
+                .map(|(shared, fallback)| Budget::new(shared, fallback)),
             queue_wait: s.queue_wait,
         }
     }
@@ -638,16 +644,7 @@ mod tests {
     }
 
     fn budget(rps: f64) -> Budget {
-        Budget {
-            shared: Rate::new(rps, 1),
-            fallback: Rate::new(rps, 1),
-            local_tat: Mutex::new(None),
-            clients: Cache::builder()
-                .max_capacity(MAX_CLIENTS)
-                .time_to_idle(CLIENT_IDLE)
-                .build(),
-            epoch: Instant::now(),
-        }
+        Budget::new(Rate::new(rps, 1), Rate::new(rps, 1))
     }
 
     #[tokio::test]
