@@ -174,7 +174,8 @@ pub struct UpstreamConfig {
     /// Env: `CACHEGATE_UPSTREAM__FAILURE_WINDOW`.
     #[serde(default = "default_failure_window", with = "humantime_serde")]
     pub failure_window: Duration,
-    /// How long the upstream breaker stays open. Default `10s`.
+    /// How long an open upstream breaker calls nothing of its scope.
+    /// Default `10s`.
     #[serde(default = "default_open_for", with = "humantime_serde")]
     pub open_for: Duration,
     /// How long every instance leaves the upstream alone after a 429 that
