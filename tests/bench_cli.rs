@@ -183,7 +183,7 @@ async fn bench_counts_errors_by_kind() {
     let up = upstream().await;
     // Six 503s in a row would open the upstream breaker at five: this test
     // is about what bench counts, so every request must reach the upstream.
-    let cg = cachegate(&up.url, &[("CACHEGATE_UPSTREAM__FAILURE_THRESHOLD", "0")]);
+    let cg = cachegate(&up.url, &[("CACHEGATE_UPSTREAM__MIN_CALLS", "0")]);
 
     let (out, report) = bench_async(
         [

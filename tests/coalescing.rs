@@ -103,7 +103,7 @@ async fn concurrent_timeouts_share_the_one_upstream_calls_answer() {
             ("CACHEGATE_UPSTREAM__TIMEOUT", "700ms"),
             ("CACHEGATE_UPSTREAM__RETRIES", "0"),
             // The breaker is not what is tested here.
-            ("CACHEGATE_UPSTREAM__FAILURE_THRESHOLD", "0"),
+            ("CACHEGATE_UPSTREAM__MIN_CALLS", "0"),
         ],
     );
     let url = format!("{}/hangs?delay_ms=5000&cc=max-age%3D60", cg.url);

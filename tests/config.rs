@@ -346,6 +346,22 @@ fn bad_backend_settings_stop_start_up_naming_the_key() {
             "0s",
             "upstream.connect_timeout",
         ),
+        (
+            "CACHEGATE_UPSTREAM__FAILURE_RATE",
+            "0",
+            "upstream.failure_rate",
+        ),
+        (
+            "CACHEGATE_UPSTREAM__FAILURE_RATE",
+            "101",
+            "upstream.failure_rate",
+        ),
+        (
+            "CACHEGATE_UPSTREAM__FAILURE_WINDOW",
+            "0s",
+            "upstream.failure_window",
+        ),
+        ("CACHEGATE_UPSTREAM__OPEN_FOR", "0s", "upstream.open_for"),
     ] {
         for backend in ["memory", "redis", "dynamodb"] {
             let env = [up, ("CACHEGATE_BACKEND", backend), (setting, value)];

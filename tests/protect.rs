@@ -284,9 +284,10 @@ async fn a_credentialed_429_holds_no_one_back() {
     assert_eq!(others.status, 200, "{others:?}");
 }
 
-/// A hanging upstream opens the breaker after `failure_threshold`
-/// timeouts: then stale entries answer at once, without the timeout, and
-/// the upstream is not called; after `open_for` one probe closes it again.
+/// A hanging endpoint opens its breaker once `failure_rate` of at least
+/// `min_calls` calls timed out: then stale entries answer at once, without
+/// the timeout, and the upstream is not called; after `open_for` one
+/// probe of that endpoint closes it again.
 #[tokio::test]
 async fn the_breaker_answers_stale_without_waiting_and_a_probe_closes_it() {
     let up = limited_upstream().await;
@@ -294,36 +295,37 @@ async fn the_breaker_answers_stale_without_waiting_and_a_probe_closes_it() {
         &up.url,
         &[
             ("CACHEGATE_UPSTREAM__TIMEOUT", "500ms"),
-            ("CACHEGATE_UPSTREAM__FAILURE_THRESHOLD", "2"),
+            ("CACHEGATE_UPSTREAM__MIN_CALLS", "3"),
+            ("CACHEGATE_UPSTREAM__FAILURE_RATE", "60"),
             ("CACHEGATE_UPSTREAM__OPEN_FOR", "2s"),
         ],
     );
-    assert_eq!(get(&gw, "/kept").await.status, 200);
+    assert_eq!(get(&gw, "/e/kept").await.status, 200);
     tokio::time::sleep(Duration::from_millis(1_200)).await;
 
     up.set(HANGING);
-    // Two timeouts: the first on a stale entry (answered stale after the
-    // timeout), the second on a miss (504).
+    // Two timeouts of three calls to /e: the first on a stale entry
+    // (answered stale after the timeout), the second on a miss (504).
     let slow = Instant::now();
-    let first = get(&gw, "/kept").await;
+    let first = get(&gw, "/e/kept").await;
     let slow = slow.elapsed();
     assert_eq!(first.x_cache(), "STALE", "{first:?}");
     assert!(first.header("cache-status").contains("upstream_timeout"));
-    assert_eq!(get(&gw, "/missing").await.status, 504);
+    assert_eq!(get(&gw, "/e/missing").await.status, 504);
     let seen = up.seen();
 
     let fast = Instant::now();
-    let stale = get(&gw, "/kept").await;
+    let stale = get(&gw, "/e/kept").await;
     let fast = fast.elapsed();
     assert_eq!(stale.x_cache(), "STALE", "{stale:?}");
     assert!(
         stale
             .header("cache-status")
-            .contains("detail=upstream-open"),
+            .contains("detail=upstream-open-endpoint"),
         "{:?}",
         stale.header("cache-status")
     );
-    let held = get(&gw, "/missing").await;
+    let held = get(&gw, "/e/missing").await;
     assert_eq!(held.status, 503, "{held:?}");
     assert_eq!(held.json()["error"]["code"], "upstream_open");
     assert!((1..=2).contains(&retry_after(&held)), "{held:?}");
@@ -332,10 +334,10 @@ async fn the_breaker_answers_stale_without_waiting_and_a_probe_closes_it() {
 
     up.set(OK);
     tokio::time::sleep(Duration::from_millis(2_100)).await;
-    let probe = get(&gw, "/missing").await;
+    let probe = get(&gw, "/e/missing").await;
     assert_eq!(probe.status, 200, "the probe goes through: {probe:?}");
     assert_eq!(
-        get(&gw, "/after").await.status,
+        get(&gw, "/e/after").await.status,
         200,
         "and closed the breaker"
     );
@@ -541,4 +543,281 @@ async fn without_the_backend_each_instance_keeps_to_its_fallback() {
     let ok = answers.iter().filter(|g| g.status == 200).count();
     assert_eq!(ok, 1, "burst 1 of the 0.5/s fallback: {answers:?}");
     assert_eq!(up.seen(), 1);
+}
+
+/// An upstream with endpoints in every kind of trouble beside healthy
+/// ones (all answers uncacheable, so every request reaches it):
+/// `/broken/{502,503,504}`, `/hang/…` (a minute), `/malformed/…` (a body
+/// that breaks off), `/quota/…` (two requests per
+/// `X-Api-Key`, then 429 `Retry-After: 30`), `/maintenance/…` (503
+/// `Retry-After: 30`); anything else answers 200.
+struct Scoped {
+    url: String,
+    /// Requests that reached it, by first path segment.
+    seen: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Scoped {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Scoped {
+    fn seen(&self, segment: &str) -> usize {
+        self.seen.lock().unwrap().get(segment).copied().unwrap_or(0)
+    }
+}
+
+#[derive(Default)]
+struct ScopedState {
+    seen: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    quota_used: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// A body that breaks off after its first bytes (the answer's head is
+/// already out: the exchange, not the connection, fails).
+struct BreaksOff(bool);
+
+impl tokio::io::AsyncRead for BreaksOff {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.0 {
+            return std::task::Poll::Ready(Err(std::io::Error::other("broken off")));
+        }
+        self.0 = true;
+        buf.put_slice(b"short");
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+async fn scoped_answer(State(s): State<Arc<ScopedState>>, req: Request<Body>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let segment = path.split('/').nth(1).unwrap_or("").to_owned();
+    *s.seen.lock().unwrap().entry(segment.clone()).or_default() += 1;
+    let reply = |status: u16| {
+        Response::builder()
+            .status(status)
+            .header("cache-control", "no-store")
+    };
+    match segment.as_str() {
+        "broken" => {
+            let status = path.rsplit('/').next().unwrap().parse().unwrap();
+            reply(status).body(Body::from("broken")).unwrap()
+        }
+        "hang" => {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            reply(200).body(Body::empty()).unwrap()
+        }
+        "malformed" => reply(200)
+            .body(Body::from_stream(tokio_util::io::ReaderStream::new(
+                BreaksOff(false),
+            )))
+            .unwrap(),
+        "quota" => {
+            let key = req
+                .headers()
+                .get("x-api-key")
+                .map_or("", |v| v.to_str().unwrap())
+                .to_owned();
+            let mut used = s.quota_used.lock().unwrap();
+            let n = used.entry(key).or_default();
+            *n += 1;
+            if *n > 2 {
+                reply(429)
+                    .header("retry-after", "30")
+                    .body(Body::empty())
+                    .unwrap()
+            } else {
+                reply(200).body(Body::from("ok")).unwrap()
+            }
+        }
+        "maintenance" => reply(503)
+            .header("retry-after", "30")
+            .body(Body::from("down for maintenance"))
+            .unwrap(),
+        _ => reply(200).body(Body::from("ok")).unwrap(),
+    }
+}
+
+async fn scoped_upstream() -> Scoped {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let state = Arc::new(ScopedState::default());
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = state.seen.clone();
+    let app = axum::Router::new()
+        .fallback(scoped_answer)
+        .with_state(state);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    Scoped { url, seen, task }
+}
+
+async fn get_with(at: &Cachegate, path: &str, api_key: Option<&str>) -> Got {
+    let mut req = client().get(format!("{}{path}", at.url));
+    if let Some(k) = api_key {
+        req = req.header("x-api-key", k);
+    }
+    send(req).await
+}
+
+fn assert_held(got: &Got, code: &str, detail: &str) {
+    assert_eq!(got.status, 503, "{got:?}");
+    assert_eq!(got.json()["error"]["code"], code, "{got:?}");
+    let status = got.header("cache-status");
+    assert!(
+        status.contains(&format!("detail={detail}")),
+        "{detail}: {status}"
+    );
+}
+
+/// With the default breaker settings, endpoints that fail every time (a
+/// gateway status, a hang past `upstream.timeout`, a malformed answer)
+/// are held back once `min_calls` of theirs failed, each alone; healthy
+/// endpoints in between are never refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broken_endpoint_is_held_back_alone() {
+    let up = scoped_upstream().await;
+    let gw = cachegate(&up.url, &[("CACHEGATE_UPSTREAM__TIMEOUT", "300ms")]);
+    let broken = ["/broken/502", "/broken/503", "/broken/504"];
+    let mut refused_healthy = Vec::new();
+    let mut last = Vec::new();
+    for round in 0..12 {
+        last.clear();
+        for path in broken
+            .iter()
+            .map(|p| p.to_string())
+            .chain([format!("/hang/{round}"), format!("/malformed/{round}")])
+        {
+            last.push(get(&gw, &path).await);
+        }
+        // Five failures in a row, then healthy requests: what opened the
+        // one breaker of before, for every path.
+        for k in 0..5 {
+            for healthy in [
+                format!("/healthy/{round}/{k}"),
+                format!("/other/{round}/{k}"),
+            ] {
+                let got = get(&gw, &healthy).await;
+                if got.status != 200 {
+                    refused_healthy.push(got);
+                }
+            }
+        }
+    }
+    assert!(refused_healthy.is_empty(), "{refused_healthy:?}");
+    assert_eq!(up.seen("healthy"), 60);
+    // All failures: each endpoint's breaker opened at its tenth call.
+    assert_eq!(up.seen("broken"), 10);
+    assert_eq!(up.seen("hang"), 10);
+    // A broken-off exchange may be resent once on a new connection
+    // (src/upstream): one or two upstream calls per failure counted.
+    assert!(
+        (10..=20).contains(&up.seen("malformed")),
+        "{}",
+        up.seen("malformed")
+    );
+    for got in &last {
+        assert_held(got, "upstream_open", "upstream-open-endpoint");
+        assert!((1..=10).contains(&retry_after(got)), "{got:?}");
+    }
+    // The 503 body says it is this endpoint.
+    assert!(last[0].json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("endpoint"));
+}
+
+/// Spend `key`'s quota of two on `/quota` through `at`: the third answer
+/// is the upstream's 429, relayed.
+async fn spend_quota(at: &Cachegate, key: &str) {
+    for i in 0..2 {
+        let got = get_with(at, &format!("/quota/{i}"), Some(key)).await;
+        assert_eq!(got.status, 200, "{got:?}");
+    }
+    let limited = get_with(at, "/quota/2", Some(key)).await;
+    assert_eq!(limited.status, 429, "relayed: {limited:?}");
+}
+
+/// A client that spent its own quota upstream (429 to a request with its
+/// API key) is held back on that endpoint; other keys, anonymous requests
+/// and its own requests elsewhere go on.
+#[tokio::test]
+async fn a_clients_quota_holds_that_client_alone() {
+    let up = scoped_upstream().await;
+    let gw = cachegate(&up.url, &[]);
+    spend_quota(&gw, "key-a").await;
+    let seen = up.seen("quota");
+    let held = get_with(&gw, "/quota/3", Some("key-a")).await;
+    assert_held(&held, "upstream_retry_after", "upstream-retry-after-client");
+    assert!((25..=30).contains(&retry_after(&held)), "{held:?}");
+    assert_eq!(
+        up.seen("quota"),
+        seen,
+        "the held client did not reach the upstream"
+    );
+    assert_eq!(get_with(&gw, "/quota/3", Some("key-b")).await.status, 200);
+    assert_eq!(get_with(&gw, "/quota/4", None).await.status, 200);
+    assert_eq!(get_with(&gw, "/other/1", Some("key-a")).await.status, 200);
+}
+
+/// A maintenance endpoint's 503 with `Retry-After` holds that endpoint
+/// back for everyone, and nothing else.
+#[tokio::test]
+async fn a_maintenance_endpoint_is_held_alone() {
+    let up = scoped_upstream().await;
+    let gw = cachegate(&up.url, &[]);
+    let first = get(&gw, "/maintenance/a").await;
+    assert_eq!(first.status, 503, "{first:?}");
+    assert_eq!(first.header("retry-after"), "30");
+    let held = get_with(&gw, "/maintenance/b", Some("key-a")).await;
+    assert_held(
+        &held,
+        "upstream_retry_after",
+        "upstream-retry-after-endpoint",
+    );
+    assert_eq!(up.seen("maintenance"), 1);
+    assert_eq!(get(&gw, "/healthy/1").await.status, 200);
+    assert_eq!(get(&gw, "/quota/1").await.status, 200);
+}
+
+/// Scoped holds are shared through the backend: what one instance was
+/// told holds the same scope, and only it, on the other.
+async fn scoped_holds_are_shared(backend: &str) {
+    let env = shared_backend_env(backend, "scoped-hold");
+    let up = scoped_upstream().await;
+    let a = start(&up.url, &env, &[]);
+    let b = start(&up.url, &env, &[]);
+    spend_quota(&a, "key-a").await;
+    assert_eq!(get(&a, "/maintenance/x").await.status, 503);
+    let (quota, maintenance) = (up.seen("quota"), up.seen("maintenance"));
+
+    let held = get_with(&b, "/quota/9", Some("key-a")).await;
+    assert_held(&held, "upstream_retry_after", "upstream-retry-after-client");
+    let held = get(&b, "/maintenance/y").await;
+    assert_held(
+        &held,
+        "upstream_retry_after",
+        "upstream-retry-after-endpoint",
+    );
+    assert_eq!(up.seen("quota"), quota);
+    assert_eq!(up.seen("maintenance"), maintenance);
+    assert_eq!(get_with(&b, "/quota/9", Some("key-b")).await.status, 200);
+    assert_eq!(get_with(&b, "/other/1", Some("key-a")).await.status, 200);
+    assert_eq!(get(&b, "/healthy/1").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_scoped_holds_are_shared() {
+    scoped_holds_are_shared("redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dynamodb_scoped_holds_are_shared() {
+    scoped_holds_are_shared("dynamodb").await;
 }

@@ -152,17 +152,31 @@ pub struct UpstreamConfig {
     /// Default `1500ms`. Env: `CACHEGATE_UPSTREAM__POOL_IDLE_TIMEOUT`.
     #[serde(default = "default_pool_idle_timeout", with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
-    /// Refused connections, timeouts and gateway failures (502, 503 without
-    /// `Retry-After`, 504) in a row, for GET and HEAD, that open this
-    /// instance's upstream breaker (a 500 is one request's error, not the
-    /// upstream's state, and does not count): for `open_for`
-    /// nothing is sent, entries within stale-if-error answer at once and
-    /// other requests get 503 with `Retry-After`; then one request probes.
-    /// `0` turns the breaker off. Default `5`.
-    /// Env: `CACHEGATE_UPSTREAM__FAILURE_THRESHOLD`.
-    #[serde(default = "default_failure_threshold")]
-    pub failure_threshold: u32,
-    /// How long the upstream breaker stays open. Default `10s`.
+    /// The upstream breakers (one for the upstream host, one per
+    /// endpoint: the matched route's pattern, or the first path segment
+    /// where no route matches) open when, over the last `failure_window`,
+    /// at least `min_calls` GET and HEAD calls of their scope were made and
+    /// `failure_rate` percent or more of them failed. Refused connections,
+    /// connect timeouts and TLS failures count toward the host's breaker;
+    /// gateway failures (502, 503 without `Retry-After`, 504), response
+    /// timeouts and broken answers toward the endpoint's (a 500 is one
+    /// request's error, not the upstream's state, and does not count).
+    /// While open, for `open_for`, nothing of that scope is sent, entries
+    /// within stale-if-error answer at once and other requests get 503 with
+    /// `Retry-After`; then one request of the scope probes.
+    /// Percent, 1 to 100. Default `50`. Env: `CACHEGATE_UPSTREAM__FAILURE_RATE`.
+    #[serde(default = "default_failure_rate")]
+    pub failure_rate: u8,
+    /// Calls within `failure_window` before a breaker may open; `0` turns
+    /// the breakers off. Default `10`. Env: `CACHEGATE_UPSTREAM__MIN_CALLS`.
+    #[serde(default = "default_min_calls")]
+    pub min_calls: u32,
+    /// How far back a breaker counts calls. Default `30s`.
+    /// Env: `CACHEGATE_UPSTREAM__FAILURE_WINDOW`.
+    #[serde(default = "default_failure_window", with = "humantime_serde")]
+    pub failure_window: Duration,
+    /// How long an open upstream breaker calls nothing of its scope.
+    /// Default `10s`.
     #[serde(default = "default_open_for", with = "humantime_serde")]
     pub open_for: Duration,
     /// How long every instance leaves the upstream alone after a 429 that
@@ -432,8 +446,14 @@ fn default_retries() -> u32 {
 fn default_pool_idle_timeout() -> Duration {
     Duration::from_millis(1500)
 }
-fn default_failure_threshold() -> u32 {
-    5
+fn default_failure_rate() -> u8 {
+    50
+}
+fn default_min_calls() -> u32 {
+    10
+}
+fn default_failure_window() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_open_for() -> Duration {
     Duration::from_secs(10)
@@ -1236,11 +1256,25 @@ impl Config {
         if self.upstream.connect_timeout.is_zero() {
             return Err(invalid("upstream.connect_timeout", "must be more than 0s"));
         }
-        if self.upstream.failure_threshold > 0 && self.upstream.open_for.is_zero() {
-            return Err(invalid(
-                "upstream.open_for",
-                "must be more than 0s (set upstream.failure_threshold = 0 to turn the breaker off)",
-            ));
+        if self.upstream.min_calls > 0 {
+            if self.upstream.open_for.is_zero() {
+                return Err(invalid(
+                    "upstream.open_for",
+                    "must be more than 0s (set upstream.min_calls = 0 to turn the breakers off)",
+                ));
+            }
+            if !(1..=100).contains(&self.upstream.failure_rate) {
+                return Err(invalid(
+                    "upstream.failure_rate",
+                    "must be 1 to 100 (percent)",
+                ));
+            }
+            if self.upstream.failure_window < Duration::from_millis(10) {
+                return Err(invalid(
+                    "upstream.failure_window",
+                    "must be at least 10ms (set upstream.min_calls = 0 to turn the breakers off)",
+                ));
+            }
         }
         if self.upstream.retries > 10 {
             return Err(invalid("upstream.retries", "must be at most 10"));

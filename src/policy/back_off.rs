@@ -1,10 +1,10 @@
 //! What an upstream answer says about calling the upstream again: a 429,
-//! or a 503 with `Retry-After`, asks every client to hold off (RFC 6585
-//! §4, RFC 9110 §10.2.3); gateway failures (502, 503, 504, like timeouts
-//! and refused connections) count towards the upstream breaker. Other
-//! answers, a 500 among them, say nothing about the upstream as a whole:
-//! one endpoint's bug must not stop calls to every other. Pure code: the
-//! clock comes in.
+//! or a 503 with `Retry-After`, asks to hold off (RFC 6585 §4, RFC 9110
+//! §10.2.3; whom it holds back, the guard decides from the request's
+//! credentials); gateway failures (502, 503, 504, like timeouts) count
+//! towards the breaker of the endpoint that answered. Other answers, a 500
+//! among them, say nothing about the upstream: one request's error must
+//! not stop calls to it. Pure code: the clock comes in.
 
 use std::time::Duration;
 

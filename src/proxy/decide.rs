@@ -366,7 +366,7 @@ mod tests {
             })
         );
         let held = Err(UpstreamError::Held {
-            hold: Hold::BreakerOpen,
+            hold: Hold::BreakerOpen(crate::upstream::BreakerScope::Endpoint),
             retry_in: Duration::from_secs(5),
         });
         let used = sie(held, 130_000).expect("not asked, within the window");
@@ -374,7 +374,9 @@ mod tests {
             used.kind,
             Kind::StaleIfError {
                 stale_for: 30,
-                failure: UpstreamFailure::NotAsked(Hold::BreakerOpen)
+                failure: UpstreamFailure::NotAsked(Hold::BreakerOpen(
+                    crate::upstream::BreakerScope::Endpoint
+                ))
             }
         );
         assert_eq!(used.upstream_time, None, "the upstream was not waited for");

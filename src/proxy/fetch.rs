@@ -111,6 +111,7 @@ impl Proxy {
                 headers,
                 Bytes::new(),
                 miss.caller,
+                super::guard::Scope::of(&miss.rule, &miss.target),
             )
             .await;
         let response_time = now_millis();

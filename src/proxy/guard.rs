@@ -2,11 +2,29 @@
 //!
 //! Four things hold calls back, for the GET and HEAD requests the proxy
 //! sends (writes always go through: they are the client's to make), in
-//! this order:
+//! this order, each on the smallest scope that failed or was limited:
 //! - a back-off the upstream asked for (a 429, or a 503 with
 //!   `Retry-After`), kept here and, with a shared backend, left in it as an
-//!   [`UpstreamHold`] record that every instance reads before it calls;
-//! - this instance's [`Breaker`], after failures in a row;
+//!   [`UpstreamHold`] record under its scope's key that every instance
+//!   reads before it calls. Its scope ([`HoldScope`]):
+//!   - the request carried a client credential (`Authorization`, `Cookie`,
+//!     a header of `cache.credential_headers`): that client's requests to
+//!     that endpoint only; the upstream limited that client, not cachegate.
+//!     The client is named by a hash of its credential values, never the
+//!     values;
+//!   - otherwise the request went with cachegate's own identity (its
+//!     address, the headers of `upstream.headers`): a 429 limits that
+//!     identity, which every request shares, so it holds every request; a
+//!     503 with `Retry-After` says that endpoint is unavailable, and holds
+//!     that endpoint only;
+//! - this instance's breakers ([`Breaker`], opening on a failure rate): the
+//!   upstream host's, fed by transport failures (no connection: refused,
+//!   connect timeout, TLS), and the endpoint's, fed by HTTP failures (502,
+//!   503 without `Retry-After`, 504, response timeouts, broken answers). An
+//!   endpoint is the matched route's pattern, or where no route matches,
+//!   the first segment of the path (`/users/7` is `/users`); at most
+//!   [`MAX_ENDPOINTS`] endpoints are tracked (hostile paths cannot grow
+//!   the map), the least used dropped first;
 //! - `upstream.max_concurrency`, calls in flight from this instance;
 //! - `upstream.max_rps`, the request budget every instance sharing the
 //!   backend draws on ([`cachegate_store::CacheStore::take_permit`]); while
@@ -14,17 +32,13 @@
 //!
 //! Client misses wait up to `upstream.queue_wait` for the last two;
 //! background refreshes do not wait at all, so they yield to clients.
-//!
-//! A 429 to a request that carried credentials (`Authorization`, a
-//! `Cookie`) sets no back-off: the limit it reports may be that client's
-//! alone, and one client must not stop the upstream for all.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderName, Method};
+use moka::future::Cache;
 use reqwest::Url;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -32,16 +46,34 @@ use cachegate_store::rate::{gcra, max_wait_us, Step};
 use cachegate_store::{now_millis, Permit, Rate, Record, StoreKey, UpstreamHold};
 
 use super::Proxy;
+use crate::key::Target;
 use crate::policy::back_off::{signal_of, BackOffRules, Signal};
-use crate::upstream::breaker::{Admit, Breaker};
-use crate::upstream::{Hold, UpstreamError, UpstreamResponse};
+use crate::policy::rule::Rule;
+use crate::upstream::breaker::{Admit, Breaker, BreakerRules};
+use crate::upstream::{BreakerScope, Hold, HoldScope, UpstreamError, UpstreamResponse};
+
+/// Endpoints (route patterns and first path segments) with a breaker of
+/// their own; past this the least used are dropped (a dropped breaker
+/// starts again closed, with an empty window).
+pub(super) const MAX_ENDPOINTS: u64 = 4096;
+/// Scoped holds kept in this instance (per endpoint, per client and
+/// endpoint); past this the least used are dropped, and the shared
+/// backend, when there is one, still has them.
+const MAX_HOLDS: u64 = 65_536;
+/// An endpoint named by a path segment is cut to this many bytes.
+const MAX_SEGMENT: usize = 128;
 
 /// The upstream's standing as this instance knows it.
 #[derive(Debug)]
 pub(super) struct UpstreamGuard {
-    breaker: Breaker,
-    /// Until when (Unix ms) the upstream asked to be left alone; 0 for never.
-    hold_until: AtomicU64,
+    breaker_rules: BreakerRules,
+    /// The upstream host's breaker: transport failures.
+    host: Breaker,
+    /// Each endpoint's breaker: HTTP failures.
+    endpoints: Cache<Arc<str>, Arc<Breaker>>,
+    /// Until when (Unix ms) the upstream asked to be left alone, by the
+    /// store key of the hold's scope ([`Scope::hold_keys`]).
+    holds: Cache<StoreKey, u64>,
     rules: BackOffRules,
     /// `upstream.max_concurrency`, when set.
     in_flight: Option<Arc<Semaphore>>,
@@ -49,27 +81,53 @@ pub(super) struct UpstreamGuard {
     queue_wait: Duration,
 }
 
-/// The shared request budget, and this instance's own for when the
-/// backend cannot be asked.
+/// The shared request budget, this instance's own for when the backend
+/// cannot be asked, and each client's share of it.
 #[derive(Debug)]
 struct Budget {
     shared: Rate,
     fallback: Rate,
     /// The fallback budget's TAT, µs on `epoch`'s monotonic clock.
     local_tat: Mutex<Option<u64>>,
+    /// Each client's TAT in its share of `shared` ([`MAX_CLIENTS`] at
+    /// most; a client idle for [`CLIENT_IDLE`] is forgotten). The clients
+    /// in it are the ones the budget is shared among.
+    clients: Cache<String, Arc<Mutex<Option<u64>>>>,
     epoch: Instant,
 }
 
+/// Clients whose share of the budget is tracked; past this the least
+/// used are dropped (rotating addresses cannot grow the map), each
+/// dropped client starting again with a full share.
+const MAX_CLIENTS: u64 = 65_536;
+/// A client with no miss for this long no longer counts as one the
+/// budget is shared among.
+const CLIENT_IDLE: Duration = Duration::from_secs(2);
+
 impl Budget {
-    /// One GCRA step of the fallback budget ([`cachegate_store::rate`]).
-    fn take_local(&self, max_wait: Duration) -> Permit {
+    fn new(shared: Rate, fallback: Rate) -> Self {
+        Budget {
+            shared,
+            fallback,
+            local_tat: Mutex::new(None),
+            clients: Cache::builder()
+                .max_capacity(MAX_CLIENTS)
+                .time_to_idle(CLIENT_IDLE)
+                .build(),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// One GCRA step ([`cachegate_store::rate`]) of an in-process budget
+    /// at `rate` whose TAT is `tat`.
+    fn step(&self, tat: &Mutex<Option<u64>>, rate: Rate, max_wait: Duration) -> Permit {
         let now = self.epoch.elapsed().as_micros() as u64;
-        let mut tat = self.local_tat.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tat = tat.lock().unwrap_or_else(|p| p.into_inner());
         let step = gcra(
             *tat,
             now,
-            self.fallback.emission_us(),
-            self.fallback.tolerance_us(),
+            rate.emission_us(),
+            rate.tolerance_us(),
             max_wait_us(max_wait),
         );
         if let Step::Grant { new_tat, .. } = step {
@@ -77,15 +135,33 @@ impl Budget {
         }
         step.permit()
     }
+
+    /// The fallback budget, while the backend cannot be asked.
+    fn take_local(&self, max_wait: Duration) -> Permit {
+        self.step(&self.local_tat, self.fallback, max_wait)
+    }
+
+    /// `client`'s share: the budget divided among the clients that asked
+    /// within [`CLIENT_IDLE`] (on this instance), so that while others
+    /// wait no client takes more than its share, and a client alone has
+    /// all of it.
+    async fn take_share(&self, client: &str, max_wait: Duration) -> Permit {
+        let tat = self
+            .clients
+            .get_with_by_ref(client, async { Arc::new(Mutex::new(None)) })
+            .await;
+        let active = self.clients.entry_count().max(1);
+        let share = Rate::new(self.shared.per_second / active as f64, self.shared.burst);
+        self.step(&tat, share, max_wait)
+    }
 }
 
-/// How the guard behaves (`upstream.failure_threshold`, `open_for`,
-/// `back_off`, `max_back_off`, `max_rps`, `burst`, `fallback_rps`,
-/// `max_concurrency`, `queue_wait`).
+/// How the guard behaves (`upstream.failure_rate`, `min_calls`,
+/// `failure_window`, `open_for`, `back_off`, `max_back_off`, `max_rps`,
+/// `burst`, `fallback_rps`, `max_concurrency`, `queue_wait`).
 #[derive(Debug, Clone, Copy)]
 pub struct GuardSettings {
-    pub failure_threshold: u32,
-    pub open_for: Duration,
+    pub breaker: BreakerRules,
     pub back_off: BackOffRules,
     /// The shared budget and the fallback one, when `max_rps` is set.
     pub budget: Option<(Rate, Rate)>,
@@ -96,8 +172,12 @@ pub struct GuardSettings {
 impl GuardSettings {
     pub fn from_config(cfg: &crate::config::UpstreamConfig) -> Self {
         GuardSettings {
-            failure_threshold: cfg.failure_threshold,
-            open_for: cfg.open_for,
+            breaker: BreakerRules {
+                failure_rate: cfg.failure_rate,
+                min_calls: cfg.min_calls,
+                window: cfg.failure_window,
+                open_for: cfg.open_for,
+            },
             back_off: BackOffRules {
                 default_wait: cfg.back_off,
                 max_wait: cfg.max_back_off,
@@ -115,28 +195,128 @@ impl GuardSettings {
 impl UpstreamGuard {
     pub(super) fn new(s: GuardSettings) -> Self {
         UpstreamGuard {
-            breaker: Breaker::new(s.failure_threshold, s.open_for),
-            hold_until: AtomicU64::new(0),
+            breaker_rules: s.breaker,
+            host: Breaker::new(s.breaker, Instant::now()),
+            endpoints: Cache::new(MAX_ENDPOINTS),
+            holds: Cache::builder()
+                .max_capacity(MAX_HOLDS)
+                // No hold lasts longer than max_back_off.
+                .time_to_live(s.back_off.max_wait.max(Duration::from_secs(1)))
+                .build(),
             rules: s.back_off,
             in_flight: (s.max_concurrency > 0)
                 .then(|| Arc::new(Semaphore::new(s.max_concurrency as usize))),
-            budget: s.budget.map(|(shared, fallback)| Budget {
-                shared,
-                fallback,
-                local_tat: Mutex::new(None),
-                epoch: Instant::now(),
-            }),
+            budget: s
+                .budget
+                .map(|(shared, fallback)| Budget::new(shared, fallback)),
             queue_wait: s.queue_wait,
         }
     }
 }
 
-/// Leave to call the upstream: what the breaker said, and the
+/// Leave to call the upstream: what the breakers said, and the
 /// `max_concurrency` slot held until the call ends.
 #[derive(Debug)]
 pub(super) struct Admission {
-    admitted: Admit,
+    host: Admit,
+    endpoint: (Arc<Breaker>, Admit),
     _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Admission {
+    /// The call will not be made: a probe among these must not keep its
+    /// breaker waiting.
+    fn abandon(self, now: Instant, host: &Breaker) {
+        host.abandon(self.host, now);
+        self.endpoint.0.abandon(self.endpoint.1, now);
+    }
+}
+
+/// What a GET or HEAD is, for the guard: the endpoint it goes to, and the
+/// credential headers that name a client.
+#[derive(Debug, Clone)]
+pub(super) struct Scope {
+    /// `route:` and the route's pattern, or `path:` and the first segment.
+    endpoint: Arc<str>,
+    credential_headers: Arc<[HeaderName]>,
+}
+
+impl Scope {
+    /// The scope of a request for `target` under `rule` (the rule chosen
+    /// for the canonical request; the global rule, `*`, where no route
+    /// matches).
+    pub(super) fn of(rule: &Rule, target: &Target) -> Scope {
+        let endpoint = if rule.name != "*" {
+            format!("route:{}", rule.name)
+        } else {
+            format!("path:{}", first_segment(&target.path_and_query))
+        };
+        Scope {
+            endpoint: endpoint.into(),
+            credential_headers: rule.credential_headers.clone(),
+        }
+    }
+
+    /// A hash of the client credentials `headers` carry (`Authorization`,
+    /// `Cookie`, `cache.credential_headers`), or `None` for a request made
+    /// with cachegate's own identity alone.
+    fn client(&self, headers: &HeaderMap) -> Option<String> {
+        let names = [http::header::AUTHORIZATION, http::header::COOKIE];
+        let mut parts: Vec<&[u8]> = Vec::new();
+        for name in names.iter().chain(self.credential_headers.iter()) {
+            for value in headers.get_all(name) {
+                parts.push(name.as_str().as_bytes());
+                parts.push(value.as_bytes());
+            }
+        }
+        (!parts.is_empty()).then(|| StoreKey::hash("upstream-client", parts).digest().to_owned())
+    }
+
+    /// The keys of the holds that apply to a request of this scope, from
+    /// the widest, with the scope each names.
+    fn hold_keys(&self, client: Option<&str>) -> Vec<(HoldScope, StoreKey)> {
+        let mut keys = vec![
+            (HoldScope::Upstream, hold_key()),
+            (
+                HoldScope::Endpoint,
+                StoreKey::hash("upstream-hold", ["endpoint", &*self.endpoint]),
+            ),
+        ];
+        if let Some(c) = client {
+            keys.push((
+                HoldScope::Client,
+                StoreKey::hash("upstream-hold", ["client", &*self.endpoint, c]),
+            ));
+        }
+        keys
+    }
+}
+
+/// The client's address as `serve.trusted_proxies` resolved it: the first
+/// entry of the `X-Forwarded-For` cachegate sends (a route that keys on
+/// `X-Forwarded-For` forwards the client's own, and its first entry is
+/// what the client wrote).
+fn forwarded_client(headers: &HeaderMap) -> Option<&str> {
+    let first = headers.get("x-forwarded-for")?.to_str().ok()?;
+    let ip = first.split(',').next()?.trim();
+    (!ip.is_empty()).then_some(ip)
+}
+
+/// `/users` for `/users/7?x=1`; `/` for `/` (cut to [`MAX_SEGMENT`] bytes).
+fn first_segment(path_and_query: &str) -> &str {
+    let path = path_and_query.split(['?', '#']).next().unwrap_or("/");
+    let end = path[1.min(path.len())..]
+        .find('/')
+        .map_or(path.len(), |i| i + 1);
+    let mut end = end.min(MAX_SEGMENT);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    if end == 0 {
+        "/"
+    } else {
+        &path[..end]
+    }
 }
 
 /// Who is asking: a client waits (bounded) for the budget; a background
@@ -147,8 +327,8 @@ pub(super) enum Caller {
     Background,
 }
 
-/// The one key the shared back-off lives under (the backend's prefix keeps
-/// deployments apart).
+/// The key of the hold on every request (the backend's prefix keeps
+/// deployments apart): the same as before holds had scopes.
 fn hold_key() -> StoreKey {
     StoreKey::hash("upstream-hold", ["upstream"])
 }
@@ -169,65 +349,126 @@ impl Proxy {
         headers: HeaderMap,
         body: Bytes,
         caller: Caller,
+        scope: Scope,
     ) -> Result<UpstreamResponse, UpstreamError> {
         if !matches!(method, Method::GET | Method::HEAD) {
             return self.upstream.send(method, url, headers, body).await;
         }
-        let admission = self.admit_upstream(caller).await?;
-        let credentials = has_credentials(&headers);
+        let client = scope.client(&headers);
+        let fair_client = client
+            .as_ref()
+            .map(|c| format!("credential:{c}"))
+            .or_else(|| forwarded_client(&headers).map(|ip| format!("address:{ip}")));
+        let admission = self
+            .admit_upstream(caller, &scope, client.as_deref(), fair_client.as_deref())
+            .await?;
         let sent = self.upstream.send(method, url, headers, body).await;
-        self.report_upstream(admission, credentials, &sent).await;
+        self.report_upstream(admission, &scope, client.as_deref(), &sent)
+            .await;
         sent
+    }
+
+    /// The widest hold in force on `scope` (and `client`), and until when.
+    async fn hold_on(&self, scope: &Scope, client: Option<&str>) -> Option<(HoldScope, u64)> {
+        let now = now_millis();
+        let keys = scope.hold_keys(client);
+        let mut found = Vec::with_capacity(keys.len());
+        for (_, key) in &keys {
+            found.push(self.guard.holds.get(key).await.filter(|&u| u > now));
+        }
+        if found.iter().all(Option::is_none) && self.cache.is_shared() {
+            // Another instance may have been told; an unreachable backend
+            // is no reason to stop (the breakers still guard).
+            // Two or three keys, read at once.
+            let read = |i: usize| {
+                let key = keys.get(i).map(|(_, k)| k);
+                async move {
+                    match key {
+                        Some(k) => self.cache.get(k).await.record,
+                        None => None,
+                    }
+                }
+            };
+            let (a, b, c) = tokio::join!(read(0), read(1), read(2));
+            let records = [a, b, c];
+            for ((_, key), (slot, got)) in keys.iter().zip(found.iter_mut().zip(records)) {
+                if let Some(Record::UpstreamHold(h)) = got {
+                    if h.until > now {
+                        self.guard.holds.insert(key.clone(), h.until).await;
+                        *slot = Some(h.until);
+                    }
+                }
+            }
+        }
+        keys.iter()
+            .zip(found)
+            .find_map(|((which, _), until)| until.map(|u| (*which, u)))
     }
 
     /// May a GET or HEAD go upstream now? `Err` is the answer to give
     /// instead (a stale entry, or 503 with `Retry-After`).
-    async fn admit_upstream(&self, caller: Caller) -> Result<Admission, UpstreamError> {
+    async fn admit_upstream(
+        &self,
+        caller: Caller,
+        scope: &Scope,
+        client: Option<&str>,
+        fair_client: Option<&str>,
+    ) -> Result<Admission, UpstreamError> {
         let guard = &self.guard;
-        let now = now_millis();
-        let mut until = guard.hold_until.load(Ordering::Relaxed);
-        if until <= now && self.cache.is_shared() {
-            // Another instance may have been told; an unreachable backend
-            // is no reason to stop (the breaker still guards).
-            if let Some(Record::UpstreamHold(h)) = self.cache.get(&hold_key()).await.record {
-                until = h.until;
-                guard.hold_until.fetch_max(until, Ordering::Relaxed);
-            }
-        }
-        if until > now {
+        if let Some((which, until)) = self.hold_on(scope, client).await {
             return Err(UpstreamError::Held {
-                hold: Hold::RetryAfter,
-                retry_in: Duration::from_millis(until - now),
+                hold: Hold::RetryAfter(which),
+                retry_in: Duration::from_millis(until.saturating_sub(now_millis())),
             });
         }
-        let admitted = match guard.breaker.admit(Instant::now()) {
+        let now = Instant::now();
+        let refused = |which, retry_in| UpstreamError::Held {
+            hold: Hold::BreakerOpen(which),
+            retry_in,
+        };
+        let host = match guard.host.admit(now) {
+            Admit::Refused { retry_in } => return Err(refused(BreakerScope::Host, retry_in)),
+            admitted => admitted,
+        };
+        let rules = guard.breaker_rules;
+        let breaker = guard
+            .endpoints
+            .get_with_by_ref(&scope.endpoint, async {
+                Arc::new(Breaker::new(rules, now))
+            })
+            .await;
+        let endpoint = match breaker.admit(now) {
             Admit::Refused { retry_in } => {
-                return Err(UpstreamError::Held {
-                    hold: Hold::BreakerOpen,
-                    retry_in,
-                })
+                guard.host.abandon(host, now);
+                return Err(refused(BreakerScope::Endpoint, retry_in));
             }
             admitted => admitted,
         };
-        match self.take_budget(caller).await {
+        let admission = Admission {
+            host,
+            endpoint: (breaker, endpoint),
+            _slot: None,
+        };
+        match self.take_budget(caller, fair_client).await {
             Ok(slot) => Ok(Admission {
-                admitted,
                 _slot: slot,
+                ..admission
             }),
             Err(held) => {
-                // A probe that may not go must not keep the breaker waiting.
-                guard.breaker.abandon(admitted, Instant::now());
+                admission.abandon(Instant::now(), &guard.host);
                 Err(held)
             }
         }
     }
 
-    /// A `max_concurrency` slot and a permit of the request budget, each
-    /// within what is left of `queue_wait` (nothing for a background
-    /// refresh); `Err` when either does not come in time.
+    /// A `max_concurrency` slot, a permit of `client`'s share of the
+    /// request budget and one of the budget, each within what is left of
+    /// `queue_wait` (nothing for a background refresh, which takes no
+    /// client's share); `Err` when one does not come in time.
     async fn take_budget(
         &self,
         caller: Caller,
+        client: Option<&str>,
     ) -> Result<Option<OwnedSemaphorePermit>, UpstreamError> {
         let guard = &self.guard;
         let started = Instant::now();
@@ -256,6 +497,14 @@ impl Proxy {
         let Some(budget) = &guard.budget else {
             return Ok(slot);
         };
+        if let (Caller::Client, Some(client)) = (caller, client) {
+            let max_wait = may_wait.saturating_sub(started.elapsed());
+            match budget.take_share(client, max_wait).await {
+                Permit::Granted { wait } if !wait.is_zero() => tokio::time::sleep(wait).await,
+                Permit::Granted { .. } => {}
+                Permit::Denied { retry_in } => return Err(over_budget(retry_in)),
+            }
+        }
         let max_wait = may_wait.saturating_sub(started.elapsed());
         let permit = match self
             .cache
@@ -279,12 +528,14 @@ impl Proxy {
         }
     }
 
-    /// Learn from what an admitted call got: feed the breaker, and set
-    /// (and share) a back-off the upstream asked for.
+    /// Learn from what an admitted call got: feed the breakers of the
+    /// scopes it tells about, and set (and share) a back-off the upstream
+    /// asked for, on the scope it applies to.
     async fn report_upstream(
         &self,
         admission: Admission,
-        sent_headers_had_credentials: bool,
+        scope: &Scope,
+        client: Option<&str>,
         sent: &Result<UpstreamResponse, UpstreamError>,
     ) {
         let guard = &self.guard;
@@ -294,28 +545,58 @@ impl Proxy {
             Err(e) if e.is_failure() => Signal::Failure,
             Err(_) => Signal::Answered,
         };
-        guard.breaker.report(
-            admission.admitted,
-            signal == Signal::Failure,
-            Instant::now(),
-        );
+        let at = Instant::now();
+        let (breaker, endpoint_admit) = &admission.endpoint;
+        if matches!(sent, Err(UpstreamError::Connect(_))) {
+            // No connection: the host's trouble; nothing is known of the
+            // endpoint.
+            if guard.host.report(admission.host, true, at) {
+                tracing::warn!(open_for = ?guard.breaker_rules.open_for, "upstream host breaker open: connections keep failing; not calling the upstream");
+            }
+            breaker.abandon(*endpoint_admit, at);
+        } else {
+            // The host answered (or the exchange broke after connecting).
+            guard.host.report(admission.host, false, at);
+            if breaker.report(*endpoint_admit, signal == Signal::Failure, at) {
+                tracing::warn!(
+                    endpoint = %scope.endpoint,
+                    open_for = ?guard.breaker_rules.open_for,
+                    "upstream endpoint breaker open: not calling it; answering stale where allowed"
+                );
+            }
+        }
         // The concurrency slot is free again from here.
         drop(admission);
         let Signal::BackOff { wait, status } = signal else {
             return;
         };
-        if sent_headers_had_credentials || wait.is_zero() {
+        if wait.is_zero() {
             return;
         }
+        let which = match (client, status) {
+            (Some(_), _) => HoldScope::Client,
+            (None, 429) => HoldScope::Upstream,
+            (None, _) => HoldScope::Endpoint,
+        };
+        let Some((_, key)) = scope
+            .hold_keys(client)
+            .into_iter()
+            .find(|(w, _)| *w == which)
+        else {
+            return;
+        };
         let until = now + wait.as_millis() as u64;
-        let before = guard.hold_until.fetch_max(until, Ordering::Relaxed);
+        let before = guard.holds.get(&key).await.unwrap_or(0);
         if before >= until {
             return;
         }
+        guard.holds.insert(key.clone(), until).await;
         tracing::warn!(
             status,
             ?wait,
-            "upstream asked to back off: not calling it until then"
+            scope = ?which,
+            endpoint = %scope.endpoint,
+            "upstream asked to back off: not calling it for this scope until then"
         );
         if self.cache.is_shared() {
             // Never shorten a hold another instance shared: an answer that
@@ -323,21 +604,146 @@ impl Proxy {
             // would let every other instance call again early. (Read, then
             // write: two instances writing at the same moment can still
             // leave the shorter one; each keeps its own either way.)
-            if let Some(Record::UpstreamHold(shared)) = self.cache.get(&hold_key()).await.record {
+            if let Some(Record::UpstreamHold(shared)) = self.cache.get(&key).await.record {
                 if shared.until >= until {
-                    guard.hold_until.fetch_max(shared.until, Ordering::Relaxed);
+                    guard.holds.insert(key, shared.until).await;
                     return;
                 }
             }
             let hold = Record::UpstreamHold(UpstreamHold { until, status });
-            if let Err(e) = self.cache.put(&hold_key(), &hold).await {
+            if let Err(e) = self.cache.put(&key, &hold).await {
                 tracing::debug!(error = %e, "could not share the upstream back-off; this instance keeps it");
             }
         }
     }
 }
 
-/// Whether forwarded request headers carry a client's credentials.
-fn has_credentials(headers: &HeaderMap) -> bool {
-    headers.contains_key(http::header::AUTHORIZATION) || headers.contains_key(http::header::COOKIE)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(endpoint: &str, credential_headers: &[&str]) -> Scope {
+        Scope {
+            endpoint: endpoint.into(),
+            credential_headers: credential_headers
+                .iter()
+                .map(|h| HeaderName::from_bytes(h.as_bytes()).unwrap())
+                .collect(),
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    fn budget(rps: f64) -> Budget {
+        Budget::new(Rate::new(rps, 1), Rate::new(rps, 1))
+    }
+
+    #[tokio::test]
+    async fn a_flooding_client_takes_no_more_than_its_share() {
+        let b = budget(10.0);
+        // Alone, a client has the whole budget: 10/s.
+        assert_eq!(
+            b.take_share("address:a", Duration::ZERO).await,
+            Permit::Granted {
+                wait: Duration::ZERO
+            }
+        );
+        assert_eq!(
+            b.take_share("address:b", Duration::ZERO).await,
+            Permit::Granted {
+                wait: Duration::ZERO
+            }
+        );
+        b.clients.run_pending_tasks().await;
+        // Two clients: 5/s each. The flooding one reserves at most its
+        // share within the second it may wait, then is refused.
+        let mut granted = 0;
+        for _ in 0..20 {
+            if let Permit::Granted { .. } = b.take_share("address:a", Duration::from_secs(1)).await
+            {
+                granted += 1;
+            }
+        }
+        assert!((4..=6).contains(&granted), "{granted} of 20 in one second");
+        // The other still goes at once: the flood took none of its share.
+        assert!(matches!(
+            b.take_share("address:b", Duration::from_millis(250)).await,
+            Permit::Granted { wait } if wait <= Duration::from_millis(200)
+        ));
+    }
+
+    #[test]
+    fn the_forwarded_client_is_the_first_address() {
+        let h = headers(&[("x-forwarded-for", "203.0.113.7, 10.0.0.1")]);
+        assert_eq!(forwarded_client(&h), Some("203.0.113.7"));
+        assert_eq!(forwarded_client(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn an_endpoint_without_a_route_is_its_first_path_segment() {
+        assert_eq!(first_segment("/users/7?x=1"), "/users");
+        assert_eq!(first_segment("/users?x=/a"), "/users");
+        assert_eq!(first_segment("/"), "/");
+        assert_eq!(first_segment("/status"), "/status");
+        assert_eq!(first_segment(""), "/");
+        let long = format!("/{}/x", "é".repeat(200));
+        let cut = first_segment(&long);
+        assert!(cut.len() <= MAX_SEGMENT && cut.starts_with("/é"), "{cut}");
+    }
+
+    #[test]
+    fn a_client_is_a_hash_of_its_credentials_never_the_secret() {
+        let s = scope("path:/orders", &["x-api-key"]);
+        assert_eq!(s.client(&headers(&[("accept", "*/*")])), None);
+        let one = s.client(&headers(&[("x-api-key", "secret-one")])).unwrap();
+        let two = s.client(&headers(&[("x-api-key", "secret-two")])).unwrap();
+        assert_ne!(one, two);
+        assert!(!one.contains("secret"));
+        assert_eq!(
+            s.client(&headers(&[("x-api-key", "secret-one")])),
+            Some(one.clone())
+        );
+        // The same value in another credential header is another client.
+        let bearer = s
+            .client(&headers(&[("authorization", "secret-one")]))
+            .unwrap();
+        assert_ne!(bearer, one);
+        assert!(s.client(&headers(&[("cookie", "sid=1")])).is_some());
+        // A header outside the list is no credential.
+        assert_eq!(
+            scope("path:/orders", &[]).client(&headers(&[("x-api-key", "k")])),
+            None
+        );
+    }
+
+    #[test]
+    fn hold_keys_go_from_everyone_to_the_client() {
+        let orders = scope("path:/orders", &[]);
+        let users = scope("path:/users", &[]);
+        let scopes =
+            |keys: Vec<(HoldScope, StoreKey)>| keys.into_iter().map(|(w, _)| w).collect::<Vec<_>>();
+        assert_eq!(
+            scopes(orders.hold_keys(None)),
+            [HoldScope::Upstream, HoldScope::Endpoint]
+        );
+        let with_client = orders.hold_keys(Some("c1"));
+        assert_eq!(
+            scopes(with_client.clone()),
+            [HoldScope::Upstream, HoldScope::Endpoint, HoldScope::Client]
+        );
+        // Everyone's key is shared by every endpoint; the others are not.
+        assert_eq!(with_client[0].1, users.hold_keys(None)[0].1);
+        assert_eq!(with_client[0].1, hold_key());
+        assert_ne!(with_client[1].1, users.hold_keys(None)[1].1);
+        assert_ne!(with_client[2].1, orders.hold_keys(Some("c2"))[2].1);
+    }
 }

@@ -672,6 +672,7 @@ impl Proxy {
                 headers,
                 body,
                 guard::Caller::Client,
+                guard::Scope::of(&rule, &target),
             )
             .await;
         match sent {

@@ -2,7 +2,8 @@
 //! bounded in time and size, retried (GET and HEAD only) when no connection
 //! could be made, and (idempotent methods) once on a new connection when a
 //! connection closed under it before any answer; failures classified for
-//! the client. [`breaker`] is the per-instance upstream breaker.
+//! the client. [`breaker`] is one upstream breaker (the guard keeps one per
+//! host and per endpoint).
 
 pub mod breaker;
 pub mod own_headers;
@@ -44,29 +45,65 @@ pub enum UpstreamError {
 /// Why the upstream is not being called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hold {
-    /// This instance's upstream breaker is open.
-    BreakerOpen,
-    /// The upstream asked every client to back off (a 429, or a 503 with
-    /// `Retry-After`), this instance or another sharing the backend was told.
-    RetryAfter,
+    /// A breaker of this instance is open: the upstream host's (transport
+    /// failures) or the endpoint's (HTTP failures).
+    BreakerOpen(BreakerScope),
+    /// The upstream asked to be left alone (a 429, or a 503 with
+    /// `Retry-After`), for this scope; this instance or another sharing
+    /// the backend was told.
+    RetryAfter(HoldScope),
     /// The request budget (`upstream.max_rps`, `max_concurrency`) had no
     /// room within `upstream.queue_wait`.
     Budget,
+}
+
+/// Which breaker is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerScope {
+    Host,
+    Endpoint,
+}
+
+/// Whose requests a `Retry-After` holds back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldScope {
+    /// Every request (cachegate's own identity was limited).
+    Upstream,
+    /// Every request to this endpoint.
+    Endpoint,
+    /// This client's requests to this endpoint.
+    Client,
 }
 
 impl Hold {
     /// The RFC 9211 `detail` of an answer given without asking the upstream.
     pub fn detail(self) -> &'static str {
         match self {
-            Hold::BreakerOpen => "upstream-open",
-            Hold::RetryAfter => "upstream-retry-after",
+            Hold::BreakerOpen(BreakerScope::Host) => "upstream-open-host",
+            Hold::BreakerOpen(BreakerScope::Endpoint) => "upstream-open-endpoint",
+            Hold::RetryAfter(HoldScope::Upstream) => "upstream-retry-after",
+            Hold::RetryAfter(HoldScope::Endpoint) => "upstream-retry-after-endpoint",
+            Hold::RetryAfter(HoldScope::Client) => "upstream-retry-after-client",
             Hold::Budget => "upstream-budget",
         }
     }
     fn explain(self) -> &'static str {
         match self {
-            Hold::BreakerOpen => "the upstream failed repeatedly and is not being called",
-            Hold::RetryAfter => "the upstream asked to be left alone (Retry-After)",
+            Hold::BreakerOpen(BreakerScope::Host) => {
+                "connections to the upstream host failed repeatedly; it is not being called"
+            }
+            Hold::BreakerOpen(BreakerScope::Endpoint) => {
+                "this upstream endpoint failed repeatedly and is not being called"
+            }
+            Hold::RetryAfter(HoldScope::Upstream) => {
+                "the upstream asked to be left alone (Retry-After)"
+            }
+            Hold::RetryAfter(HoldScope::Endpoint) => {
+                "this upstream endpoint asked to be left alone (Retry-After)"
+            }
+            Hold::RetryAfter(HoldScope::Client) => {
+                "the upstream limited this client on this endpoint (Retry-After)"
+            }
             Hold::Budget => "the upstream request budget (upstream.max_rps) is spent",
         }
     }
@@ -94,11 +131,11 @@ impl UpstreamError {
             UpstreamError::TooLarge { .. } => ErrorCode::UpstreamResponseTooLarge,
             UpstreamError::Other(_) => ErrorCode::UpstreamError,
             UpstreamError::Held {
-                hold: Hold::BreakerOpen,
+                hold: Hold::BreakerOpen(_),
                 ..
             } => ErrorCode::UpstreamOpen,
             UpstreamError::Held {
-                hold: Hold::RetryAfter,
+                hold: Hold::RetryAfter(_),
                 ..
             } => ErrorCode::UpstreamRetryAfter,
             UpstreamError::Held {
