@@ -79,6 +79,10 @@ pub(super) struct UpstreamGuard {
     in_flight: Option<Arc<Semaphore>>,
     budget: Option<Budget>,
     queue_wait: Duration,
+    /// The quota the upstream last announced to cachegate's own requests
+    /// ([`crate::policy::rate_limit`]): the rate that spends what it said
+    /// is left, and until when (Unix ms) it holds.
+    announced: Mutex<Option<(Rate, u64)>>,
 }
 
 /// The shared request budget, this instance's own for when the backend
@@ -210,6 +214,7 @@ impl UpstreamGuard {
                 .budget
                 .map(|(shared, fallback)| Budget::new(shared, fallback)),
             queue_wait: s.queue_wait,
+            announced: Mutex::new(None),
         }
     }
 }
@@ -338,6 +343,11 @@ fn budget_key() -> StoreKey {
     StoreKey::hash("upstream-budget", ["upstream"])
 }
 
+/// The budget the upstream's announced quota sets, shared like the other.
+fn announced_key() -> StoreKey {
+    StoreKey::hash("upstream-budget", ["announced"])
+}
+
 impl Proxy {
     /// Send a request upstream. GET and HEAD go through the guard (they
     /// may be held back, and what they get teaches it); other methods are
@@ -449,7 +459,13 @@ impl Proxy {
             endpoint: (breaker, endpoint),
             _slot: None,
         };
-        match self.take_budget(caller, fair_client).await {
+        let taken = match self.take_budget(caller, fair_client).await {
+            // A client's own credentials spend its own quota; cachegate's
+            // spend the one the upstream announced to cachegate.
+            Ok(slot) if client.is_none() => self.take_announced(caller).await.map(|()| slot),
+            taken => taken,
+        };
+        match taken {
             Ok(slot) => Ok(Admission {
                 _slot: slot,
                 ..admission
@@ -459,6 +475,69 @@ impl Proxy {
                 Err(held)
             }
         }
+    }
+
+    /// A permit of the budget the upstream's announced quota sets (while
+    /// it holds), within `queue_wait` for a client; shared through the
+    /// backend, kept by this instance alone when the backend cannot be
+    /// asked (then the next answer's announcement is the guide).
+    async fn take_announced(&self, caller: Caller) -> Result<(), UpstreamError> {
+        let now = now_millis();
+        let rate = {
+            let announced = self
+                .guard
+                .announced
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match *announced {
+                Some((rate, until)) if until > now => rate,
+                _ => return Ok(()),
+            }
+        };
+        let may_wait = match caller {
+            Caller::Client => self.guard.queue_wait,
+            Caller::Background => Duration::ZERO,
+        };
+        match self
+            .cache
+            .take_permit(&announced_key(), rate, may_wait)
+            .await
+        {
+            Ok(Permit::Granted { wait }) => {
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                Ok(())
+            }
+            Ok(Permit::Denied { retry_in }) => Err(UpstreamError::Held {
+                hold: Hold::Budget,
+                retry_in,
+            }),
+            Err(e) => {
+                tracing::debug!(error = %e, "announced-quota budget unavailable; not holding back");
+                Ok(())
+            }
+        }
+    }
+
+    /// What an answer to cachegate's own identity announces of the
+    /// upstream's quota: remember the rate that spends what is left by
+    /// the reset; `Some(wait)` when nothing is left (hold the upstream
+    /// until the reset).
+    fn learn_announced(&self, headers: &HeaderMap, now: u64) -> Option<Duration> {
+        let quota = crate::policy::rate_limit::announced(headers, now)?;
+        if quota.remaining == 0 {
+            return (!quota.reset_in.is_zero())
+                .then_some(quota.reset_in.min(self.guard.rules.max_wait));
+        }
+        let until = now + quota.reset_in.as_millis().max(1000) as u64;
+        let rate = Rate::new(quota.rate_per_second(), 1);
+        *self
+            .guard
+            .announced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((rate, until));
+        None
     }
 
     /// A `max_concurrency` slot, a permit of `client`'s share of the
@@ -540,11 +619,26 @@ impl Proxy {
     ) {
         let guard = &self.guard;
         let now = now_millis();
-        let signal = match sent {
+        let mut signal = match sent {
             Ok(r) => signal_of(r.status, &r.headers, now, guard.rules),
             Err(e) if e.is_failure() => Signal::Failure,
             Err(_) => Signal::Answered,
         };
+        // The quota the upstream announces to cachegate's own identity
+        // (a client's credentials have quotas of their own): spent, it is
+        // a hold on the whole upstream until the reset, as a 429 would be.
+        let mut quota_spent = false;
+        if let (None, Ok(r)) = (client, sent) {
+            if let Some(wait) = self.learn_announced(&r.headers, now) {
+                if !matches!(signal, Signal::BackOff { .. }) {
+                    signal = Signal::BackOff {
+                        wait,
+                        status: r.status.as_u16(),
+                    };
+                    quota_spent = true;
+                }
+            }
+        }
         let at = Instant::now();
         let (breaker, endpoint_admit) = &admission.endpoint;
         if matches!(sent, Err(UpstreamError::Connect(_))) {
@@ -576,6 +670,7 @@ impl Proxy {
         let which = match (client, status) {
             (Some(_), _) => HoldScope::Client,
             (None, 429) => HoldScope::Upstream,
+            (None, _) if quota_spent => HoldScope::Upstream,
             (None, _) => HoldScope::Endpoint,
         };
         let Some((_, key)) = scope
