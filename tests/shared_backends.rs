@@ -264,17 +264,12 @@ async fn purge_cli_reaches_every_process(backend: &str) {
     let keep = format!("/keep-{id}?cc=max-age%3D60");
     let gone = format!("/gone-{id}?cc=max-age%3D60&surrogate=k-{id}");
     let varied = format!("/varied-{id}?cc=max-age%3D60&vary=Accept-Language");
-    let c = client();
     for path in [&keep, &gone] {
         assert_eq!(get(&format!("{}{path}", a.url)).await.x_cache(), "MISS");
         assert_eq!(get(&format!("{}{path}", b.url)).await.x_cache(), "HIT");
     }
     for lang in ["en", "fr"] {
-        common::send(
-            c.get(format!("{}{varied}", a.url))
-                .header("accept-language", lang),
-        )
-        .await;
+        in_language(&format!("{}{varied}", a.url), lang).await;
     }
     let stdout = purge_cli(
         &up.url,
@@ -284,11 +279,7 @@ async fn purge_cli_reaches_every_process(backend: &str) {
     assert!(stdout.contains("removed 3 entries"), "{stdout}");
     assert_eq!(get(&format!("{}{gone}", b.url)).await.x_cache(), "MISS");
     for lang in ["en", "fr"] {
-        let r = common::send(
-            c.get(format!("{}{varied}", b.url))
-                .header("accept-language", lang),
-        )
-        .await;
+        let r = in_language(&format!("{}{varied}", b.url), lang).await;
         assert_eq!(r.x_cache(), "MISS", "{lang} variant survived the purge");
     }
     assert_eq!(get(&format!("{}{keep}", a.url)).await.x_cache(), "HIT");
@@ -314,16 +305,11 @@ async fn purge_by_prefix_and_all(backend: &str) {
         format!("/pfx-{id}x?cc=max-age%3D60"),
         format!("/other-{id}/pfx-{id}/?cc=max-age%3D60"),
     ];
-    let c = client();
     for path in under.iter().chain(&outside) {
         assert_eq!(get(&format!("{}{path}", a.url)).await.x_cache(), "MISS");
     }
     for lang in ["en", "fr"] {
-        let r = common::send(
-            c.get(format!("{}{varied}", a.url))
-                .header("accept-language", lang),
-        )
-        .await;
+        let r = in_language(&format!("{}{varied}", a.url), lang).await;
         assert_eq!(r.x_cache(), "MISS");
     }
     let prefix = format!("/pfx-{id}/");
@@ -341,11 +327,7 @@ async fn purge_by_prefix_and_all(backend: &str) {
         );
     }
     for lang in ["en", "fr"] {
-        let r = common::send(
-            c.get(format!("{}{varied}", b.url))
-                .header("accept-language", lang),
-        )
-        .await;
+        let r = in_language(&format!("{}{varied}", b.url), lang).await;
         assert_eq!(r.x_cache(), "MISS", "{lang} variant survived the purge");
     }
     for path in &outside {
@@ -375,6 +357,11 @@ async fn redis_purge_by_prefix_and_all() {
 #[tokio::test]
 async fn dynamodb_purge_by_prefix_and_all() {
     purge_by_prefix_and_all("dynamodb").await;
+}
+
+/// A GET of `url` in `lang` (`Accept-Language`).
+async fn in_language(url: &str, lang: &str) -> common::Got {
+    common::send(client().get(url).header("accept-language", lang)).await
 }
 
 /// `cachegate purge ARGS` on the backend `env` names; its stdout.
