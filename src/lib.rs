@@ -97,7 +97,10 @@ pub async fn build_proxy_with(
     )
     .await
     .map_err(StartError::OwnHeaders)?;
-    let upstream = upstream::Upstream::new(&config.upstream)?.with_own_headers(own_headers.clone());
+    // Lambda answers whole: bodies are read whole there; serve streams.
+    let upstream = upstream::Upstream::new(&config.upstream)?
+        .with_own_headers(own_headers.clone())
+        .buffered(mode == Mode::Lambda);
     let header_strings =
         |names: &[http::HeaderName]| names.iter().map(|h| h.as_str().to_owned()).collect();
     let settings = proxy::Settings {

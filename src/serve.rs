@@ -10,7 +10,7 @@ use http::{Request, Response, StatusCode};
 use crate::config::ServeConfig;
 use crate::error_code::ErrorCode;
 use crate::invalidate::{self, PurgeError, PurgeRequest};
-use crate::proxy::{json_error, Proxy};
+use crate::proxy::{json_error, Proxy, ResponseBody};
 use crate::request::PeerAddr;
 use crate::telemetry::RequestId;
 
@@ -162,9 +162,12 @@ async fn handle(State(state): State<Arc<ServeState>>, req: Request<Body>) -> Res
     }
     state
         .proxy
-        .handle(Request::from_parts(parts, body))
+        .respond(Request::from_parts(parts, body))
         .await
-        .map(Body::from)
+        .map(|body| match body {
+            ResponseBody::Full(b) => Body::from(b),
+            ResponseBody::Streaming(s) => Body::from_stream(s),
+        })
 }
 
 /// The router serving every path through the proxy.
@@ -266,6 +269,7 @@ pub async fn serve_http1(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let stream = SendTimeout::new(stream, serve.send_timeout);
         // The TCP peer, for the forwarding headers the proxy sets.
         let peer = PeerAddr(peer.ip().to_canonical());
         let app = tower::ServiceExt::map_request(
@@ -299,4 +303,106 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// A client connection whose writes may wait at most `limit` for the
+/// client to take bytes (`serve.send_timeout`): then the write fails and
+/// hyper closes the connection. A client that stops reading a streamed
+/// response holds its socket buffers for that long, no more.
+struct SendTimeout<S> {
+    inner: S,
+    limit: std::time::Duration,
+    /// Armed while a write is waiting.
+    waiting: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> SendTimeout<S> {
+    fn new(inner: S, limit: std::time::Duration) -> Self {
+        SendTimeout {
+            inner,
+            limit,
+            waiting: None,
+        }
+    }
+
+    /// After a write returned `Pending`: fail once it has waited `limit`.
+    fn pending_write<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        let limit = self.limit;
+        let sleep = self
+            .waiting
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client took no bytes within serve.send_timeout",
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+impl<S: AsyncRead + Unpin> AsyncRead for SendTimeout<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Pending => self.pending_write(cx),
+            done => {
+                self.waiting = None;
+                done
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            Poll::Pending => self.pending_write(cx),
+            done => {
+                self.waiting = None;
+                done
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending => self.pending_write(cx),
+            done => {
+                self.waiting = None;
+                done
+            }
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

@@ -125,8 +125,12 @@ pub struct UpstreamConfig {
     /// Request paths are appended to its path. No default.
     /// Env: `CACHEGATE_UPSTREAM__URL`.
     pub url: String,
-    /// Longest an upstream call may take, headers and body. Default `10s`.
-    /// On timeout the client gets 504 (or a stale entry within stale-if-error).
+    /// Longest the upstream may take to send its response head, and then
+    /// between two chunks of its body (a stream that keeps coming is
+    /// relayed however long it lasts). Default `10s`. Without a head in
+    /// time the client gets 504 (or a stale entry within stale-if-error);
+    /// a body that stalls ends the client's response there (its
+    /// connection is closed) and is not stored.
     #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// Longest connecting to the upstream may take. Default `2s`.
@@ -765,6 +769,12 @@ pub struct ServeConfig {
     /// Default `30s`; slower gets 408 and the connection is closed.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// Longest a write to a client may wait for it to take bytes (nginx's
+    /// `send_timeout`): a client that stops reading a response is
+    /// disconnected after this, so what it holds is bounded by the socket
+    /// buffers. Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
     /// Proxies (CIDR ranges, e.g. `["10.0.0.0/8"]`) whose `X-Forwarded-For`
     /// and `X-Forwarded-Proto` are believed: the client address sent
     /// upstream is the first one left of them. Without it the peer (the
@@ -787,6 +797,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("max_headers", &self.max_headers)
             .field("header_read_timeout", &self.header_read_timeout)
             .field("body_read_timeout", &self.body_read_timeout)
+            .field("send_timeout", &self.send_timeout)
             .field("trusted_proxies", &self.trusted_proxies)
             .finish()
     }
@@ -829,6 +840,7 @@ impl ServeConfig {
         for (key, d) in [
             ("serve.header_read_timeout", self.header_read_timeout),
             ("serve.body_read_timeout", self.body_read_timeout),
+            ("serve.send_timeout", self.send_timeout),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be more than 0s"));
@@ -849,6 +861,7 @@ impl Default for ServeConfig {
             max_headers: 100,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(60),
             trusted_proxies: Vec::new(),
         }
     }

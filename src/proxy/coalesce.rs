@@ -95,10 +95,13 @@ impl Proxy {
                             vary,
                         })
                     }
-                    Ok(Fetched::Relay(..)) => {
+                    Ok(Fetched::Relay(..) | Fetched::Sent { too_large: true }) => {
                         self.remember_not_storable(&miss.primary);
                         Shared::NotStorable
                     }
+                    // Not stored for now (a purge ran meanwhile): the
+                    // waiters fetch.
+                    Ok(Fetched::Sent { too_large: false }) => Shared::Gone,
                     Err(e) => Shared::Failed(e.clone()),
                 };
                 leader.finish(share);

@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
 use cachegate_store::{Entry, UnixMillis};
@@ -14,7 +13,7 @@ use cachegate_store::{Entry, UnixMillis};
 use super::outcome::{Kind, Outcome, Refresh, UpstreamFailure};
 use super::Stored;
 use crate::policy;
-use crate::upstream::{UpstreamError, UpstreamResponse};
+use crate::upstream::{UpstreamBody, UpstreamError, UpstreamResponse};
 
 /// What a lookup's result lets this request do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,11 +124,11 @@ pub(super) fn stale_if_error(
 }
 
 /// The upstream's answer as it will be stored or relayed.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) struct Answer {
     pub(super) status: StatusCode,
     pub(super) headers: HeaderMap,
-    pub(super) body: Bytes,
+    pub(super) body: UpstreamBody,
     /// The revalidated entry's tags, when a 304 refreshed it.
     pub(super) inherited_tags: Option<Vec<String>>,
 }
@@ -142,7 +141,7 @@ pub(super) fn revalidate(resp: UpstreamResponse, stale: Option<&Stored>) -> Answ
         Some(s) if resp.status == StatusCode::NOT_MODIFIED => Answer {
             status: StatusCode::from_u16(s.entry.status).unwrap_or(StatusCode::OK),
             headers: policy::conditional::merge_not_modified(s.headers.clone(), &resp.headers),
-            body: s.entry.body.clone(),
+            body: UpstreamBody::Full(s.entry.body.clone()),
             inherited_tags: Some(s.entry.tags.clone()),
         },
         _ => Answer {
@@ -188,6 +187,7 @@ mod tests {
     use super::*;
     use crate::error_code::ErrorCode;
     use crate::upstream::Hold;
+    use bytes::Bytes;
     use http::HeaderValue;
 
     /// Stored at 0, fresh for 100 s, then 10 s of stale-while-revalidate
@@ -328,7 +328,7 @@ mod tests {
         Ok(UpstreamResponse {
             status: StatusCode::from_u16(status).unwrap(),
             headers: HeaderMap::new(),
-            body: Bytes::new(),
+            body: Bytes::new().into(),
         })
     }
 
@@ -395,11 +395,13 @@ mod tests {
         let not_modified = UpstreamResponse {
             status: StatusCode::NOT_MODIFIED,
             headers,
-            body: Bytes::new(),
+            body: Bytes::new().into(),
         };
         let a = revalidate(not_modified, Some(&s));
         assert_eq!(a.status, StatusCode::OK);
-        assert_eq!(a.body, Bytes::from_static(b"stored body"));
+        assert!(
+            matches!(&a.body, UpstreamBody::Full(b) if b == &Bytes::from_static(b"stored body"))
+        );
         assert_eq!(a.headers["cache-control"], "max-age=60", "the 304's wins");
         assert_eq!(a.headers["content-type"], "application/json", "kept");
         assert_eq!(a.headers["etag"], "\"a\"");
@@ -408,7 +410,7 @@ mod tests {
         // Anything else, or a 304 with nothing to refresh, is itself.
         let fresh = revalidate(answered(200).unwrap(), Some(&s));
         assert_eq!((fresh.status, fresh.inherited_tags), (StatusCode::OK, None));
-        assert!(fresh.body.is_empty());
+        assert_eq!(fresh.body.known_len(), Some(0));
         let bare = revalidate(answered(304).unwrap(), None);
         assert_eq!(bare.status, StatusCode::NOT_MODIFIED);
         assert_eq!(bare.inherited_tags, None);

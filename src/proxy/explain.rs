@@ -33,7 +33,11 @@ impl Proxy {
         out.insert("request".into(), sent);
         match self.admit(req, &mut trace) {
             Admission::Rejected((resp, _)) => {
-                let body: Value = serde_json::from_slice(resp.body()).unwrap_or(Value::Null);
+                let body: Value = resp
+                    .body()
+                    .as_full()
+                    .and_then(|b| serde_json::from_slice(b).ok())
+                    .unwrap_or(Value::Null);
                 out.insert(
                     "decision".into(),
                     json!({

@@ -1,7 +1,9 @@
 //! The upstream call for a miss (conditional when a stale entry has
-//! validators) and storing what policy says may be stored.
+//! validators) and storing what policy says may be stored: a body still
+//! arriving is stored when it ends, and meanwhile streams to the client
+//! that asked ([`ClientSink`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -9,6 +11,7 @@ use http::{HeaderMap, Method, StatusCode};
 
 use cachegate_store::{now_millis, Entry, Record, StoreError, StoreKey, UnixMillis, VaryIndex};
 
+use super::body::{ResponseBody, Tee, TeeEnd};
 use super::decide::{self, Answer};
 use super::guard::Caller;
 use super::outcome::{Forward, Kind, Outcome};
@@ -16,7 +19,7 @@ use super::{Fetched, Proxy, Stored};
 use crate::key::{self, Target};
 use crate::policy::{self, Freshness, NotStorable, RequestPolicy, ResponseFacts};
 use crate::routes::Rule;
-use crate::upstream::{UpstreamError, UpstreamResponse};
+use crate::upstream::{BodyReader, UpstreamBody, UpstreamError, UpstreamResponse};
 
 /// Everything a fetch needs to know about the request it serves.
 #[derive(Debug, Clone)]
@@ -34,6 +37,45 @@ pub(super) struct MissCtx {
     pub(super) arrived_at: UnixMillis,
     /// A client waits for the request budget; a background refresh does not.
     pub(super) caller: Caller,
+    /// Where the head of an answer goes when its body streams to the
+    /// client while it is stored; `None`: the body is read whole first.
+    pub(super) sink: Option<Arc<ClientSink>>,
+}
+
+/// The head of an answer being stored, for the client whose request
+/// fetched it, with its body streaming.
+pub(super) struct Streamed {
+    /// The entry as it will be stored, without its body.
+    pub(super) stored: Arc<Stored>,
+    pub(super) outcome: Outcome,
+    /// The `Set-Cookie` fields kept out of the stored copy.
+    pub(super) own: HeaderMap,
+    pub(super) body: ResponseBody,
+    /// The upstream's `Content-Length`, which the stream is held to.
+    pub(super) content_length: Option<usize>,
+}
+
+/// The one-time channel a fetch sends a [`Streamed`] head through.
+pub(super) struct ClientSink(Mutex<Option<tokio::sync::oneshot::Sender<Streamed>>>);
+
+impl ClientSink {
+    pub(super) fn new() -> (ClientSink, tokio::sync::oneshot::Receiver<Streamed>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (ClientSink(Mutex::new(Some(tx))), rx)
+    }
+
+    /// The sender, once: a second fetch for the same request (a refetch
+    /// after a 304 for another validator) finds it taken only if the
+    /// first streamed, which it never does before returning.
+    fn take(&self) -> Option<tokio::sync::oneshot::Sender<Streamed>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for ClientSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientSink")
+    }
 }
 
 impl MissCtx {
@@ -48,6 +90,20 @@ impl MissCtx {
         }
         stale.is_none_or(|s| found.entry.stored_at > s.entry.stored_at)
     }
+}
+
+/// A storable answer with its body read (or, streaming, not yet).
+struct Whole {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// An entry made from an answer, before it is written.
+struct Made {
+    entry: Entry,
+    headers: HeaderMap,
+    own: HeaderMap,
 }
 
 /// One exchange with the upstream, timed.
@@ -144,7 +200,7 @@ impl Proxy {
             response_time,
             upstream_time,
         };
-        Ok(self.keep_answer(miss, answer, &exchange).await)
+        self.keep_answer(miss, answer, &exchange).await
     }
 
     /// Decide whether the upstream's answer may be stored, and store it if so.
@@ -153,7 +209,7 @@ impl Proxy {
         miss: &MissCtx,
         mut answer: Answer,
         exchange: &Exchange,
-    ) -> Fetched {
+    ) -> Result<Fetched, UpstreamError> {
         let names = &self.settings.surrogate_key_headers;
         let mut tags = answer.inherited_tags.take().unwrap_or_default();
         tags.extend(policy::headers::surrogate_keys(&answer.headers, names));
@@ -162,32 +218,154 @@ impl Proxy {
         let facts = ResponseFacts {
             status: answer.status,
             headers: &answer.headers,
-            body_len: answer.body.len(),
+            // A streamed body without a length is held to the limit as
+            // it is read ([`Tee::run`]).
+            body_len: answer.body.known_len().unwrap_or(0),
             request_time: exchange.request_time,
             response_time: exchange.response_time,
             request: miss.policy,
         };
-        let verdict = if self.settings.mode == crate::config::Mode::Lambda
-            && !crate::lambda_payload::entry_fits(facts.headers, &answer.body)
-        {
-            // Lambda could never return it.
-            Err(NotStorable::TooLarge)
-        } else {
-            policy::response_policy(facts, &miss.rule)
+        // Under Lambda the body is whole (`Upstream::buffered`).
+        let lambda_body = match &answer.body {
+            UpstreamBody::Full(b) if self.settings.mode == crate::config::Mode::Lambda => Some(b),
+            _ => None,
         };
-        match verdict {
-            Ok(freshness) => {
-                self.store_answer(miss, answer, tags, freshness, exchange)
-                    .await
-            }
+        let verdict =
+            if lambda_body.is_some_and(|b| !crate::lambda_payload::entry_fits(facts.headers, b)) {
+                // Lambda could never return it.
+                Err(NotStorable::TooLarge)
+            } else {
+                policy::response_policy(facts, &miss.rule)
+            };
+        let freshness = match verdict {
+            Ok(freshness) => freshness,
             Err(why) => {
+                // Relayed as it arrives; whoever waits for this key is
+                // released now, at the head.
                 let relayed = UpstreamResponse {
                     status: answer.status,
                     headers: answer.headers,
                     body: answer.body,
                 };
-                Fetched::Relay(relayed, exchange.outcome(miss, false, Some(why)))
+                return Ok(Fetched::Relay(
+                    relayed,
+                    exchange.outcome(miss, false, Some(why)),
+                ));
             }
+        };
+        let Answer {
+            status,
+            headers,
+            body,
+            ..
+        } = answer;
+        let reader = match body {
+            UpstreamBody::Full(body) => {
+                let answer = Whole {
+                    status,
+                    headers,
+                    body,
+                };
+                return Ok(self
+                    .store_answer(miss, answer, tags, freshness, exchange)
+                    .await);
+            }
+            UpstreamBody::Streaming(reader) => reader,
+        };
+        match miss.sink.as_ref().and_then(|s| s.take()) {
+            Some(sink) => {
+                let answer = Whole {
+                    status,
+                    headers,
+                    body: Bytes::new(),
+                };
+                self.store_streaming(miss, answer, reader, sink, tags, freshness, exchange)
+                    .await
+            }
+            None => {
+                // Nobody to stream to (a refresh, a HEAD): read it whole.
+                let limit = miss.rule.max_entry_bytes;
+                let body = UpstreamBody::Streaming(reader).collect().await?;
+                let answer = Whole {
+                    status,
+                    headers,
+                    body,
+                };
+                if answer.body.len() > limit {
+                    let relayed = UpstreamResponse {
+                        status: answer.status,
+                        headers: answer.headers,
+                        body: answer.body.into(),
+                    };
+                    let why = Some(NotStorable::TooLarge);
+                    return Ok(Fetched::Relay(relayed, exchange.outcome(miss, false, why)));
+                }
+                Ok(self
+                    .store_answer(miss, answer, tags, freshness, exchange)
+                    .await)
+            }
+        }
+    }
+
+    /// Store an answer whose body is still arriving while it streams to
+    /// the client that asked: the head goes to `sink` at once, the entry
+    /// is written when the body ends within the entry limit.
+    #[allow(clippy::too_many_arguments)]
+    async fn store_streaming(
+        &self,
+        miss: &MissCtx,
+        head: Whole,
+        reader: BodyReader,
+        sink: tokio::sync::oneshot::Sender<Streamed>,
+        tags: Vec<String>,
+        freshness: Freshness,
+        exchange: &Exchange,
+    ) -> Result<Fetched, UpstreamError> {
+        let content_length = reader.content_length();
+        let made = self.make_entry(miss, head, tags, freshness, exchange);
+        // A purge that ran while the head was on its way: relayed, not
+        // stored (checked again before writing, for one during the body).
+        if self
+            .purged_since(&made.entry.tags, exchange.request_time)
+            .await
+        {
+            let _ = sink.send(Streamed {
+                stored: Arc::new(Stored {
+                    entry: made.entry,
+                    headers: made.headers,
+                }),
+                outcome: exchange.outcome(miss, false, None),
+                own: made.own,
+                body: UpstreamBody::Streaming(reader).into(),
+                content_length,
+            });
+            return Ok(Fetched::Sent { too_large: false });
+        }
+        let (tee, body) = Tee::new();
+        // The client is told what is meant: stored, unless the body
+        // outgrows the entry limit (a length announced beyond it was
+        // refused before) or the store fails.
+        let _ = sink.send(Streamed {
+            stored: Arc::new(Stored {
+                entry: made.entry.clone(),
+                headers: made.headers.clone(),
+            }),
+            outcome: exchange.outcome(miss, true, None),
+            own: made.own.clone(),
+            body,
+            content_length,
+        });
+        match tee.run(reader, miss.rule.max_entry_bytes).await? {
+            TeeEnd::Kept(body, rest) => {
+                let made = Made {
+                    entry: Entry { body, ..made.entry },
+                    ..made
+                };
+                let fetched = self.write_made(miss, made, exchange).await;
+                rest.send();
+                Ok(fetched)
+            }
+            TeeEnd::TooLarge | TeeEnd::Abandoned => Ok(Fetched::Sent { too_large: true }),
         }
     }
 
@@ -196,11 +374,25 @@ impl Proxy {
     async fn store_answer(
         &self,
         miss: &MissCtx,
-        answer: Answer,
+        answer: Whole,
+        tags: Vec<String>,
+        freshness: Freshness,
+        exchange: &Exchange,
+    ) -> Fetched {
+        let made = self.make_entry(miss, answer, tags, freshness, exchange);
+        self.write_made(miss, made, exchange).await
+    }
+
+    /// The entry of a storable answer, its headers as a map, and the
+    /// `Set-Cookie` fields that stay out of it.
+    fn make_entry(
+        &self,
+        miss: &MissCtx,
+        answer: Whole,
         tags: Vec<String>,
         mut freshness: Freshness,
         exchange: &Exchange,
-    ) -> Fetched {
+    ) -> Made {
         let response_time = exchange.response_time;
         if self.settings.ttl_jitter > 0.0 {
             let jitter = self.settings.ttl_jitter;
@@ -228,6 +420,20 @@ impl Proxy {
             keep_until: freshness.keep_until,
             tags,
         };
+        Made {
+            entry,
+            headers,
+            own,
+        }
+    }
+
+    /// Write a made entry, unless a purge ran while it was on its way.
+    async fn write_made(&self, miss: &MissCtx, made: Made, exchange: &Exchange) -> Fetched {
+        let Made {
+            entry,
+            headers,
+            own,
+        } = made;
         let vary = key::vary_names(&headers).unwrap_or_default();
         // A purge that ran while this response was on its way: it may be
         // older than what the purge made room for.

@@ -8,6 +8,7 @@
 //! and [`outcome`] (the one typed value a request ends in). The HTTP rules
 //! themselves are pure code in [`crate::policy`].
 
+mod body;
 mod coalesce;
 mod decide;
 mod explain;
@@ -40,10 +41,11 @@ use crate::routes::{RouteTable, Rule};
 use crate::telemetry::{RequestId, RequestRecord, Telemetry};
 use crate::upstream::{Upstream, UpstreamError, UpstreamResponse};
 
+pub use body::ResponseBody;
 use coalesce::{OnContention, Shared};
 use decide::{HitDecision, HitFacts};
 pub use explain::render_text as render_explanation;
-use fetch::MissCtx;
+use fetch::{MissCtx, Streamed};
 pub use guard::GuardSettings;
 use guard::UpstreamGuard;
 use outcome::{Forward, Kind, Outcome, Refresh};
@@ -120,7 +122,7 @@ const X_CACHE_KEY: HeaderName = HeaderName::from_static("x-cache-key");
 const REFRESH_AHEAD_MEMORY: usize = 10_000;
 
 /// A response for the client and the outcome it is rendered with.
-type Reply = (Response<Bytes>, Outcome);
+type Reply = (Response<ResponseBody>, Outcome);
 
 /// An entry as the request flow uses it: with its stored headers as a
 /// `HeaderMap`, built once, when the entry is read or made.
@@ -195,6 +197,18 @@ enum Fetched {
     Own(Arc<Stored>, Outcome, HeaderMap),
     /// An upstream response relayed as is (not storable).
     Relay(UpstreamResponse, Outcome),
+    /// Streamed to this request's client as it arrived (its head went out
+    /// through [`fetch::ClientSink`]), and not stored: it outgrew the entry
+    /// limit (`too_large`), or a purge ran while it was on its way.
+    Sent { too_large: bool },
+}
+
+/// What a fetch made for the client waiting on it.
+enum ClientFetch {
+    /// The fetch ended: serve what it produced.
+    Done(Result<Fetched, UpstreamError>),
+    /// The answer streams to the client while it is stored.
+    Streaming(Streamed),
 }
 
 impl Proxy {
@@ -246,11 +260,24 @@ impl Proxy {
         &self.cache
     }
 
+    /// [`Proxy::respond`], with the body read whole (Lambda answers whole;
+    /// tests and benchmarks read it so). A body that breaks off ends where
+    /// it broke.
+    pub async fn handle(self: &Arc<Self>, req: Request<Bytes>) -> Response<Bytes> {
+        let (parts, body) = self.respond(req).await.into_parts();
+        let body = match body {
+            ResponseBody::Full(b) => b,
+            streaming => streaming.collect().await.unwrap_or_default(),
+        };
+        Response::from_parts(parts, body)
+    }
+
     /// Answer one client request. Never fails: every problem becomes a
     /// response (a JSON error for the client's or the upstream's faults;
     /// cache problems are misses). The request's outcome is rendered here,
     /// once, into the response headers, the access log and the metrics.
-    pub async fn handle(self: &Arc<Self>, req: Request<Bytes>) -> Response<Bytes> {
+    /// In serve mode the body of an upstream answer streams as it arrives.
+    pub async fn respond(self: &Arc<Self>, req: Request<Bytes>) -> Response<ResponseBody> {
         let started = std::time::Instant::now();
         let method = req.method().clone();
         let path = self
@@ -270,13 +297,15 @@ impl Proxy {
                 resp.headers_mut().insert(X_CACHE_KEY, v);
             }
         }
-        if self.settings.mode == Mode::Lambda
-            && !crate::lambda_payload::fits(resp.headers(), resp.body())
-        {
-            // What Lambda cannot carry is this request's 502, in the
-            // headers, the log and the metrics alike.
-            (resp, outcome) = respond::too_large_for_lambda(&resp, outcome);
-            outcome.render(resp.headers_mut(), lookup);
+        if self.settings.mode == Mode::Lambda {
+            // Bodies are read whole under Lambda (`Upstream::buffered`).
+            let body = resp.body().as_full().cloned().unwrap_or_default();
+            if !crate::lambda_payload::fits(resp.headers(), &body) {
+                // What Lambda cannot carry is this request's 502, in the
+                // headers, the log and the metrics alike.
+                (resp, outcome) = respond::too_large_for_lambda(&resp, body.len(), outcome);
+                outcome.render(resp.headers_mut(), lookup);
+            }
         }
         self.telemetry.record(&RequestRecord {
             request_id: request_id.as_ref().map(|r| r.0.as_str()),
@@ -345,8 +374,68 @@ impl Proxy {
             // come with an entry).
             _ => OnContention::Wait,
         };
-        let fetched = self.fetch_coalesced(&miss, stored, on_contention).await;
-        self.respond_fetched(miss, fetched).await
+        match self.fetch_for_client(&miss, stored, on_contention).await {
+            ClientFetch::Done(fetched) => self.respond_fetched(miss, fetched).await,
+            ClientFetch::Streaming(streamed) => self.respond_streamed(&miss, streamed),
+        }
+    }
+
+    /// Fetch for a client request. In serve mode the fetch runs in a task
+    /// of its own and an answer being stored streams to the client from
+    /// its head on: the client does not wait for the body to be read and
+    /// stored, and the entry is stored (and the requests waiting for it
+    /// answered) even when the client leaves first.
+    async fn fetch_for_client(
+        self: &Arc<Self>,
+        miss: &MissCtx,
+        stored: Option<Arc<Stored>>,
+        on_contention: OnContention,
+    ) -> ClientFetch {
+        if self.settings.mode == Mode::Lambda || miss.policy.head {
+            return ClientFetch::Done(self.fetch_coalesced(miss, stored, on_contention).await);
+        }
+        let (sink, head) = fetch::ClientSink::new();
+        let miss = MissCtx {
+            sink: Some(Arc::new(sink)),
+            ..miss.clone()
+        };
+        let this = self.clone();
+        let task =
+            tokio::spawn(async move { this.fetch_coalesced(&miss, stored, on_contention).await });
+        tokio::select! {
+            biased;
+            Ok(streamed) = head => ClientFetch::Streaming(streamed),
+            joined = task => ClientFetch::Done(joined.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "a fetch task failed");
+                Err(UpstreamError::Other("the fetch failed".into()))
+            })),
+        }
+    }
+
+    /// The client's answer from the head of an entry being stored, its
+    /// body streaming.
+    fn respond_streamed(&self, miss: &MissCtx, streamed: Streamed) -> Reply {
+        let Streamed {
+            stored,
+            outcome,
+            own,
+            body,
+            content_length,
+        } = streamed;
+        let (mut resp, outcome) = self.respond_to(miss, &stored, outcome);
+        // A 304 or 412 answered from the head has no body; the entry is
+        // still stored.
+        if resp.status().as_u16() == stored.entry.status {
+            *resp.body_mut() = body;
+            if let Some(n) = content_length {
+                resp.headers_mut()
+                    .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(n));
+            }
+        }
+        for (name, value) in &own {
+            resp.headers_mut().append(name, value.clone());
+        }
+        (resp, outcome)
     }
 
     /// Canonicalise the request and decide whether it may use the cache
@@ -358,7 +447,8 @@ impl Proxy {
                 StatusCode::METHOD_NOT_ALLOWED,
                 ErrorCode::MethodNotAllowed,
                 "CONNECT is not supported: this is not a forward proxy",
-            );
+            )
+            .map(ResponseBody::from);
             return Admission::Rejected((resp, Outcome::new(Kind::Rejected)));
         }
         // One canonical request, before anything reads it: the route, the
@@ -368,7 +458,8 @@ impl Proxy {
                 Ok(c) => c,
                 Err(rejected) => {
                     let resp =
-                        json_error(StatusCode::BAD_REQUEST, rejected.code, &rejected.message);
+                        json_error(StatusCode::BAD_REQUEST, rejected.code, &rejected.message)
+                            .map(ResponseBody::from);
                     return Admission::Rejected((resp, Outcome::new(Kind::Rejected)));
                 }
             };
@@ -420,6 +511,7 @@ impl Proxy {
             cache_down: false,
             arrived_at: 0,
             caller: guard::Caller::Client,
+            sink: None,
             primary,
             target,
             method,
@@ -466,6 +558,7 @@ impl Proxy {
         let (this, current) = (self.clone(), current.clone());
         let miss = MissCtx {
             caller: guard::Caller::Background,
+            sink: None,
             ..miss.clone()
         };
         // A refresh-ahead yields to another instance's fetch: its entry is
@@ -532,6 +625,12 @@ impl Proxy {
                     tracing::warn!(error = %e, path = %miss.target.path_and_query, "upstream failed");
                 }
                 upstream_error_reply(&e, Some(miss.fwd))
+            }
+            Ok(Fetched::Sent { .. }) => {
+                // Only a fetch with a sink ends so, and its head went to
+                // the client first ([`Proxy::fetch_for_client`]).
+                tracing::error!("a streamed answer reached the whole-answer path");
+                upstream_error_reply(&UpstreamError::Other("the answer was lost".into()), None)
             }
         }
     }
@@ -719,7 +818,7 @@ fn primary_key(target: &Target, rule: &Rule, headers: &mut HeaderMap) -> StoreKe
 /// `None` for a bypassed request). Held back, it is a 503 with
 /// `Retry-After` (RFC 9110 §10.2.3).
 fn upstream_error_reply(e: &UpstreamError, fwd: Option<Forward>) -> Reply {
-    let mut resp = json_error(e.status(), e.code(), &e.to_string());
+    let mut resp = json_error(e.status(), e.code(), &e.to_string()).map(ResponseBody::from);
     let kind = match e {
         UpstreamError::Held { hold, retry_in } => {
             resp.headers_mut().insert(

@@ -20,9 +20,14 @@ pub(super) fn cut((resp, outcome): Reply, entry: &Entry, request: &HeaderMap) ->
     }
     let len = entry.body.len() as u64;
     let (mut parts, body) = resp.into_parts();
+    // Built from the stored entry: whole.
+    let body = body
+        .as_full()
+        .cloned()
+        .unwrap_or_else(|| entry.body.clone());
     let (status, content_range, body) =
         match range_answer(request, entry.status, &parts.headers, len) {
-            RangeAnswer::Full => return (http::Response::from_parts(parts, body), outcome),
+            RangeAnswer::Full => return (http::Response::from_parts(parts, body.into()), outcome),
             RangeAnswer::Partial(r) => (
                 StatusCode::PARTIAL_CONTENT,
                 format!("bytes {}-{}/{len}", r.start(), r.end()),
@@ -41,5 +46,5 @@ pub(super) fn cut((resp, outcome): Reply, entry: &Entry, request: &HeaderMap) ->
     if let Ok(v) = HeaderValue::from_str(&content_range) {
         parts.headers.insert(header::CONTENT_RANGE, v);
     }
-    (http::Response::from_parts(parts, body), outcome)
+    (http::Response::from_parts(parts, body.into()), outcome)
 }

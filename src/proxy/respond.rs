@@ -9,7 +9,7 @@ use http::{HeaderMap, Response, StatusCode};
 use cachegate_store::{now_millis, Entry};
 
 use super::outcome::Outcome;
-use super::{Proxy, Reply, Stored};
+use super::{Proxy, Reply, ResponseBody, Stored};
 use crate::error_code::ErrorCode;
 use crate::policy;
 use crate::routes::Rule;
@@ -35,7 +35,8 @@ impl Proxy {
                 StatusCode::PRECONDITION_FAILED,
                 ErrorCode::PreconditionFailed,
                 "the request's If-Match or If-Unmodified-Since does not hold for the stored answer",
-            );
+            )
+            .map(ResponseBody::from);
             return (resp, outcome);
         }
         let mut headers = stored.headers.clone();
@@ -120,11 +121,18 @@ pub(super) fn relay(
     head: bool,
     keyed: Option<(&Rule, Option<&[String]>)>,
 ) -> Reply {
-    let body = if head { Bytes::new() } else { resp.body };
+    let body = if head {
+        ResponseBody::default()
+    } else {
+        ResponseBody::from(resp.body)
+    };
     let mut headers = resp.headers;
-    if !head {
-        // The body is its own length; HEAD keeps the upstream's.
-        headers.remove(header::CONTENT_LENGTH);
+    if let ResponseBody::Full(_) = body {
+        // A whole body is its own length (HEAD keeps the upstream's); a
+        // streamed one keeps the upstream's, which the stream is held to.
+        if !head {
+            headers.remove(header::CONTENT_LENGTH);
+        }
     }
     if let Some((rule, edge_key_headers)) = keyed {
         if !rule.key_headers.is_empty() {
@@ -137,7 +145,11 @@ pub(super) fn relay(
 
 /// The 502 for an answer too large to return through Lambda
 /// ([`crate::lambda_payload::fits`]), with its outcome.
-pub(super) fn too_large_for_lambda(resp: &Response<Bytes>, outcome: Outcome) -> Reply {
+pub(super) fn too_large_for_lambda<B>(
+    resp: &Response<B>,
+    body_len: usize,
+    outcome: Outcome,
+) -> Reply {
     let resp = json_error(
         StatusCode::BAD_GATEWAY,
         ErrorCode::ResponseTooLargeForLambda,
@@ -145,15 +157,19 @@ pub(super) fn too_large_for_lambda(resp: &Response<Bytes>, outcome: Outcome) -> 
             "the answer ({} {}, a {} byte body) is larger than a Lambda response can carry ({} bytes)",
             resp.status().as_u16(),
             resp.status().canonical_reason().unwrap_or(""),
-            resp.body().len(),
+            body_len,
             crate::lambda_payload::MAX_PAYLOAD_BYTES
         ),
     );
-    (resp, outcome.too_large_for_lambda())
+    (resp.map(ResponseBody::from), outcome.too_large_for_lambda())
 }
 
-fn build(status: StatusCode, headers: HeaderMap, body: Bytes) -> Response<Bytes> {
-    let mut resp = Response::new(body);
+fn build(
+    status: StatusCode,
+    headers: HeaderMap,
+    body: impl Into<ResponseBody>,
+) -> Response<ResponseBody> {
+    let mut resp = Response::new(body.into());
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     resp

@@ -1,5 +1,6 @@
 //! The call to the upstream API: a faithful forward of the client request,
-//! bounded in time and size, retried (GET and HEAD only) when no connection
+//! bounded in time (to the response head, then between body chunks) and
+//! size, its body read as it arrives ([`UpstreamBody`]), retried (GET and HEAD only) when no connection
 //! could be made, and (idempotent methods) once on a new connection when a
 //! connection closed under it before any answer; failures classified for
 //! the client. [`breaker`] is one upstream breaker (the guard keeps one per
@@ -18,12 +19,103 @@ use crate::config::UpstreamConfig;
 use crate::error_code::ErrorCode;
 use crate::policy::headers::strip_hop_by_hop;
 
-/// What the upstream answered, body read whole.
+/// What the upstream answered: the head, and the body read whole or still
+/// arriving.
 #[derive(Debug)]
 pub struct UpstreamResponse {
     pub status: StatusCode,
     pub headers: HeaderMap,
-    pub body: Bytes,
+    pub body: UpstreamBody,
+}
+
+/// An upstream response body.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// Read whole (under Lambda, which answers whole), or made here.
+    Full(Bytes),
+    /// Still arriving: read chunk by chunk as the client takes it.
+    Streaming(BodyReader),
+}
+
+impl UpstreamBody {
+    /// The whole body, read to its end (bounded as each chunk is).
+    pub async fn collect(self) -> Result<Bytes, UpstreamError> {
+        match self {
+            UpstreamBody::Full(b) => Ok(b),
+            UpstreamBody::Streaming(mut reader) => {
+                let mut body = BytesMut::new();
+                while let Some(chunk) = reader.next().await? {
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(body.freeze())
+            }
+        }
+    }
+
+    /// The length, when known before reading: a whole body's, or the
+    /// `Content-Length` of one still arriving.
+    pub fn known_len(&self) -> Option<usize> {
+        match self {
+            UpstreamBody::Full(b) => Some(b.len()),
+            UpstreamBody::Streaming(r) => r.content_length,
+        }
+    }
+}
+
+impl From<Bytes> for UpstreamBody {
+    fn from(b: Bytes) -> Self {
+        UpstreamBody::Full(b)
+    }
+}
+
+/// The body of an upstream response still arriving. Each chunk must come
+/// within the idle timeout (`upstream.timeout`) of the one before, and the
+/// whole stays within `upstream.max_response_bytes`.
+pub struct BodyReader {
+    resp: reqwest::Response,
+    idle: Duration,
+    limit: usize,
+    read: usize,
+    content_length: Option<usize>,
+}
+
+impl std::fmt::Debug for BodyReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyReader")
+            .field("read", &self.read)
+            .field("content_length", &self.content_length)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BodyReader {
+    /// The upstream's `Content-Length`, if it sent one.
+    pub fn content_length(&self) -> Option<usize> {
+        self.content_length
+    }
+
+    /// The next chunk; `None` at the end. Cancel-safe: a chunk is taken
+    /// only when it is returned.
+    pub async fn next(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        let chunk = match tokio::time::timeout(self.idle, self.resp.chunk()).await {
+            Err(_) => return Err(UpstreamError::Timeout(self.idle)),
+            Ok(Err(e)) if e.is_timeout() => return Err(UpstreamError::Timeout(self.idle)),
+            Ok(Err(e)) => {
+                return Err(UpstreamError::Other(format!(
+                    "upstream response body broke off: {}",
+                    error_chain(&e.without_url())
+                )))
+            }
+            Ok(Ok(chunk)) => chunk,
+        };
+        if let Some(c) = &chunk {
+            self.read += c.len();
+            if self.read > self.limit {
+                return Err(UpstreamError::TooLarge { limit: self.limit });
+            }
+        }
+        Ok(chunk)
+    }
 }
 
 /// Why there is no upstream answer to relay.
@@ -168,6 +260,8 @@ pub struct Upstream {
     retries: u32,
     /// cachegate's own credentials (`upstream.headers`), set on every call.
     own: Option<std::sync::Arc<own_headers::OwnHeaders>>,
+    /// Bodies are read whole before the response is returned.
+    buffered: bool,
 }
 
 impl Upstream {
@@ -178,7 +272,10 @@ impl Upstream {
                 // A proxy relays redirects; it does not follow them.
                 .redirect(reqwest::redirect::Policy::none())
                 .connect_timeout(cfg.connect_timeout)
-                .timeout(cfg.timeout)
+                // No total timeout: `timeout` bounds the wait for the
+                // response head (below) and then each wait for a body chunk
+                // (`BodyReader`), so a long stream that keeps coming is
+                // relayed whole.
                 .tcp_nodelay(true)
         };
         let client = builder().pool_idle_timeout(cfg.pool_idle_timeout).build()?;
@@ -190,7 +287,15 @@ impl Upstream {
             max_response_bytes: cfg.max_response_bytes.as_u64() as usize,
             retries: cfg.retries,
             own: None,
+            buffered: false,
         })
+    }
+
+    /// Read every body whole before answering (Lambda, whose responses
+    /// go out whole anyway).
+    pub fn buffered(mut self, buffered: bool) -> Self {
+        self.buffered = buffered;
+        self
     }
 
     /// Add cachegate's own credentials (`upstream.headers`) to every call.
@@ -233,7 +338,9 @@ impl Upstream {
     }
 
     /// Send `method url` with `headers` (already stripped of hop-by-hop
-    /// headers and `Host`) and `body`; read the whole response body. A GET
+    /// headers and `Host`) and `body`, until the response head arrives
+    /// (within `upstream.timeout`); its body is read as it is taken
+    /// (whole first when `buffered`). A GET
     /// or HEAD that could not connect is tried again, after a jittered
     /// pause, while `upstream.timeout` allows: nothing reached the upstream,
     /// so nothing is repeated. A request of an idempotent method whose
@@ -270,12 +377,15 @@ impl Upstream {
             let client = if resent { &self.fresh } else { &self.client };
             let mut req = client
                 .request(method.clone(), url.clone())
-                .headers(attempt_headers)
-                .timeout(left);
+                .headers(attempt_headers);
             if !body.is_empty() {
                 req = req.body(body.clone());
             }
-            match req.send().await {
+            let sent = match tokio::time::timeout(left, req.send()).await {
+                Ok(sent) => sent,
+                Err(_) => return Err(UpstreamError::Timeout(self.timeout)),
+            };
+            match sent {
                 Ok(resp) => break resp,
                 Err(e) if e.is_connect() && attempt < retries => {
                     let pause = retry_pause(attempt, fastrand::f64());
@@ -304,19 +414,22 @@ impl Upstream {
         let status = resp.status();
         let mut headers = std::mem::take(resp.headers_mut());
         strip_hop_by_hop(&mut headers);
-        let mut body = BytesMut::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| self.classify(e))? {
-            if body.len() + chunk.len() > self.max_response_bytes {
-                return Err(UpstreamError::TooLarge {
-                    limit: self.max_response_bytes,
-                });
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let reader = BodyReader {
+            content_length: resp.content_length().map(|n| n as usize),
+            resp,
+            idle: self.timeout,
+            limit: self.max_response_bytes,
+            read: 0,
+        };
+        let body = if self.buffered {
+            UpstreamBody::Full(UpstreamBody::Streaming(reader).collect().await?)
+        } else {
+            UpstreamBody::Streaming(reader)
+        };
         Ok(UpstreamResponse {
             status,
             headers,
-            body: body.freeze(),
+            body,
         })
     }
 
