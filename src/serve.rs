@@ -251,7 +251,12 @@ pub async fn serve_http1(
     http.timer(TokioTimer::new())
         .header_read_timeout(serve.header_read_timeout)
         .max_header_size(serve.max_header_bytes.as_u64() as usize)
-        .max_headers(serve.max_headers);
+        .max_headers(serve.max_headers)
+        // hyper queues up to ~400 KB of a response per connection by
+        // default; a client that stops reading would hold that much. A
+        // buffer the size of the largest request head is enough to read
+        // heads and to keep a connection's writes flowing.
+        .max_buf_size((serve.max_header_bytes.as_u64() as usize).max(16 * 1024));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {

@@ -95,7 +95,11 @@ async fn answer(State(s): State<Arc<Streams>>, req: Request<Body>) -> Response<B
             let kib = num("kib");
             tokio::spawn(async move {
                 for _ in 0..kib / 16 {
-                    if tx.send(Ok(Bytes::from(vec![b'x'; 16 * 1024]))).await.is_err() {
+                    if tx
+                        .send(Ok(Bytes::from(vec![b'x'; 16 * 1024])))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -161,7 +165,10 @@ async fn first_bytes_arrive_while_the_upstream_holds_the_rest() {
         }
         let (resp, first) = first_chunk(req).await;
         assert_eq!(resp.status(), 200, "{what}");
-        assert_eq!(first, "first,", "{what}: the first bytes came before the rest was sent");
+        assert_eq!(
+            first, "first,",
+            "{what}: the first bytes came before the rest was sent"
+        );
         let path = target.split('?').next().unwrap();
         streams.release(path, 1);
         assert_eq!(rest_of(resp).await, b"rest", "{what}");
@@ -194,7 +201,11 @@ async fn a_body_that_stalls_past_the_timeout_is_cut_off_and_not_stored() {
     let url = format!("{}/stall?cc=max-age%3D60", cg.url);
     let (resp, first) = first_chunk(client().get(&url)).await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["content-length"], "100", "the upstream's length");
+    assert_eq!(
+        resp.headers()["content-length"],
+        "100",
+        "the upstream's length"
+    );
     assert_eq!(first, "first,");
     let rest = tokio::time::timeout(Duration::from_secs(10), resp.bytes())
         .await
