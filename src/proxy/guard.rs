@@ -38,13 +38,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, Method};
-use moka::future::Cache;
 use reqwest::Url;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use cachegate_store::rate::{gcra, max_wait_us, Step};
 use cachegate_store::{now_millis, Permit, Rate, Record, StoreKey, UpstreamHold};
 
+use super::bounded::BoundedMap;
 use super::Proxy;
 use crate::key::Target;
 use crate::policy::back_off::{signal_of, BackOffRules, Signal};
@@ -55,11 +55,11 @@ use crate::upstream::{BreakerScope, Hold, HoldScope, UpstreamError, UpstreamResp
 /// Endpoints (route patterns and first path segments) with a breaker of
 /// their own; past this the least used are dropped (a dropped breaker
 /// starts again closed, with an empty window).
-pub(super) const MAX_ENDPOINTS: u64 = 4096;
+pub(super) const MAX_ENDPOINTS: usize = 4096;
 /// Scoped holds kept in this instance (per endpoint, per client and
 /// endpoint); past this the least used are dropped, and the shared
 /// backend, when there is one, still has them.
-const MAX_HOLDS: u64 = 65_536;
+const MAX_HOLDS: usize = 65_536;
 /// An endpoint named by a path segment is cut to this many bytes.
 const MAX_SEGMENT: usize = 128;
 
@@ -70,10 +70,10 @@ pub(super) struct UpstreamGuard {
     /// The upstream host's breaker: transport failures.
     host: Breaker,
     /// Each endpoint's breaker: HTTP failures.
-    endpoints: Cache<Arc<str>, Arc<Breaker>>,
+    endpoints: BoundedMap<Arc<str>, Arc<Breaker>>,
     /// Until when (Unix ms) the upstream asked to be left alone, by the
     /// store key of the hold's scope ([`Scope::hold_keys`]).
-    holds: Cache<StoreKey, u64>,
+    holds: BoundedMap<StoreKey, u64>,
     rules: BackOffRules,
     /// `upstream.max_concurrency`, when set.
     in_flight: Option<Arc<Semaphore>>,
@@ -96,14 +96,20 @@ struct Budget {
     /// Each client's TAT in its share of `shared` ([`MAX_CLIENTS`] at
     /// most; a client idle for [`CLIENT_IDLE`] is forgotten). The clients
     /// in it are the ones the budget is shared among.
-    clients: Cache<String, Arc<Mutex<Option<u64>>>>,
+    clients: BoundedMap<String, Arc<Mutex<Option<u64>>>>,
+    /// When idle clients were last swept out of `clients`.
+    swept: Mutex<Instant>,
     epoch: Instant,
 }
+
+/// How often idle clients are swept out (the count of active clients is
+/// this much behind at most).
+const CLIENT_SWEEP: Duration = Duration::from_millis(250);
 
 /// Clients whose share of the budget is tracked; past this the least
 /// used are dropped (rotating addresses cannot grow the map), each
 /// dropped client starting again with a full share.
-const MAX_CLIENTS: u64 = 65_536;
+const MAX_CLIENTS: usize = 65_536;
 /// A client with no miss for this long no longer counts as one the
 /// budget is shared among.
 const CLIENT_IDLE: Duration = Duration::from_secs(2);
@@ -114,10 +120,8 @@ impl Budget {
             shared,
             fallback,
             local_tat: Mutex::new(None),
-            clients: Cache::builder()
-                .max_capacity(MAX_CLIENTS)
-                .time_to_idle(CLIENT_IDLE)
-                .build(),
+            clients: BoundedMap::new(MAX_CLIENTS),
+            swept: Mutex::new(Instant::now()),
             epoch: Instant::now(),
         }
     }
@@ -150,11 +154,21 @@ impl Budget {
     /// wait no client takes more than its share, and a client alone has
     /// all of it.
     async fn take_share(&self, client: &str, max_wait: Duration) -> Permit {
-        let tat = self
-            .clients
-            .get_with_by_ref(client, async { Arc::new(Mutex::new(None)) })
-            .await;
-        let active = self.clients.entry_count().max(1);
+        let now = Instant::now();
+        let active = |_: &Arc<Mutex<Option<u64>>>, used: Instant| {
+            now.saturating_duration_since(used) < CLIENT_IDLE
+        };
+        {
+            let mut swept = self.swept.lock().unwrap_or_else(|p| p.into_inner());
+            if now.saturating_duration_since(*swept) >= CLIENT_SWEEP {
+                *swept = now;
+                self.clients.retain_alive(active);
+            }
+        }
+        let (tat, active) =
+            self.clients
+                .get_or_insert_with(client, now, || Arc::new(Mutex::new(None)), active);
+        let active = active.max(1);
         let share = Rate::new(self.shared.per_second / active as f64, self.shared.burst);
         self.step(&tat, share, max_wait)
     }
@@ -201,12 +215,9 @@ impl UpstreamGuard {
         UpstreamGuard {
             breaker_rules: s.breaker,
             host: Breaker::new(s.breaker, Instant::now()),
-            endpoints: Cache::new(MAX_ENDPOINTS),
-            holds: Cache::builder()
-                .max_capacity(MAX_HOLDS)
-                // No hold lasts longer than max_back_off.
-                .time_to_live(s.back_off.max_wait.max(Duration::from_secs(1)))
-                .build(),
+            endpoints: BoundedMap::new(MAX_ENDPOINTS),
+            // No hold outlives its `until`, which max_back_off bounds.
+            holds: BoundedMap::new(MAX_HOLDS),
             rules: s.back_off,
             in_flight: (s.max_concurrency > 0)
                 .then(|| Arc::new(Semaphore::new(s.max_concurrency as usize))),
@@ -216,6 +227,16 @@ impl UpstreamGuard {
             queue_wait: s.queue_wait,
             announced: Mutex::new(None),
         }
+    }
+}
+
+impl UpstreamGuard {
+    /// Remember a hold until `until` (Unix ms); past the bound, expired
+    /// holds go first.
+    fn insert_hold(&self, key: StoreKey, until: u64) {
+        let now = now_millis();
+        self.holds
+            .insert(key, until, Instant::now(), |&u, _| u > now);
     }
 }
 
@@ -384,7 +405,12 @@ impl Proxy {
         let keys = scope.hold_keys(client);
         let mut found = Vec::with_capacity(keys.len());
         for (_, key) in &keys {
-            found.push(self.guard.holds.get(key).await.filter(|&u| u > now));
+            found.push(
+                self.guard
+                    .holds
+                    .get(key, Instant::now())
+                    .filter(|&u| u > now),
+            );
         }
         if found.iter().all(Option::is_none) && self.cache.is_shared() {
             // Another instance may have been told; an unreachable backend
@@ -404,7 +430,7 @@ impl Proxy {
             for ((_, key), (slot, got)) in keys.iter().zip(found.iter_mut().zip(records)) {
                 if let Some(Record::UpstreamHold(h)) = got {
                     if h.until > now {
-                        self.guard.holds.insert(key.clone(), h.until).await;
+                        self.guard.insert_hold(key.clone(), h.until);
                         *slot = Some(h.until);
                     }
                 }
@@ -441,12 +467,12 @@ impl Proxy {
             admitted => admitted,
         };
         let rules = guard.breaker_rules;
-        let breaker = guard
-            .endpoints
-            .get_with_by_ref(&scope.endpoint, async {
-                Arc::new(Breaker::new(rules, now))
-            })
-            .await;
+        let (breaker, _) = guard.endpoints.get_or_insert_with(
+            &scope.endpoint,
+            now,
+            || Arc::new(Breaker::new(rules, now)),
+            |_, _| false,
+        );
         let endpoint = match breaker.admit(now) {
             Admit::Refused { retry_in } => {
                 guard.host.abandon(host, now);
@@ -681,11 +707,11 @@ impl Proxy {
             return;
         };
         let until = now + wait.as_millis() as u64;
-        let before = guard.holds.get(&key).await.unwrap_or(0);
+        let before = guard.holds.get(&key, Instant::now()).unwrap_or(0);
         if before >= until {
             return;
         }
-        guard.holds.insert(key.clone(), until).await;
+        guard.insert_hold(key.clone(), until);
         tracing::warn!(
             status,
             ?wait,
@@ -701,7 +727,7 @@ impl Proxy {
             // leave the shorter one; each keeps its own either way.)
             if let Some(Record::UpstreamHold(shared)) = self.cache.get(&key).await.record {
                 if shared.until >= until {
-                    guard.holds.insert(key, shared.until).await;
+                    guard.insert_hold(key, shared.until);
                     return;
                 }
             }
@@ -758,7 +784,6 @@ mod tests {
                 wait: Duration::ZERO
             }
         );
-        b.clients.run_pending_tasks().await;
         // Two clients: 5/s each. The flooding one reserves at most its
         // share within the second it may wait, then is refused.
         let mut granted = 0;

@@ -9,6 +9,7 @@
 //! themselves are pure code in [`crate::policy`].
 
 mod body;
+mod bounded;
 mod coalesce;
 mod decide;
 mod explain;
