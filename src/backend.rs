@@ -41,11 +41,11 @@ fn memory_store(config: &Config) -> MemoryStore {
 pub async fn build_cache(config: &Config) -> Result<TieredCache, BackendError> {
     let main: Arc<dyn CacheStore> = match config.backend {
         BackendKind::Memory => {
-            let store = Arc::new(memory_store(config));
-            return Ok(
-                TieredCache::new(GuardedStore::new(store, config.store.clone()), None)
-                    .with_soft_purge_window(config.cache.stale_while_revalidate),
-            );
+            let store = memory_store(config);
+            let guarded = GuardedStore::new(Arc::new(store.clone()), config.store.clone());
+            return Ok(TieredCache::new(guarded, None)
+                .with_memory_main(store)
+                .with_soft_purge_window(config.cache.stale_while_revalidate));
         }
         BackendKind::Redis => connect_redis(config).await?,
         BackendKind::Dynamodb => connect_dynamodb(config).await?,

@@ -158,9 +158,9 @@ impl Proxy {
         // entry and let go (of this process's flight, then of the lock)
         // after that lookup and before we took over: look once more, or a
         // late request of a stampede calls the upstream a second time.
-        let stored_meanwhile = |stored: Stored| {
+        let stored_meanwhile = |stored: Arc<Stored>| {
             Ok(Fetched::Entry(
-                Arc::new(stored),
+                stored,
                 Outcome::new(Kind::Collapsed {
                     fwd: miss.fwd,
                     how: Collapsed::StoredMeanwhile,
@@ -211,7 +211,7 @@ impl Proxy {
                     .await
                 {
                     Some(stored) => Ok(Fetched::Entry(
-                        Arc::new(stored),
+                        stored,
                         Outcome::new(Kind::Collapsed {
                             fwd: miss.fwd,
                             how: Collapsed::OtherInstance,
@@ -235,7 +235,7 @@ impl Proxy {
         miss: &MissCtx,
         lock: &StoreKey,
         stale: Option<&Stored>,
-    ) -> Option<Stored> {
+    ) -> Option<Arc<Stored>> {
         let deadline = tokio::time::Instant::now() + self.coalesce_deadline();
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(LOCK_POLL).await;
@@ -316,7 +316,7 @@ impl Proxy {
         &self,
         miss: &MissCtx,
         stale: Option<&Stored>,
-    ) -> Option<Stored> {
+    ) -> Option<Arc<Stored>> {
         if miss.cache_down {
             return None;
         }

@@ -149,7 +149,7 @@ impl Proxy {
     /// The request headers the Vary index under `primary` names, if one
     /// is stored there.
     async fn vary_of(&self, primary: &cachegate_store::StoreKey) -> Option<Vec<String>> {
-        match self.cache.get(primary).await.record {
+        match self.cache.get(primary).await.into_record() {
             Some(Record::VaryIndex(v)) => Some(v.headers),
             _ => None,
         }

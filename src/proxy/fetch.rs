@@ -459,7 +459,7 @@ impl Proxy {
                 .cache
                 .get(&super::purge::purge_mark_key(tag))
                 .await
-                .record
+                .into_record()
             {
                 if m.purged_at >= since {
                     return true;

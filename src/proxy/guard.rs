@@ -420,7 +420,7 @@ impl Proxy {
                 let key = keys.get(i).map(|(_, k)| k);
                 async move {
                     match key {
-                        Some(k) => self.cache.get(k).await.record,
+                        Some(k) => self.cache.get(k).await.into_record(),
                         None => None,
                     }
                 }
@@ -725,7 +725,7 @@ impl Proxy {
             // would let every other instance call again early. (Read, then
             // write: two instances writing at the same moment can still
             // leave the shorter one; each keeps its own either way.)
-            if let Some(Record::UpstreamHold(shared)) = self.cache.get(&key).await.record {
+            if let Some(Record::UpstreamHold(shared)) = self.cache.get(&key).await.into_record() {
                 if shared.until >= until {
                     guard.insert_hold(key, shared.until);
                     return;

@@ -139,12 +139,21 @@ impl Stored {
         let headers = respond::header_map_of(&entry);
         Stored { entry, headers }
     }
+
+    /// The entry a record holds ([`Proxy::lookup`] passes entries only).
+    fn of_record(record: &Record) -> Self {
+        match record {
+            Record::Entry(e) => Stored::read(e.clone()),
+            // Not reached: only entries are passed.
+            _ => Stored::read(Entry::default()),
+        }
+    }
 }
 
 /// What a lookup found. A cache failure is reported, never raised.
 #[derive(Debug, Default)]
 struct Found {
-    stored: Option<Stored>,
+    stored: Option<Arc<Stored>>,
     trouble: Option<String>,
 }
 
@@ -545,7 +554,7 @@ impl Proxy {
             arrived_at: now_millis(),
             ..miss
         };
-        (found.stored.map(Arc::new), miss)
+        (found.stored, miss)
     }
 
     /// Start a refresh of `current` to run after the response, as a
@@ -661,25 +670,28 @@ impl Proxy {
     async fn lookup(&self, primary: &StoreKey, headers: &HeaderMap) -> Found {
         let found = self.cache.get(primary).await;
         let mut trouble = found.error;
-        let entry = match found.record {
-            Some(Record::Entry(e)) => Some(e),
-            Some(Record::VaryIndex(v)) => {
-                let found = self
-                    .cache
-                    .get(&key::variant_key(primary, &v.headers, headers))
-                    .await;
-                trouble = trouble.or(found.error);
-                match found.record {
-                    Some(Record::Entry(e)) => Some(e),
-                    _ => None,
+        let entry = match found.found {
+            Some(f) => match f.record() {
+                Record::Entry(_) => Some(f),
+                Record::VaryIndex(v) => {
+                    let found = self
+                        .cache
+                        .get(&key::variant_key(primary, &v.headers, headers))
+                        .await;
+                    trouble = trouble.or(found.error);
+                    found.found
                 }
-            }
-            Some(Record::PurgeMark(_) | Record::UpstreamHold(_)) | None => None,
+                Record::PurgeMark(_) | Record::UpstreamHold(_) => None,
+            },
+            None => None,
         };
         // A stored coding this client cannot decode is a miss for it
         // (RFC 9110 §12.5.3), whatever the key and Vary said.
-        let entry = entry.filter(|e| {
-            policy::content_coding::accepts_stored_coding(headers, e.header("content-encoding"))
+        let entry = entry.filter(|f| match f.record() {
+            Record::Entry(e) => {
+                policy::content_coding::accepts_stored_coding(headers, e.header("content-encoding"))
+            }
+            _ => false,
         });
         match &trouble {
             // The breaker logged when it opened; once per request is noise.
@@ -692,7 +704,9 @@ impl Proxy {
             None => {}
         }
         Found {
-            stored: entry.map(Stored::read),
+            // Made once per stored value and kept with it in the memory
+            // store (a prepared hit): later hits build nothing.
+            stored: entry.map(|f| f.derived(Stored::of_record)),
             trouble: trouble.map(|e| e.to_string()),
         }
     }

@@ -13,6 +13,7 @@
 //! `cachegate_store::conformance_tests!(make_store());`.
 
 pub mod coherence;
+pub mod found;
 pub mod guard;
 pub mod key;
 pub mod lazy;
@@ -33,6 +34,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use coherence::{PurgeFeed, PurgeListener, PurgeLogEntry, PurgeNotice};
+pub use found::{Found, FoundSlot};
 pub use key::{KeyHasher, StoreKey};
 pub use rate::{Permit, Rate};
 pub use record::{DecodeError, Entry, PurgeMark, Record, UpstreamHold, VaryIndex};

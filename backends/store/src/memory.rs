@@ -15,8 +15,8 @@ use moka::notification::RemovalCause;
 use crate::rate::{self, gcra, Step};
 use crate::shared::{prepare_put, PutPlan};
 use crate::{
-    is_expired, now_millis, CacheStore, Capabilities, LockToken, Permit, PurgeFeed, PutOptions,
-    Rate, StoreError, StoreKey, UnixMillis,
+    is_expired, now_millis, CacheStore, Capabilities, Found, FoundSlot, LockToken, Permit,
+    PurgeFeed, PutOptions, Rate, Record, StoreError, StoreKey, UnixMillis,
 };
 
 /// Fixed per-entry cost counted against the byte budget besides the bytes
@@ -36,6 +36,28 @@ const ENTRY_OVERHEAD: usize = 384;
 /// reach 2.5 × capacity, 256 B 1.53–1.61 ×.
 const TAG_OVERHEAD: usize = 384;
 
+/// What a value's decoded form ([`Found`]) costs besides the value it
+/// slices (header values and body are slices of it): the record's and the
+/// proxy's copies of each header name and tag, their vectors, the proxy's
+/// header map (a bucket and a name per header) and the two structs.
+fn prepared_cost(found: &Found) -> usize {
+    const BASE: usize = 512;
+    const PER_HEADER: usize = 160;
+    const PER_TAG: usize = 64;
+    match found.record() {
+        Record::Entry(e) => {
+            let headers: usize = e
+                .headers
+                .iter()
+                .map(|(n, _)| 2 * n.len() + PER_HEADER)
+                .sum();
+            let tags: usize = e.tags.iter().map(|t| 2 * (t.len() + PER_TAG)).sum();
+            BASE + headers + tags
+        }
+        _ => BASE,
+    }
+}
+
 /// Everything the store holds for one entry: the value (body, headers and
 /// tags as encoded), the key in the cache, the entry's own tag list (whose
 /// strings the tag index shares), and in the tag index one copy of the key
@@ -47,7 +69,7 @@ fn weight(key: &StoreKey, v: &Stored) -> u32 {
         .iter()
         .map(|t| t.len() + key_len + TAG_OVERHEAD)
         .sum();
-    (v.value.len() + key_len + tags + ENTRY_OVERHEAD)
+    (v.value.len() + key_len + tags + ENTRY_OVERHEAD + v.prepared_cost)
         .try_into()
         .unwrap_or(u32::MAX)
 }
@@ -63,6 +85,11 @@ struct Stored {
     /// member, so removing an old value (replaced, invalidated by a flush,
     /// evicted) never unrecords the same key stored again since.
     put: u64,
+    /// The value decoded when it was stored, for hits ([`Found`]); empty
+    /// for a value that is not a record.
+    found: FoundSlot,
+    /// What `found` and what the proxy derives from it cost.
+    prepared_cost: usize,
 }
 
 /// Tag -> the keys stored with it, each with the put that recorded it.
@@ -171,6 +198,62 @@ impl MemoryStore {
         }
     }
 
+    /// The live value under `key` and the slot its decoded form is kept
+    /// in (a prepared hit reads it from there).
+    pub async fn get_found(&self, key: &StoreKey) -> Option<(Bytes, FoundSlot)> {
+        self.cache
+            .get(key)
+            .await
+            .filter(|s| !is_expired(s.expires_at, now_millis()))
+            .map(|s| (s.value, s.found))
+    }
+
+    /// [`CacheStore::put`], with the value's decoded form when the caller
+    /// has it already (an L1 copy of what the main backend returned);
+    /// otherwise it is decoded here, once, for every hit to share.
+    pub async fn put_found(
+        &self,
+        key: &StoreKey,
+        value: Bytes,
+        opts: &PutOptions,
+        found: Option<Arc<Found>>,
+    ) -> Result<(), StoreError> {
+        let tags: Arc<[Arc<str>]> = match prepare_put(&self.caps, value.len(), opts)? {
+            PutPlan::Remove => {
+                self.cache.invalidate(key).await;
+                return Ok(());
+            }
+            PutPlan::Store(put) => put.tags.iter().map(|t| Arc::from(*t)).collect(),
+        };
+        let put = self.puts.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut index = self.tags.lock().unwrap_or_else(|p| p.into_inner());
+            for tag in tags.iter() {
+                index
+                    .entry(tag.clone())
+                    .or_default()
+                    .insert(key.clone(), put);
+            }
+        }
+        let found = found.or_else(|| Record::decode(&value).ok().map(|r| Arc::new(Found::new(r))));
+        let slot = FoundSlot::default();
+        let mut prepared = 0;
+        if let Some(found) = found {
+            prepared = prepared_cost(&found);
+            let _ = slot.set(found);
+        }
+        let stored = Stored {
+            value,
+            expires_at: opts.expires_at,
+            tags,
+            put,
+            found: slot,
+            prepared_cost: prepared,
+        };
+        self.cache.insert(key.clone(), stored).await;
+        Ok(())
+    }
+
     /// Entries currently held (approximate until moka runs its housekeeping).
     pub fn entry_count(&self) -> u64 {
         self.cache.entry_count()
@@ -199,31 +282,7 @@ impl CacheStore for MemoryStore {
     }
 
     async fn put(&self, key: &StoreKey, value: Bytes, opts: &PutOptions) -> Result<(), StoreError> {
-        let tags: Arc<[Arc<str>]> = match prepare_put(&self.caps, value.len(), opts)? {
-            PutPlan::Remove => {
-                self.cache.invalidate(key).await;
-                return Ok(());
-            }
-            PutPlan::Store(put) => put.tags.iter().map(|t| Arc::from(*t)).collect(),
-        };
-        let put = self.puts.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut index = self.tags.lock().unwrap_or_else(|p| p.into_inner());
-            for tag in tags.iter() {
-                index
-                    .entry(tag.clone())
-                    .or_default()
-                    .insert(key.clone(), put);
-            }
-        }
-        let stored = Stored {
-            value,
-            expires_at: opts.expires_at,
-            tags,
-            put,
-        };
-        self.cache.insert(key.clone(), stored).await;
-        Ok(())
+        self.put_found(key, value, opts, None).await
     }
 
     async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {

@@ -21,7 +21,7 @@ const KIND_UPSTREAM_HOLD: u8 = 4;
 const HEADER_LEN: usize = 2 + 1 + 1 + 4;
 
 /// A stored response with its freshness and stale windows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Entry {
     pub status: u16,
     /// Response headers as received (lower-case names), minus hop-by-hop

@@ -11,8 +11,8 @@ use crate::coherence::{Subscriber, L1};
 use crate::guard::GuardedStore;
 use crate::memory::MemoryStore;
 use crate::{
-    now_millis, CacheStore, LockToken, Permit, PurgeFeed, PurgeListener, PurgeNotice, PutOptions,
-    Rate, Record, StoreError, StoreKey,
+    now_millis, CacheStore, Found, LockToken, Permit, PurgeFeed, PurgeListener, PurgeNotice,
+    PutOptions, Rate, Record, StoreError, StoreKey,
 };
 
 /// Counters of what went wrong below the proxy, for metrics and tests.
@@ -36,8 +36,21 @@ impl CacheStats {
 /// failed, why (the caller still treats it as a miss).
 #[derive(Debug)]
 pub struct Lookup {
-    pub record: Option<Record>,
+    /// The record decoded; from the memory store, shared by every read of
+    /// the same value ([`Found`]).
+    pub found: Option<Arc<Found>>,
     pub error: Option<StoreError>,
+}
+
+impl Lookup {
+    pub fn record(&self) -> Option<&Record> {
+        self.found.as_deref().map(Found::record)
+    }
+
+    /// The record, owned.
+    pub fn into_record(self) -> Option<Record> {
+        self.found.map(Found::into_record)
+    }
 }
 
 /// The optional L1 of a [`TieredCache`].
@@ -57,6 +70,10 @@ pub struct L1Config {
 #[derive(Debug, Clone)]
 pub struct TieredCache {
     main: GuardedStore,
+    /// The main backend itself when it is the embedded memory store: read
+    /// directly (in-process memory is never slow and never fails, so the
+    /// guard has nothing to do), each value decoded once.
+    memory_main: Option<MemoryStore>,
     l1: Option<Arc<L1>>,
     /// Keeps the push subscription's listener alive as long as the cache.
     _subscriber: Option<Arc<dyn PurgeListener>>,
@@ -80,6 +97,7 @@ impl TieredCache {
         };
         TieredCache {
             main,
+            memory_main: None,
             l1,
             _subscriber: subscriber,
             soft_purge_window: Duration::ZERO,
@@ -93,6 +111,29 @@ impl TieredCache {
     pub fn with_soft_purge_window(mut self, window: Duration) -> Self {
         self.soft_purge_window = window;
         self
+    }
+
+    /// Reads of the main backend, the embedded memory `store` that `main`
+    /// guards, go to it directly.
+    pub fn with_memory_main(mut self, store: MemoryStore) -> Self {
+        self.memory_main = Some(store);
+        self
+    }
+
+    /// The live record under `key` in an in-process store, decoded once
+    /// per value and kept with it. Corrupt values are misses.
+    async fn found_in(&self, store: &MemoryStore, key: &StoreKey) -> Option<Arc<Found>> {
+        let (bytes, slot) = store.get_found(key).await?;
+        let found = match slot.get() {
+            Some(found) => found.clone(),
+            None => {
+                let (record, _) = self.live(Some(bytes))?;
+                let found = Arc::new(Found::new(record));
+                let _ = slot.set(found.clone());
+                found
+            }
+        };
+        (!found.record().is_expired(now_millis())).then_some(found)
     }
 
     /// The L1 may answer now (for a log backend: after a read that is due).
@@ -129,6 +170,12 @@ impl TieredCache {
     }
 
     pub async fn get(&self, key: &StoreKey) -> Lookup {
+        if let Some(memory) = &self.memory_main {
+            return Lookup {
+                found: self.found_in(memory, key).await,
+                error: None,
+            };
+        }
         let l1 = self.l1_usable().await;
         // Read before the backend: a purge applied meanwhile moves it, and
         // what the backend returned from before that purge is not kept.
@@ -138,11 +185,11 @@ impl TieredCache {
             // stale entry is not used: the shared store may hold a fresher
             // one another instance stored.
             let now = now_millis();
-            match self.live(l1.store.get(key).await.ok().flatten()) {
-                Some((Record::Entry(e), _)) if !e.is_fresh(now) => {}
-                Some((record, _)) => {
+            match self.found_in(&l1.store, key).await {
+                Some(found) if matches!(found.record(), Record::Entry(e) if !e.is_fresh(now)) => {}
+                Some(found) => {
                     return Lookup {
-                        record: Some(record),
+                        found: Some(found),
                         error: None,
                     }
                 }
@@ -152,23 +199,25 @@ impl TieredCache {
         match self.main.get(key).await {
             Ok(found) => match self.live(found) {
                 Some((record, bytes)) => {
+                    let found = Arc::new(Found::new(record));
                     if let (Some(l1), Some(generation)) = (l1, generation) {
-                        fill_l1(l1, generation, key, &record, bytes).await;
+                        // The L1 copy keeps the decoded record.
+                        fill_l1(l1, generation, key, Some(&found), found.record(), bytes).await;
                     }
                     Lookup {
-                        record: Some(record),
+                        found: Some(found),
                         error: None,
                     }
                 }
                 None => Lookup {
-                    record: None,
+                    found: None,
                     error: None,
                 },
             },
             Err(e) => {
                 CacheStats::bump(&self.stats.backend_errors);
                 Lookup {
-                    record: None,
+                    found: None,
                     error: Some(e),
                 }
             }
@@ -199,7 +248,7 @@ impl TieredCache {
         match &result {
             Ok(()) => {
                 if let (Some(l1), Some(generation)) = (l1, generation) {
-                    fill_l1(l1, generation, key, record, bytes).await;
+                    fill_l1(l1, generation, key, None, record, bytes).await;
                 }
             }
             Err(_) => CacheStats::bump(&self.stats.backend_errors),
@@ -369,7 +418,14 @@ impl TieredCache {
 /// applied to the L1 since `generation` was read. Purge marks and upstream
 /// holds stay out: an older copy here would hide a newer one another
 /// instance left.
-async fn fill_l1(l1: &L1, generation: u64, key: &StoreKey, record: &Record, bytes: Bytes) {
+async fn fill_l1(
+    l1: &L1,
+    generation: u64,
+    key: &StoreKey,
+    found: Option<&Arc<Found>>,
+    record: &Record,
+    bytes: Bytes,
+) {
     if matches!(record, Record::PurgeMark(_) | Record::UpstreamHold(_)) {
         return;
     }
@@ -382,7 +438,7 @@ async fn fill_l1(l1: &L1, generation: u64, key: &StoreKey, record: &Record, byte
     if l1.generation() != generation {
         return;
     }
-    let _ = l1.store.put(key, bytes, &opts).await;
+    let _ = l1.store.put_found(key, bytes, &opts, found.cloned()).await;
     if l1.generation() != generation {
         // A purge ran during the put: it may have missed this copy.
         let _ = l1.store.delete(key).await;
@@ -435,6 +491,71 @@ mod tests {
                 wait: Duration::ZERO
             },
             "the L1's budget was spent"
+        );
+    }
+
+    fn entry(body: &'static str) -> Record {
+        Record::Entry(crate::Entry {
+            status: 200,
+            headers: vec![("content-type".into(), Bytes::from_static(b"text/plain"))],
+            body: Bytes::from_static(body.as_bytes()),
+            fresh_until: now_millis() + 60_000,
+            keep_until: now_millis() + 60_000,
+            ..crate::Entry::default()
+        })
+    }
+
+    /// Memory hits share one decoded record (and what the proxy derives
+    /// from it) per stored value; a value stored again is decoded anew, so
+    /// a replaced entry never answers from the old decoding. The same for
+    /// an L1 in front of a shared backend, whose copy keeps the record
+    /// decoded when it was read from the backend.
+    #[tokio::test]
+    async fn memory_hits_reuse_the_decoded_value_until_it_is_replaced() {
+        let memory = MemoryStore::new(1 << 20, 1 << 16);
+        let cache = TieredCache::new(
+            GuardedStore::new(Arc::new(memory.clone()), GuardConfig::default()),
+            None,
+        )
+        .with_memory_main(memory);
+        let k = StoreKey::hash("t", ["prepared"]);
+        cache.put(&k, &entry("one")).await.unwrap();
+        let a = cache.get(&k).await.found.unwrap();
+        let b = cache.get(&k).await.found.unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "decoded once");
+        let derived = a.derived(|_| 7u32);
+        assert!(Arc::ptr_eq(&derived, &b.derived(|_| 8u32)), "derived once");
+        cache.put(&k, &entry("two")).await.unwrap();
+        let c = cache.get(&k).await.found.unwrap();
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!(c.record(), &entry("two"));
+        assert_eq!(*c.derived(|_| 9u32), 9);
+
+        let main = MemoryStore::new(1 << 20, 1 << 16);
+        let l1 = MemoryStore::new(1 << 20, 1 << 16);
+        let tiered = TieredCache::new(
+            GuardedStore::new(Arc::new(main.clone()), GuardConfig::default()),
+            Some(L1Config {
+                store: l1.clone(),
+                ttl: Duration::from_secs(60),
+                check_every: Duration::from_secs(1),
+            }),
+        );
+        main.put(
+            &k,
+            entry("three").encode(),
+            &PutOptions {
+                expires_at: now_millis() + 60_000,
+                tags: Vec::new(),
+            },
+        )
+        .await
+        .unwrap();
+        let from_main = tiered.get(&k).await.found.unwrap();
+        let from_l1 = tiered.get(&k).await.found.unwrap();
+        assert!(
+            Arc::ptr_eq(&from_main, &from_l1),
+            "the L1 kept the decoded record"
         );
     }
 }
