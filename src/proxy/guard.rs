@@ -231,6 +231,20 @@ impl UpstreamGuard {
 }
 
 impl UpstreamGuard {
+    /// `endpoint`'s breaker, made closed the first time; past
+    /// [`MAX_ENDPOINTS`] the least used are dropped.
+    fn endpoint_breaker(&self, endpoint: &Arc<str>, now: Instant) -> Arc<Breaker> {
+        let rules = self.breaker_rules;
+        let (breaker, _) = self.endpoints.get_or_insert_with(
+            endpoint,
+            now,
+            || Arc::new(Breaker::new(rules, now)),
+            // No breaker is dead: past the bound the least used go.
+            |_, _| true,
+        );
+        breaker
+    }
+
     /// Remember a hold until `until` (Unix ms); past the bound, expired
     /// holds go first.
     fn insert_hold(&self, key: StoreKey, until: u64) {
@@ -466,13 +480,7 @@ impl Proxy {
             Admit::Refused { retry_in } => return Err(refused(BreakerScope::Host, retry_in)),
             admitted => admitted,
         };
-        let rules = guard.breaker_rules;
-        let (breaker, _) = guard.endpoints.get_or_insert_with(
-            &scope.endpoint,
-            now,
-            || Arc::new(Breaker::new(rules, now)),
-            |_, _| false,
-        );
+        let breaker = guard.endpoint_breaker(&scope.endpoint, now);
         let endpoint = match breaker.admit(now) {
             Admit::Refused { retry_in } => {
                 guard.host.abandon(host, now);
@@ -806,6 +814,41 @@ mod tests {
         let h = headers(&[("x-forwarded-for", "203.0.113.7, 10.0.0.1")]);
         assert_eq!(forwarded_client(&h), Some("203.0.113.7"));
         assert_eq!(forwarded_client(&HeaderMap::new()), None);
+    }
+
+    /// Hostile paths cannot grow the endpoint map, and an endpoint in use
+    /// keeps its breaker (with what it counted) while they come and go.
+    #[test]
+    fn endpoints_are_bounded_and_the_busy_one_keeps_its_breaker() {
+        let guard = UpstreamGuard::new(GuardSettings {
+            breaker: BreakerRules {
+                failure_rate: 50,
+                min_calls: 10,
+                window: Duration::from_secs(30),
+                open_for: Duration::from_secs(10),
+            },
+            back_off: BackOffRules {
+                default_wait: Duration::from_secs(1),
+                max_wait: Duration::from_secs(60),
+            },
+            budget: None,
+            max_concurrency: 0,
+            queue_wait: Duration::from_secs(1),
+        });
+        let now = Instant::now();
+        let busy: Arc<str> = Arc::from("route:/busy");
+        let first = guard.endpoint_breaker(&busy, now);
+        for i in 0..3 * MAX_ENDPOINTS {
+            let t = now + Duration::from_micros(i as u64 + 1);
+            guard.endpoint_breaker(&Arc::from(format!("path:/x{i}")), t);
+            assert!(guard.endpoints.retain_alive(|_, _| true) <= MAX_ENDPOINTS);
+            guard.endpoint_breaker(&busy, t);
+        }
+        let again = guard.endpoint_breaker(&busy, now);
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "the busy endpoint's breaker was dropped"
+        );
     }
 
     #[test]
