@@ -330,11 +330,17 @@ impl<S> SendTimeout<S> {
         }
     }
 
-    /// After a write returned `Pending`: fail once it has waited `limit`.
-    fn pending_write<T>(
+    /// What a write returned: progress disarms the timer; `Pending` arms
+    /// it and fails once it has waited `limit`.
+    fn timed<T>(
         &mut self,
         cx: &mut std::task::Context<'_>,
+        polled: std::task::Poll<std::io::Result<T>>,
     ) -> std::task::Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.waiting = None;
+            return polled;
+        }
         let limit = self.limit;
         let sleep = self
             .waiting
@@ -370,13 +376,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Pending => self.pending_write(cx),
-            done => {
-                self.waiting = None;
-                done
-            }
-        }
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.timed(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -384,13 +385,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
-            Poll::Pending => self.pending_write(cx),
-            done => {
-                self.waiting = None;
-                done
-            }
-        }
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.timed(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -398,13 +394,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match Pin::new(&mut self.inner).poll_flush(cx) {
-            Poll::Pending => self.pending_write(cx),
-            done => {
-                self.waiting = None;
-                done
-            }
-        }
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.timed(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
