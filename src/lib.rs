@@ -51,8 +51,9 @@ pub enum StartError {
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Backend(#[from] backend::BackendError),
+    /// The upstream client's TLS could not be set up (no usable roots).
     #[error("upstream client: {0}")]
-    Client(#[from] reqwest::Error),
+    Client(String),
     #[error(transparent)]
     Edge(#[from] edge::EdgeError),
     /// A value of `upstream.headers` could not be read.

@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Incoming};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use reqwest::Url;
 
 use crate::config::UpstreamConfig;
@@ -72,7 +76,7 @@ impl From<Bytes> for UpstreamBody {
 /// within the idle timeout (`upstream.timeout`) of the one before, and the
 /// whole stays within `upstream.max_response_bytes`.
 pub struct BodyReader {
-    resp: reqwest::Response,
+    body: Incoming,
     idle: Duration,
     limit: usize,
     read: usize,
@@ -97,16 +101,22 @@ impl BodyReader {
     /// The next chunk; `None` at the end. Cancel-safe: a chunk is taken
     /// only when it is returned.
     pub async fn next(&mut self) -> Result<Option<Bytes>, UpstreamError> {
-        let chunk = match tokio::time::timeout(self.idle, self.resp.chunk()).await {
-            Err(_) => return Err(UpstreamError::Timeout(self.idle)),
-            Ok(Err(e)) if e.is_timeout() => return Err(UpstreamError::Timeout(self.idle)),
-            Ok(Err(e)) => {
-                return Err(UpstreamError::Other(format!(
-                    "upstream response body broke off: {}",
-                    error_chain(&e.without_url())
-                )))
+        let chunk = loop {
+            let frame = match tokio::time::timeout(self.idle, self.body.frame()).await {
+                Err(_) => return Err(UpstreamError::Timeout(self.idle)),
+                Ok(Some(Err(e))) => {
+                    return Err(UpstreamError::Other(format!(
+                        "upstream response body broke off: {}",
+                        error_chain(&e)
+                    )))
+                }
+                Ok(None) => break None,
+                Ok(Some(Ok(frame))) => frame,
+            };
+            // Trailers are not relayed (nor were they ever stored).
+            if let Ok(data) = frame.into_data() {
+                break Some(data);
             }
-            Ok(Ok(chunk)) => chunk,
         };
         if let Some(c) = &chunk {
             self.read += c.len();
@@ -246,14 +256,24 @@ impl UpstreamError {
     }
 }
 
+/// The most an upstream connection reads ahead of the client: hyper's read
+/// buffer grows to this (from 8 KiB) while the upstream sends faster than
+/// it is taken, and each body chunk comes out of it. hyper's default (about
+/// 400 KiB) made 200 clients that stopped reading a large answer hold 200
+/// MiB between them; this is 64 KiB, the TCP window's usual size, so a read
+/// still takes what one round trip brings.
+pub const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 /// One reusable client (connection pool) per process.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: reqwest::Client,
+    client: HttpsClient,
     /// The same client without a pool: every request on a new connection.
     /// The one retry after a connection closed under a request goes here,
     /// so it cannot land on another pooled connection closing the same way.
-    fresh: reqwest::Client,
+    fresh: HttpsClient,
     timeout: Duration,
     max_response_bytes: usize,
     /// Extra attempts for a GET or HEAD that could not connect.
@@ -265,21 +285,41 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, reqwest::Error> {
+    /// The client of `upstream`: HTTP/1.1 over TCP or TLS (rustls with
+    /// ring, the platform's roots, as reqwest verifies). It follows no
+    /// redirect (a proxy relays them), adds no header but `Host`, and has
+    /// no total timeout: `timeout` bounds the wait for the response head
+    /// (`send_once`) and then each wait for a body chunk (`BodyReader`), so
+    /// a long stream that keeps coming is relayed whole.
+    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, crate::StartError> {
+        use rustls_platform_verifier::ConfigVerifierExt;
         crate::tls::install_crypto_provider();
-        let builder = || {
-            reqwest::Client::builder()
-                // A proxy relays redirects; it does not follow them.
-                .redirect(reqwest::redirect::Policy::none())
-                .connect_timeout(cfg.connect_timeout)
-                // No total timeout: `timeout` bounds the wait for the
-                // response head (below) and then each wait for a body chunk
-                // (`BodyReader`), so a long stream that keeps coming is
-                // relayed whole.
-                .tcp_nodelay(true)
+        let tls = rustls::ClientConfig::with_platform_verifier()
+            .map_err(|e| crate::StartError::Client(e.to_string()))?;
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_connect_timeout(Some(cfg.connect_timeout));
+        tcp.set_nodelay(true);
+        // reqwest's keepalive probes: a connection a NAT or load balancer
+        // dropped silently is found before a request is lost on it.
+        tcp.set_keepalive(Some(Duration::from_secs(15)));
+        tcp.set_keepalive_interval(Some(Duration::from_secs(15)));
+        tcp.set_keepalive_retries(Some(3));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(tcp);
+        let build = |idle: Option<Duration>, max_idle: usize| {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(idle)
+                .pool_max_idle_per_host(max_idle)
+                .http1_max_buf_size(UPSTREAM_READ_BUFFER)
+                .build(connector.clone())
         };
-        let client = builder().pool_idle_timeout(cfg.pool_idle_timeout).build()?;
-        let fresh = builder().pool_max_idle_per_host(0).build()?;
+        let client = build(Some(cfg.pool_idle_timeout), usize::MAX);
+        let fresh = build(None, 0);
         Ok(Upstream {
             client,
             fresh,
@@ -357,6 +397,10 @@ impl Upstream {
         body: Bytes,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let deadline = Instant::now() + self.timeout;
+        let uri: http::Uri = url
+            .as_str()
+            .parse()
+            .map_err(|e| UpstreamError::Other(format!("upstream URL: {e}")))?;
         let retries = if matches!(method, Method::GET | Method::HEAD) {
             self.retries
         } else {
@@ -365,7 +409,7 @@ impl Upstream {
         let idempotent = method.is_idempotent();
         let mut resent = false;
         let mut attempt = 0;
-        let mut resp = loop {
+        let resp = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             // The last attempt takes the headers; only a retry needs a copy.
             let attempt_headers = if attempt < retries || (idempotent && !resent) {
@@ -375,13 +419,11 @@ impl Upstream {
             };
             // After a closed connection, a new one (and never a third try).
             let client = if resent { &self.fresh } else { &self.client };
-            let mut req = client
-                .request(method.clone(), url.clone())
-                .headers(attempt_headers);
-            if !body.is_empty() {
-                req = req.body(body.clone());
-            }
-            let sent = match tokio::time::timeout(left, req.send()).await {
+            let mut req = http::Request::new(Full::new(body.clone()));
+            *req.method_mut() = method.clone();
+            *req.uri_mut() = uri.clone();
+            *req.headers_mut() = attempt_headers;
+            let sent = match tokio::time::timeout(left, client.request(req)).await {
                 Ok(sent) => sent,
                 Err(_) => return Err(UpstreamError::Timeout(self.timeout)),
             };
@@ -390,33 +432,32 @@ impl Upstream {
                 Err(e) if e.is_connect() && attempt < retries => {
                     let pause = retry_pause(attempt, fastrand::f64());
                     if Instant::now() + pause >= deadline {
-                        return Err(self.classify(e));
+                        return Err(self.classify(&e));
                     }
-                    tracing::debug!(attempt, ?pause, error = %error_chain(&e.without_url()), "upstream connect failed; retrying");
+                    tracing::debug!(attempt, ?pause, error = %error_chain(&e), "upstream connect failed; retrying");
                     tokio::time::sleep(pause).await;
                     attempt += 1;
                 }
                 Err(e) if idempotent && !resent && closed_before_answer(&e) => {
-                    tracing::debug!(error = %error_chain(&e.without_url()), "upstream connection closed before an answer; resending on a new connection");
+                    tracing::debug!(error = %error_chain(&e), "upstream connection closed before an answer; resending on a new connection");
                     resent = true;
                 }
-                Err(e) => return Err(self.classify(e)),
+                Err(e) => return Err(self.classify(&e)),
             }
         };
-        if resp
-            .content_length()
-            .is_some_and(|n| n as usize > self.max_response_bytes)
-        {
+        let content_length = resp.body().size_hint().exact().map(|n| n as usize);
+        if content_length.is_some_and(|n| n > self.max_response_bytes) {
             return Err(UpstreamError::TooLarge {
                 limit: self.max_response_bytes,
             });
         }
-        let status = resp.status();
-        let mut headers = std::mem::take(resp.headers_mut());
+        let (head, body) = resp.into_parts();
+        let status = head.status;
+        let mut headers = head.headers;
         strip_hop_by_hop(&mut headers);
         let reader = BodyReader {
-            content_length: resp.content_length().map(|n| n as usize),
-            resp,
+            content_length,
+            body,
             idle: self.timeout,
             limit: self.max_response_bytes,
             read: 0,
@@ -433,24 +474,42 @@ impl Upstream {
         })
     }
 
-    fn classify(&self, e: reqwest::Error) -> UpstreamError {
-        if e.is_timeout() {
+    fn classify(&self, e: &hyper_util::client::legacy::Error) -> UpstreamError {
+        if e.is_connect() {
+            // Refused, reset, TLS refused, or `upstream.connect_timeout`
+            // ran out: no connection, the host's trouble (its breaker),
+            // 502 `upstream_unreachable`. The URL is in the configuration;
+            // the cause chain says what broke.
+            UpstreamError::Connect(error_chain(e))
+        } else if timed_out(e) {
             UpstreamError::Timeout(self.timeout)
-        } else if e.is_connect() {
-            // The URL is in the configuration; the cause chain says what broke.
-            UpstreamError::Connect(error_chain(&e.without_url()))
         } else {
-            UpstreamError::Other(error_chain(&e.without_url()))
+            UpstreamError::Other(error_chain(e))
         }
     }
+}
+
+/// Whether an I/O timeout is among the causes of `e`.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Whether a request failed because its connection closed or reset before
 /// the response head was read: hyper's "connection closed before message
 /// completed", or a reset or broken pipe while sending or waiting. Not a
 /// connect failure (retried apart) nor a timeout.
-fn closed_before_answer(e: &reqwest::Error) -> bool {
-    if e.is_connect() || e.is_timeout() || e.is_body() || e.is_decode() {
+fn closed_before_answer(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() || timed_out(e) {
         return false;
     }
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
