@@ -16,6 +16,8 @@
 //! - [`conditional`]: conditional requests, ours upstream and the client's,
 //!   and what a 304 may update.
 //! - [`content_coding`]: whether a stored coding may go to a request.
+//! - [`compression`]: what cachegate may compress, the `Accept-Encoding`
+//!   token, and what coding a client is sent.
 //! - [`range`]: byte ranges answered from a stored complete response.
 //! - [`headers`]: what is forwarded upstream and what is stored.
 //! - [`edge`]: what the next cache out is told (`s-maxage`, `Vary`, `private`).
@@ -25,6 +27,7 @@
 
 pub mod back_off;
 pub mod cache_control;
+pub mod compression;
 pub mod conditional;
 pub mod content_coding;
 pub mod date;
