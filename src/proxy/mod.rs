@@ -12,6 +12,9 @@ mod body;
 mod bounded;
 mod coalesce;
 mod decide;
+// Compressed entries (#26): gzip for storing, decoding for clients. Public
+// so that benches can time it.
+pub mod encoding;
 mod explain;
 mod fetch;
 mod guard;
