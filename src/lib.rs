@@ -122,6 +122,8 @@ pub async fn build_proxy_with(
         max_tags_per_entry: config.cache.max_tags_per_entry,
         refresh_ahead: config.cache.refresh_ahead,
         ttl_jitter: config.cache.ttl_jitter,
+        compression: config.cache.compression == config::Compression::Gzip,
+        max_response_bytes: config.upstream.max_response_bytes.as_u64() as usize,
         guard: proxy::GuardSettings::from_config(&config.upstream),
     };
     let telemetry = telemetry::Telemetry::new(

@@ -341,6 +341,7 @@ fn bad_backend_settings_stop_start_up_naming_the_key() {
             "store.failure_threshold",
         ),
         ("CACHEGATE_STORE__OPEN_FOR", "0s", "store.open_for"),
+        ("CACHEGATE_CACHE__COMPRESSION", "zstd", "cache.compression"),
         (
             "CACHEGATE_UPSTREAM__CONNECT_TIMEOUT",
             "0s",

@@ -369,3 +369,47 @@ async fn an_answer_too_large_for_lambda_is_an_honest_502() {
         );
     }
 }
+
+/// A 20 MB JSON answer, more than a Lambda response can carry, reaches a
+/// client that takes gzip: cachegate stores it gzip-compressed (about
+/// 2 MB) and sends it so, on the miss and on the hit. A client that does
+/// not take gzip gets the honest 502 and the upstream is not asked again.
+/// `upstream.max_response_bytes` is raised: its default (6 MiB) refuses
+/// the answer before it is compressed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_20_mb_json_answer_reaches_a_gzip_client_through_lambda() {
+    let up = common::upstream().await;
+    let lambda = emulated(
+        &up.url,
+        &[("CACHEGATE_UPSTREAM__MAX_RESPONSE_BYTES", "32MiB")],
+    )
+    .await;
+    let base = format!("/big/{}", std::process::id());
+    let path = format!("{base}?json_bytes=20000000&cc=max-age%3D60");
+    let original = common::json_list(20_000_000);
+    for want in ["MISS", "HIT"] {
+        let r = common::send(
+            common::client()
+                .get(lambda.url(&path))
+                .header("accept-encoding", "gzip, deflate, br")
+                .timeout(INVOKE_LIMIT),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{want}: {:?}", r.headers);
+        assert_eq!(r.x_cache(), want);
+        assert_eq!(r.header("content-encoding"), "gzip");
+        eprintln!("20 MB JSON sent as {} bytes of gzip", r.body.len());
+        let mut decoded = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&r.body[..]), &mut decoded)
+            .unwrap();
+        assert!(
+            decoded == original,
+            "{want}: the body decodes to the answer"
+        );
+    }
+    let r = get(&lambda.url(&path)).await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.json()["error"]["code"], "response_too_large_for_lambda");
+    assert_eq!(r.x_cache(), "HIT", "{r:?}");
+    assert_eq!(up.state.hits(&base), 1);
+}

@@ -416,6 +416,23 @@ pub enum PathEquivalence {
     Strict,
 }
 
+/// Whether cachegate compresses what it stores (`cache.compression`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// A request that uses the cache asks the upstream for gzip (one key
+    /// and one upstream call for every spelling of `Accept-Encoding`); a
+    /// compressible answer (text, JSON, XML, JavaScript, 1 KiB or more,
+    /// without `no-transform`) is stored gzip-compressed if the upstream
+    /// did not; a client that does not take gzip is sent it decoded.
+    #[default]
+    Gzip,
+    /// Stored and relayed in the coding the upstream chose for the
+    /// client's own `Accept-Encoding`, which is then part of the key
+    /// whenever the upstream varies on it.
+    Off,
+}
+
 impl UpstreamConfig {
     /// `url` parsed: an http(s) URL with a host and no query or fragment.
     pub fn base_url(&self) -> Result<reqwest::Url, ConfigError> {
@@ -603,6 +620,11 @@ pub struct CacheConfig {
     /// and only in this cache: what is relayed (`Cache-Control`, `Age`) is
     /// unchanged. `0` = off. Default `0`. Env: `CACHEGATE_CACHE__TTL_JITTER`.
     pub ttl_jitter: f64,
+    /// `"gzip"` (default): entries are stored gzip-compressed and every
+    /// spelling of `Accept-Encoding` shares them ([`Compression::Gzip`]);
+    /// `"off"`: codings as the upstream chose them.
+    /// Env: `CACHEGATE_CACHE__COMPRESSION`.
+    pub compression: Compression,
 }
 
 impl Default for CacheConfig {
@@ -634,6 +656,7 @@ impl Default for CacheConfig {
             max_tags_per_entry: 64,
             refresh_ahead: 0.0,
             ttl_jitter: 0.0,
+            compression: Compression::Gzip,
         }
     }
 }

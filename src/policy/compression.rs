@@ -1,13 +1,17 @@
-//! Compressed entries (issue #26 item 1), the pure part: which answers may
-//! be compressed for storing, the `Accept-Encoding` token a variant is keyed
-//! on, and what coding a client is sent. No I/O and no byte work here; the
-//! byte work belongs in `proxy/encoding.rs` (not written yet).
+//! Compressed entries, the pure part: which answers cachegate compresses
+//! for storing, what it asks the upstream for, and when a client must be
+//! sent a decoded body. The byte work is in `proxy/encoding.rs`.
 //!
-//! cachegate serves three codings: `br`, `gzip` and identity. A request's
-//! `Accept-Encoding`, however spelt, is reduced to the subset of those it
-//! accepts ([`accept_token`]), so spellings and orders never multiply
-//! variants.
+//! With `cache.compression = "gzip"` (the default), a request that uses
+//! the cache asks the upstream for `Accept-Encoding: gzip` whatever the
+//! client sent, so every spelling of `Accept-Encoding` is one key and one
+//! upstream call; the client's own value is kept ([`ClientAccept`]) and
+//! decides what it is sent: the gzip bytes as they are, or decoded.
+//! An identity answer worth compressing ([`may_compress`]) is stored
+//! gzip-compressed. Requests that bypass the cache keep the client's
+//! `Accept-Encoding`.
 
+use http::header::{self, HeaderValue};
 use http::{HeaderMap, StatusCode};
 
 use super::content_coding::accepts_stored_coding;
@@ -45,27 +49,6 @@ impl Coding {
             "br" => Some(Coding::Br),
             _ => None,
         }
-    }
-}
-
-/// Which of the served codings a request accepts, as a short canonical
-/// token for the variant key: `"br,gzip,identity"`, `"gzip,identity"`,
-/// `"identity"`, `"gzip"` (identity refused), or `"none"`. Every spelling
-/// of the same acceptance gives the same token (RFC 9111 §4.1 lets a cache
-/// normalise the fields it varies on).
-pub fn accept_token(request: &HeaderMap) -> &'static str {
-    let br = accepts_stored_coding(request, Some(b"br"));
-    let gzip = accepts_stored_coding(request, Some(b"gzip"));
-    let identity = accepts_stored_coding(request, None);
-    match (br, gzip, identity) {
-        (true, true, true) => "br,gzip,identity",
-        (true, true, false) => "br,gzip",
-        (true, false, true) => "br,identity",
-        (true, false, false) => "br",
-        (false, true, true) => "gzip,identity",
-        (false, true, false) => "gzip",
-        (false, false, true) => "identity",
-        (false, false, false) => "none",
     }
 }
 
@@ -158,34 +141,120 @@ pub fn no_transform(headers: &HeaderMap) -> bool {
         })
 }
 
-/// What to send a client for a stored coding: the stored bytes as they
-/// are, decoded to identity, or nothing usable (`None`: treat as a miss,
-/// as today).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Send {
-    AsStored,
-    Decode(Coding),
+/// What cachegate asks the upstream for on a cache-using request.
+pub const ASK_UPSTREAM: HeaderValue = HeaderValue::from_static("gzip");
+
+/// Answers shorter than this are stored as they come: gzip's header and
+/// trailer (18 bytes) and a hit's decoding would cost more than they save.
+pub const MIN_COMPRESS_BYTES: usize = 1024;
+
+/// How much larger than `cache.max_entry_bytes` the body of a compressible
+/// answer may be while it is read for storing (JSON gzips to 10-25 %): it
+/// is the compressed copy that must fit. This bounds what one miss being
+/// stored holds in serve mode: 4 × 5 MiB by default.
+pub const RAW_PER_STORED: usize = 4;
+
+/// A client's own `Accept-Encoding`, kept when cachegate asks the upstream
+/// for gzip on its behalf.
+#[derive(Clone, Debug, Default)]
+pub struct ClientAccept {
+    /// The client takes gzip (RFC 9110 §12.5.3; none sent: it does not).
+    pub gzip: bool,
+    original: Vec<HeaderValue>,
 }
 
-/// Chooses what a request gets from an entry stored in `stored`.
-pub fn choose(request: &HeaderMap, stored: Coding) -> Option<Send> {
-    let accepted = match stored.token() {
-        None => accepts_stored_coding(request, None),
-        Some(t) => accepts_stored_coding(request, Some(t.as_bytes())),
-    };
-    if accepted {
-        return Some(Send::AsStored);
+impl ClientAccept {
+    /// The client's `Accept-Encoding`, from its request headers.
+    pub fn of(request: &HeaderMap) -> ClientAccept {
+        ClientAccept {
+            gzip: accepts_stored_coding(request, Some(b"gzip")),
+            original: request
+                .get_all(header::ACCEPT_ENCODING)
+                .iter()
+                .cloned()
+                .collect(),
+        }
     }
-    if stored != Coding::Identity && accepts_stored_coding(request, None) {
-        return Some(Send::Decode(stored));
+
+    /// Put the client's own `Accept-Encoding` back (a request forwarded
+    /// without the cache after all).
+    pub fn restore(&self, headers: &mut HeaderMap) {
+        headers.remove(header::ACCEPT_ENCODING);
+        for v in &self.original {
+            headers.append(header::ACCEPT_ENCODING, v.clone());
+        }
     }
-    None
+
+    /// Whether an answer with these headers must be decoded for this
+    /// client: gzip (alone) that it does not take.
+    pub fn must_decode(&self, response: &HeaderMap) -> bool {
+        !self.gzip && coding_of(response) == Some(Coding::Gzip)
+    }
+}
+
+/// The one coding of a response's `Content-Encoding`, when it is one
+/// cachegate knows (several codings, or others: `None`).
+pub fn coding_of(response: &HeaderMap) -> Option<Coding> {
+    let mut values = response.get_all(header::CONTENT_ENCODING).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return None;
+    }
+    Coding::from_content_encoding(first.map(|v| v.as_bytes()))
+}
+
+/// The headers of an answer whose body cachegate gzip-compressed:
+/// `Content-Encoding: gzip`, no `Content-Length` (the body is its own
+/// length), `Accept-Encoding` in `Vary` (who gets which bytes depends on
+/// it) and a strong `ETag` made weak (RFC 9110 §8.8.3: it named other
+/// bytes).
+pub fn mark_compressed(headers: &mut HeaderMap) {
+    headers.insert(header::CONTENT_ENCODING, ASK_UPSTREAM);
+    headers.remove(header::CONTENT_LENGTH);
+    vary_on_accept_encoding(headers);
+    weaken_etag(headers);
+}
+
+/// The headers of a gzip answer sent decoded: no `Content-Encoding`, no
+/// `Content-Length`, `Accept-Encoding` in `Vary`, a strong `ETag` weak.
+pub fn mark_decoded(headers: &mut HeaderMap) {
+    headers.remove(header::CONTENT_ENCODING);
+    headers.remove(header::CONTENT_LENGTH);
+    vary_on_accept_encoding(headers);
+    weaken_etag(headers);
+}
+
+/// `Accept-Encoding` added to `Vary`, unless it (or `*`) is there.
+pub fn vary_on_accept_encoding(headers: &mut HeaderMap) {
+    let named = headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|n| {
+            let n = n.trim();
+            n == "*" || n.eq_ignore_ascii_case("accept-encoding")
+        });
+    if !named {
+        headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+}
+
+fn weaken_etag(headers: &mut HeaderMap) {
+    if let Some(etag) = headers.get(header::ETAG) {
+        if !etag.as_bytes().starts_with(b"W/") {
+            let mut weak = b"W/".to_vec();
+            weak.extend_from_slice(etag.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&weak) {
+                headers.insert(header::ETAG, v);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     fn req(accept: Option<&str>) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -198,24 +267,35 @@ mod tests {
         h
     }
 
-    /// The issue's six spellings of one acceptance give one token.
+    /// What a client takes, whatever its spelling; none sent is identity.
     #[test]
-    fn spellings_and_orders_give_one_token() {
-        let spellings = [
+    fn what_a_client_takes() {
+        for s in [
             "gzip, deflate, br",
             "br, gzip",
             "GZIP,BR",
             "br;q=1.0, gzip;q=0.8, *;q=0.1",
             "gzip, deflate, br, zstd",
             "x-gzip, br",
-        ];
-        for s in spellings {
-            assert_eq!(accept_token(&req(Some(s))), "br,gzip,identity", "{s}");
+            "*",
+        ] {
+            assert!(ClientAccept::of(&req(Some(s))).gzip, "{s}");
         }
-        assert_eq!(accept_token(&req(None)), "identity");
-        assert_eq!(accept_token(&req(Some("gzip"))), "gzip,identity");
-        assert_eq!(accept_token(&req(Some("gzip, identity;q=0"))), "gzip");
-        assert_eq!(accept_token(&req(Some("*;q=0"))), "none");
+        for s in ["br", "identity", "gzip;q=0, br", "*;q=0", "deflate"] {
+            assert!(!ClientAccept::of(&req(Some(s))).gzip, "{s}");
+        }
+        assert!(!ClientAccept::of(&req(None)).gzip);
+    }
+
+    #[test]
+    fn the_clients_own_value_is_put_back() {
+        let a = ClientAccept::of(&req(Some("br, zstd")));
+        let mut h = req(Some("gzip"));
+        a.restore(&mut h);
+        assert_eq!(h.get(header::ACCEPT_ENCODING).unwrap(), "br, zstd");
+        let none = ClientAccept::of(&req(None));
+        none.restore(&mut h);
+        assert!(h.get(header::ACCEPT_ENCODING).is_none());
     }
 
     #[test]
@@ -316,25 +396,41 @@ mod tests {
     }
 
     #[test]
-    fn choosing_what_to_send() {
-        assert_eq!(
-            choose(&req(Some("gzip, br")), Coding::Gzip),
-            Some(Send::AsStored)
-        );
-        assert_eq!(
-            choose(&req(None), Coding::Gzip),
-            Some(Send::Decode(Coding::Gzip))
-        );
-        assert_eq!(
-            choose(&req(Some("br")), Coding::Gzip),
-            Some(Send::Decode(Coding::Gzip))
-        );
-        assert_eq!(
-            choose(&req(Some("gzip;q=0, identity;q=0")), Coding::Gzip),
-            None
-        );
-        assert_eq!(choose(&req(None), Coding::Identity), Some(Send::AsStored));
-        assert_eq!(choose(&req(Some("identity;q=0")), Coding::Identity), None);
+    fn who_is_sent_a_decoded_body() {
+        let gzip = headers(&[("content-encoding", "gzip")]);
+        let identity = HeaderMap::new();
+        let br = headers(&[("content-encoding", "br")]);
+        let takes_gzip = ClientAccept::of(&req(Some("gzip, br")));
+        let takes_none = ClientAccept::of(&req(None));
+        assert!(!takes_gzip.must_decode(&gzip));
+        assert!(takes_none.must_decode(&gzip));
+        assert!(takes_none.must_decode(&headers(&[("content-encoding", "x-gzip")])));
+        assert!(!takes_none.must_decode(&identity));
+        // Not a coding cachegate decodes: relayed as it is.
+        assert!(!takes_none.must_decode(&br));
+        assert!(!takes_none.must_decode(&headers(&[("content-encoding", "gzip, br")])));
+    }
+
+    #[test]
+    fn headers_of_a_compressed_and_a_decoded_answer() {
+        let mut h = headers(&[
+            ("content-length", "5000"),
+            ("etag", "\"v1\""),
+            ("vary", "Origin"),
+        ]);
+        mark_compressed(&mut h);
+        assert_eq!(h.get("content-encoding").unwrap(), "gzip");
+        assert!(h.get("content-length").is_none());
+        assert_eq!(h.get("etag").unwrap(), "W/\"v1\"");
+        let vary: Vec<_> = h.get_all("vary").iter().collect();
+        assert_eq!(vary, ["Origin", "accept-encoding"]);
+        mark_decoded(&mut h);
+        assert!(h.get("content-encoding").is_none());
+        assert_eq!(h.get("etag").unwrap(), "W/\"v1\"", "weak stays weak");
+        assert_eq!(h.get_all("vary").iter().count(), 2, "named once");
+        let mut star = headers(&[("vary", "*")]);
+        vary_on_accept_encoding(&mut star);
+        assert_eq!(star.get_all("vary").iter().count(), 1);
     }
 
     #[test]

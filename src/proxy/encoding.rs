@@ -1,8 +1,7 @@
-//! Compressed entries (issue #26 item 1), the byte work: compress an
-//! answer's whole body for storing, and decode a stored body for a client
-//! that cannot take its coding. What may be compressed, and what a client
-//! is sent, is decided in `policy::compression`. Not yet called from the
-//! flow.
+//! Compressed entries, the byte work: compress an answer's whole body for
+//! storing, and decode a gzip body (whole or streaming) for a client that
+//! does not take gzip. What may be compressed, and who is sent what, is
+//! decided in `policy::compression`.
 //!
 //! gzip only, with flate2's default Rust backend (miniz_oxide): a full
 //! brotli encoder would add far more to the function binary, which is
@@ -11,7 +10,14 @@
 
 use std::io::{Read, Write};
 
-use flate2::{read::GzDecoder, write::GzEncoder, Compression};
+use bytes::Bytes;
+use flate2::{read::GzDecoder, write, write::GzEncoder, Compression};
+use futures_util::StreamExt;
+use http::{HeaderMap, Response, StatusCode};
+
+use super::body::{BodyStream, ResponseBody};
+use crate::policy::compression::{self, ClientAccept};
+use crate::upstream::UpstreamError;
 
 /// gzip level for stored entries: 6, zlib's default, a good ratio for JSON
 /// at a cost paid once per store, not per hit.
@@ -52,16 +58,84 @@ pub fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
     Ok(out)
 }
 
-/// A strong `ETag` (`"x"`) made weak (`W/"x"`) for a body whose coding
-/// cachegate changed (RFC 9110 §8.8.3: the bytes are no longer the ones
-/// the strong validator named); a weak one is kept.
-pub fn weaken_etag(etag: &[u8]) -> Vec<u8> {
-    if etag.starts_with(b"W/") {
-        return etag.to_vec();
+/// The answer's body gzip-compressed and its headers marked so
+/// ([`policy::compression::mark_compressed`]), when it may be
+/// ([`policy::compression::may_compress`]) and gets smaller; otherwise
+/// left as it came.
+pub fn compress_answer(status: StatusCode, headers: &mut HeaderMap, body: &mut Bytes) {
+    if !compression::may_compress(status, headers, body.len(), compression::MIN_COMPRESS_BYTES) {
+        return;
     }
-    let mut out = b"W/".to_vec();
-    out.extend_from_slice(etag);
-    out
+    if let Some(packed) = gzip(body) {
+        *body = Bytes::from(packed);
+        compression::mark_compressed(headers);
+    }
+}
+
+/// A gzip response made fit for a client that does not take gzip
+/// ([`ClientAccept::must_decode`]): its body decoded (at most `limit`
+/// bytes), whole or as it streams, and its headers marked so. A whole
+/// body that does not decode is an error for the caller to answer.
+pub fn fit_to_client(
+    resp: &mut Response<ResponseBody>,
+    client: &ClientAccept,
+    limit: usize,
+) -> Result<(), DecodeError> {
+    if !client.must_decode(resp.headers()) {
+        return Ok(());
+    }
+    let body = std::mem::take(resp.body_mut());
+    *resp.body_mut() = match body {
+        ResponseBody::Full(b) if b.is_empty() => ResponseBody::Full(b),
+        ResponseBody::Full(b) => ResponseBody::Full(Bytes::from(gunzip(&b, limit)?)),
+        ResponseBody::Streaming(stream) => ResponseBody::Streaming(gunzip_stream(stream, limit)),
+    };
+    compression::mark_decoded(resp.headers_mut());
+    Ok(())
+}
+
+/// A gzip stream decoded as it arrives, chunk by chunk, at most `limit`
+/// bytes of output; what does not decode (a cut-off or corrupt stream, a
+/// wrong CRC) ends the stream with an error.
+fn gunzip_stream(input: BodyStream, limit: usize) -> BodyStream {
+    enum State {
+        Running(write::GzDecoder<Vec<u8>>, usize, BodyStream),
+        Done,
+    }
+    let start = State::Running(write::GzDecoder::new(Vec::new()), 0, input);
+    Box::pin(futures_util::stream::unfold(
+        start,
+        move |state| async move {
+            let State::Running(mut decoder, mut sent, mut input) = state else {
+                return None;
+            };
+            loop {
+                let (wrote, last) = match input.next().await {
+                    Some(Ok(chunk)) => (decoder.write_all(&chunk), false),
+                    Some(Err(e)) => return Some((Err(e), State::Done)),
+                    // The end: the trailer is checked (CRC, length).
+                    None => (decoder.try_finish(), true),
+                };
+                if let Err(e) = wrote {
+                    let e = UpstreamError::Other(format!(
+                        "the upstream's gzip body does not decode: {e}"
+                    ));
+                    return Some((Err(e), State::Done));
+                }
+                let out = std::mem::take(decoder.get_mut());
+                sent += out.len();
+                if sent > limit {
+                    return Some((Err(UpstreamError::TooLarge { limit }), State::Done));
+                }
+                if last {
+                    return (!out.is_empty()).then(|| (Ok(Bytes::from(out)), State::Done));
+                }
+                if !out.is_empty() {
+                    return Some((Ok(Bytes::from(out)), State::Running(decoder, sent, input)));
+                }
+            }
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -132,9 +206,118 @@ mod tests {
         assert_eq!(gunzip(&cut, 1 << 20), Err(DecodeError::Corrupt));
     }
 
+    fn chunks(body: &[u8], size: usize) -> BodyStream {
+        let parts: Vec<Result<Bytes, UpstreamError>> = body
+            .chunks(size)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        Box::pin(futures_util::stream::iter(parts))
+    }
+
+    async fn drain(mut s: BodyStream) -> Result<Vec<u8>, UpstreamError> {
+        let mut out = Vec::new();
+        while let Some(c) = s.next().await {
+            out.extend_from_slice(&c?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn a_gzip_stream_decodes_chunk_by_chunk_and_is_checked_to_its_end() {
+        let body = json(256 << 10);
+        let packed = gzip(&body).unwrap();
+        for size in [1, 7, 4096, packed.len()] {
+            let got = drain(gunzip_stream(chunks(&packed, size), body.len())).await;
+            assert_eq!(got.unwrap(), body, "chunks of {size}");
+        }
+        // Cut off: the missing trailer is an error, not a short body.
+        let cut = &packed[..packed.len() - 6];
+        assert!(drain(gunzip_stream(chunks(cut, 4096), body.len()))
+            .await
+            .is_err());
+        // A wrong CRC.
+        let mut bad = packed.clone();
+        let n = bad.len();
+        bad[n - 8] ^= 0xff;
+        assert!(drain(gunzip_stream(chunks(&bad, 4096), body.len()))
+            .await
+            .is_err());
+        // Not gzip at all.
+        assert!(
+            drain(gunzip_stream(chunks(b"plain text, not gzip", 4), 1 << 20))
+                .await
+                .is_err()
+        );
+        // A bomb stops at the limit.
+        let bomb = gzip(&vec![b' '; 8 << 20]).unwrap();
+        match drain(gunzip_stream(chunks(&bomb, 4096), 1 << 20)).await {
+            Err(UpstreamError::TooLarge { limit }) => assert_eq!(limit, 1 << 20),
+            other => panic!("{:?}", other.map(|b| b.len())),
+        }
+    }
+
     #[test]
-    fn strong_etags_become_weak() {
-        assert_eq!(weaken_etag(br#""abc""#), br#"W/"abc""#.to_vec());
-        assert_eq!(weaken_etag(br#"W/"abc""#), br#"W/"abc""#.to_vec());
+    fn only_what_may_be_compressed_is_and_its_headers_say_so() {
+        let body = json(64 << 10);
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", "application/json".parse().unwrap());
+        headers.insert("content-length", body.len().into());
+        let mut b = Bytes::from(body.clone());
+        compress_answer(StatusCode::OK, &mut headers, &mut b);
+        assert_eq!(headers["content-encoding"], "gzip");
+        assert!(headers.get("content-length").is_none());
+        assert_eq!(gunzip(&b, body.len()).unwrap(), body);
+        // Already gzip: left alone.
+        let before = b.clone();
+        compress_answer(StatusCode::OK, &mut headers, &mut b);
+        assert_eq!(b, before);
+        // An image: left alone.
+        let mut png = HeaderMap::new();
+        png.insert("content-type", "image/png".parse().unwrap());
+        let mut b = Bytes::from(body.clone());
+        compress_answer(StatusCode::OK, &mut png, &mut b);
+        assert_eq!(b.len(), body.len());
+        assert!(png.get("content-encoding").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_take_gzip_gets_it_decoded() {
+        let body = json(64 << 10);
+        let packed = Bytes::from(gzip(&body).unwrap());
+        let gzip_response = |b: ResponseBody| {
+            let mut r = Response::new(b);
+            r.headers_mut()
+                .insert("content-encoding", "gzip".parse().unwrap());
+            r.headers_mut().insert("etag", "\"e\"".parse().unwrap());
+            r
+        };
+        let mut accept = HeaderMap::new();
+        accept.insert("accept-encoding", "gzip, br".parse().unwrap());
+        let takes = ClientAccept::of(&accept);
+        let plain = ClientAccept::of(&HeaderMap::new());
+
+        let mut r = gzip_response(ResponseBody::Full(packed.clone()));
+        fit_to_client(&mut r, &takes, 1 << 20).unwrap();
+        assert_eq!(r.body().as_full().unwrap(), &packed, "sent as stored");
+
+        let mut r = gzip_response(ResponseBody::Full(packed.clone()));
+        fit_to_client(&mut r, &plain, 1 << 20).unwrap();
+        assert_eq!(r.body().as_full().unwrap().as_ref(), &body[..]);
+        assert!(r.headers().get("content-encoding").is_none());
+        assert_eq!(r.headers()["etag"], "W/\"e\"");
+        assert_eq!(r.headers()["vary"], "accept-encoding");
+
+        let mut r = gzip_response(ResponseBody::Streaming(chunks(&packed, 1000)));
+        fit_to_client(&mut r, &plain, 1 << 20).unwrap();
+        let ResponseBody::Streaming(s) = std::mem::take(r.body_mut()) else {
+            panic!("a stream stays a stream")
+        };
+        assert_eq!(drain(s).await.unwrap(), body);
+
+        let mut r = gzip_response(ResponseBody::Full(Bytes::from_static(b"not gzip")));
+        assert_eq!(
+            fit_to_client(&mut r, &plain, 1 << 20),
+            Err(DecodeError::Corrupt)
+        );
     }
 }

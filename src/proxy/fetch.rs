@@ -13,10 +13,12 @@ use cachegate_store::{now_millis, Entry, Record, StoreError, StoreKey, UnixMilli
 
 use super::body::{ResponseBody, Tee, TeeEnd};
 use super::decide::{self, Answer};
+use super::encoding;
 use super::guard::Caller;
 use super::outcome::{Forward, Kind, Outcome};
 use super::{Fetched, Proxy, Stored};
 use crate::key::{self, Target};
+use crate::policy::compression::{self, ClientAccept};
 use crate::policy::{self, Freshness, NotStorable, RequestPolicy, ResponseFacts};
 use crate::routes::Rule;
 use crate::upstream::{BodyReader, UpstreamBody, UpstreamError, UpstreamResponse};
@@ -24,6 +26,10 @@ use crate::upstream::{BodyReader, UpstreamBody, UpstreamError, UpstreamResponse}
 /// Everything a fetch needs to know about the request it serves.
 #[derive(Debug, Clone)]
 pub(super) struct MissCtx {
+    /// The client's own `Accept-Encoding`, when the upstream is asked for
+    /// gzip instead (`cache.compression`); `None`: the client's value went
+    /// upstream as it was.
+    pub(super) accept: Option<Arc<ClientAccept>>,
     pub(super) primary: StoreKey,
     pub(super) target: Target,
     pub(super) method: Method,
@@ -215,12 +221,31 @@ impl Proxy {
         tags.extend(policy::headers::surrogate_keys(&answer.headers, names));
         let expose = self.settings.expose_surrogate_keys;
         policy::headers::hide_surrogate_keys(&mut answer.headers, names, expose);
+        if let UpstreamBody::Full(body) = &mut answer.body {
+            // A whole body (Lambda) is stored, and may be sent, compressed:
+            // the limits below hold for what is kept.
+            if self.settings.compression {
+                encoding::compress_answer(answer.status, &mut answer.headers, body);
+            }
+        }
+        let compressible = self.will_compress(answer.status, &answer.headers, None);
         let facts = ResponseFacts {
             status: answer.status,
             headers: &answer.headers,
             // A streamed body without a length is held to the limit as
-            // it is read ([`Tee::run`]).
-            body_len: answer.body.known_len().unwrap_or(0),
+            // it is read ([`Tee::run`]); one that will be compressed, by
+            // the smallest it could be stored in.
+            body_len: answer
+                .body
+                .known_len()
+                .map(|n| {
+                    if compressible {
+                        n / compression::RAW_PER_STORED
+                    } else {
+                        n
+                    }
+                })
+                .unwrap_or(0),
             request_time: exchange.request_time,
             response_time: exchange.response_time,
             request: miss.policy,
@@ -286,11 +311,14 @@ impl Proxy {
                 // Nobody to stream to (a refresh, a HEAD): read it whole.
                 let limit = miss.rule.max_entry_bytes;
                 let body = UpstreamBody::Streaming(reader).collect().await?;
-                let answer = Whole {
+                let mut answer = Whole {
                     status,
                     headers,
                     body,
                 };
+                if self.settings.compression {
+                    encoding::compress_answer(answer.status, &mut answer.headers, &mut answer.body);
+                }
                 if answer.body.len() > limit {
                     let relayed = UpstreamResponse {
                         status: answer.status,
@@ -322,6 +350,7 @@ impl Proxy {
         exchange: &Exchange,
     ) -> Result<Fetched, UpstreamError> {
         let content_length = reader.content_length();
+        let compressible = self.will_compress(head.status, &head.headers, content_length);
         let made = self.make_entry(miss, head, tags, freshness, exchange);
         // A purge that ran while the head was on its way: relayed, not
         // stored (checked again before writing, for one during the body).
@@ -355,12 +384,27 @@ impl Proxy {
             body,
             content_length,
         });
-        match tee.run(reader, miss.rule.max_entry_bytes).await? {
+        // What is stored must fit the entry limit; a body that will be
+        // compressed may be read to a multiple of it.
+        let limit = miss.rule.max_entry_bytes;
+        let read_limit = if compressible {
+            limit.saturating_mul(compression::RAW_PER_STORED)
+        } else {
+            limit
+        };
+        match tee.run(reader, read_limit).await? {
             TeeEnd::Kept(body, rest) => {
-                let made = Made {
+                let mut made = Made {
                     entry: Entry { body, ..made.entry },
                     ..made
                 };
+                if compressible {
+                    self.compress_made(&mut made);
+                }
+                if made.entry.body.len() > limit {
+                    rest.send();
+                    return Ok(Fetched::Sent { too_large: true });
+                }
                 let fetched = self.write_made(miss, made, exchange).await;
                 rest.send();
                 Ok(fetched)
@@ -407,7 +451,17 @@ impl Proxy {
         let tags = decide::assemble_tags(tags, &miss.rule.tags, miss.target.url_tag(), max_tags);
         let strip = freshness.strip_set_cookie;
         let own = decide::own_set_cookies(&answer.headers, strip);
-        let headers = policy::headers::stored_headers(&answer.headers, strip);
+        let announced = answer
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let mut headers = policy::headers::stored_headers(&answer.headers, strip);
+        if answer.body.is_empty() && self.will_compress(answer.status, &headers, announced) {
+            // A body still arriving, to be compressed when it has: which
+            // bytes a client gets depends on its `Accept-Encoding` from
+            // this first answer on.
+            compression::vary_on_accept_encoding(&mut headers);
+        }
         let entry = Entry {
             status: answer.status.as_u16(),
             headers: super::respond::entry_headers(&headers),
@@ -425,6 +479,26 @@ impl Proxy {
             headers,
             own,
         }
+    }
+
+    /// Whether an identity answer will be stored gzip-compressed, given
+    /// its length when known (`cache.compression`).
+    fn will_compress(&self, status: StatusCode, headers: &HeaderMap, len: Option<usize>) -> bool {
+        self.settings.compression
+            && compression::may_compress(
+                status,
+                headers,
+                len.unwrap_or(usize::MAX),
+                compression::MIN_COMPRESS_BYTES,
+            )
+    }
+
+    /// A made entry's body compressed, now that it is whole, with its
+    /// headers (both copies) marked so.
+    fn compress_made(&self, made: &mut Made) {
+        let status = StatusCode::from_u16(made.entry.status).unwrap_or(StatusCode::OK);
+        encoding::compress_answer(status, &mut made.headers, &mut made.entry.body);
+        made.entry.headers = super::respond::entry_headers(&made.headers);
     }
 
     /// Write a made entry, unless a purge ran while it was on its way.

@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::policy::compression::{self, ClientAccept};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode};
 use reqwest::Url;
@@ -90,6 +91,12 @@ pub struct Settings {
     pub refresh_ahead: f64,
     /// Random shortening of stored freshness (`cache.ttl_jitter`).
     pub ttl_jitter: f64,
+    /// Entries stored gzip-compressed, the upstream asked for gzip
+    /// (`cache.compression = "gzip"`).
+    pub compression: bool,
+    /// The most a body decoded for a client may grow to
+    /// (`upstream.max_response_bytes`).
+    pub max_response_bytes: usize,
     /// The upstream breaker and back-off (`upstream.*`).
     pub guard: GuardSettings,
 }
@@ -191,9 +198,13 @@ struct Pass {
 impl From<MissCtx> for Pass {
     /// A cache-using request (no body) forwarded without the cache after all.
     fn from(miss: MissCtx) -> Pass {
+        let mut headers = miss.headers;
+        if let Some(client) = &miss.accept {
+            client.restore(&mut headers);
+        }
         Pass {
             method: miss.method,
-            headers: miss.headers,
+            headers,
             body: Bytes::new(),
             target: miss.target,
             rule: miss.rule,
@@ -302,6 +313,17 @@ impl Proxy {
         let (mut resp, mut outcome) = self.handle_request(req, &mut trace).await;
         if let Some(origin) = &trace.client_origin {
             policy::headers::rewrite_upstream_locations(resp.headers_mut(), &self.base, origin);
+        }
+        if let Some(client) = &trace.accept {
+            // gzip (stored so, or asked for) decoded for a client that
+            // does not take it.
+            let limit = self.settings.max_response_bytes;
+            if let Err(e) = encoding::fit_to_client(&mut resp, client, limit) {
+                tracing::warn!(error = ?e, "a gzip body did not decode for a client that does not take gzip");
+                let e =
+                    UpstreamError::Other(format!("the gzip answer could not be decoded: {e:?}"));
+                (resp, outcome) = upstream_error_reply(&e, None);
+            }
         }
         let lookup = trace.lookup_time.map(|d| (d, self.cache.backend_name()));
         outcome.render(resp.headers_mut(), lookup);
@@ -517,9 +539,19 @@ impl Proxy {
                 return Admission::Bypass(pass, why);
             }
         };
+        // One key and one upstream call for every spelling of
+        // `Accept-Encoding`: the upstream is asked for gzip, and the
+        // client's own value decides only what it is sent.
+        let accept = self.settings.compression.then(|| {
+            let client = Arc::new(ClientAccept::of(&headers));
+            headers.insert(http::header::ACCEPT_ENCODING, compression::ASK_UPSTREAM);
+            client
+        });
+        trace.accept = accept.clone();
         let primary = primary_key(&target, &rule, &mut headers);
         trace.key = Some(primary.clone());
         Admission::Cache(MissCtx {
+            accept,
             fwd: Forward::UriMiss,
             cache_down: false,
             arrived_at: 0,
@@ -657,6 +689,16 @@ impl Proxy {
             Some(s) => {
                 let ttl = s.entry.fresh_secs_left(now);
                 let reply = self.respond_to(&miss, &s, Outcome::new(Kind::Hit { ttl }));
+                if miss
+                    .accept
+                    .as_ref()
+                    .is_some_and(|c| c.must_decode(&s.headers))
+                {
+                    // Ranges of the gzip bytes are no use to a client that
+                    // gets them decoded: the whole answer (RFC 9110 §14.2
+                    // lets a server ignore `Range`).
+                    return reply;
+                }
                 range::cut(reply, &s.entry, &miss.headers)
             }
             None => self.pass_through(Pass::from(miss), Bypass::Range).await,
@@ -860,6 +902,9 @@ fn upstream_error_reply(e: &UpstreamError, fwd: Option<Forward>) -> Reply {
 /// timing header and telemetry.
 #[derive(Default)]
 struct Trace {
+    /// The client's own `Accept-Encoding`, when cachegate asked the
+    /// upstream for gzip instead (`cache.compression`).
+    accept: Option<Arc<ClientAccept>>,
     route: Option<Arc<Rule>>,
     key: Option<StoreKey>,
     lookup_time: Option<Duration>,

@@ -223,6 +223,30 @@ async fn answer(State(state): State<Arc<UpstreamState>>, req: Request<Body>) -> 
         let bytes: Vec<u8> = (0..n).map(|i| (i * 7 % 256) as u8).collect();
         return resp.body(Body::from(bytes)).unwrap();
     }
+    if let Some(n) = q.get("json_bytes") {
+        // A JSON list of about `n` bytes, like a REST collection answer;
+        // `gzip_self`: compressed here when the request takes gzip, as an
+        // upstream that compresses does.
+        let n: usize = n.parse().unwrap();
+        set("content-type", "application/json");
+        let body = json_list(n);
+        let takes_gzip = parts
+            .headers
+            .get("accept-encoding")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("gzip"));
+        if q.contains_key("gzip_self") {
+            set("vary", "accept-encoding");
+            if takes_gzip {
+                use std::io::Write;
+                set("content-encoding", "gzip");
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(&body).unwrap();
+                return resp.body(Body::from(e.finish().unwrap())).unwrap();
+            }
+        }
+        return resp.body(Body::from(body)).unwrap();
+    }
     let lang = parts
         .headers
         .get("accept-language")
@@ -247,6 +271,27 @@ async fn answer(State(state): State<Arc<UpstreamState>>, req: Request<Body>) -> 
         json["headers"] = seen.into();
     }
     resp.body(Body::from(json.to_string())).unwrap()
+}
+
+/// A JSON array of objects of about `n` bytes (a little more), the same
+/// for the same `n`.
+pub fn json_list(n: usize) -> Vec<u8> {
+    let mut s = String::from("[");
+    let mut i = 0u64;
+    while s.len() < n {
+        s.push_str(&format!(
+            r#"{{"id":{i},"title":"item number {i}","author":"user{}","tags":["a","b{}"],"price":{}.{:02},"active":{}}},"#,
+            i % 97,
+            i % 13,
+            (i * 7919) % 1000,
+            i % 100,
+            i % 2 == 0
+        ));
+        i += 1;
+    }
+    s.pop();
+    s.push(']');
+    s.into_bytes()
 }
 
 /// A running `cachegate serve`; killed on drop.
