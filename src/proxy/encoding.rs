@@ -84,6 +84,12 @@ pub fn fit_to_client(
     limit: usize,
 ) -> Result<(), DecodeError> {
     if !client.must_decode(resp.headers()) {
+        if compression::coding_of(resp.headers()) == Some(compression::Coding::Gzip) {
+            // Sent as gzip because this client takes it; another is sent
+            // it decoded: a cache in front must key on `Accept-Encoding`,
+            // whether or not the upstream said so.
+            compression::vary_on_accept_encoding(resp.headers_mut());
+        }
         return Ok(());
     }
     let body = std::mem::take(resp.body_mut());
@@ -301,6 +307,11 @@ mod tests {
         let mut r = gzip_response(ResponseBody::Full(packed.clone()));
         fit_to_client(&mut r, &takes, 1 << 20).unwrap();
         assert_eq!(r.body().as_full().unwrap(), &packed, "sent as stored");
+        assert_eq!(
+            r.headers()["vary"],
+            "accept-encoding",
+            "whatever the upstream said"
+        );
 
         let mut r = gzip_response(ResponseBody::Full(packed.clone()));
         fit_to_client(&mut r, &plain, 1 << 20).unwrap();
