@@ -82,6 +82,22 @@ async fn every_spelling_of_accept_encoding_shares_one_compressed_entry() {
         assert_eq!(r.body.as_ref(), &original[..], "{ae:?}");
         assert!(vary_names(&r).contains(&"accept-encoding".into()), "{ae:?}");
     }
+    // HEAD describes what a GET would send each of them.
+    let r = common::send(common::client().head(&url)).await;
+    assert_eq!(
+        r.header("content-length"),
+        original.len().to_string(),
+        "{r:?}"
+    );
+    assert!(r.headers.get("content-encoding").is_none(), "{r:?}");
+    let r = common::send(
+        common::client()
+            .head(&url)
+            .header("accept-encoding", "gzip"),
+    )
+    .await;
+    assert_eq!(r.header("content-length"), stored_len.to_string(), "{r:?}");
+    assert_eq!(r.header("content-encoding"), "gzip", "{r:?}");
     assert_eq!(
         up.state.hits(path),
         1,

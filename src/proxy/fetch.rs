@@ -359,10 +359,7 @@ impl Proxy {
             .await
         {
             let _ = sink.send(Streamed {
-                stored: Arc::new(Stored {
-                    entry: made.entry,
-                    headers: made.headers,
-                }),
+                stored: Arc::new(Stored::new(made.entry, made.headers)),
                 outcome: exchange.outcome(miss, false, None),
                 own: made.own,
                 body: UpstreamBody::Streaming(reader).into(),
@@ -375,10 +372,7 @@ impl Proxy {
         // outgrows the entry limit (a length announced beyond it was
         // refused before) or the store fails.
         let _ = sink.send(Streamed {
-            stored: Arc::new(Stored {
-                entry: made.entry.clone(),
-                headers: made.headers.clone(),
-            }),
+            stored: Arc::new(Stored::new(made.entry.clone(), made.headers.clone())),
             outcome: exchange.outcome(miss, true, None),
             own: made.own.clone(),
             body,
@@ -517,7 +511,7 @@ impl Proxy {
                 .store(&miss.primary, &vary, &miss.headers, &entry)
                 .await;
         let outcome = exchange.outcome(miss, stored, None);
-        let stored = Arc::new(Stored { entry, headers });
+        let stored = Arc::new(Stored::new(entry, headers));
         if own.is_empty() {
             Fetched::Entry(stored, outcome)
         } else {

@@ -24,7 +24,7 @@ mod range;
 mod respond;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::policy::compression::{self, ClientAccept};
@@ -141,13 +141,39 @@ type Reply = (Response<ResponseBody>, Outcome);
 struct Stored {
     entry: Entry,
     headers: HeaderMap,
+    /// A gzip entry's body decoded, made on the first request of a client
+    /// that does not take gzip and kept: with the entry in the memory
+    /// store (which counts its size, [`Entry::gzip_decoded_len`]), later
+    /// such hits decode nothing.
+    decoded: OnceLock<Bytes>,
 }
 
 impl Stored {
     /// An entry read from the cache.
     fn read(entry: Entry) -> Self {
         let headers = respond::header_map_of(&entry);
-        Stored { entry, headers }
+        Stored::new(entry, headers)
+    }
+
+    fn new(entry: Entry, headers: HeaderMap) -> Self {
+        Stored {
+            entry,
+            headers,
+            decoded: OnceLock::new(),
+        }
+    }
+
+    /// The gzip body decoded, at most `limit` bytes: the kept copy, or
+    /// decoded now and kept when it is the length the store counted.
+    fn decoded_body(&self, limit: usize) -> Result<Bytes, encoding::DecodeError> {
+        if let Some(body) = self.decoded.get() {
+            return Ok(body.clone());
+        }
+        let body = Bytes::from(encoding::gunzip(&self.entry.body, limit)?);
+        if self.entry.gzip_decoded_len() == Some(body.len()) {
+            let _ = self.decoded.set(body.clone());
+        }
+        Ok(body)
     }
 
     /// The entry a record holds ([`Proxy::lookup`] passes entries only).
@@ -707,7 +733,9 @@ impl Proxy {
 
     /// Answer a cache-using request from a stored entry.
     fn respond_to(&self, miss: &MissCtx, stored: &Stored, outcome: Outcome) -> Reply {
-        self.respond_from_entry(stored, &miss.rule, &miss.headers, miss.policy.head, outcome)
+        let client = miss.accept.as_deref();
+        let head = miss.policy.head;
+        self.respond_from_entry(stored, &miss.rule, &miss.headers, client, head, outcome)
     }
 
     /// The stored entry for a request: the primary key's, or the variant
@@ -910,4 +938,37 @@ struct Trace {
     lookup_time: Option<Duration>,
     backend_error: bool,
     client_origin: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gzip_entry(body: &[u8]) -> Entry {
+        Entry {
+            status: 200,
+            headers: vec![("content-encoding".into(), Bytes::from_static(b"gzip"))],
+            body: Bytes::from(encoding::gzip(body).unwrap()),
+            ..Entry::default()
+        }
+    }
+
+    #[test]
+    fn a_gzip_entrys_decoded_body_is_made_once_and_kept() {
+        let json = br#"{"items":["a","b","c"],"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#
+            .repeat(50);
+        let stored = Stored::read(gzip_entry(&json));
+        let first = stored.decoded_body(1 << 20).unwrap();
+        assert_eq!(first.as_ref(), &json[..]);
+        let again = stored.decoded_body(1 << 20).unwrap();
+        assert_eq!(
+            first.as_ptr(),
+            again.as_ptr(),
+            "the kept copy, not decoded again"
+        );
+        // Over the limit: an error, and nothing kept.
+        let small = Stored::read(gzip_entry(&json));
+        assert!(small.decoded_body(100).is_err());
+        assert!(small.decoded.get().is_none());
+    }
 }

@@ -12,6 +12,7 @@ use super::outcome::Outcome;
 use super::{Proxy, Reply, ResponseBody, Stored};
 use crate::error_code::ErrorCode;
 use crate::policy;
+use crate::policy::compression::ClientAccept;
 use crate::routes::Rule;
 use crate::upstream::UpstreamResponse;
 
@@ -20,11 +21,15 @@ impl Proxy {
     /// stored, its current `Age`, what configuration tells the edge
     /// ([`policy::edge`]), the client's conditional request answered (412
     /// or 304), no body for HEAD.
+    /// A gzip entry goes to a `client` that does not take gzip decoded
+    /// (`cache.compression`); a streamed answer's head (no body yet) is
+    /// left for [`super::encoding::fit_to_client`].
     pub(super) fn respond_from_entry(
         &self,
         stored: &Stored,
         rule: &Rule,
         req_headers: &HeaderMap,
+        client: Option<&ClientAccept>,
         head: bool,
         outcome: Outcome,
     ) -> Reply {
@@ -65,14 +70,39 @@ impl Proxy {
         } else {
             status
         };
+        let decoded_len = entry.gzip_decoded_len();
+        let decode =
+            client.is_some_and(|c| c.must_decode(&stored.headers)) && decoded_len.is_some();
         let body = if head || not_modified {
             Bytes::new()
+        } else if decode {
+            match stored.decoded_body(self.settings.max_response_bytes) {
+                Ok(body) => body,
+                Err(e) => {
+                    tracing::warn!(error = ?e, "a stored gzip body did not decode");
+                    let resp = json_error(
+                        StatusCode::BAD_GATEWAY,
+                        ErrorCode::UpstreamError,
+                        "the stored gzip answer could not be decoded for a client that does not take gzip",
+                    )
+                    .map(ResponseBody::from);
+                    return (resp, outcome);
+                }
+            }
         } else {
             entry.body.clone()
         };
+        if decode {
+            policy::compression::mark_decoded(&mut headers);
+        }
         if head && !not_modified {
             // Describe the representation, not the empty body we send.
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
+            let len = if decode {
+                decoded_len.unwrap_or_default()
+            } else {
+                entry.body.len()
+            };
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
         if not_modified {
             for h in [

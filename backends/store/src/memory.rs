@@ -39,7 +39,9 @@ const TAG_OVERHEAD: usize = 384;
 /// What a value's decoded form ([`Found`]) costs besides the value it
 /// slices (header values and body are slices of it): the record's and the
 /// proxy's copies of each header name and tag, their vectors, the proxy's
-/// header map (a bucket and a name per header) and the two structs.
+/// header map (a bucket and a name per header) and the two structs; for a
+/// gzip entry, the decoded body the proxy keeps once a client that does
+/// not take gzip has asked for it ([`Entry::gzip_decoded_len`]).
 fn prepared_cost(found: &Found) -> usize {
     const BASE: usize = 512;
     const PER_HEADER: usize = 160;
@@ -52,7 +54,8 @@ fn prepared_cost(found: &Found) -> usize {
                 .map(|(n, _)| 2 * n.len() + PER_HEADER)
                 .sum();
             let tags: usize = e.tags.iter().map(|t| 2 * (t.len() + PER_TAG)).sum();
-            BASE + headers + tags
+            let decoded = e.gzip_decoded_len().unwrap_or(0);
+            BASE + headers + tags + decoded
         }
         _ => BASE,
     }

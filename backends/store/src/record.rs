@@ -68,6 +68,23 @@ impl Entry {
     pub fn fresh_secs_left(&self, now: UnixMillis) -> u64 {
         self.fresh_until.saturating_sub(now) / 1000
     }
+    /// The length of the body decoded, for an entry stored as gzip (one
+    /// `Content-Encoding: gzip`): its trailer's ISIZE (RFC 1952 §2.3.1,
+    /// the length modulo 2^32, which no stored answer reaches). A client
+    /// that does not take gzip is sent this many bytes, and the memory
+    /// store counts them for the decoded copy the proxy may keep beside
+    /// the entry. `None` for other entries.
+    pub fn gzip_decoded_len(&self) -> Option<usize> {
+        let mut codings = self.headers.iter().filter(|(n, _)| n == "content-encoding");
+        let (_, coding) = codings.next()?;
+        let gzip = coding.trim_ascii().eq_ignore_ascii_case(b"gzip")
+            || coding.trim_ascii().eq_ignore_ascii_case(b"x-gzip");
+        if !gzip || codings.next().is_some() || self.body.len() < 18 {
+            return None;
+        }
+        let trailer: [u8; 4] = self.body[self.body.len() - 4..].try_into().ok()?;
+        Some(u32::from_le_bytes(trailer) as usize)
+    }
     /// First value of header `name` (lower case).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
@@ -352,5 +369,35 @@ mod tests {
         assert!(!e.is_fresh(62_000));
         assert_eq!(e.age_secs(11_000), 10);
         assert_eq!(e.fresh_secs_left(60_500), 1);
+    }
+
+    #[test]
+    fn a_gzip_entry_knows_its_decoded_length_from_its_trailer() {
+        let mut body = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3];
+        body.extend_from_slice(&[0; 4]); // deflate data, then the CRC
+        body.extend_from_slice(&[0; 4]);
+        body.extend_from_slice(&1_048_596u32.to_le_bytes());
+        let entry = |encoding: &[&str], body: &[u8]| Entry {
+            headers: encoding
+                .iter()
+                .map(|e| {
+                    (
+                        "content-encoding".to_owned(),
+                        Bytes::copy_from_slice(e.as_bytes()),
+                    )
+                })
+                .collect(),
+            body: Bytes::copy_from_slice(body),
+            ..Entry::default()
+        };
+        assert_eq!(entry(&["gzip"], &body).gzip_decoded_len(), Some(1_048_596));
+        assert_eq!(
+            entry(&[" GZIP "], &body).gzip_decoded_len(),
+            Some(1_048_596)
+        );
+        assert_eq!(entry(&[], &body).gzip_decoded_len(), None);
+        assert_eq!(entry(&["br"], &body).gzip_decoded_len(), None);
+        assert_eq!(entry(&["gzip", "br"], &body).gzip_decoded_len(), None);
+        assert_eq!(entry(&["gzip"], &body[..10]).gzip_decoded_len(), None);
     }
 }
