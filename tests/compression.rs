@@ -42,9 +42,37 @@ fn vary_names(r: &common::Got) -> Vec<String> {
 /// `Accept-Encoding`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_spelling_of_accept_encoding_shares_one_compressed_entry() {
+    every_spelling_shares_one_entry("memory").await;
+}
+
+/// The same through Redis and DynamoDB, the L1 off: the shared backend
+/// holds the gzip copy and decoding happens on the way out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_spelling_shares_one_entry_in_redis() {
+    every_spelling_shares_one_entry("redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_spelling_shares_one_entry_in_dynamodb() {
+    every_spelling_shares_one_entry("dynamodb").await;
+}
+
+async fn every_spelling_shares_one_entry(backend: &str) {
     let up = common::upstream().await;
-    let cg = common::cachegate(&up.url, &[]);
-    let path = "/list";
+    let mut env = if backend == "memory" {
+        Vec::new()
+    } else {
+        common::backend_env(backend, &format!("compression-{backend}"))
+    };
+    if backend == "dynamodb" {
+        // `cachegate init` creates the table.
+        let out = common::cli("http://127.0.0.1:9", &env, &["init"]);
+        assert!(out.status.success(), "{}", common::describe(&out));
+    }
+    env.push(("CACHEGATE_CACHE__L1_TTL".into(), "0s".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let cg = common::cachegate(&up.url, &env);
+    let path = &format!("/list-{backend}");
     let url = format!("{}{path}?json_bytes=1048576&cc=max-age%3D60", cg.url);
     let original = common::json_list(1 << 20);
     let gzip_spellings = [

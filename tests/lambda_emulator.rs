@@ -372,12 +372,20 @@ async fn an_answer_too_large_for_lambda_is_an_honest_502() {
 
 /// A 20 MB JSON answer, more than a Lambda response can carry, reaches a
 /// client that takes gzip: cachegate stores it gzip-compressed (about
-/// 2 MB) and sends it so, on the miss and on the hit. A client that does
-/// not take gzip gets the honest 502 and the upstream is not asked again.
-/// `upstream.max_response_bytes` is raised: its default (6 MiB) refuses
-/// the answer before it is compressed.
+/// 3.7 MB) and returns it so, on the miss and on the hit. A client that
+/// does not take gzip gets the honest 502 and the upstream is not asked
+/// again. `upstream.max_response_bytes` is raised: its default (6 MiB)
+/// refuses the answer before it is compressed.
+///
+/// Invoked as API Gateway's HTTP API invokes it (`cargo lambda invoke`
+/// with a payload format 2.0 event), not through the emulator's function
+/// URL: with responses of 3 MB and more, cargo-lambda 1.9's function-URL
+/// server sometimes never answers its client although the function has
+/// posted its response (1 in 6 runs of a 16 MB answer, 1 in 5 of 20 MB;
+/// never for 10 MB), which is the emulator's, not Lambda's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_20_mb_json_answer_reaches_a_gzip_client_through_lambda() {
+    use base64::Engine;
     let up = common::upstream().await;
     let lambda = emulated(
         &up.url,
@@ -385,31 +393,56 @@ async fn a_20_mb_json_answer_reaches_a_gzip_client_through_lambda() {
     )
     .await;
     let base = format!("/big/{}", std::process::id());
-    let path = format!("{base}?json_bytes=20000000&cc=max-age%3D60");
     let original = common::json_list(20_000_000);
-    for want in ["MISS", "HIT"] {
-        let r = common::send(
-            common::client()
-                .get(lambda.url(&path))
-                .header("accept-encoding", "gzip, deflate, br")
-                .timeout(INVOKE_LIMIT),
+    let event = |accept_encoding: Option<&str>| {
+        let mut e: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/apigw_v2_get.json"
+            ))
+            .unwrap(),
         )
-        .await;
-        assert_eq!(r.status, 200, "{want}: {:?}", r.headers);
-        assert_eq!(r.x_cache(), want);
-        assert_eq!(r.header("content-encoding"), "gzip");
-        eprintln!("20 MB JSON sent as {} bytes of gzip", r.body.len());
+        .unwrap();
+        e["rawPath"] = base.as_str().into();
+        e["requestContext"]["http"]["path"] = base.as_str().into();
+        e["rawQueryString"] = "json_bytes=20000000&cc=max-age%3D60".into();
+        e.as_object_mut().unwrap().remove("cookies");
+        if let Some(ae) = accept_encoding {
+            e["headers"]["accept-encoding"] = ae.into();
+        }
+        e.to_string()
+    };
+    let invoke = |payload: String| {
+        let out = common::lambda_invoke(lambda.port)
+            .args(["--data-ascii", &payload, "--output-format", "json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", common::describe(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", common::describe(&out)))
+    };
+    for want in ["MISS", "HIT"] {
+        let r = invoke(event(Some("gzip, deflate, br")));
+        assert_eq!(r["statusCode"], 200, "{want}: {}", r["headers"]);
+        assert_eq!(r["headers"]["x-cache"], want);
+        assert_eq!(r["headers"]["content-encoding"], "gzip");
+        assert_eq!(r["isBase64Encoded"], true);
+        let body = base64::engine::general_purpose::STANDARD
+            .decode(r["body"].as_str().unwrap())
+            .unwrap();
+        eprintln!("20 MB JSON returned as {} bytes of gzip", body.len());
         let mut decoded = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&r.body[..]), &mut decoded)
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut decoded)
             .unwrap();
         assert!(
             decoded == original,
             "{want}: the body decodes to the answer"
         );
     }
-    let r = get(&lambda.url(&path)).await;
-    assert_eq!(r.status, 502, "{r:?}");
-    assert_eq!(r.json()["error"]["code"], "response_too_large_for_lambda");
-    assert_eq!(r.x_cache(), "HIT", "{r:?}");
+    let r = invoke(event(None));
+    assert_eq!(r["statusCode"], 502, "{}", r["headers"]);
+    assert_eq!(r["headers"]["x-cache"], "HIT");
+    let body: serde_json::Value = serde_json::from_str(r["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "response_too_large_for_lambda");
     assert_eq!(up.state.hits(&base), 1);
 }

@@ -49,6 +49,11 @@ impl Drop for Varnish {
 }
 
 fn varnish(backend_port: u16) -> Varnish {
+    varnish_with(backend_port, &[])
+}
+
+/// [`varnish`] with extra `varnishd` arguments (`-p name=value`).
+fn varnish_with(backend_port: u16, args: &[&str]) -> Varnish {
     let varnishd = need("CACHEGATE_TEST_VARNISHD");
     let port = free_port();
     let dir = std::env::temp_dir().join(format!("cachegate-varnish-{}-{port}", std::process::id()));
@@ -83,6 +88,7 @@ sub vcl_deliver {{
         .arg("-f")
         .arg(&vcl)
         .args(["-s", "malloc,64m"])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -256,4 +262,56 @@ async fn the_upstreams_own_vary_is_left_to_a_cache_in_front_that_honours_it() {
         "Varnish should keep one copy per language"
     );
     assert_eq!(up.state.hits("/lang"), 2);
+}
+
+/// Compressed entries (`cache.compression`, the default) as a cache in
+/// front sees them when it keys on `Vary` strictly, as any
+/// standards-following cache may: Varnish with its own gzip handling off
+/// (`http_gzip_support=off`), so it keeps a copy per `Accept-Encoding`.
+/// Every client gets bytes it can read: gzip only when it takes gzip.
+#[tokio::test]
+async fn a_cache_in_front_gives_gzip_only_to_clients_that_take_it() {
+    let up = upstream().await;
+    let cg = cachegate(&up.url, &[]);
+    let front = varnish_with(cg.addr.port(), &["-p", "http_gzip_support=off"]);
+    let url = format!("{}/gz?json_bytes=100000&cc=max-age%3D60", front.url);
+    let original = common::json_list(100_000);
+    let mut gzip_seen = false;
+    for ae in [
+        Some("gzip, br"),
+        None,
+        Some("gzip, br"),
+        None,
+        Some("br"),
+        Some("gzip"),
+    ] {
+        let mut req = client().get(&url);
+        if let Some(ae) = ae {
+            req = req.header("accept-encoding", ae);
+        }
+        let g = send(req).await;
+        assert_eq!(g.status, 200, "{ae:?}: {:?}", g.headers);
+        let body = match g.headers.get("content-encoding") {
+            None => g.body.to_vec(),
+            Some(ce) => {
+                assert_eq!(ce, "gzip", "{ae:?}");
+                assert!(
+                    ae.is_some_and(|a| a.contains("gzip")),
+                    "gzip sent to a client that does not take it ({ae:?}): {:?}",
+                    g.headers
+                );
+                gzip_seen = true;
+                let mut out = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut flate2::read::GzDecoder::new(&g.body[..]),
+                    &mut out,
+                )
+                .unwrap();
+                out
+            }
+        };
+        assert!(body == original, "{ae:?}: not the answer");
+    }
+    assert!(gzip_seen, "the stored gzip reached a gzip client");
+    assert_eq!(up.state.hits("/gz"), 1, "cachegate asked the upstream once");
 }

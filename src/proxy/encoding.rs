@@ -83,7 +83,9 @@ pub fn fit_to_client(
     client: &ClientAccept,
     limit: usize,
 ) -> Result<(), DecodeError> {
-    if !client.must_decode(resp.headers()) {
+    // A range of gzip bytes does not decode alone (cachegate forwards a
+    // `Range` it cannot answer with the client's own `Accept-Encoding`).
+    if !client.must_decode(resp.headers()) || resp.status() == StatusCode::PARTIAL_CONTENT {
         if compression::coding_of(resp.headers()) == Some(compression::Coding::Gzip) {
             // Sent as gzip because this client takes it; another is sent
             // it decoded: a cache in front must key on `Accept-Encoding`,
