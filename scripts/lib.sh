@@ -13,14 +13,45 @@ APT_UPDATED=""
 log() { printf '\033[1m[test]\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31m[test] FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
 
-# A TCP port nobody listens on right now, on 127.0.0.1.
+# A TCP port nobody listens on right now, on 127.0.0.1. Chosen below the
+# kernel's ephemeral range (32768-60999 by default), where bind(0) and
+# outgoing connections take theirs, so nothing else grabs it between the
+# choice and the service binding it; never handed out twice in one run
+# ($RUN_DIR/ports-given). Callers that can still lose a race retry (see
+# redis_spawn).
 free_port() {
-  python3 - <<'PY'
-import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-s.close()
+  mkdir -p "$RUN_DIR"
+  python3 - "$RUN_DIR/ports-given" <<'PY'
+import random, socket, sys
+given_path = sys.argv[1]
+try:
+    given = set(open(given_path).read().split())
+except OSError:
+    given = set()
+low, _high = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+candidates = list(range(20000, low)) if low > 21000 else []
+random.shuffle(candidates)
+port = None
+for candidate in candidates[:500]:
+    if str(candidate) in given:
+        continue
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", candidate))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    port = candidate
+    break
+if port is None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+with open(given_path, "a") as f:
+    f.write(f"{port}\n")
+print(port)
 PY
 }
 

@@ -207,12 +207,9 @@ async fn bench_counts_errors_by_kind() {
     assert_eq!(n(&report["status"]["5xx"]), 6);
     assert_eq!(up.state.hits("/broken"), 6, "a 503 is not cached");
 
-    // Nothing listens on a port we just released: connect errors, and a
-    // failed run since nothing answered.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // Nothing listens on a free port: connect errors, and a failed run
+    // since nothing answered.
+    let closed = format!("127.0.0.1:{}", cachegate_test_net::free_port());
     let (out, report) = bench_async(
         [&format!("http://{closed}/x"), "--requests", "3"]
             .map(String::from)

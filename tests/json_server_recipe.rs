@@ -15,7 +15,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{cachegate, client, free_port, need, send, Got};
 use serde_json::{json, Value};
@@ -97,17 +97,7 @@ impl JsonServer {
             dir,
             log,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("json-server exited ({status}) before listening");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "json-server did not listen within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        common::wait_listening(&mut server.child, port, "json-server");
         server
     }
 

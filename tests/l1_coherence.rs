@@ -239,21 +239,14 @@ async fn dynamodb_purges_reach_every_l1() {
 fn own_redis(port: u16) -> Killed {
     let dir = std::env::temp_dir().join(format!("cg-l1-redis-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let child = std::process::Command::new("redis-server")
+    let mut child = std::process::Command::new("redis-server")
         .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
         .args(["--save", "", "--appendonly", "no", "--dir"])
         .arg(&dir)
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("redis-server (scripts/test installs it)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "redis-server did not listen on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_listening(&mut child, port, "redis-server");
     Killed(child)
 }
 

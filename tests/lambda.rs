@@ -107,9 +107,9 @@ async fn binary_bodies_cross_the_lambda_boundary_intact() {
 
 #[tokio::test]
 async fn upstream_failure_in_lambda_is_a_json_502() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", dead.local_addr().unwrap());
-    drop(dead);
+    // Nothing listens there (a port outside the ephemeral range, which no
+    // other test's listener or connection can take meanwhile).
+    let url = format!("http://127.0.0.1:{}", cachegate_test_net::free_port());
     let p = proxy(&url).await;
     let r = invoke(&p, event("apigw_v2_get.json")).await;
     assert_eq!(r.status(), 502);

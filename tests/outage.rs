@@ -19,7 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{cachegate, upstream};
+use cachegate_test_net::wait_listening;
+use common::{cachegate, free_port, upstream};
 
 /// How long each phase lasts and how much load there is.
 struct Plan {
@@ -61,25 +62,6 @@ fn plan() -> Plan {
 
 const KEYS: usize = 200;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_port(port: u16, limit: Duration) {
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < limit,
-            "nothing listens on {port} after {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A cache server this test owns: it can be killed and started again on
 /// the same port.
 struct Server {
@@ -91,8 +73,8 @@ struct Server {
 impl Server {
     fn new(start: Box<dyn Fn(u16) -> Child + Send>) -> Server {
         let port = free_port();
-        let child = start(port);
-        wait_port(port, Duration::from_secs(20));
+        let mut child = start(port);
+        wait_listening(&mut child, port, "cache server", Duration::from_secs(20));
         Server {
             child: Some(child),
             port,
@@ -113,6 +95,12 @@ impl Server {
             let mut child = (self.start)(self.port);
             std::thread::sleep(Duration::from_millis(100));
             if child.try_wait().unwrap().is_none() {
+                wait_listening(
+                    &mut child,
+                    self.port,
+                    "cache server",
+                    Duration::from_secs(20),
+                );
                 self.child = Some(child);
                 break;
             }
@@ -122,7 +110,6 @@ impl Server {
                 self.port
             );
         }
-        wait_port(self.port, Duration::from_secs(20));
     }
 }
 

@@ -267,9 +267,7 @@ async fn stale_entries_are_revalidated_with_their_validator() {
 #[tokio::test]
 async fn upstream_failures_are_clear_json_errors() {
     // Nothing listens on this port: connection refused.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = dead.local_addr().unwrap().port();
-    drop(dead);
+    let port = cachegate_test_net::free_port();
     let cg = cachegate(&format!("http://127.0.0.1:{port}"), &[]);
     let r = get(&format!("{}/x", cg.url)).await;
     assert_eq!(r.status, 502);

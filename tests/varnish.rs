@@ -11,7 +11,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{cachegate, client, free_port, get, need, send, upstream, Got};
+use common::{cachegate, client, free_port, get, need, send, upstream, wait_listening, Got};
 
 /// A varnishd in front of `backend_port`, stopped (SIGTERM, then reaped)
 /// when dropped.
@@ -98,17 +98,7 @@ sub vcl_deliver {{
         url: format!("http://127.0.0.1:{port}"),
         _dir: tempdir::Dir(dir),
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = v.child.try_wait() {
-            panic!("varnishd exited ({status}) before listening");
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "varnishd did not listen within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_listening(&mut v.child, port, "varnishd");
     v
 }
 

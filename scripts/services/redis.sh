@@ -46,22 +46,60 @@ redis_install() {
   APT_UPDATED=1
 }
 
-# redis_spawn NAME PORT ARGS...: one redis-server in the background, logging
-# to $RUN_DIR/redis/NAME.log (what it prints before the log is open goes
-# to NAME.out), working directory $RUN_DIR/redis/NAME.
+# redis_spawn NAME ARGS...: one redis-server in the background, logging to
+# $RUN_DIR/redis/NAME.log (what it prints before the log is open goes to
+# NAME.out), working directory $RUN_DIR/redis/NAME. In ARGS, @PORT@ and
+# @BUS@ stand for free ports chosen here; when the server cannot bind one
+# (another process took it after free_port looked), it is started again on
+# new ports, up to five times. Sets REDIS_PORT to the port it listens on.
 redis_spawn() {
-  local name=$1 port=$2
-  shift 2
-  local dir="$RUN_DIR/redis/$name"
+  local name=$1
+  shift
+  local dir="$RUN_DIR/redis/$name" attempt port bus pid arg args
   mkdir -p "$dir"
-  redis-server --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
-    --dir "$dir" --logfile "$RUN_DIR/redis/$name.log" "$@" \
-    >>"$RUN_DIR/redis/$name.out" 2>&1 &
-  register_pid $!
-  wait_port "$port" 20 || {
-    tail -n 20 "$RUN_DIR/redis/$name.out" "$RUN_DIR/redis/$name.log" >&2 2>/dev/null || true
-    die "redis-server $name did not listen on 127.0.0.1:$port (log: $RUN_DIR/redis/$name.log)"
-  }
+  for attempt in 1 2 3 4 5; do
+    port=$(free_port)
+    bus=$(free_port)
+    args=()
+    for arg in "$@"; do
+      arg=${arg//@PORT@/$port}
+      args+=("${arg//@BUS@/$bus}")
+    done
+    rm -f "$dir/nodes.conf"
+    redis-server --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
+      --dir "$dir" --logfile "$RUN_DIR/redis/$name.log" "${args[@]}" \
+      >>"$RUN_DIR/redis/$name.out" 2>&1 &
+    pid=$!
+    if redis_wait_listening "$pid" "$RUN_DIR/redis/$name.log" "$port"; then
+      register_pid "$pid"
+      REDIS_PORT=$port
+      return 0
+    fi
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    grep -q 'Address already in use' "$RUN_DIR/redis/$name.log" "$RUN_DIR/redis/$name.out" 2>/dev/null || break
+    log "redis-server $name: port $port or $bus was taken after it was chosen; again on new ports (attempt $attempt)"
+    : >"$RUN_DIR/redis/$name.log"
+  done
+  tail -n 20 "$RUN_DIR/redis/$name.out" "$RUN_DIR/redis/$name.log" >&2 2>/dev/null || true
+  die "redis-server $name did not listen on 127.0.0.1:$port (log: $RUN_DIR/redis/$name.log)"
+}
+
+# redis_wait_listening PID LOG PORT: until this server (PID, still running,
+# its LOG saying it is ready) accepts connections on PORT (0), or it exits
+# or 20 s pass (1). The port alone is not proof: whoever took it listens too.
+redis_wait_listening() {
+  local pid=$1 log=$2 port=$3 i
+  for ((i = 0; i < 200; i++)); do
+    kill -0 "$pid" 2>/dev/null || return 1
+    if grep -q 'Ready to accept connections' "$log" 2>/dev/null \
+      && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      kill -0 "$pid" 2>/dev/null && return 0
+      return 1
+    fi
+    sleep 0.1
+  done
+  return 1
 }
 
 # redis_make_certs DIR: a private CA and a server certificate for
@@ -100,19 +138,18 @@ redis_cluster() {
     scheme=rediss
     cli=(redis-cli --tls --cacert "$certs/ca.crt")
   fi
-  local nodes=() urls=() i port bus
+  local nodes=() urls=() i port
   for i in 1 2 3; do
-    port=$(free_port)
-    bus=$(free_port)
-    local listen=(--port "$port")
+    local listen=(--port @PORT@)
     if [ -n "$certs" ]; then
-      listen=(--port 0 --tls-port "$port" --tls-cluster yes
+      listen=(--port 0 --tls-port @PORT@ --tls-cluster yes
         --tls-cert-file "$certs/server.crt" --tls-key-file "$certs/server.key"
         --tls-ca-cert-file "$certs/ca.crt" --tls-auth-clients no)
     fi
-    redis_spawn "$name-$i" "$port" "${listen[@]}" --cluster-enabled yes \
-      --cluster-port "$bus" --cluster-config-file "$RUN_DIR/redis/$name-$i/nodes.conf" \
+    redis_spawn "$name-$i" "${listen[@]}" --cluster-enabled yes \
+      --cluster-port @BUS@ --cluster-config-file "$RUN_DIR/redis/$name-$i/nodes.conf" \
       --cluster-node-timeout 5000
+    port=$REDIS_PORT
     nodes+=("127.0.0.1:$port")
     urls+=("$scheme://127.0.0.1:$port")
   done
@@ -144,16 +181,16 @@ start_redis() {
 
   # Standalone.
   local port
-  port=$(free_port)
-  redis_spawn standalone "$port" --port "$port"
+  redis_spawn standalone --port @PORT@
+  port=$REDIS_PORT
   export CACHEGATE_TEST_REDIS_URL="redis://127.0.0.1:$port"
 
   # AUTH: the default user with a random password.
   local pass
   pass=$(openssl rand -hex 16)
-  port=$(free_port)
-  redis_spawn auth "$port" --port "$port" --requirepass "$pass" \
+  redis_spawn auth --port @PORT@ --requirepass "$pass" \
     --user cachegate on ">$pass" '~cgacl:*' '&*' +@all
+  port=$REDIS_PORT
   export CACHEGATE_TEST_REDIS_AUTH_URL="redis://127.0.0.1:$port"
   export CACHEGATE_TEST_REDIS_PASSWORD="$pass"
   export CACHEGATE_TEST_REDIS_USERNAME=cachegate
@@ -161,10 +198,10 @@ start_redis() {
   # TLS only (no plain-text port).
   local certs="$RUN_DIR/redis/certs"
   redis_make_certs "$certs"
-  port=$(free_port)
-  redis_spawn tls "$port" --port 0 --tls-port "$port" \
+  redis_spawn tls --port 0 --tls-port @PORT@ \
     --tls-cert-file "$certs/server.crt" --tls-key-file "$certs/server.key" \
     --tls-ca-cert-file "$certs/ca.crt" --tls-auth-clients no
+  port=$REDIS_PORT
   redis-cli --tls --cacert "$certs/ca.crt" -h 127.0.0.1 -p "$port" ping 2>/dev/null | grep -q PONG \
     || die "redis-server TLS on 127.0.0.1:$port does not answer PING over TLS (log: $RUN_DIR/redis/tls.log)"
   export CACHEGATE_TEST_REDIS_TLS_URL="rediss://127.0.0.1:$port"

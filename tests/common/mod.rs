@@ -432,13 +432,23 @@ impl Drop for Killed {
     }
 }
 
-/// A TCP port nothing listens on right now, on 127.0.0.1.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+pub use cachegate_test_net::free_port;
+
+/// A gzip body decoded (the test clients have no decompression of their
+/// own: they see the bytes cachegate sends).
+pub fn gunzip(b: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(b)
+        .read_to_end(&mut out)
+        .expect("a gzip body");
+    out
+}
+
+/// Wait until `child`, a server started by a test, listens on `port`
+/// (loopback); panics naming `what` if it exits first or takes 30 s.
+pub fn wait_listening(child: &mut Child, port: u16, what: &str) {
+    cachegate_test_net::wait_listening(child, port, what, Duration::from_secs(30));
 }
 
 /// A variable scripts/test exports for the services it started; missing
@@ -534,17 +544,12 @@ pub fn lambda_emulator() -> (Logged, u16) {
         .spawn()
         .expect("`cargo lambda` not found: scripts/test installs cargo-lambda");
     let mut emulator = Logged::new(format!("cargo lambda watch on {port}"), emulator);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = emulator.process.0.try_wait() {
-            panic!("cargo lambda watch exited ({status}) before listening");
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "cargo lambda watch did not listen on {port} within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    cachegate_test_net::wait_listening(
+        &mut emulator.process.0,
+        port,
+        "cargo lambda watch",
+        Duration::from_secs(60),
+    );
     (emulator, port)
 }
 

@@ -526,12 +526,8 @@ impl OwnServer {
                  `source scripts/lib.sh; source scripts/services/dynamodb.sh; start_dynamodb`"
             )
         });
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(&bin)
+        let port = cachegate_test_net::free_port();
+        let mut child = Command::new(&bin)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--createTableMs", "50"])
             .stdin(Stdio::null())
@@ -539,19 +535,16 @@ impl OwnServer {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
-        let server = OwnServer {
+        cachegate_test_net::wait_listening(
+            &mut child,
+            port,
+            "own dynalite",
+            Duration::from_secs(20),
+        );
+        OwnServer {
             child,
             endpoint: format!("http://127.0.0.1:{port}"),
-        };
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "own dynalite never listened on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
         }
-        server
     }
 
     fn signal(&self, sig: &str) {

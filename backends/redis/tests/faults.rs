@@ -4,27 +4,19 @@
 //! redis-server processes (from PATH; scripts/services/redis.sh installs
 //! it) and their own silent listener; a missing redis-server is a failure.
 
-use std::net::TcpListener as StdListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cachegate_redis::{connect, ConnectError, RedisConfig};
 use cachegate_store::{now_millis, CacheStore, PutOptions, Rate, StoreError, StoreKey};
+use cachegate_test_net::{free_port, wait_listening};
 
 fn opts(ttl_ms: u64) -> PutOptions {
     PutOptions {
         expires_at: now_millis() + ttl_ms,
         tags: vec!["fault".into()],
     }
-}
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A redis-server child on `port`, killed when dropped.
@@ -37,7 +29,7 @@ impl Server {
     fn start(port: u16) -> Server {
         let dir = std::env::temp_dir().join(format!("cachegate-redis-fault-{port}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new("redis-server")
+        let mut child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
@@ -51,14 +43,7 @@ impl Server {
                      scripts/services/redis.sh installs it"
                 )
             });
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "redis-server did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(&mut child, port, "redis-server", Duration::from_secs(10));
         Server { child, port }
     }
 
