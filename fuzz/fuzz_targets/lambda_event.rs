@@ -45,8 +45,8 @@ fuzz_target!(|data: &[u8]| {
         canon.query.as_deref(),
         rule.query_filter(),
     );
-    assert!(t.url.path().starts_with("/v1/"));
-    assert_eq!(t.url.host_str(), Some("api.example.com"));
+    assert!(t.url().path().starts_with("/v1/"));
+    assert_eq!(t.url().host_str(), Some("api.example.com"));
     let _ = t.primary_key(&rule.name, &rule.key_headers, &canon.headers);
     let _ = request_policy(
         RequestFacts {
