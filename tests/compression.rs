@@ -7,16 +7,6 @@
 
 mod common;
 
-use std::io::Read;
-
-fn gunzip(b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(b)
-        .read_to_end(&mut out)
-        .expect("a gzip body");
-    out
-}
-
 async fn get_with(url: &str, accept_encoding: Option<&str>) -> common::Got {
     let mut req = common::client().get(url);
     if let Some(ae) = accept_encoding {
@@ -70,6 +60,7 @@ async fn every_spelling_shares_one_entry(backend: &str) {
         assert!(out.status.success(), "{}", common::describe(&out));
     }
     env.push(("CACHEGATE_CACHE__L1_TTL".into(), "0s".into()));
+    let env_owned = env.clone();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let cg = common::cachegate(&up.url, &env);
     let path = &format!("/list-{backend}");
@@ -99,7 +90,7 @@ async fn every_spelling_shares_one_entry(backend: &str) {
             continue;
         }
         assert_eq!(r.header("content-encoding"), "gzip", "{ae}: {r:?}");
-        assert_eq!(gunzip(&r.body), original, "{ae}");
+        assert_eq!(common::gunzip(&r.body), original, "{ae}");
         stored_len = r.body.len();
     }
     for ae in [None, Some("identity"), Some("br"), Some("gzip;q=0, br")] {
@@ -132,6 +123,28 @@ async fn every_spelling_shares_one_entry(backend: &str) {
         "one upstream call for every spelling"
     );
     assert_eq!(up.state.last(path).headers["accept-encoding"], "gzip");
+    if backend != "memory" {
+        // Stored under the primary key itself: `Accept-Encoding` selects
+        // no variant when every request asks the upstream for gzip, so a
+        // hit is one read, not a Vary index and then the variant.
+        let target = format!(
+            "http://{}{path}?json_bytes=1048576&cc=max-age%3D60",
+            common::TEST_HOST
+        );
+        let out = common::cli(
+            &up.url,
+            &env_owned,
+            &["explain", "--json", &target, "-H", "Accept-Encoding: br"],
+        );
+        assert!(out.status.success(), "{}", common::describe(&out));
+        let explained: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(explained["stored"]["found"], true, "{explained:#}");
+        assert_eq!(explained["decision"]["action"], "hit", "{explained:#}");
+        assert!(
+            explained["key"].get("variant").is_none(),
+            "no Vary index: {explained:#}"
+        );
+    }
     eprintln!(
         "1 MB JSON stored in {stored_len} bytes ({:.1} %)",
         stored_len as f64 * 100.0 / original.len() as f64
@@ -141,6 +154,74 @@ async fn every_spelling_shares_one_entry(backend: &str) {
         "stored in {stored_len} of {} bytes",
         original.len()
     );
+}
+
+/// With the L1 off, every hit reads the shared backend, and the decoded
+/// form of what the last read returned is reused while the backend returns
+/// the very same bytes. Another instance replacing the entry (same size,
+/// other content) must show at once: the first instance's clients that
+/// do not take gzip get the new version decoded, never the kept decoding
+/// of the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_entry_is_never_answered_from_the_old_decoding_in_redis() {
+    a_replaced_entry_is_never_answered_from_the_old_decoding("redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_entry_is_never_answered_from_the_old_decoding_in_dynamodb() {
+    a_replaced_entry_is_never_answered_from_the_old_decoding("dynamodb").await;
+}
+
+async fn a_replaced_entry_is_never_answered_from_the_old_decoding(backend: &str) {
+    let up = common::upstream().await;
+    let mut env = common::backend_env(backend, &format!("replaced-{backend}"));
+    if backend == "dynamodb" {
+        let out = common::cli("http://127.0.0.1:9", &env, &["init"]);
+        assert!(out.status.success(), "{}", common::describe(&out));
+    }
+    env.push(("CACHEGATE_CACHE__L1_TTL".into(), "0s".into()));
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (a, b) = (
+        common::cachegate(&up.url, &pairs),
+        common::cachegate(&up.url, &pairs),
+    );
+    // The answer carries its path: a long one takes it past the 1 KiB
+    // below which nothing is compressed.
+    let path = format!("/replaced-{backend}/{}", "p".repeat(200));
+    let at = |cg: &common::Cachegate| format!("{}{path}?cc=max-age%3D300", cg.url);
+    let first = get_with(&at(&a), None).await;
+    assert_eq!(first.x_cache(), "MISS", "{first:?}");
+    for _ in 0..3 {
+        let r = get_with(&at(&a), None).await;
+        assert_eq!(r.x_cache(), "HIT", "{r:?}");
+        assert!(r.headers.get("content-encoding").is_none(), "{r:?}");
+        assert_eq!(r.json()["version"], "1", "{r:?}");
+    }
+    let gzip = get_with(&at(&a), Some("gzip")).await;
+    assert_eq!(
+        gzip.header("content-encoding"),
+        "gzip",
+        "stored gzipped: {gzip:?}"
+    );
+
+    // Another instance replaces it: purged, then fetched again.
+    up.state.set_version(&path, "2");
+    let out = common::cli(
+        &up.url,
+        &env,
+        &["purge", "--url", &format!("{path}?cc=max-age%3D300")],
+    );
+    assert!(out.status.success(), "{}", common::describe(&out));
+    let refetched = get_with(&at(&b), None).await;
+    assert_eq!(refetched.x_cache(), "MISS", "{refetched:?}");
+    assert_eq!(refetched.json()["version"], "2", "{refetched:?}");
+
+    for _ in 0..3 {
+        let r = get_with(&at(&a), None).await;
+        assert_eq!(r.x_cache(), "HIT", "{r:?}");
+        assert_eq!(r.json()["version"], "2", "the old decoding answered: {r:?}");
+    }
+    assert_eq!(up.state.hits(&path), 2, "one fetch per version");
 }
 
 /// An upstream that compresses itself: its gzip is stored as it came, and
@@ -169,7 +250,7 @@ async fn an_upstreams_own_gzip_is_decoded_for_clients_that_do_not_take_it() {
     assert_eq!(r.x_cache(), "HIT");
     assert_eq!(r.header("content-encoding"), "gzip");
     assert_eq!(r.header("etag"), "\"v1\"", "the upstream's bytes, its ETag");
-    assert_eq!(gunzip(&r.body), original);
+    assert_eq!(common::gunzip(&r.body), original);
     let r = get_with(&url, Some("br")).await;
     assert_eq!(r.x_cache(), "HIT");
     assert!(r.headers.get("content-encoding").is_none(), "{r:?}");

@@ -14,7 +14,7 @@
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, StatusCode};
 
-use super::content_coding::accepts_stored_coding;
+use super::content_coding::{accepts_coding, accepts_stored_coding};
 
 /// A content coding cachegate stores or serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,12 +42,16 @@ impl Coding {
         let Some(value) = value else {
             return Some(Coding::Identity);
         };
-        let v = std::str::from_utf8(value).ok()?.trim().to_ascii_lowercase();
-        match v.as_str() {
-            "" | "identity" => Some(Coding::Identity),
-            "gzip" | "x-gzip" => Some(Coding::Gzip),
-            "br" => Some(Coding::Br),
-            _ => None,
+        let v = value.trim_ascii();
+        let is = |token: &str| v.eq_ignore_ascii_case(token.as_bytes());
+        if v.is_empty() || is("identity") {
+            Some(Coding::Identity)
+        } else if is("gzip") || is("x-gzip") {
+            Some(Coding::Gzip)
+        } else if is("br") {
+            Some(Coding::Br)
+        } else {
+            None
         }
     }
 }
@@ -185,6 +189,17 @@ impl ClientAccept {
         }
     }
 
+    /// Whether a stored answer with this `Content-Encoding` can be given
+    /// to the client: gzip always (decoded for a client that does not take
+    /// it), anything else only when the client's own `Accept-Encoding`
+    /// takes it (RFC 9110 §12.5.3). The request's own header says gzip
+    /// by then ([`ASK_UPSTREAM`]), so it cannot tell: an upstream's `br`
+    /// must reach the clients that take `br`, and only them.
+    pub fn takes_stored(&self, content_encoding: Option<&[u8]>) -> bool {
+        Coding::from_content_encoding(content_encoding) == Some(Coding::Gzip)
+            || accepts_coding(self.original.iter(), content_encoding)
+    }
+
     /// Whether an answer with these headers must be decoded for this
     /// client: gzip (alone) that it does not take.
     pub fn must_decode(&self, response: &HeaderMap) -> bool {
@@ -296,6 +311,28 @@ mod tests {
         let none = ClientAccept::of(&req(None));
         none.restore(&mut h);
         assert!(h.get(header::ACCEPT_ENCODING).is_none());
+    }
+
+    /// A stored gzip reaches everyone (decoded when need be); an
+    /// upstream's `br` only the clients that asked for it themselves,
+    /// although the request went upstream asking for gzip.
+    #[test]
+    fn which_stored_codings_a_client_is_given() {
+        let br_client = ClientAccept::of(&req(Some("br, gzip")));
+        let gzip_client = ClientAccept::of(&req(Some("gzip")));
+        let plain_client = ClientAccept::of(&req(None));
+        let shy_client = ClientAccept::of(&req(Some("gzip, identity;q=0")));
+        for c in [&br_client, &gzip_client, &plain_client, &shy_client] {
+            assert!(c.takes_stored(Some(b"gzip")), "{c:?}");
+            assert!(c.takes_stored(Some(b"x-gzip")), "{c:?}");
+        }
+        assert!(br_client.takes_stored(Some(b"br")));
+        assert!(!gzip_client.takes_stored(Some(b"br")));
+        assert!(!plain_client.takes_stored(Some(b"br")));
+        assert!(!br_client.takes_stored(Some(b"deflate")));
+        assert!(plain_client.takes_stored(None));
+        assert!(gzip_client.takes_stored(None));
+        assert!(!shy_client.takes_stored(None), "identity;q=0");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Whether a stored response's content coding may be served to a request
 //! (RFC 9110 §12.5.3, §8.4).
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 
 /// Whether every content coding of a stored response's `Content-Encoding`
 /// (`None`: not encoded) is one the request's `Accept-Encoding` accepts.
@@ -19,38 +19,50 @@ use http::HeaderMap;
 ///   cost of the stricter reading is one upstream call, which the
 ///   upstream answers as it sees fit.
 pub fn accepts_stored_coding(request: &HeaderMap, content_encoding: Option<&[u8]>) -> bool {
-    let codings: Vec<String> = content_encoding
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .into_iter()
-        .flat_map(|v| v.split(','))
-        .map(|c| normal(c.trim()))
-        .filter(|c| !c.is_empty() && c != "identity")
-        .collect();
-    let accepted = accept_encoding(request);
+    accepts_coding(
+        request.get_all(http::header::ACCEPT_ENCODING).iter(),
+        content_encoding,
+    )
+}
+
+/// [`accepts_stored_coding`] for the values of an `Accept-Encoding` kept
+/// apart from their request.
+pub fn accepts_coding<'a>(
+    accept_encoding: impl Iterator<Item = &'a HeaderValue>,
+    content_encoding: Option<&[u8]>,
+) -> bool {
+    // Borrowed and compared without case: this runs on every hit.
+    let accepted = members(accept_encoding);
     let weight = |coding: &str| -> Option<f32> {
         accepted
             .iter()
-            .find(|(c, _)| c == coding)
-            .or_else(|| accepted.iter().find(|(c, _)| c == "*"))
+            .find(|(c, _)| same_coding(c, coding))
+            .or_else(|| accepted.iter().find(|(c, _)| *c == "*"))
             .map(|(_, q)| *q)
     };
-    if codings.is_empty() {
+    let mut codings = content_encoding
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+        .peekable();
+    if codings.peek().is_none() {
         return weight("identity").is_none_or(|q| q > 0.0);
     }
-    codings.iter().all(|c| weight(c).is_some_and(|q| q > 0.0))
+    codings.all(|c| weight(c).is_some_and(|q| q > 0.0))
 }
 
-/// The `Accept-Encoding` members as (lower-case coding, weight); a weight
-/// that does not parse counts as 1 (the member is there).
-fn accept_encoding(request: &HeaderMap) -> Vec<(String, f32)> {
-    request
-        .get_all(http::header::ACCEPT_ENCODING)
-        .iter()
+/// The `Accept-Encoding` members as (coding, weight), codings trimmed and
+/// as written; a weight that does not parse counts as 1 (the member is
+/// there).
+fn members<'a>(accept_encoding: impl Iterator<Item = &'a HeaderValue>) -> Vec<(&'a str, f32)> {
+    accept_encoding
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|member| {
             let mut parts = member.split(';');
-            let coding = normal(parts.next()?.trim());
+            let coding = parts.next()?.trim();
             if coding.is_empty() {
                 return None;
             }
@@ -63,19 +75,24 @@ fn accept_encoding(request: &HeaderMap) -> Vec<(String, f32)> {
         .collect()
 }
 
-fn normal(coding: &str) -> String {
-    let c = coding.to_ascii_lowercase();
-    match c.as_str() {
-        "x-gzip" => "gzip".into(),
-        "x-compress" => "compress".into(),
-        _ => c,
+/// Whether two coding tokens name one coding: case-insensitive, `x-gzip`
+/// is `gzip` and `x-compress` is `compress` (RFC 9110 §8.4.1).
+fn same_coding(a: &str, b: &str) -> bool {
+    fn normal(c: &str) -> &str {
+        if c.eq_ignore_ascii_case("x-gzip") {
+            "gzip"
+        } else if c.eq_ignore_ascii_case("x-compress") {
+            "compress"
+        } else {
+            c
+        }
     }
+    normal(a).eq_ignore_ascii_case(normal(b))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     fn accepts(accept: Option<&str>, stored: Option<&str>) -> bool {
         let mut h = HeaderMap::new();

@@ -42,7 +42,7 @@ const HIT_FOR_PASS_MAX: usize = 10_000;
 #[derive(Debug, Clone)]
 pub(super) struct SharedEntry {
     stored: Arc<Stored>,
-    /// The request headers its `Vary` names (`None` for `Vary: *`).
+    /// The request headers that select its variant (`None` for `Vary: *`).
     vary: Option<Vec<String>>,
     /// The key it went under: a waiter takes it only if its own request
     /// would be stored under the same one.
@@ -88,7 +88,7 @@ impl Proxy {
                     // Waiters get the stored copy, never the fetcher's own headers.
                     Ok(Fetched::Entry(stored, _) | Fetched::Own(stored, _, _)) => {
                         self.forget_not_storable(&miss.primary);
-                        let vary = key::vary_names(&stored.headers);
+                        let vary = key::variant_names(&stored.headers, self.settings.compression);
                         Shared::Entry(SharedEntry {
                             stored: stored.clone(),
                             key: stored_under(&miss.primary, vary.as_deref(), &miss.headers),
@@ -239,7 +239,9 @@ impl Proxy {
         let deadline = tokio::time::Instant::now() + self.coalesce_deadline();
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(LOCK_POLL).await;
-            let found = self.lookup(&miss.primary, &miss.headers).await;
+            let found = self
+                .lookup(&miss.primary, &miss.headers, miss.accept.as_deref())
+                .await;
             if let Some(e) = found.trouble {
                 // A slow or failed read is a reason to look again, not to
                 // call the upstream beside the holder.
@@ -320,7 +322,9 @@ impl Proxy {
         if miss.cache_down {
             return None;
         }
-        let found = self.lookup(&miss.primary, &miss.headers).await;
+        let found = self
+            .lookup(&miss.primary, &miss.headers, miss.accept.as_deref())
+            .await;
         found.stored.filter(|s| miss.may_take(s, stale))
     }
 }

@@ -174,7 +174,7 @@ fn canonical(
     }
     json!({
         "method": method.as_str(),
-        "upstream_url": target.url.as_str(),
+        "upstream_url": target.url().as_str(),
         "path_and_query": target.path_and_query,
         "headers": h,
     })

@@ -165,7 +165,7 @@ impl Proxy {
         let sent_at = std::time::Instant::now();
         // The upstream may be off limits (its breaker open, a back-off it
         // asked for, the budget spent): then it is not called at all.
-        let target = miss.target.url.clone();
+        let target = miss.target.url().clone();
         let sent = self
             .send_upstream(
                 miss.method.clone(),
@@ -502,7 +502,7 @@ impl Proxy {
             headers,
             own,
         } = made;
-        let vary = key::vary_names(&headers).unwrap_or_default();
+        let vary = key::variant_names(&headers, self.settings.compression).unwrap_or_default();
         // A purge that ran while this response was on its way: it may be
         // older than what the purge made room for.
         let purged = self.purged_since(&entry.tags, exchange.request_time).await;

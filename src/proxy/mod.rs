@@ -146,6 +146,9 @@ struct Stored {
     /// store (which counts its size, [`Entry::gzip_decoded_len`]), later
     /// such hits decode nothing.
     decoded: OnceLock<Bytes>,
+    /// The headers that go with the decoded body
+    /// ([`compression::mark_decoded`]), made once like it.
+    decoded_headers: OnceLock<HeaderMap>,
 }
 
 impl Stored {
@@ -160,7 +163,17 @@ impl Stored {
             entry,
             headers,
             decoded: OnceLock::new(),
+            decoded_headers: OnceLock::new(),
         }
+    }
+
+    /// The stored headers as they go out with the decoded body.
+    fn decoded_headers(&self) -> &HeaderMap {
+        self.decoded_headers.get_or_init(|| {
+            let mut h = self.headers.clone();
+            compression::mark_decoded(&mut h);
+            h
+        })
     }
 
     /// The gzip body decoded, at most `limit` bytes: the kept copy, or
@@ -597,7 +610,9 @@ impl Proxy {
     async fn look_up(&self, miss: MissCtx, trace: &mut Trace) -> (Option<Arc<Stored>>, MissCtx) {
         let found = if miss.policy.lookup {
             let started = std::time::Instant::now();
-            let found = self.lookup(&miss.primary, &miss.headers).await;
+            let found = self
+                .lookup(&miss.primary, &miss.headers, miss.accept.as_deref())
+                .await;
             trace.lookup_time = Some(started.elapsed());
             trace.backend_error = found.trouble.is_some();
             found
@@ -740,7 +755,12 @@ impl Proxy {
 
     /// The stored entry for a request: the primary key's, or the variant
     /// its Vary index names. A cache failure is reported, never raised.
-    async fn lookup(&self, primary: &StoreKey, headers: &HeaderMap) -> Found {
+    async fn lookup(
+        &self,
+        primary: &StoreKey,
+        headers: &HeaderMap,
+        client: Option<&ClientAccept>,
+    ) -> Found {
         let found = self.cache.get(primary).await;
         let mut trouble = found.error;
         let entry = match found.found {
@@ -759,10 +779,16 @@ impl Proxy {
             None => None,
         };
         // A stored coding this client cannot decode is a miss for it
-        // (RFC 9110 §12.5.3), whatever the key and Vary said.
+        // (RFC 9110 §12.5.3), whatever the key and Vary said. With
+        // compression, its own `Accept-Encoding` decides, not the `gzip`
+        // asked of the upstream in its place.
         let entry = entry.filter(|f| match f.record() {
             Record::Entry(e) => {
-                policy::content_coding::accepts_stored_coding(headers, e.header("content-encoding"))
+                let coding = e.header("content-encoding");
+                match client {
+                    Some(client) => client.takes_stored(coding),
+                    None => policy::content_coding::accepts_stored_coding(headers, coding),
+                }
             }
             _ => false,
         });
@@ -855,7 +881,7 @@ impl Proxy {
         let sent = self
             .send_upstream(
                 method,
-                target.url.clone(),
+                target.url().clone(),
                 headers,
                 body,
                 guard::Caller::Client,

@@ -31,7 +31,7 @@ impl Proxy {
         // cheap) but not at the edge, where each path costs money and any
         // upstream answer could name any number of them.
         let mut off_route = Vec::new();
-        for path in self.same_origin_locations(&target.url, resp_headers) {
+        for path in self.same_origin_locations(target.url(), resp_headers) {
             if let Ok(tag) = self.url_tag(&path) {
                 if !self.on_a_route(&path) {
                     off_route.push(tag.clone());

@@ -44,7 +44,14 @@ impl Proxy {
             .map(ResponseBody::from);
             return (resp, outcome);
         }
-        let mut headers = stored.headers.clone();
+        let decoded_len = entry.gzip_decoded_len();
+        let decode =
+            client.is_some_and(|c| c.must_decode(&stored.headers)) && decoded_len.is_some();
+        let mut headers = if decode {
+            stored.decoded_headers().clone()
+        } else {
+            stored.headers.clone()
+        };
         let status = StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK);
         let age_secs = entry.age_secs(now);
         headers.insert(header::AGE, HeaderValue::from(age_secs));
@@ -70,9 +77,6 @@ impl Proxy {
         } else {
             status
         };
-        let decoded_len = entry.gzip_decoded_len();
-        let decode =
-            client.is_some_and(|c| c.must_decode(&stored.headers)) && decoded_len.is_some();
         let body = if head || not_modified {
             Bytes::new()
         } else if decode {
@@ -92,9 +96,6 @@ impl Proxy {
         } else {
             entry.body.clone()
         };
-        if decode {
-            policy::compression::mark_decoded(&mut headers);
-        }
         if head && !not_modified {
             // Describe the representation, not the empty body we send.
             let len = if decode {
