@@ -55,8 +55,12 @@ pub async fn build_cache(config: &Config) -> Result<TieredCache, BackendError> {
         ttl: config.cache.l1_ttl,
         check_every: config.cache.l1_check,
     });
+    // With the L1 off, `memory.capacity` bounds the decoded copies kept
+    // beside the reads instead: a hit whose value has not changed in the
+    // backend is not decoded (nor its gzip body inflated) again.
     Ok(
         TieredCache::new(GuardedStore::new(main, config.store.clone()), l1)
+            .with_prepared_reads(memory_store(config))
             .with_soft_purge_window(config.cache.stale_while_revalidate),
     )
 }

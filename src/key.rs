@@ -47,13 +47,33 @@ pub use crate::policy::headers::vary_names;
 pub use crate::policy::rule::QueryFilter;
 
 /// A request resolved against the upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The key and the URL tag read `path_and_query`; the URL sent upstream is
+/// built from it and the base only when something calls upstream or shows
+/// it ([`Target::url`]): a hit needs no URL, and building one (a copy of
+/// the base, a path and a query each parsed again) was a tenth of a memory
+/// hit. The URL parser leaves a canonical path and query as they are, so
+/// the URL carries exactly `path_and_query` (checked for random targets
+/// here and for any bytes by `fuzz/fuzz_targets/key.rs`); and were it ever
+/// to rewrite one, it would still be a function of `path_and_query`: two
+/// requests sent upstream differently could never share a key.
+#[derive(Debug, Clone)]
 pub struct Target {
-    /// The URL sent upstream.
-    pub url: Url,
     /// `path?query` as sent upstream: what the key and the URL tag name.
     pub path_and_query: String,
+    /// Where the path ends in `path_and_query`.
+    path_len: usize,
+    base: Url,
+    url: std::sync::OnceLock<Url>,
 }
+
+impl PartialEq for Target {
+    fn eq(&self, other: &Self) -> bool {
+        self.path_and_query == other.path_and_query && self.base == other.base
+    }
+}
+
+impl Eq for Target {}
 
 impl Target {
     /// Resolve a request target against `base`. `request_path` is
@@ -76,20 +96,37 @@ impl Target {
         request_query: Option<&str>,
         query: QueryFilter<'_>,
     ) -> Target {
-        let mut url = base.clone();
         let prefix = base.path().trim_end_matches('/');
-        url.set_path(&format!("{prefix}{canonical_path}"));
         let query = canonical_query(request_query.unwrap_or(""), query);
-        url.set_query(query.as_deref());
-        url.set_fragment(None);
-        let path_and_query = match url.query() {
-            Some(q) => format!("{}?{q}", url.path()),
-            None => url.path().to_owned(),
-        };
-        Target {
-            url,
-            path_and_query,
+        let query_len = query.as_ref().map_or(0, |q| q.len() + 1);
+        let mut path_and_query =
+            String::with_capacity(prefix.len() + canonical_path.len() + query_len);
+        path_and_query.push_str(prefix);
+        path_and_query.push_str(canonical_path);
+        let path_len = path_and_query.len();
+        if let Some(q) = &query {
+            path_and_query.push('?');
+            path_and_query.push_str(q);
         }
+        Target {
+            path_and_query,
+            path_len,
+            base: base.clone(),
+            url: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The URL sent upstream: the base's scheme and authority with
+    /// `path_and_query`, built on first use.
+    pub fn url(&self) -> &Url {
+        self.url.get_or_init(|| {
+            let (path, query) = self.path_and_query.split_at(self.path_len);
+            let mut url = self.base.clone();
+            url.set_path(path);
+            url.set_query(query.strip_prefix('?'));
+            url.set_fragment(None);
+            url
+        })
     }
 
     /// The tag every entry of this URL carries, so a purge by URL removes
@@ -116,6 +153,22 @@ impl Target {
         hash_header_values(&mut h, key_headers, headers);
         h.finish()
     }
+}
+
+/// The `Vary` names that select a variant of a response: its own, less
+/// `Accept-Encoding` when cachegate asks the upstream for gzip in place of
+/// every client's value (`compression`): every request that uses the cache
+/// then sends the upstream the same `Accept-Encoding`, so it tells no two
+/// of them apart, and the client's own value only decides what it is sent
+/// ([`crate::policy::compression::ClientAccept`]). A response varying on
+/// nothing else is stored under the primary key: one lookup a hit, not a
+/// `Vary` index and then the variant. `None` for `Vary: *`.
+pub fn variant_names(response: &HeaderMap, compression: bool) -> Option<Vec<String>> {
+    let mut names = vary_names(response)?;
+    if compression {
+        names.retain(|n| n != http::header::ACCEPT_ENCODING.as_str());
+    }
+    Some(names)
 }
 
 /// The request headers cachegate sets that tell the upstream the
@@ -242,6 +295,26 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
+    /// With compression every cache-using request asks the upstream for
+    /// gzip: `Accept-Encoding` selects no variant, other names still do.
+    #[test]
+    fn accept_encoding_selects_no_variant_under_compression() {
+        let mut h = HeaderMap::new();
+        h.insert("vary", "Accept-Encoding".parse().unwrap());
+        assert_eq!(variant_names(&h, true), Some(vec![]));
+        assert_eq!(
+            variant_names(&h, false),
+            Some(vec!["accept-encoding".to_owned()])
+        );
+        h.append("vary", "accept-language, ACCEPT-ENCODING".parse().unwrap());
+        assert_eq!(
+            variant_names(&h, true),
+            Some(vec!["accept-language".to_owned()])
+        );
+        h.insert("vary", "accept-encoding, *".parse().unwrap());
+        assert_eq!(variant_names(&h, true), None, "Vary: * is never stored");
+    }
+
     /// The bytes a query piece is sent (and keyed) with: pinned, since a
     /// change would change every key with such a byte in its query.
     #[test]
@@ -274,12 +347,12 @@ mod tests {
     #[test]
     fn dot_segments_resolve_and_never_leave_the_base_path() {
         assert_eq!(
-            target("/a/../b", None).url.as_str(),
+            target("/a/../b", None).url().as_str(),
             "https://api.example.com/v1/b"
         );
-        assert_eq!(target("/a/%2e%2e/b", None).url.path(), "/v1/b");
-        assert_eq!(target("/../../admin", None).url.path(), "/v1/admin");
-        assert_eq!(target("/%2e%2e/admin", None).url.path(), "/v1/admin");
+        assert_eq!(target("/a/%2e%2e/b", None).url().path(), "/v1/b");
+        assert_eq!(target("/../../admin", None).url().path(), "/v1/admin");
+        assert_eq!(target("/%2e%2e/admin", None).url().path(), "/v1/admin");
         assert_eq!(key("/a/../b", None), key("/b", None));
         assert_eq!(key("/items/%31", None), key("/items/1", None));
     }
@@ -296,9 +369,9 @@ mod tests {
         ] {
             assert_ne!(key(other, None), k, "{other} shares the key of /items/1");
             // And what is keyed is what is sent.
-            assert!(target(other, None).url.path().starts_with("/v1/"));
+            assert!(target(other, None).url().path().starts_with("/v1/"));
         }
-        assert_eq!(target("/items/1%2f", None).url.path(), "/v1/items/1%2F");
+        assert_eq!(target("/items/1%2f", None).url().path(), "/v1/items/1%2F");
         assert!(Target::resolve(&base(), "/items/1%2F..", None, QueryFilter::default()).is_err());
     }
 
@@ -318,7 +391,7 @@ mod tests {
         assert_ne!(key("/s", Some("q=a+b")), key("/s", Some("q=a%20b")));
         assert_ne!(key("/s", Some("id=%E9t%E9")), key("/s", Some("id=%E8t%E8")));
         assert_eq!(
-            target("/s", Some("id=%E9t%E9")).url.query(),
+            target("/s", Some("id=%E9t%E9")).url().query(),
             Some("id=%E9t%E9")
         );
         assert_eq!(key("/s", Some("a=1&utm_source=x")), key("/s", Some("a=1")));
@@ -335,7 +408,7 @@ mod tests {
         // Encoded separators stay data, never structure.
         assert_ne!(key("/s", Some("a=1%26b%3D2")), key("/s", Some("a=1&b=2")));
         assert_eq!(
-            target("/s", Some("b=2&a=1&utm_source=x")).url.query(),
+            target("/s", Some("b=2&a=1&utm_source=x")).url().query(),
             Some("a=1&b=2")
         );
         assert_eq!(
@@ -508,13 +581,19 @@ mod tests {
             };
             assert_eq!(canonical_path(&canonical).unwrap(), canonical, "{path:?}");
             let t = Target::from_canonical(&base, &canonical, Some(query), QueryFilter::default());
-            assert_eq!(t.url.path(), format!("/v1{canonical}"), "{path:?}");
-            let again =
-                Target::resolve(&base, &canonical, t.url.query(), QueryFilter::default()).unwrap();
+            assert_eq!(t.url().path(), format!("/v1{canonical}"), "{path:?}");
+            // What is keyed is what is sent.
+            let sent = match t.url().query() {
+                Some(q) => format!("{}?{q}", t.url().path()),
+                None => t.url().path().to_owned(),
+            };
+            assert_eq!(t.path_and_query, sent, "{path:?} {query:?}");
+            let again = Target::resolve(&base, &canonical, t.url().query(), QueryFilter::default())
+                .unwrap();
             let key = t.primary_key("*", &[], &none);
             assert_eq!(again.primary_key("*", &[], &none), key, "{path:?}");
-            if let Some(url) = by_key.insert(key, t.url.clone()) {
-                assert_eq!(url, t.url, "two upstream URLs share a key");
+            if let Some(url) = by_key.insert(key, t.url().clone()) {
+                assert_eq!(&url, t.url(), "two upstream URLs share a key");
             }
         }
         assert!(

@@ -9,6 +9,13 @@ use cachegate::config::{Mode, Role};
 use cachegate::invalidate::PurgeRequest;
 use cachegate::resolved::ResolvedConfig;
 
+/// jemalloc instead of glibc's malloc: allocation and freeing were a tenth
+/// of a memory hit's CPU time (the hit path allocates per request: hyper's
+/// and the header maps' buffers), and glibc keeps more of what a churning
+/// memory store frees. Measured in docs/benchmarks.md ("The allocator").
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// A caching proxy for REST APIs: in front of a slow or rate-limited API,
 /// it answers repeated GETs from a cache (memory, Redis or DynamoDB).
 ///

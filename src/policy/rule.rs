@@ -137,8 +137,16 @@ impl Rule {
         &'a self,
         headers: &'a HeaderMap,
     ) -> impl Iterator<Item = &'a HeaderName> + 'a {
+        // Most requests carry none: a pass over their few names compared
+        // with the list settles that without hashing each of the list's
+        // sixteen names for a lookup (a twentieth of a memory hit).
+        let carries_one = headers
+            .keys()
+            .any(|name| self.credential_headers.contains(name));
         self.credential_headers.iter().filter(move |name| {
-            headers.contains_key(*name) && !self.key_headers.iter().any(|k| k == name.as_str())
+            carries_one
+                && headers.contains_key(*name)
+                && !self.key_headers.iter().any(|k| k == name.as_str())
         })
     }
 

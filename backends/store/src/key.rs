@@ -1,6 +1,7 @@
 //! Store keys: fixed-length, versioned hashes that are safe in every backend.
 
 use std::fmt;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use sha2::{Digest, Sha256};
 
@@ -13,8 +14,11 @@ pub const KEY_VERSION: &str = "cg1";
 /// Built only by hashing length-prefixed parts, so no choice of path, query
 /// or header values can make two different part lists collide by
 /// concatenation (`["a/b", "c"]` and `["a", "b/c"]` hash differently).
+///
+/// Shared (`Arc<str>`): a key is cloned into traces, locks and the memory
+/// tier on every request, and a clone is a reference count, not a copy.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StoreKey(String);
+pub struct StoreKey(Arc<str>);
 
 impl StoreKey {
     /// Hash `parts` under a `domain` (what the key names: "response",
@@ -53,18 +57,31 @@ impl StoreKey {
             && digest
                 .bytes()
                 .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
-        .then(|| StoreKey(s.to_owned()))
+        .then(|| StoreKey(s.into()))
     }
 }
 
 /// [`StoreKey::hash`] one part at a time, for callers whose parts are
 /// not one list (the request path builds its key from borrowed header
 /// values, with no copy of them). The same parts give the same key.
-pub struct KeyHasher(Sha256);
+///
+/// The parts are gathered (each length-prefixed) and the key is the
+/// SHA-256 of those bytes, looked up first in [`KEY_MEMO`]: a request
+/// repeated within a while (every hit) finds its key there by a fast hash
+/// and a full comparison of the bytes, and pays for no SHA-256. Without
+/// the CPU's SHA extensions (Intel server parts before Ice Lake, and
+/// valgrind) the digest was a fifth of a memory hit's instructions.
+pub struct KeyHasher {
+    material: Vec<u8>,
+}
 
 impl KeyHasher {
     pub fn new(domain: &str) -> Self {
-        let mut h = KeyHasher(Sha256::new());
+        let mut h = KeyHasher {
+            // Room for a request's parts (path, query, route, forwarded
+            // origin, key headers) without growing.
+            material: Vec::with_capacity(KeyMemo::MAX_MATERIAL),
+        };
         h.part(KEY_VERSION.as_bytes());
         h.part(domain.as_bytes());
         h
@@ -72,24 +89,86 @@ impl KeyHasher {
 
     /// Add one part, length-prefixed.
     pub fn part(&mut self, part: &[u8]) -> &mut Self {
-        self.0.update((part.len() as u64).to_be_bytes());
-        self.0.update(part);
+        self.material
+            .extend_from_slice(&(part.len() as u64).to_be_bytes());
+        self.material.extend_from_slice(part);
         self
     }
 
     pub fn finish(self) -> StoreKey {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let digest = self.0.finalize();
-        let mut s = String::with_capacity(KEY_VERSION.len() + 1 + 64);
-        s.push_str(KEY_VERSION);
-        s.push(':');
-        // By table: formatting each byte with `{:02x}` was a fifth of a
-        // memory hit's instructions.
-        for b in digest {
-            s.push(HEX[(b >> 4) as usize] as char);
-            s.push(HEX[(b & 0xf) as usize] as char);
+        KEY_MEMO.key_of(&self.material)
+    }
+}
+
+/// The key of `material` (length-prefixed parts) computed: SHA-256, hex.
+fn digest_key(material: &[u8]) -> StoreKey {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = Sha256::digest(material);
+    let mut s = String::with_capacity(KEY_VERSION.len() + 1 + 64);
+    s.push_str(KEY_VERSION);
+    s.push(':');
+    // By table: formatting each byte with `{:02x}` was a fifth of a
+    // memory hit's instructions.
+    for b in digest {
+        s.push(HEX[(b >> 4) as usize] as char);
+        s.push(HEX[(b & 0xf) as usize] as char);
+    }
+    StoreKey(s.into())
+}
+
+/// The keys computed lately, by the bytes they were computed from.
+///
+/// A fixed table of slots, each the last material hashed to it (by xxh3
+/// with a per-process random seed) and its key: a lookup compares the
+/// whole material, so a slot shared by two requests only costs one of
+/// them a SHA-256, never gives it the other's key. Bounded whatever
+/// clients send: at most [`KeyMemo::SLOTS`] entries of at most
+/// [`KeyMemo::MAX_MATERIAL`] bytes (longer material is always digested),
+/// about 650 KB at most. A slot another thread holds is not waited for.
+struct KeyMemo {
+    seed: u64,
+    slots: Box<[Mutex<Option<Remembered>>]>,
+}
+
+/// One slot's content: the material and the key computed from it.
+type Remembered = (Box<[u8]>, StoreKey);
+
+/// The process's key memo ([`KeyHasher::finish`] reads it).
+static KEY_MEMO: LazyLock<KeyMemo> = LazyLock::new(KeyMemo::new);
+
+impl KeyMemo {
+    const SLOTS: usize = 1024;
+    const MAX_MATERIAL: usize = 512;
+
+    fn new() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let mut seed = std::hash::RandomState::new().build_hasher();
+        seed.write_u64(0x6367_6b65_796d_656d);
+        KeyMemo {
+            seed: seed.finish(),
+            slots: (0..Self::SLOTS).map(|_| Mutex::new(None)).collect(),
         }
-        StoreKey(s)
+    }
+
+    /// The key of `material`: remembered, or computed and remembered.
+    fn key_of(&self, material: &[u8]) -> StoreKey {
+        if material.len() > Self::MAX_MATERIAL {
+            return digest_key(material);
+        }
+        let hash = xxhash_rust::xxh3::xxh3_64_with_seed(material, self.seed);
+        let slot = &self.slots[hash as usize % Self::SLOTS];
+        if let Ok(held) = slot.try_lock() {
+            if let Some((known, key)) = held.as_ref() {
+                if **known == *material {
+                    return key.clone();
+                }
+            }
+        }
+        let key = digest_key(material);
+        if let Ok(mut held) = slot.try_lock() {
+            *held = Some((material.into(), key.clone()));
+        }
+        key
     }
 }
 
@@ -143,5 +222,54 @@ mod tests {
         assert_eq!(StoreKey::parse(k.as_str()), Some(k.clone()));
         assert_eq!(StoreKey::parse("cg0:abc"), None);
         assert_eq!(StoreKey::parse(&format!("{}x", k.as_str())), None);
+    }
+
+    /// The memo gives exactly the key the digest gives, remembered or not:
+    /// far more materials than slots (so slots are overwritten by others
+    /// over and over), asked in turn from four threads, each checked
+    /// against the digest computed directly; and material too long to
+    /// remember, twice.
+    #[test]
+    fn the_memo_never_answers_another_materials_key() {
+        let memo = Arc::new(KeyMemo::new());
+        let materials: Arc<Vec<Vec<u8>>> = Arc::new(
+            (0..5 * KeyMemo::SLOTS)
+                .map(|i| {
+                    let mut h = KeyHasher::new("response");
+                    h.part(format!("/items/{}", i % 2_000).as_bytes());
+                    h.part(&[(i / 2_000) as u8]);
+                    h.material
+                })
+                .collect(),
+        );
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (memo, materials) = (memo.clone(), materials.clone());
+                std::thread::spawn(move || {
+                    for round in 0..3 {
+                        for (i, m) in materials.iter().enumerate() {
+                            if (i + t + round) % 3 == 0 {
+                                assert_eq!(memo.key_of(m), digest_key(m), "material {i}");
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let long = vec![b'x'; KeyMemo::MAX_MATERIAL + 1];
+        assert_eq!(memo.key_of(&long), digest_key(&long));
+        assert_eq!(memo.key_of(&long), digest_key(&long));
+        // And it remembers: a material asked again is found in its slot.
+        let m = &materials[7];
+        memo.key_of(m);
+        let slot = &memo.slots
+            [xxhash_rust::xxh3::xxh3_64_with_seed(m, memo.seed) as usize % KeyMemo::SLOTS];
+        assert_eq!(
+            slot.lock().unwrap().as_ref().map(|(k, _)| &**k),
+            Some(&m[..])
+        );
     }
 }

@@ -75,6 +75,12 @@ pub struct TieredCache {
     /// guard has nothing to do), each value decoded once.
     memory_main: Option<MemoryStore>,
     l1: Option<Arc<L1>>,
+    /// Without an L1: the last value read from the main backend under each
+    /// key, with its decoded form (and what the proxy derived from it). A
+    /// read that returns the same bytes again reuses them instead of
+    /// decoding; nothing is answered from here without that read, so the
+    /// backend alone still says what is cached.
+    prepared: Option<MemoryStore>,
     /// Keeps the push subscription's listener alive as long as the cache.
     _subscriber: Option<Arc<dyn PurgeListener>>,
     /// The stale window a soft purge gives entries that name none.
@@ -99,6 +105,7 @@ impl TieredCache {
             main,
             memory_main: None,
             l1,
+            prepared: None,
             _subscriber: subscriber,
             soft_purge_window: Duration::ZERO,
             stats: Arc::default(),
@@ -118,6 +125,43 @@ impl TieredCache {
     pub fn with_memory_main(mut self, store: MemoryStore) -> Self {
         self.memory_main = Some(store);
         self
+    }
+
+    /// Keep the decoded form of what reads of the main backend return in
+    /// `store`, to reuse when the next read returns the same bytes. Only
+    /// without an L1 (which keeps decoded copies itself).
+    pub fn with_prepared_reads(mut self, store: MemoryStore) -> Self {
+        if self.l1.is_none() && self.memory_main.is_none() {
+            self.prepared = Some(store);
+        }
+        self
+    }
+
+    /// The live record a read of the main backend returned under `key`:
+    /// the decoded form kept from an earlier read of the very same bytes
+    /// (compared in full: the value decides, never a digest of it), or
+    /// decoded now and kept.
+    async fn prepared_read(&self, key: &StoreKey, read: Option<Bytes>) -> Option<Arc<Found>> {
+        let (prepared, bytes) = (self.prepared.as_ref()?, read?);
+        if let Some((kept, slot)) = prepared.get_found(key).await {
+            let same = kept.len() == bytes.len()
+                && (kept.as_ptr() == bytes.as_ptr() || kept[..] == bytes[..]);
+            if let (true, Some(found)) = (same, slot.get()) {
+                return (!found.record().is_expired(now_millis())).then(|| found.clone());
+            }
+        }
+        let (record, bytes) = self.live(Some(bytes))?;
+        let found = Arc::new(Found::new(record));
+        if matches!(found.record(), Record::Entry(_) | Record::VaryIndex(_)) {
+            let opts = PutOptions {
+                expires_at: found.record().expires_at(),
+                tags: Vec::new(),
+            };
+            let _ = prepared
+                .put_found(key, bytes, &opts, Some(found.clone()))
+                .await;
+        }
+        Some(found)
     }
 
     /// The live record under `key` in an in-process store, decoded once
@@ -197,7 +241,12 @@ impl TieredCache {
             }
         }
         match self.main.get(key).await {
-            Ok(found) => match self.live(found) {
+            // Set only when there is no L1 (`with_prepared_reads`).
+            Ok(read) if self.prepared.is_some() => Lookup {
+                found: self.prepared_read(key, read).await,
+                error: None,
+            },
+            Ok(read) => match self.live(read) {
                 Some((record, bytes)) => {
                     let found = Arc::new(Found::new(record));
                     if let (Some(l1), Some(generation)) = (l1, generation) {
@@ -557,5 +606,48 @@ mod tests {
             Arc::ptr_eq(&from_main, &from_l1),
             "the L1 kept the decoded record"
         );
+    }
+
+    /// Without an L1, a read that returns the very bytes read before
+    /// reuses their decoded form (and what the proxy derived from it); a
+    /// value changed in the backend, however slightly, is decoded anew,
+    /// and one gone from it is a miss although its decoded form is kept.
+    #[tokio::test]
+    async fn reads_of_unchanged_values_reuse_the_decoded_value_without_an_l1() {
+        let main = MemoryStore::new(1 << 20, 1 << 16);
+        let tiered = TieredCache::new(
+            GuardedStore::new(Arc::new(main.clone()), GuardConfig::default()),
+            None,
+        )
+        .with_prepared_reads(MemoryStore::new(1 << 20, 1 << 16));
+        let k = StoreKey::hash("t", ["prepared reads"]);
+        let opts = PutOptions {
+            expires_at: now_millis() + 60_000,
+            tags: Vec::new(),
+        };
+        main.put(&k, entry("four").encode(), &opts).await.unwrap();
+        let first = tiered.get(&k).await.found.unwrap();
+        let again = tiered.get(&k).await.found.unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "decoded once");
+        assert_eq!(*first.derived(|_| 1u32), *again.derived(|_| 2u32));
+
+        // Same length, one byte different: the bytes decide.
+        main.put(&k, entry("five").encode(), &opts).await.unwrap();
+        let changed = tiered.get(&k).await.found.unwrap();
+        assert!(!Arc::ptr_eq(&first, &changed));
+        assert_eq!(changed.record(), &entry("five"));
+        assert_eq!(*changed.derived(|_| 3u32), 3);
+
+        main.delete(&k).await.unwrap();
+        assert!(
+            tiered.get(&k).await.found.is_none(),
+            "gone from the backend"
+        );
+
+        // Undecodable bytes are a miss, and nothing is kept for them.
+        main.put(&k, Bytes::from_static(b"garbage"), &opts)
+            .await
+            .unwrap();
+        assert!(tiered.get(&k).await.found.is_none());
     }
 }
