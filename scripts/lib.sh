@@ -148,3 +148,19 @@ npm_install() {
     || { tail -n 20 "$prefix.log" >&2; die "npm install $package@$version failed"; }
   [ -x "$NPM_BIN" ] || die "$3 not found at $NPM_BIN after npm install"
 }
+
+# need_disk GB: fail now, naming the figure, unless the file system holding
+# the build directories has room for a run that needs GB gigabytes from
+# scratch (less what is already built under target/ and fuzz/target/).
+# Running out of disk half-way through a compile fails the run anyway, with
+# a message that points nowhere.
+need_disk() {
+  local need_kb=$(($1 * 1024 * 1024)) built_kb=0 free_kb
+  if [ -d target ] || [ -d fuzz/target ]; then
+    built_kb=$(du -sk target fuzz/target 2>/dev/null | awk '{s += $1} END {print s + 0}')
+  fi
+  free_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
+  if [ $((free_kb + built_kb)) -lt "$need_kb" ]; then
+    die "not enough disk: a run from scratch writes about $1 GB (builds and the services it installs); $((free_kb / 1024)) MB free on $(df -P . | awk 'NR == 2 {print $6}') and $((built_kb / 1024)) MB already built"
+  fi
+}

@@ -16,13 +16,26 @@ use serde_json::Value;
 /// `cachegate-bench` built next to the `cachegate` under test (the same
 /// target directory and profile), once per test run: `cargo test` builds
 /// only this package's binaries.
+///
+/// Built as `cargo test --workspace` (scripts/test) builds: every binary
+/// and test target of the workspace, so dependencies get the features that
+/// run unified (dev-dependencies' included) and nothing already built is
+/// compiled again. `cargo build -p cachegate-bench` alone would rebuild some
+/// 40 crates (the AWS SDKs among them) with other features: 0.4 GB more
+/// disk and minutes of compiling in the middle of the test run.
 fn bench_binary() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cachegate = Path::new(env!("CARGO_BIN_EXE_cachegate"));
         let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cargo
-            .args(["build", "-p", "cachegate-bench", "--manifest-path"])
+            .args([
+                "build",
+                "--workspace",
+                "--bins",
+                "--tests",
+                "--manifest-path",
+            ])
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
         if cachegate.parent().and_then(Path::file_name) == Some("release".as_ref()) {
             cargo.arg("--release");
@@ -30,7 +43,7 @@ fn bench_binary() -> &'static Path {
         let out = cargo.output().expect("run cargo");
         assert!(
             out.status.success(),
-            "cargo build -p cachegate-bench failed:\n{}",
+            "cargo build --workspace --bins --tests failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
         let built = cachegate.with_file_name("cachegate-bench");
