@@ -259,9 +259,10 @@ pub fn canonical_query(raw: &str, filter: QueryFilter<'_>) -> Option<String> {
         .filter(|p| !p.is_empty())
         .map(as_sent)
         .filter(|p| {
+            // Borrowed unless the name has something to decode.
             let decoded = form_urlencoded::parse(name_of(p).as_bytes())
                 .next()
-                .map(|(k, _)| k.into_owned())
+                .map(|(k, _)| k)
                 .unwrap_or_default();
             filter.keeps(&decoded)
         })

@@ -141,6 +141,11 @@ fn mark_keyed_on(
     edge_key_headers: Option<&[String]>,
     with_vary: bool,
 ) -> bool {
+    if keys.is_empty() && !(with_vary && edge_key_headers.is_some()) {
+        // Nothing to name in `Vary` and nothing the edge could fail to key
+        // on: the common hit, which need not parse `Vary` to find that out.
+        return false;
+    }
     let vary = super::headers::vary_names(headers).unwrap_or_default();
     let missing: Vec<&str> = keys
         .iter()

@@ -206,7 +206,8 @@ impl Outcome {
         s.push_str("cachegate; ");
         match self.kind {
             Kind::Hit { ttl } => {
-                let _ = write!(s, "hit; ttl={ttl}");
+                s.push_str("hit; ttl=");
+                s.push_str(itoa::Buffer::new().format(ttl));
             }
             Kind::StaleWhileRevalidate { stale_for, refresh } => {
                 let refresh = match refresh {
@@ -325,7 +326,7 @@ const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 /// instructions; the decimals are three digits written out.
 fn push_ms(out: &mut String, d: Duration) {
     let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-    let _ = write!(out, "{}", micros / 1000);
+    out.push_str(itoa::Buffer::new().format(micros / 1000));
     let frac = (micros % 1000) as u32;
     out.push('.');
     for digit in [frac / 100, frac / 10 % 10, frac % 10] {
