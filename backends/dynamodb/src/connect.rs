@@ -29,6 +29,7 @@ pub fn capabilities(cfg: &DynamoConfig) -> Capabilities {
         purge_feed: PurgeFeed::Log,
         lists_tag_members: true,
         scans_values: true,
+        write_ids: false,
     }
 }
 

@@ -169,6 +169,7 @@ pub fn capabilities(cfg: &RedisConfig) -> Capabilities {
         purge_feed: PurgeFeed::Push,
         lists_tag_members: true,
         scans_values: true,
+        write_ids: true,
     }
 }
 

@@ -17,7 +17,7 @@
 //!
 //! | key           | type | holds |
 //! |---------------|------|-------|
-//! | `P` `v:{K}`   | hash | `b`: the value bytes; `e`: `expires_at` (decimal unix ms); one field `t:<tag>` per tag the value carries |
+//! | `P` `v:{K}`   | hash | `b`: the value bytes; `e`: `expires_at` (decimal unix ms); `w`: the put's [`WriteId`] (16 bytes); one field `t:<tag>` per tag the value carries |
 //! | `P` `l:{K}`   | string | a lock: the owner's token, `SET NX PX` |
 //! | `P` `r:{K}`   | string | a rate budget's TAT: decimal unix microseconds of the server's `TIME`, expiring [`PERMIT_SLACK_MS`] after it (see [`CacheStore::take_permit`]) |
 //! | `P` `t:{T}`   | sorted set | one tag's members: the `K`s stored with it, scored by their `expires_at`; `T` = [`StoreKey::for_tag`] |
@@ -73,7 +73,7 @@ use cachegate_store::rate::max_wait_us;
 use cachegate_store::shared::{prepare_put, PutPlan};
 use cachegate_store::{
     is_expired, now_millis, CacheStore, Capabilities, LockToken, Permit, PurgeListener,
-    PurgeNotice, PutOptions, Rate, StoreError, StoreKey, UnixMillis,
+    PurgeNotice, PutOptions, Rate, Read, Seen, StoreError, StoreKey, UnixMillis, WriteId,
 };
 use redis::Client;
 
@@ -82,7 +82,7 @@ pub use connect::{capabilities, connect, ConnectError};
 
 use conn::Shared;
 use connect::send_allowance;
-use scripts::{tag_field, DELETE, PUT, TAG_ADD, TAKE_PERMIT, UNLOCK};
+use scripts::{tag_field, DELETE, PUT, READ_SINCE, TAG_ADD, TAKE_PERMIT, UNLOCK};
 
 const BACKEND: &str = "redis";
 
@@ -96,6 +96,13 @@ const TAG_TTL_SLACK_MS: u64 = 60_000;
 /// is as good as absent; the slack only spares a budget in use from being
 /// re-created every emission.
 pub const PERMIT_SLACK_MS: u64 = 1_000;
+/// From this size of the value a reader holds, a read naming its write
+/// runs [`READ_SINCE`], which sends the value only if the key holds
+/// another write now; below it, a plain HMGET sends the value along (a
+/// Lua call costs Redis more than a few KiB on the wire: 1 KB hits were
+/// 19 % slower through the script, 64 KB ones 58 % faster;
+/// docs/benchmarks.md, "Reads that name a write").
+const CHECKED_READ_MIN_BYTES: usize = 8 * 1024;
 /// Longest Redis TTL set (ten years); `expires_at` further out is still
 /// stored and checked exactly, Redis just evicts by this bound.
 const MAX_TTL_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
@@ -183,21 +190,68 @@ impl CacheStore for RedisStore {
     }
 
     async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
-        let mut conn = self.conn();
-        let (value, expires_at): (Option<Bytes>, Option<UnixMillis>) = self
-            .run(
-                "HMGET",
-                redis::cmd("HMGET")
-                    .arg(self.value_key(key))
-                    .arg("b")
-                    .arg("e")
-                    .query_async(&mut conn),
-            )
-            .await?;
-        match (value, expires_at) {
-            (Some(v), Some(e)) if !is_expired(e, now_millis()) => Ok(Some(v)),
-            _ => Ok(None),
+        match self.get_since(key, None).await? {
+            Read::Current(value) => Ok(value.map(|(v, _)| v)),
+            Read::Unchanged => Ok(None), // not for a read that names no write
         }
+    }
+
+    async fn get_since(&self, key: &StoreKey, seen: Option<Seen<'_>>) -> Result<Read, StoreError> {
+        let mut conn = self.conn();
+        let vkey = self.value_key(key);
+        let (expires_at, write, value): (Option<UnixMillis>, Option<Bytes>, Option<Bytes>) =
+            match seen {
+                Some(seen) if seen.len >= CHECKED_READ_MIN_BYTES => {
+                    let mut reply: Vec<Option<Bytes>> = self
+                        .run(
+                            "read since",
+                            READ_SINCE
+                                .key(vkey)
+                                .arg(seen.write.as_bytes())
+                                .invoke_async(&mut conn),
+                        )
+                        .await?;
+                    let expires_at = match reply.first() {
+                        Some(Some(e)) => std::str::from_utf8(e).ok().and_then(|e| e.parse().ok()),
+                        _ => None,
+                    };
+                    if reply.len() == 1 {
+                        return Ok(match expires_at {
+                            Some(e) if !is_expired(e, now_millis()) => Read::Unchanged,
+                            _ => Read::Current(None),
+                        });
+                    }
+                    reply.resize(3, None);
+                    let value = reply.pop().flatten();
+                    let write = reply.pop().flatten();
+                    (expires_at, write, value)
+                }
+                // Small (or nothing held): the value comes along with its
+                // write id, a plain HMGET.
+                _ => {
+                    self.run(
+                        "HMGET",
+                        redis::cmd("HMGET")
+                            .arg(vkey)
+                            .arg("e")
+                            .arg("w")
+                            .arg("b")
+                            .query_async(&mut conn),
+                    )
+                    .await?
+                }
+            };
+        let (Some(value), Some(e)) = (value, expires_at) else {
+            return Ok(Read::Current(None));
+        };
+        if is_expired(e, now_millis()) {
+            return Ok(Read::Current(None));
+        }
+        let write = write.map(WriteId::from_stored);
+        Ok(match (seen, write) {
+            (Some(seen), Some(write)) if seen.write == &write => Read::Unchanged,
+            (_, write) => Read::Current(Some((value, write))),
+        })
     }
 
     async fn put(&self, key: &StoreKey, value: Bytes, opts: &PutOptions) -> Result<(), StoreError> {
@@ -242,7 +296,10 @@ impl CacheStore for RedisStore {
         }
 
         let mut put = PUT.key(vkey);
-        put.arg(value.as_ref()).arg(opts.expires_at).arg(ttl_ms);
+        put.arg(value.as_ref())
+            .arg(opts.expires_at)
+            .arg(ttl_ms)
+            .arg(WriteId::generate().as_bytes());
         for tag in &tags {
             put.arg(tag_field(tag));
         }

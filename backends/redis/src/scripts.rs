@@ -5,18 +5,33 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Replace a value: its bytes, expiry and tag fields, with a relative TTL.
-/// ARGV: bytes, expires_at, ttl_ms, then one `t:<tag>` field name per tag.
+/// Replace a value: its bytes, expiry, write id and tag fields, with a
+/// relative TTL. ARGV: bytes, expires_at, ttl_ms, write id, then one
+/// `t:<tag>` field name per tag.
 pub(crate) static PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'b', ARGV[1], 'e', ARGV[2])
-for i = 4, #ARGV do
+redis.call('HSET', KEYS[1], 'b', ARGV[1], 'e', ARGV[2], 'w', ARGV[4])
+for i = 5, #ARGV do
   redis.call('HSET', KEYS[1], ARGV[i], '1')
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
+",
+    )
+});
+
+/// Read a value unless it is still the write ARGV[1] names: `{e}` when
+/// the hash's write id is ARGV[1] (the value is not sent), else
+/// `{e, w, b}` (each nil when absent). The caller checks `e` either way.
+/// A value written before write ids has no `w`: it is always sent.
+pub(crate) static READ_SINCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local r = redis.call('HMGET', KEYS[1], 'e', 'w')
+if r[2] and r[2] == ARGV[1] then return {r[1]} end
+return {r[1], r[2], redis.call('HGET', KEYS[1], 'b')}
 ",
     )
 });

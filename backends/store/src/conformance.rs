@@ -30,7 +30,7 @@ use crate::guard::{GuardConfig, GuardedStore};
 use crate::tiered::TieredCache;
 use crate::{
     now_millis, CacheStore, Entry, Permit, PurgeFeed, PurgeListener, PurgeLogEntry, PurgeNotice,
-    PutOptions, Rate, Record, StoreError, StoreKey, VaryIndex,
+    PutOptions, Rate, Read, Record, Seen, StoreError, StoreKey, VaryIndex, WriteId,
 };
 
 /// Largest value the suite writes, even if a backend advertises more
@@ -250,6 +250,117 @@ pub async fn overwrite_replaces<S: CacheStore + Clone>(store: &S) {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     assert_eq!(store.get(&k).await.unwrap(), None);
+}
+
+/// The write id of a read that returned `value`.
+fn current(value: &Bytes, read: Read) -> Option<WriteId> {
+    match read {
+        Read::Current(Some((got, write))) if got == value => write,
+        other => panic!("expected the current value, got {other:?}"),
+    }
+}
+
+/// A backend that names writes answers a read naming the write the key
+/// holds with `Unchanged` (from any clone: another instance), and with
+/// what the key holds after anything else: another write (even of the same
+/// bytes), a delete, expiry, or a write id it never issued. One that does
+/// not name writes reads as `get` does and never answers `Unchanged`.
+/// Through the proxy's record layer (prepared reads, no L1), a read of an
+/// unchanged value reuses the record decoded before, and an overwrite by
+/// another instance is seen at once.
+pub async fn reads_since_a_write<S: CacheStore + Clone>(store: &S) {
+    let ns = ns();
+    let k = key(&ns, "since");
+    let one = binary_body(5000);
+    store
+        .put(&k, one.clone(), &opts(60_000, &[]))
+        .await
+        .unwrap();
+    if !store.capabilities().write_ids {
+        let never = WriteId::generate();
+        let read = store
+            .get_since(
+                &k,
+                Some(Seen {
+                    write: &never,
+                    len: 5000,
+                }),
+            )
+            .await;
+        assert_eq!(read.unwrap(), Read::Current(Some((one, None))));
+        return not_applicable(store, "reads_since_a_write", "write_ids");
+    }
+    let other = store.clone();
+    // The length is a hint (a backend may choose how to ask by it): the
+    // answers are the same for a small and a large one.
+    for len in [16, 1 << 20] {
+        let k = key(&ns, &format!("since-{len}"));
+        let seen = |write| Some(Seen { write, len });
+        store
+            .put(&k, one.clone(), &opts(60_000, &[]))
+            .await
+            .unwrap();
+        let w1 = current(&one, store.get_since(&k, None).await.unwrap()).expect("no write id");
+        for s in [store, &other] {
+            assert_eq!(s.get_since(&k, seen(&w1)).await.unwrap(), Read::Unchanged);
+        }
+        let never = WriteId::generate();
+        let again = current(&one, store.get_since(&k, seen(&never)).await.unwrap());
+        assert_eq!(again.as_ref(), Some(&w1), "one write, two ids");
+
+        // The same bytes again are another write.
+        store
+            .put(&k, one.clone(), &opts(60_000, &[]))
+            .await
+            .unwrap();
+        let w2 = current(&one, store.get_since(&k, seen(&w1)).await.unwrap()).expect("no id");
+        assert_ne!(w1, w2, "two writes share an id");
+        let two = Bytes::from_static(b"two");
+        other
+            .put(&k, two.clone(), &opts(60_000, &[]))
+            .await
+            .unwrap();
+        let w3 = current(&two, store.get_since(&k, seen(&w2)).await.unwrap()).expect("no id");
+        store.delete(&k).await.unwrap();
+        let gone = store.get_since(&k, seen(&w3)).await.unwrap();
+        assert_eq!(gone, Read::Current(None));
+
+        let brief = key(&ns, &format!("brief-{len}"));
+        store
+            .put(&brief, two.clone(), &opts(600, &[]))
+            .await
+            .unwrap();
+        let w = current(&two, store.get_since(&brief, None).await.unwrap()).expect("no id");
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let expired = store.get_since(&brief, seen(&w)).await.unwrap();
+        assert_eq!(expired, Read::Current(None));
+    }
+
+    // The record layer: the kept decoded record while the write is current.
+    let cache =
+        records(store).with_prepared_reads(crate::memory::MemoryStore::new(1 << 20, 1 << 16));
+    let rk = key(&ns, "record");
+    let e = entry(binary_body(3000), 60_000, 0, vec![]);
+    cache.put(&rk, &Record::Entry(e.clone())).await.unwrap();
+    let first = cache.get(&rk).await.found.expect("stored record not read");
+    let second = cache.get(&rk).await.found.expect("stored record not read");
+    assert!(
+        Arc::ptr_eq(&first, &second),
+        "an unchanged value decoded again"
+    );
+    assert!(second.write().is_some());
+    let newer = entry(binary_body(2000), 60_000, 0, vec![]);
+    records(&other)
+        .put(&rk, &Record::Entry(newer.clone()))
+        .await
+        .unwrap();
+    let third = cache.get(&rk).await;
+    assert_eq!(third.into_record(), Some(Record::Entry(newer)));
+    other.delete(&rk).await.unwrap();
+    assert!(
+        cache.get(&rk).await.found.is_none(),
+        "a deleted value still read"
+    );
 }
 
 /// Acquire, contend, owner-only release, expiry; locks never touch values.
@@ -1258,6 +1369,7 @@ macro_rules! conformance_tests {
             permit_rate_holds_under_contention,
             permit_beside_a_value,
             capabilities_are_consistent,
+            reads_since_a_write,
             tag_members_lists_candidates,
             scan_lists_values,
             tags_of_any_shape

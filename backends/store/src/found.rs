@@ -7,11 +7,14 @@
 use std::any::Any;
 use std::sync::{Arc, OnceLock};
 
-use crate::Record;
+use crate::{Record, WriteId};
 
 /// A decoded record, and what a caller derived from it.
 pub struct Found {
     record: Record,
+    /// The write it was read from, when the backend names writes
+    /// ([`crate::WriteId`]): a later read asks whether it is still current.
+    write: Option<WriteId>,
     derived: OnceLock<Arc<dyn Any + Send + Sync>>,
 }
 
@@ -20,10 +23,21 @@ pub type FoundSlot = Arc<OnceLock<Arc<Found>>>;
 
 impl Found {
     pub fn new(record: Record) -> Self {
+        Found::read(record, None)
+    }
+
+    /// A record read from the value of `write`.
+    pub fn read(record: Record, write: Option<WriteId>) -> Self {
         Found {
             record,
+            write,
             derived: OnceLock::new(),
         }
+    }
+
+    /// The write this record was read from, if the backend named it.
+    pub fn write(&self) -> Option<&WriteId> {
+        self.write.as_ref()
     }
 
     pub fn record(&self) -> &Record {

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::{
     CacheStore, Capabilities, LockToken, Permit, PurgeListener, PurgeLogEntry, PurgeNotice,
-    PutOptions, Rate, StoreError, StoreKey, UnixMillis,
+    PutOptions, Rate, Read, Seen, StoreError, StoreKey, UnixMillis, WriteId,
 };
 
 /// Time bounds and breaker settings of one backend.
@@ -87,7 +87,7 @@ pub struct GuardedStore {
     inner: Arc<dyn CacheStore>,
     config: GuardConfig,
     breaker: Arc<Breaker>,
-    reads: Arc<Mutex<HashMap<StoreKey, watch::Receiver<Option<SharedRead>>>>>,
+    reads: Arc<Mutex<HashMap<StoreKey, ReadInFlight>>>,
     large: Arc<Mutex<HashMap<StoreKey, usize>>>,
     /// Sum of the remembered sizes of the reads in flight.
     large_in_flight: Arc<AtomicUsize>,
@@ -114,7 +114,16 @@ impl Drop for InFlight<'_> {
 }
 
 /// A read's result as the requests that waited for it get it.
-type SharedRead = Result<Option<Bytes>, String>;
+type SharedRead = Result<Read, String>;
+
+/// The read of a key in flight, which others asking the same may share.
+#[derive(Debug)]
+struct ReadInFlight {
+    /// The write it named ([`CacheStore::get_since`]): only a read naming
+    /// the same one may share its answer (`Unchanged` means "still `seen`").
+    seen: Option<WriteId>,
+    result: watch::Receiver<Option<SharedRead>>,
+}
 
 /// Values from this size on have their size remembered, to bound reads.
 const LARGE_VALUE_BYTES: usize = 256 * 1024;
@@ -125,7 +134,7 @@ const LARGE_VALUES_REMEMBERED: usize = 4096;
 /// Removes a read's in-flight slot however the leading read ends
 /// (finished, failed, or its request went away).
 struct ReadSlot<'a> {
-    reads: &'a Mutex<HashMap<StoreKey, watch::Receiver<Option<SharedRead>>>>,
+    reads: &'a Mutex<HashMap<StoreKey, ReadInFlight>>,
     key: &'a StoreKey,
 }
 
@@ -219,14 +228,18 @@ impl GuardedStore {
 
     /// One read of `key` from the backend, bounded by its own remembered
     /// size plus the large reads already in flight (it waits behind them).
-    async fn bounded_get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
+    async fn bounded_read(
+        &self,
+        key: &StoreKey,
+        seen: Option<Seen<'_>>,
+    ) -> Result<Read, StoreError> {
         let own = self.remembered_size(key);
         let beside = self.large_in_flight.load(Ordering::Acquire);
         let _in_flight = InFlight::add(&self.large_in_flight, own);
         let limit = self.read_bound(own + beside);
         self.admit()?;
         let started = mono_millis();
-        match tokio::time::timeout(limit, self.inner.get(key)).await {
+        match tokio::time::timeout(limit, self.inner.get_since(key, seen)).await {
             Ok(result) => self.record(result),
             Err(_) => {
                 let timeout = StoreError::Timeout {
@@ -246,18 +259,34 @@ impl GuardedStore {
         }
     }
 
-    /// One backend read for `key`, however many requests ask at once.
-    async fn shared_get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
+    /// One backend read for `key`, however many requests naming the same
+    /// write ask at once.
+    async fn shared_read(
+        &self,
+        key: &StoreKey,
+        seen: Option<Seen<'_>>,
+    ) -> Result<Read, StoreError> {
         let role = {
             let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
             match reads.get(key) {
-                Some(rx) => Err(rx.clone()),
+                Some(read) if read.seen.as_ref() == seen.map(|s| s.write) => {
+                    Some(Err(read.result.clone()))
+                }
+                // Another write named: its answer is not this one's.
+                Some(_) => None,
                 None => {
                     let (tx, rx) = watch::channel(None);
-                    reads.insert(key.clone(), rx);
-                    Ok(tx)
+                    let read = ReadInFlight {
+                        seen: seen.map(|s| s.write.clone()),
+                        result: rx,
+                    };
+                    reads.insert(key.clone(), read);
+                    Some(Ok(tx))
                 }
             }
+        };
+        let Some(role) = role else {
+            return self.bounded_read(key, seen).await;
         };
         match role {
             Ok(tx) => {
@@ -265,8 +294,8 @@ impl GuardedStore {
                     reads: &self.reads,
                     key,
                 };
-                let result = self.bounded_get(key).await;
-                if let Ok(Some(v)) = &result {
+                let result = self.bounded_read(key, seen).await;
+                if let Ok(Read::Current(Some((v, _)))) = &result {
                     self.remember_size(key, v.len());
                 }
                 drop(slot);
@@ -289,7 +318,7 @@ impl GuardedStore {
                     }),
                 },
                 // The leading read's request went away: read ourselves.
-                Err(_) => self.bounded_get(key).await,
+                Err(_) => self.bounded_read(key, seen).await,
             },
         }
     }
@@ -424,7 +453,16 @@ impl CacheStore for GuardedStore {
         self.inner.capabilities()
     }
     async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
-        self.shared_get(key).await
+        match self.shared_read(key, None).await? {
+            Read::Current(value) => Ok(value.map(|(v, _)| v)),
+            Read::Unchanged => Err(StoreError::backend(
+                self.inner.capabilities().name,
+                "answered 'unchanged' to a read that named no write",
+            )),
+        }
+    }
+    async fn get_since(&self, key: &StoreKey, seen: Option<Seen<'_>>) -> Result<Read, StoreError> {
+        self.shared_read(key, seen).await
     }
     async fn put(&self, key: &StoreKey, value: Bytes, opts: &PutOptions) -> Result<(), StoreError> {
         let size = value.len();
@@ -702,6 +740,40 @@ mod tests {
         }
         assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
         assert_eq!(guarded.breaker_state(), BreakerState::Closed);
+    }
+
+    /// Reads naming the same write share one backend read; a read naming
+    /// another write (or none) is not given their answer: `Unchanged`
+    /// would mean a write it does not hold.
+    #[tokio::test]
+    async fn only_reads_naming_the_same_write_share_one() {
+        let backend = Hangable::new(1 << 20, 1 << 16, false, Duration::from_millis(50));
+        let guarded = GuardedStore::new(backend.clone(), GuardConfig::default());
+        let key = StoreKey::hash("test", ["since"]);
+        let opts = PutOptions {
+            expires_at: crate::now_millis() + 60_000,
+            tags: vec![],
+        };
+        guarded
+            .put(&key, Bytes::from_static(b"v"), &opts)
+            .await
+            .unwrap();
+        let (a, b) = (WriteId::generate(), WriteId::generate());
+        let (a, b) = (
+            [&a; 8].map(|write| Seen { write, len: 1 }),
+            Seen { write: &b, len: 1 },
+        );
+        let same = a.map(|seen| guarded.get_since(&key, Some(seen)));
+        let others = [Some(b), None].map(|seen| guarded.get_since(&key, seen));
+        let (same, others) = tokio::join!(
+            futures_join(same.into_iter()),
+            futures_join(others.into_iter())
+        );
+        for r in same.into_iter().chain(others) {
+            let current = Read::Current(Some((Bytes::from_static(b"v"), None)));
+            assert_eq!(r.unwrap(), current);
+        }
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 3);
     }
 
     /// A small read waits behind a large one on the connection: its bound

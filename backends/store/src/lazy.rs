@@ -21,7 +21,7 @@ use tokio::sync::{Mutex, OnceCell};
 
 use crate::{
     CacheStore, Capabilities, LockToken, Permit, PurgeListener, PurgeLogEntry, PurgeNotice,
-    PutOptions, Rate, StoreError, StoreKey, UnixMillis,
+    PutOptions, Rate, Read, Seen, StoreError, StoreKey, UnixMillis,
 };
 
 /// Why a connection attempt failed (no secrets in `message`).
@@ -179,6 +179,9 @@ impl CacheStore for LazyStore {
     }
     async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
         self.store().await?.get(key).await
+    }
+    async fn get_since(&self, key: &StoreKey, seen: Option<Seen<'_>>) -> Result<Read, StoreError> {
+        self.store().await?.get_since(key, seen).await
     }
     async fn put(&self, key: &StoreKey, value: Bytes, opts: &PutOptions) -> Result<(), StoreError> {
         self.store().await?.put(key, value, opts).await

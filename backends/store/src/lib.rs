@@ -78,6 +78,10 @@ pub struct Capabilities {
     /// [`CacheStore::scan_values`] lists every key holding a value, so a
     /// purge by path prefix, or of everything, can find what to remove.
     pub scans_values: bool,
+    /// Each put stores a fresh [`WriteId`] with the value, reads return it,
+    /// and [`CacheStore::get_since`] answers [`Read::Unchanged`] for the
+    /// write the key still holds without sending the value.
+    pub write_ids: bool,
 }
 
 /// One page of [`CacheStore::scan_values`]: keys, and where the next page
@@ -96,6 +100,61 @@ pub struct PutOptions {
     pub expires_at: UnixMillis,
     /// Tags a later [`CacheStore::purge_tag`] removes this key by.
     pub tags: Vec<String>,
+}
+
+/// Names one write of a value, for a backend that keeps it with the value
+/// ([`Capabilities::write_ids`]): a reader that already holds what a write
+/// stored asks [`CacheStore::get_since`] whether the key still holds that
+/// write, and is not sent the value again when it does. Random (UUID v4)
+/// for each put, so two writes, from one instance or two, never share one;
+/// it says nothing about the bytes, and nothing is compared but the id.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct WriteId(Bytes);
+
+impl WriteId {
+    /// A fresh id for one put.
+    pub fn generate() -> Self {
+        WriteId(Bytes::copy_from_slice(uuid::Uuid::new_v4().as_bytes()))
+    }
+    /// The id as a backend stored it.
+    pub fn from_stored(bytes: Bytes) -> Self {
+        WriteId(bytes)
+    }
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for WriteId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WriteId(")?;
+        for b in self.0.iter().take(4) {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str("…)")
+    }
+}
+
+/// What a reader holds of a key already: the value of `write`, `len`
+/// bytes long. The length only lets a backend choose how to ask (a small
+/// value may cost less to send again than to check without sending); the
+/// answer is the same either way.
+#[derive(Debug, Clone, Copy)]
+pub struct Seen<'a> {
+    pub write: &'a WriteId,
+    pub len: usize,
+}
+
+/// What [`CacheStore::get_since`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Read {
+    /// The key still holds, live, the write the caller named: what the
+    /// caller kept of it is current. Only ever the answer to a read that
+    /// named a write.
+    Unchanged,
+    /// The live value under the key (`None`: absent or expired), with the
+    /// id of its write when the backend keeps one.
+    Current(Option<(Bytes, Option<WriteId>)>),
 }
 
 /// Proof of holding a lock; only its holder can release it.
@@ -180,6 +239,16 @@ pub trait CacheStore: Send + Sync + fmt::Debug + 'static {
 
     /// The value under `key`, or `None` when absent or past its expiry.
     async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError>;
+
+    /// [`CacheStore::get`] for a caller that holds what a write stored
+    /// under `key` already (`seen`): [`Read::Unchanged`] when the key still
+    /// holds that write, live, so the value need not cross the network
+    /// again. One round trip either way. Backends without
+    /// [`Capabilities::write_ids`] read the value (this default).
+    async fn get_since(&self, key: &StoreKey, seen: Option<Seen<'_>>) -> Result<Read, StoreError> {
+        let _ = seen;
+        Ok(Read::Current(self.get(key).await?.map(|v| (v, None))))
+    }
 
     /// Store `value` under `key` until `opts.expires_at`, replacing any
     /// previous value, and record it under each of `opts.tags`.

@@ -197,6 +197,7 @@ impl MemoryStore {
                 purge_feed: PurgeFeed::Local,
                 lists_tag_members: true,
                 scans_values: true,
+                write_ids: false,
             },
         }
     }

@@ -62,6 +62,7 @@ mod tests {
             purge_feed: PurgeFeed::Local,
             lists_tag_members: false,
             scans_values: false,
+            write_ids: false,
         }
     }
 

@@ -12,7 +12,7 @@ use crate::guard::GuardedStore;
 use crate::memory::MemoryStore;
 use crate::{
     now_millis, CacheStore, Found, LockToken, Permit, PurgeFeed, PurgeListener, PurgeNotice,
-    PutOptions, Rate, Record, StoreError, StoreKey,
+    PutOptions, Rate, Read, Record, Seen, StoreError, StoreKey,
 };
 
 /// Counters of what went wrong below the proxy, for metrics and tests.
@@ -137,21 +137,55 @@ impl TieredCache {
         self
     }
 
-    /// The live record a read of the main backend returned under `key`:
-    /// the decoded form kept from an earlier read of the very same bytes
-    /// (compared in full: the value decides, never a digest of it), or
-    /// decoded now and kept.
-    async fn prepared_read(&self, key: &StoreKey, read: Option<Bytes>) -> Option<Arc<Found>> {
-        let (prepared, bytes) = (self.prepared.as_ref()?, read?);
-        if let Some((kept, slot)) = prepared.get_found(key).await {
-            let same = kept.len() == bytes.len()
-                && (kept.as_ptr() == bytes.as_ptr() || kept[..] == bytes[..]);
-            if let (true, Some(found)) = (same, slot.get()) {
-                return (!found.record().is_expired(now_millis())).then(|| found.clone());
+    /// The live record under `key` in the main backend, read with what
+    /// `prepared` kept of an earlier read: when the backend names writes,
+    /// the read names the kept one and the value crosses the network only
+    /// if the key holds another write now; otherwise the kept decoded form
+    /// is reused when the bytes read are the very same (compared in full:
+    /// the value decides, never a digest of it). Anything new is decoded
+    /// and kept.
+    async fn prepared_read(
+        &self,
+        prepared: &MemoryStore,
+        key: &StoreKey,
+    ) -> Result<Option<Arc<Found>>, StoreError> {
+        let kept = match prepared.get_found(key).await {
+            Some((bytes, slot)) => slot.get().map(|found| (bytes, found.clone())),
+            None => None,
+        };
+        let seen = kept.as_ref().and_then(|(bytes, found)| {
+            let write = found.write()?;
+            Some(Seen {
+                write,
+                len: bytes.len(),
+            })
+        });
+        let (bytes, write) = match self.main.get_since(key, seen).await? {
+            Read::Unchanged => {
+                let found = kept.map(|(_, found)| found);
+                return Ok(found.filter(|f| !f.record().is_expired(now_millis())));
+            }
+            Read::Current(None) => return Ok(None),
+            Read::Current(Some(read)) => read,
+        };
+        if let Some((kept, found)) = kept {
+            // Two named writes are the same value only if they are one
+            // write; unnamed, the bytes decide.
+            let same = match (found.write(), &write) {
+                (Some(a), Some(b)) => a == b,
+                _ => {
+                    kept.len() == bytes.len()
+                        && (kept.as_ptr() == bytes.as_ptr() || kept[..] == bytes[..])
+                }
+            };
+            if same {
+                return Ok((!found.record().is_expired(now_millis())).then_some(found));
             }
         }
-        let (record, bytes) = self.live(Some(bytes))?;
-        let found = Arc::new(Found::new(record));
+        let Some((record, bytes)) = self.live(Some(bytes)) else {
+            return Ok(None);
+        };
+        let found = Arc::new(Found::read(record, write));
         if matches!(found.record(), Record::Entry(_) | Record::VaryIndex(_)) {
             let opts = PutOptions {
                 expires_at: found.record().expires_at(),
@@ -161,7 +195,7 @@ impl TieredCache {
                 .put_found(key, bytes, &opts, Some(found.clone()))
                 .await;
         }
-        Some(found)
+        Ok(Some(found))
     }
 
     /// The live record under `key` in an in-process store, decoded once
@@ -240,12 +274,17 @@ impl TieredCache {
                 None => {}
             }
         }
-        match self.main.get(key).await {
-            // Set only when there is no L1 (`with_prepared_reads`).
-            Ok(read) if self.prepared.is_some() => Lookup {
-                found: self.prepared_read(key, read).await,
-                error: None,
+        // Set only when there is no L1 (`with_prepared_reads`).
+        let read = match &self.prepared {
+            Some(prepared) => match self.prepared_read(prepared, key).await {
+                Ok(found) => {
+                    return Lookup { found, error: None };
+                }
+                Err(e) => Err(e),
             },
+            None => self.main.get(key).await,
+        };
+        match read {
             Ok(read) => match self.live(read) {
                 Some((record, bytes)) => {
                     let found = Arc::new(Found::new(record));
@@ -574,10 +613,11 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b), "decoded once");
         let derived = a.derived(|_| 7u32);
         assert!(Arc::ptr_eq(&derived, &b.derived(|_| 8u32)), "derived once");
-        cache.put(&k, &entry("two")).await.unwrap();
+        let two = entry("two"); // once: its times are read from the clock
+        cache.put(&k, &two).await.unwrap();
         let c = cache.get(&k).await.found.unwrap();
         assert!(!Arc::ptr_eq(&a, &c));
-        assert_eq!(c.record(), &entry("two"));
+        assert_eq!(c.record(), &two);
         assert_eq!(*c.derived(|_| 9u32), 9);
 
         let main = MemoryStore::new(1 << 20, 1 << 16);
@@ -632,10 +672,11 @@ mod tests {
         assert_eq!(*first.derived(|_| 1u32), *again.derived(|_| 2u32));
 
         // Same length, one byte different: the bytes decide.
-        main.put(&k, entry("five").encode(), &opts).await.unwrap();
+        let five = entry("five"); // once: its times are read from the clock
+        main.put(&k, five.encode(), &opts).await.unwrap();
         let changed = tiered.get(&k).await.found.unwrap();
         assert!(!Arc::ptr_eq(&first, &changed));
-        assert_eq!(changed.record(), &entry("five"));
+        assert_eq!(changed.record(), &five);
         assert_eq!(*changed.derived(|_| 3u32), 3);
 
         main.delete(&k).await.unwrap();
