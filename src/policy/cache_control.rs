@@ -16,6 +16,10 @@ pub struct CacheControl {
     pub proxy_revalidate: bool,
     /// RFC 9111 §5.2.2.3: store only if the status's caching rules are known.
     pub must_understand: bool,
+    /// A value was not a list of directives and was read as `no-store`
+    /// ([`CacheControl::parse_field`]). That reading is a guess made to
+    /// fail safe, so `must-understand` elsewhere does not lift it.
+    pub malformed: bool,
     pub max_age: Option<u64>,
     pub s_maxage: Option<u64>,
     pub stale_while_revalidate: Option<u64>,
@@ -69,6 +73,7 @@ impl CacheControl {
                 MALFORMED.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(value = ?value, "malformed cache directives; read as no-store");
                 cc.no_store = true;
+                cc.malformed = true;
                 // `private` anywhere in it is honoured too (it also keeps
                 // the answer out of shared caches downstream).
                 if value

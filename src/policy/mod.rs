@@ -577,6 +577,33 @@ mod tests {
             ),
             Err(NotStorable::Private)
         );
+        // must-understand counts wherever it is: another field line, one
+        // that also carries a quoted string.
+        assert!(policy(
+            200,
+            &[
+                ("cache-control", "no-store"),
+                ("cache-control", "must-understand, ext=\"a, b\", max-age=60")
+            ],
+            &r
+        )
+        .is_ok());
+        // A malformed line is read as no-store to fail safe, and
+        // must-understand does not lift that guess.
+        for malformed in ["no-store;x", "max-age=60 public", "max-age=\"60"] {
+            assert_eq!(
+                policy(
+                    200,
+                    &[
+                        ("cache-control", "must-understand, max-age=60"),
+                        ("cache-control", malformed)
+                    ],
+                    &r
+                ),
+                Err(NotStorable::NoStore),
+                "{malformed}"
+            );
+        }
     }
 
     #[test]

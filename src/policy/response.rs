@@ -222,7 +222,9 @@ fn response_refusal(
         return Err(NotStorable::MustUnderstand);
     }
     // §3: never store what the origin forbids a shared cache to store.
-    if cc.no_store && !cc.must_understand {
+    // A malformed list read as no-store stays no-store: must-understand
+    // lifts the sender's no-store, not our guess at what it meant.
+    if cc.no_store && (!cc.must_understand || cc.malformed) {
         return Err(NotStorable::NoStore);
     }
     if cc.private {
